@@ -1,0 +1,179 @@
+"""Command line: ``fedcca merge CKPT... --calibration FILE --method cca --out merged.pt``.
+
+A checkpoint is a ``torch.save``'d state dict, or a dict ``{"model": name, "width": w,
+"num_classes": c, "in_channels": c, "state_dict": ...}`` (the format ``--out`` writes).
+Calibration data is a ``.pt`` tensor [N, C, H, W] or a ``.npy`` array, already normalised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedcca.merging import METHODS, merge
+from fedcca.statistics import collect_statistics
+from fedcca.transforms import DEFAULT_RIDGE, canonical_correlations
+
+_ARCH_FIELDS = ("model", "width", "num_classes", "in_channels")
+_DEFAULTS = {"model": "cnn", "width": 1, "num_classes": 10}
+# Failures caused by the user's files or options: one line on stderr, exit code 2.
+_USER_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError)
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fedcca`` command line; returns the exit code (0 ok, 2 on a usage or input error).
+
+    Args:
+        argv: Arguments without the program name (default ``sys.argv[1:]``).
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse already printed the usage error / help
+        return int(exit_.code or 0)
+    try:
+        return args.run(args)
+    except (CliError, *_USER_ERRORS) as err:
+        print(f"fedcca {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedcca", description="CCA Merge for Flower models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sub = commands.add_parser("merge", help="merge checkpoints of one architecture into one model")
+    sub.add_argument("checkpoints", nargs="+", type=Path, metavar="CKPT", help="checkpoint files")
+    sub.add_argument("--calibration", type=Path, required=True,
+                     help=".pt tensor or .npy array of normalised inputs [N, C, H, W]")
+    sub.add_argument("--method", choices=METHODS, default="cca", help="alignment method (default cca)")
+    sub.add_argument("--reference", type=int, default=0, help="index of the reference checkpoint")
+    sub.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
+                     help=f"relative CCA ridge (default {DEFAULT_RIDGE})")
+    sub.add_argument("--out", type=Path, default=Path("merged.pt"), help="output checkpoint")
+    sub.add_argument("--model", default=None, help="architecture (default: from checkpoints, else cnn)")
+    sub.add_argument("--width", type=int, default=None, help="width multiplier")
+    sub.add_argument("--num-classes", type=int, default=None, help="number of classes")
+    sub.add_argument("--in-channels", type=int, default=None,
+                     help="input channels (default: from checkpoints, else the calibration data)")
+    sub.add_argument("--batch-size", type=int, default=256, help="calibration batch size")
+    sub.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    sub.add_argument("--no-recompute-bn", dest="recompute_bn", action="store_false",
+                     help="keep the averaged BatchNorm statistics")
+    sub.set_defaults(run=_merge_command)
+    return parser
+
+
+def _merge_command(args: argparse.Namespace) -> int:
+    from fedcca.models import build_model  # deferred: argument errors need no model code
+
+    started = time.perf_counter()
+    calibration = _load_calibration(args.calibration)
+    loaded = [_load_checkpoint(path) for path in args.checkpoints]
+    arch = _architecture(args, [meta for meta, _ in loaded], args.checkpoints, calibration)
+    if not -len(loaded) <= args.reference < len(loaded):
+        raise CliError(f"--reference {args.reference} is not an index into the {len(loaded)} checkpoints")
+    models = []
+    for path, (_, state_dict) in zip(args.checkpoints, loaded):
+        model = build_model(arch["model"], num_classes=arch["num_classes"],
+                            in_channels=arch["in_channels"], width=arch["width"])
+        try:
+            model.load_state_dict(state_dict)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[1:2] or [str(err)]
+            raise CliError(f"{path} does not fit {arch['model']} (width {arch['width']}, "
+                           f"{arch['num_classes']} classes, {arch['in_channels']} input channels): "
+                           f"{first[0].strip()}") from None
+        models.append(model)
+    statistics = None
+    if args.method in ("cca", "permute"):
+        statistics = collect_statistics(models[args.reference], models, calibration,
+                                        device=args.device, batch_size=args.batch_size)
+    merged = merge(models, calibration, args.method, args.reference, ridge=args.ridge,
+                   statistics=statistics, recompute_bn=args.recompute_bn, device=args.device,
+                   batch_size=args.batch_size)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({**arch, "method": args.method, "state_dict": merged.state_dict()}, args.out)
+    _print_summary(args, len(models), statistics, time.perf_counter() - started)
+    return 0
+
+
+def _print_summary(args: argparse.Namespace, count: int, statistics: Any, seconds: float) -> None:
+    print(f"method: {args.method}  models: {count}  reference: {args.reference}")
+    if statistics is not None:
+        points = list(statistics[0])
+        print(f"points aligned: {len(points)} ({', '.join(points)})")
+        if args.method == "cca":
+            others = [stats for k, stats in enumerate(statistics) if k != args.reference % count]
+            for point in points:
+                means = [canonical_correlations(stats[point], args.ridge, point=point).mean().item()
+                         for stats in others]
+                print(f"  {point}: mean canonical correlation {np.mean(means) if means else 1.0:.4f}"
+                      f" (ridge {args.ridge:g})")
+    print(f"wrote {args.out} in {seconds:.2f} s")
+
+
+def _load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(architecture fields found, state dict) of one checkpoint file."""
+    if not path.is_file():
+        raise CliError(f"checkpoint {path} does not exist")
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(content, dict):
+        raise CliError(f"{path} holds a {type(content).__name__}, not a state dict")
+    if "state_dict" in content:
+        meta = {field: content[field] for field in _ARCH_FIELDS if field in content}
+        content = content["state_dict"]
+    else:
+        meta = {}
+    if not content or not all(isinstance(value, torch.Tensor) for value in content.values()):
+        raise CliError(f"{path} is not a state dict of tensors")
+    return meta, dict(content)
+
+
+def _load_calibration(path: Path) -> torch.Tensor:
+    if not path.is_file():
+        raise CliError(f"calibration file {path} does not exist")
+    if path.suffix == ".npy":
+        data = torch.from_numpy(np.load(path, allow_pickle=False))
+    else:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, torch.Tensor) or data.dim() < 2 or len(data) == 0:
+        raise CliError(f"calibration file {path} must hold a non-empty tensor [N, C, ...]")
+    if not data.is_floating_point():
+        raise CliError(f"calibration file {path} holds {data.dtype} values; save normalised floats")
+    if not torch.isfinite(data).all():
+        raise CliError(f"calibration file {path} has non-finite values")
+    return data.float()
+
+
+def _architecture(args: argparse.Namespace, metas: list[dict[str, Any]], paths: list[Path],
+                  calibration: torch.Tensor) -> dict[str, Any]:
+    """Architecture fields: options, else checkpoint metadata (must agree), else defaults."""
+    arch: dict[str, Any] = {}
+    for field in _ARCH_FIELDS:
+        found = {(meta[field], str(path)) for meta, path in zip(metas, paths) if field in meta}
+        values = {value for value, _ in found}
+        if len(values) > 1:
+            raise CliError(f"architecture mismatch between checkpoints: {field} differs "
+                           f"({', '.join(f'{p}: {v}' for v, p in sorted(found, key=str))})")
+        option = getattr(args, field)
+        if option is not None and values and option not in values:
+            raise CliError(f"--{field.replace('_', '-')} {option} but the checkpoints say {values.pop()}")
+        default = calibration.shape[1] if field == "in_channels" else _DEFAULTS[field]
+        arch[field] = option if option is not None else (values.pop() if values else default)
+    return arch
+
+
+if __name__ == "__main__":
+    sys.exit(main())

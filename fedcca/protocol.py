@@ -1,0 +1,237 @@
+"""Wire protocol between the CCAMerge strategy and the fedcca ClientApp.
+
+A train message carries the global model (``ArrayRecord`` under :data:`WEIGHTS_KEY`) and a
+``ConfigRecord`` under :data:`CONFIG_KEY`; when :data:`COMPUTE_STATS_FLAG` is true in it,
+the client also sends the alignment statistics of its trained model (B) against the
+received global model (A) as a second ``ArrayRecord`` under :data:`STATISTICS_KEY`.
+A reply from a plain FedAvg-style ClientApp (weights + one ``MetricRecord`` with
+``num-examples``) is valid too; the server then computes the statistics itself.
+
+:func:`validate_reply` turns one reply into a :class:`ClientUpdate` or raises
+:class:`InvalidReplyError` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+from fedcca.alignment import AlignmentSpec
+from fedcca.statistics import (
+    PairStatistics,
+    StatisticsError,
+    statistics_from_arrays,
+    statistics_to_arrays,
+)
+
+WEIGHTS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+STATISTICS_KEY = "fedcca.statistics"
+COMPUTE_STATS_FLAG = "fedcca.compute-statistics"
+NUM_EXAMPLES_KEY = "num-examples"
+
+
+class InvalidReplyError(ValueError):
+    """A reply that cannot be merged; ``str(error)`` is the reason, one line."""
+
+
+@dataclass
+class ClientUpdate:
+    """One validated, decoded training reply.
+
+    Args:
+        node_id: The replying node (``msg.metadata.src_node_id``).
+        state_dict: The trained weights as CPU tensors, keys and dtypes as the model's.
+        num_examples: The reply's weight in the average (positive, finite).
+        statistics: Alignment statistics (received model = A, trained model = B) sent by
+            the client, or ``None`` when the reply carries none.
+        metrics: The reply's ``MetricRecord``.
+        num_bytes: Payload size of the reply (all records).
+        statistics_bytes: Payload size of the statistics record (0 without one).
+    """
+
+    node_id: int
+    state_dict: dict[str, torch.Tensor]
+    num_examples: float
+    statistics: dict[str, PairStatistics] | None
+    metrics: MetricRecord
+    num_bytes: int
+    statistics_bytes: int
+
+
+def statistics_to_record(stats: Mapping[str, PairStatistics]) -> ArrayRecord:
+    """Pack per-point statistics into an ``ArrayRecord`` (float64 arrays).
+
+    Args:
+        stats: Statistics per alignment point, as returned by ``collect_statistics``.
+    """
+    return ArrayRecord(
+        {key: Array(np.asarray(value)) for key, value in statistics_to_arrays(stats).items()}
+    )
+
+
+def statistics_from_record(record: ArrayRecord, spec: AlignmentSpec) -> dict[str, PairStatistics]:
+    """Unpack and validate statistics sent by a client.
+
+    Args:
+        record: The ``ArrayRecord`` stored under :data:`STATISTICS_KEY`.
+        spec: The model's alignment spec; every point must be present with matching sizes.
+
+    Raises:
+        StatisticsError: An array cannot be decoded, or the statistics do not fit ``spec``
+            (missing point, wrong size, non-finite value, non-positive count).
+    """
+    arrays: dict[str, np.ndarray] = {}
+    for key, array in record.items():
+        try:
+            arrays[key] = array.numpy()
+        except Exception as err:  # corrupt bytes or foreign serialisation from a client
+            raise StatisticsError(f"statistics array '{key}' cannot be decoded: {err}") from err
+    return statistics_from_arrays(arrays, spec)
+
+
+def record_bytes(message: Message) -> int:
+    """Return the payload size of ``message`` in bytes (0 for an error reply).
+
+    Args:
+        message: Any Flower message.
+    """
+    if not message.has_content():
+        return 0
+    return sum(record.count_bytes() for record in message.content.values())
+
+
+def validate_reply(
+    message: Message,
+    template: Mapping[str, torch.Tensor],
+    spec: AlignmentSpec,
+    *,
+    weights_key: str = WEIGHTS_KEY,
+    weighted_by_key: str = NUM_EXAMPLES_KEY,
+) -> ClientUpdate:
+    """Check one training reply and decode it.
+
+    A valid reply has no error, exactly the ``ArrayRecord`` ``weights_key`` (plus, optionally,
+    :data:`STATISTICS_KEY`), exactly one ``MetricRecord`` holding a positive finite number
+    under ``weighted_by_key``, and no other record. Weights must have exactly the keys,
+    shapes and dtypes of ``template`` and be finite; statistics must fit ``spec``.
+
+    Args:
+        message: A reply to a train message.
+        template: A state dict of the model (e.g. ``model_fn().state_dict()``).
+        spec: The model's alignment spec, used to check statistics.
+        weights_key: Record name of the weights (the strategy's ``arrayrecord_key``).
+        weighted_by_key: Metric holding the number of training examples.
+
+    Raises:
+        InvalidReplyError: With the reason, when the reply cannot be merged.
+    """
+    _raise_if_error(message)
+    content = message.content
+    _check_record_names(content, weights_key)
+    metrics = next(iter(content.metric_records.values()))
+    state_dict = _decode_weights(content.array_records[weights_key], template)
+    statistics, statistics_bytes = None, 0
+    if STATISTICS_KEY in content.array_records:
+        stats_record = content.array_records[STATISTICS_KEY]
+        try:
+            statistics = statistics_from_record(stats_record, spec)
+        except StatisticsError as err:
+            raise InvalidReplyError(f"invalid statistics: {err}") from err
+        statistics_bytes = stats_record.count_bytes()
+    return ClientUpdate(
+        node_id=message.metadata.src_node_id,
+        state_dict=state_dict,
+        num_examples=_num_examples(metrics, weighted_by_key),
+        statistics=statistics,
+        metrics=metrics,
+        num_bytes=record_bytes(message),
+        statistics_bytes=statistics_bytes,
+    )
+
+
+def validate_evaluate_reply(message: Message, weighted_by_key: str = NUM_EXAMPLES_KEY) -> MetricRecord:
+    """Check an evaluation reply: no error, exactly one ``MetricRecord`` with a positive weight.
+
+    Args:
+        message: A reply to an evaluate message.
+        weighted_by_key: Metric holding the number of evaluated examples.
+
+    Raises:
+        InvalidReplyError: With the reason, when the reply cannot be averaged.
+    """
+    _raise_if_error(message)
+    records = list(message.content.metric_records.values())
+    if len(records) != 1:
+        raise InvalidReplyError(f"expected exactly one MetricRecord, found {len(records)}")
+    _num_examples(records[0], weighted_by_key)
+    return records[0]
+
+
+def _raise_if_error(message: Message) -> None:
+    if message.has_error():
+        raise InvalidReplyError(f"error reply (code {message.error.code}): {message.error.reason}")
+
+
+def _check_record_names(content: RecordDict, weights_key: str) -> None:
+    arrays = set(content.array_records)
+    metrics, configs = list(content.metric_records), list(content.config_records)
+    if weights_key not in arrays:
+        raise InvalidReplyError(f"missing ArrayRecord '{weights_key}' (has {sorted(arrays)})")
+    extra = arrays - {weights_key, STATISTICS_KEY}
+    if extra:
+        raise InvalidReplyError(f"unexpected ArrayRecord(s) {sorted(extra)}")
+    # Like FedAvg: exactly one MetricRecord, whatever its name.
+    if len(metrics) != 1:
+        raise InvalidReplyError(f"expected exactly one MetricRecord, found {len(metrics)}")
+    if configs:
+        raise InvalidReplyError(f"unexpected ConfigRecord(s) {sorted(configs)}")
+
+
+def _decode_weights(
+    record: ArrayRecord, template: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    missing = [key for key in template if key not in record]
+    extra = [key for key in record if key not in template]
+    if missing or extra:
+        raise InvalidReplyError(f"weight keys differ from the model: missing {missing[:3]}, "
+                                f"unexpected {extra[:3]}")
+    state_dict: dict[str, torch.Tensor] = {}
+    for key, expected in template.items():
+        try:
+            # decode the bytes, never trust the Array's declared dtype/shape fields
+            array = record[key].numpy()
+        except Exception as err:  # corrupt bytes or foreign serialisation from a client
+            raise InvalidReplyError(f"weight '{key}' cannot be decoded: {err}") from err
+        expected_dtype = _numpy_dtype(expected.dtype)
+        if array.dtype != expected_dtype:
+            raise InvalidReplyError(f"weight '{key}' has dtype {array.dtype}, expected {expected_dtype}")
+        if tuple(array.shape) != tuple(expected.shape):
+            raise InvalidReplyError(f"weight '{key}' has shape {tuple(array.shape)}, "
+                                    f"expected {tuple(expected.shape)}")
+        if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
+            raise InvalidReplyError(f"weight '{key}' has non-finite values")
+        state_dict[key] = torch.from_numpy(np.array(array))  # own, writable copy
+    return state_dict
+
+
+def _num_examples(metrics: MetricRecord, key: str) -> float:
+    if key not in metrics:
+        raise InvalidReplyError(f"MetricRecord lacks '{key}'")
+    value = metrics[key]
+    # MetricRecord never holds bools, but lists are allowed: reject them here.
+    if not isinstance(value, (int, float)):
+        raise InvalidReplyError(f"'{key}' is not a number: {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidReplyError(f"'{key}' must be positive and finite, got {value!r}")
+    return float(value)
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty((), dtype=dtype).numpy().dtype

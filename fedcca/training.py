@@ -1,0 +1,153 @@
+"""Local training and evaluation loops shared by clients, server and benchmarks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sized
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedcca.devices import resolve_device
+
+WARMUP_FRACTION = 0.2  # share of the steps spent ramping the learning rate up
+
+
+class BatchLoader(Iterable[tuple[torch.Tensor, torch.Tensor]], Sized, Protocol):
+    """Anything with ``len()`` batches yielding ``(x, y)``: a DeviceLoader or a torch DataLoader."""
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+def lr_factor(step: int, total_steps: int, warmup_fraction: float = WARMUP_FRACTION) -> float:
+    """Multiplier of the peak learning rate at ``step`` of a one-cycle (triangular) schedule.
+
+    Rises linearly from ``1 / (warmup_steps + 1)`` to 1 over the first ``warmup_fraction`` of
+    the steps, then decays linearly to reach 0 after the last step.
+
+    Args:
+        step: Index of the optimisation step, ``0 <= step < total_steps``.
+        total_steps: Number of steps of the whole run.
+        warmup_fraction: Share of the steps used for the warm-up.
+    """
+    warmup = int(warmup_fraction * total_steps)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return (total_steps - step) / (total_steps - warmup)
+
+
+def train(
+    model: nn.Module,
+    loader: BatchLoader,
+    epochs: int,
+    *,
+    lr: float = 0.05,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """Train ``model`` in place with SGD (Nesterov) and a one-cycle learning-rate schedule.
+
+    Args:
+        model: Classifier producing logits; moved to ``device`` and left in train mode.
+        loader: Batches ``(x, y)``, one pass per epoch (e.g. a shuffled ``DeviceLoader``).
+        epochs: Number of passes over ``loader``; the schedule spans all of them.
+        lr: Peak learning rate.
+        momentum: SGD momentum (Nesterov when > 0).
+        weight_decay: L2 penalty applied to every parameter.
+        device: Where to train; ``None``: CUDA if available.
+
+    Returns:
+        ``{"loss": mean cross-entropy over all examples seen, "last_epoch_loss": the same over
+        the last epoch, "seconds": wall time, "examples": examples processed, "steps": steps}``.
+
+    Raises:
+        TrainingDivergedError: naming the epoch and step of the first non-finite loss.
+    """
+    device = resolve_device(device)
+    steps_per_epoch = len(loader)
+    if epochs < 1 or steps_per_epoch == 0:
+        raise ValueError(f"nothing to train: epochs={epochs}, batches per epoch={steps_per_epoch}")
+    model.to(device).train()
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0
+    )
+    total_steps = epochs * steps_per_epoch
+    start = time.perf_counter()
+    loss_sum, examples, step, epoch_loss = 0.0, 0, 0, float("nan")
+    for epoch in range(epochs):
+        # Per-batch losses stay on the device (no sync per step); checked once per epoch.
+        batch_losses, epoch_examples = [], 0
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * lr_factor(step, total_steps)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            batch_losses.append(loss.detach() * len(y))
+            epoch_examples += len(y)
+            step += 1
+        epoch_total = torch.stack(batch_losses)
+        _check_finite(epoch_total, epoch, step - len(batch_losses))
+        epoch_loss = epoch_total.sum().item() / epoch_examples
+        loss_sum += epoch_loss * epoch_examples
+        examples += epoch_examples
+    return {
+        "loss": loss_sum / examples,
+        "last_epoch_loss": epoch_loss,
+        "seconds": time.perf_counter() - start,
+        "examples": float(examples),
+        "steps": float(step),
+    }
+
+
+def _check_finite(batch_losses: torch.Tensor, epoch: int, first_step: int) -> None:
+    bad = (~torch.isfinite(batch_losses)).nonzero()
+    if len(bad):
+        index = int(bad[0])
+        raise TrainingDivergedError(
+            f"non-finite training loss at epoch {epoch}, step {first_step + index} of the run "
+            f"(batch {index} of the epoch); lower the learning rate or check the data"
+        )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: BatchLoader, *, device: torch.device | str | None = None
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` over every batch of ``loader``.
+
+    Runs in eval mode without gradients; the model's previous train/eval mode is restored.
+
+    Args:
+        model: Classifier producing logits; moved to ``device``.
+        loader: Batches ``(x, y)``, typically ``DeviceLoader(shuffle=False, augment="none")``.
+        device: Where to evaluate; ``None``: CUDA if available.
+
+    Returns:
+        ``(mean loss, accuracy as a fraction in [0, 1])``.
+    """
+    device = resolve_device(device)
+    was_training = model.training
+    model.to(device).eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    count = 0
+    try:
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(dim=1) == y).sum()
+            count += len(y)
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluate() got a loader with no examples")
+    return loss_sum.item() / count, correct.item() / count

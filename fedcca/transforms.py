@@ -1,0 +1,282 @@
+"""Transforms that map a model's features onto the reference's coordinates.
+
+Every function returns :class:`fedcca.alignment.Transform` objects ``T`` (float64) with
+``f_ref ~= T f_B`` at one alignment point, together with the exact inverse.
+
+* :func:`cca_transform`: CCA Merge (Horoi et al., 2024) from activation statistics.
+* :func:`permute_transform`: a (rescaled) permutation matching features by correlation.
+* :func:`weight_matching`: Git Re-Basin weight matching, data free.
+* :func:`identity_transform`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from fedcca.alignment import AlignmentSpec, Transform
+from fedcca.statistics import PairStatistics, StatisticsError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RIDGE = 0.1
+"""Relative ridge: each covariance becomes ``C + DEFAULT_RIDGE * diag(C)``.
+
+Because it is proportional to each feature's own variance, one value fits every layer
+whatever its activation scale, and a per-feature rescaling of a model leaves ``T`` exact.
+It equals shrinking the correlation matrix 1/11 of the way towards the identity, which keeps
+the whitening well conditioned (eigenvalues >= 0.1/1.1) even with fewer samples than features.
+Larger values move ``T`` towards the rescaled orthogonal Procrustes solution."""
+
+# A feature is dead when its variance is below this fraction of its squared mean: it is
+# constant on the calibration data (exact zeros give 0 <= 0). Relative, so scale-free.
+_DEAD_RTOL = 1e-10
+
+
+def identity_transform(n: int) -> Transform:
+    """The identity transform of size ``n`` (leaves a point unchanged).
+
+    Args:
+        n: Number of features at the point.
+    """
+    eye = torch.eye(n, dtype=torch.float64)
+    return Transform(matrix=eye, inverse=eye.clone())
+
+
+def cca_transform(stats: PairStatistics, ridge: float = DEFAULT_RIDGE, *, point: str = "?") -> Transform:
+    """CCA Merge transform of model B onto reference A at one point.
+
+    With ``C_r = C + ridge * diag(C)`` for both own blocks and
+    ``U S V^T = svd(C_aa,r^-1/2 C_ab C_bb,r^-1/2)``:
+    ``T = C_aa,r^1/2 U V^T C_bb,r^-1/2`` and ``T^-1 = C_bb,r^1/2 V U^T C_aa,r^-1/2`` (closed form).
+    Computed in float64 via symmetric eigendecompositions of the correlation matrices; ``T``
+    does not depend on which square root whitens, so this equals the symmetric-root formula.
+    Dead features (constant on the calibration data) are logged; their rows/columns are
+    decoupled and paired dead-to-dead in index order with the mean live variance as floor,
+    so that ``T`` stays finite and a dead feature stays a single (scaled) dead feature.
+
+    Args:
+        stats: Statistics of reference A and model B at the point.
+        ridge: Relative ridge (>= 0), see :data:`DEFAULT_RIDGE`.
+        point: The point's name, for log and error messages.
+
+    Raises:
+        ValueError: ``ridge`` < 0, statistics of unequal sizes, or a singular covariance
+            with ``ridge == 0`` (e.g. fewer samples than features).
+        StatisticsError: Non-finite statistics or no samples.
+    """
+    return _cca(stats, ridge, point)[0]
+
+
+def canonical_correlations(stats: PairStatistics, ridge: float = DEFAULT_RIDGE, *, point: str = "?") -> torch.Tensor:
+    """The (ridge-regularised) canonical correlations at a point, in descending order.
+
+    These are the singular values ``S`` of :func:`cca_transform`; with ``ridge == 0`` they are
+    the plain canonical correlations of A's and B's features.
+
+    Args:
+        stats: Statistics of reference A and model B at the point.
+        ridge: Relative ridge (>= 0), see :data:`DEFAULT_RIDGE`.
+        point: The point's name, for log and error messages.
+    """
+    return _cca(stats, ridge, point)[1]
+
+
+def permute_transform(stats: PairStatistics, rescale: bool = True, *, point: str = "?") -> Transform:
+    """Permutation matching each reference feature with the model feature most correlated to it.
+
+    The assignment maximises the summed Pearson correlation (Hungarian algorithm,
+    ``scipy.optimize.linear_sum_assignment``). With ``rescale`` each matched feature is also
+    multiplied by ``std_a / std_b``, so a positively scaled permutation is recovered exactly.
+    Dead features have correlation 0 and scale 1 (logged).
+
+    Args:
+        stats: Statistics of reference A and model B at the point.
+        rescale: Multiply matched features by their standard-deviation ratio.
+        point: The point's name, for log messages.
+    """
+    c_aa, c_bb, c_ab = _checked_covariances(stats, point)
+    var_a, var_b = c_aa.diagonal(), c_bb.diagonal()
+    dead_a, dead_b = _dead_features(stats, var_a, var_b, point)
+    std_a = torch.where(dead_a, 1.0, var_a.clamp_min(0).sqrt())
+    std_b = torch.where(dead_b, 1.0, var_b.clamp_min(0).sqrt())
+    corr = c_ab / torch.outer(std_a, std_b)
+    corr[dead_a, :] = 0.0
+    corr[:, dead_b] = 0.0
+    rows, cols = linear_sum_assignment(corr.numpy(), maximize=True)
+    scale = std_a[rows] / std_b[cols] if rescale else torch.ones(len(rows), dtype=torch.float64)
+    scale[dead_a[rows] | dead_b[cols]] = 1.0
+    return _scaled_permutation(rows, cols, scale)
+
+
+def weight_matching(
+    reference_state: Mapping[str, torch.Tensor],
+    other_state: Mapping[str, torch.Tensor],
+    spec: AlignmentSpec,
+    max_iter: int = 100,
+    seed: int = 0,
+) -> dict[str, Transform]:
+    """Git Re-Basin weight matching: permutations making ``other``'s weights closest to the reference's.
+
+    Coordinate descent over the spec's points: for one point, with the other points'
+    current permutations applied, the permutation maximising the summed inner product of all
+    tensors along the point's axes is a linear assignment (every axis role is permuted
+    alike). Points are visited in a random order each iteration; the descent stops after an
+    iteration without improvement or after ``max_iter`` iterations. Data free.
+
+    Args:
+        reference_state: State dict of the reference model.
+        other_state: State dict of the model to align (same keys and shapes).
+        spec: Alignment spec; only its points are permuted.
+        max_iter: Largest number of sweeps over the points.
+        seed: Seed of the point order.
+
+    Returns:
+        ``{point name: Transform}`` (permutation matrices) for every point of ``spec``.
+    """
+    axes_of = _axes_by_key(spec)
+    ref = {key: _float64(reference_state, key) for key in axes_of}
+    other = {key: _float64(other_state, key) for key in axes_of}
+    for key in axes_of:
+        if ref[key].shape != other[key].shape:
+            raise ValueError(f"weight_matching: '{key}' has shape {tuple(other[key].shape)}, "
+                             f"the reference {tuple(ref[key].shape)}")
+    perms = {point.name: torch.arange(point.size) for point in spec.points}
+    rng = np.random.default_rng(seed)
+    for _ in range(max_iter):
+        improved = False
+        for index in rng.permutation(len(spec.points)):
+            point = spec.points[index]
+            cost = torch.zeros(point.size, point.size, dtype=torch.float64)
+            for axis in point.axes:
+                mine = ref[axis.key].movedim(axis.axis, 0).reshape(point.size, -1)
+                theirs = _permuted(other[axis.key], axes_of[axis.key], perms, skip=point.name)
+                cost += mine @ theirs.movedim(axis.axis, 0).reshape(point.size, -1).T
+            _, cols = linear_sum_assignment(cost.numpy(), maximize=True)
+            new = torch.from_numpy(cols)
+            rows = torch.arange(point.size)
+            old_score, new_score = cost[rows, perms[point.name]].sum(), cost[rows, new].sum()
+            if new_score > old_score + 1e-12 * abs(old_score):
+                perms[point.name], improved = new, True
+        if not improved:
+            break
+    ones = torch.ones(1, dtype=torch.float64)
+    return {name: _scaled_permutation(np.arange(len(perm)), perm.numpy(), ones.expand(len(perm)))
+            for name, perm in perms.items()}
+
+
+# ----------------------------------------------------------------------------- CCA internals
+
+def _cca(stats: PairStatistics, ridge: float, point: str) -> tuple[Transform, torch.Tensor]:
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    c_aa, c_bb, c_ab = _checked_covariances(stats, point)
+    n = c_ab.shape[0]
+    if stats.count < n:
+        logger.warning("point '%s': %d samples for %d features, the covariances are singular; "
+                       "CCA relies on the ridge (%g)", point, stats.count, n, ridge)
+    dead_a, dead_b = _dead_features(stats, c_aa.diagonal(), c_bb.diagonal(), point)
+    scale_a, root_a, inv_root_a = _whitening(c_aa, dead_a, ridge, point, "reference")
+    scale_b, root_b, inv_root_b = _whitening(c_bb, dead_b, ridge, point, "model")
+    corr_ab = c_ab / torch.outer(scale_a, scale_b)
+    corr_ab[dead_a, :] = 0.0
+    corr_ab[:, dead_b] = 0.0
+    # Dead features carry no information: pair them dead-to-dead (k-th with k-th) so the
+    # polar factor is unique there, and a dead ReLU unit is not mixed into others.
+    paired = min(int(dead_a.sum()), int(dead_b.sum()))
+    dead_rows, dead_cols = dead_a.nonzero()[:paired, 0], dead_b.nonzero()[:paired, 0]
+    corr_ab[dead_rows, dead_cols] = 1.0
+    u, singular, vh = torch.linalg.svd(inv_root_a @ corr_ab @ inv_root_b)
+    polar = u @ vh
+    # C = D R D with D = diag(scale), R a correlation matrix; whitening by (D R^1/2)^-1.
+    matrix = (scale_a[:, None] * root_a) @ polar @ (inv_root_b / scale_b[None, :])
+    inverse = (scale_b[:, None] * root_b) @ polar.T @ (inv_root_a / scale_a[None, :])
+    return Transform(matrix=matrix, inverse=inverse), singular
+
+
+def _whitening(cov: torch.Tensor, dead: torch.Tensor, ridge: float, point: str,
+               side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(d, R^1/2, R^-1/2)`` with ``C + ridge*diag(C) = diag(d) R diag(d)``, dead features decoupled."""
+    cov = cov.clone()
+    cov[dead, :] = 0.0
+    cov[:, dead] = 0.0
+    variance = cov.diagonal() * (1.0 + ridge)
+    live = variance[~dead]
+    # Dead features get the mean live variance: T stays O(1) on them.
+    variance[dead] = live.mean() if live.numel() else 1.0
+    scale = variance.sqrt()
+    corr = cov / torch.outer(scale, scale)
+    corr.diagonal().copy_(torch.ones(len(scale), dtype=torch.float64))
+    eigenvalues, vectors = torch.linalg.eigh(corr)
+    if eigenvalues[0] <= 1e-12 * len(scale):
+        raise ValueError(f"point '{point}': the {side}'s feature covariance is singular "
+                         f"(fewer samples than features, or collinear features); use ridge > 0")
+    root = (vectors * eigenvalues.sqrt()) @ vectors.T
+    inv_root = (vectors * eigenvalues.rsqrt()) @ vectors.T
+    return scale, root, inv_root
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def _checked_covariances(stats: PairStatistics, point: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if stats.count <= 0:
+        raise StatisticsError(f"point '{point}': statistics hold no samples")
+    c_aa, c_bb, c_ab = (c.double().cpu() for c in stats.covariances())
+    if c_ab.shape[0] != c_ab.shape[1]:
+        raise ValueError(f"point '{point}': reference and model have {c_ab.shape[0]} and "
+                         f"{c_ab.shape[1]} features")
+    for name, value in (("C_aa", c_aa), ("C_bb", c_bb), ("C_ab", c_ab)):
+        if not torch.isfinite(value).all():
+            raise StatisticsError(f"point '{point}': {name} has non-finite values")
+    return c_aa, c_bb, c_ab
+
+
+def _dead_features(stats: PairStatistics, var_a: torch.Tensor, var_b: torch.Tensor,
+                   point: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks of features constant on the calibration data; logs a warning when there are any."""
+    mean_a, mean_b = (m.double().cpu() for m in stats.means())
+    dead_a = var_a <= _DEAD_RTOL * mean_a.square()
+    dead_b = var_b <= _DEAD_RTOL * mean_b.square()
+    if dead_a.any() or dead_b.any():
+        logger.warning("point '%s': %d dead feature(s) in the reference and %d in the model "
+                       "(zero variance on the calibration data)", point, int(dead_a.sum()), int(dead_b.sum()))
+    return dead_a, dead_b
+
+
+def _scaled_permutation(rows: np.ndarray, cols: np.ndarray, scale: torch.Tensor) -> Transform:
+    """``T[rows[k], cols[k]] = scale[k]``: reference feature rows[k] <- model feature cols[k]."""
+    n = len(rows)
+    rows_t, cols_t = torch.as_tensor(rows), torch.as_tensor(cols)
+    matrix = torch.zeros(n, n, dtype=torch.float64)
+    inverse = torch.zeros(n, n, dtype=torch.float64)
+    matrix[rows_t, cols_t] = scale
+    inverse[cols_t, rows_t] = 1.0 / scale
+    return Transform(matrix=matrix, inverse=inverse)
+
+
+def _axes_by_key(spec: AlignmentSpec) -> dict[str, list[tuple[int, str]]]:
+    """state-dict key -> [(axis, point name)] over all points of the spec."""
+    axes: dict[str, list[tuple[int, str]]] = {}
+    for point in spec.points:
+        for axis in point.axes:
+            axes.setdefault(axis.key, []).append((axis.axis, point.name))
+    return axes
+
+
+def _permuted(tensor: torch.Tensor, axes: list[tuple[int, str]], perms: Mapping[str, torch.Tensor],
+              skip: str) -> torch.Tensor:
+    """``tensor`` with every point's permutation applied along its axis, except point ``skip``."""
+    for axis, name in axes:
+        if name != skip:
+            tensor = tensor.index_select(axis, perms[name])
+    return tensor
+
+
+def _float64(state: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in state:
+        raise ValueError(f"weight_matching: state dict has no key '{key}' named by the spec")
+    return state[key].detach().cpu().double()

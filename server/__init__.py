@@ -1,0 +1,1 @@
+"""fedcca ServerApp (``server.server_app:app``)."""

@@ -1,0 +1,91 @@
+"""Shared set-up of the app tests: a tiny Fashion-MNIST-format dataset and a run config.
+
+The dataset is written as real IDX files, so the apps read it through the same
+``fedcca.data.load_dataset`` path as the real one (``data-dir`` in the run config), in this
+process or in a Flower simulation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message, RecordDict
+
+from clients.client_app import app as client_app
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_PER_CLASS, TEST_PER_CLASS, CLASSES = 12, 4, 10
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def _images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    # Noise plus a bright band whose row depends on the class: learnable in a few steps.
+    images = rng.integers(0, 60, size=(len(labels), 28, 28))
+    for i, label in enumerate(labels):
+        images[i, 2 + 2 * label : 4 + 2 * label, :] += 180
+    return images
+
+
+def write_tiny_fashion_mnist(folder: Path, seed: int = 0) -> Path:
+    """Write 120 train and 40 test 28x28 images (balanced classes) as Fashion-MNIST IDX files.
+
+    Args:
+        folder: Created if missing; receives the four ``*-ubyte.gz`` files.
+        seed: Seed of the pixel noise.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, per_class in (("train", TRAIN_PER_CLASS), ("t10k", TEST_PER_CLASS)):
+        labels = rng.permutation(np.repeat(np.arange(CLASSES), per_class))
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", _images(labels, rng))
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+def default_run_config() -> dict[str, Any]:
+    """``[tool.flwr.app.config]`` of pyproject.toml, as Flower passes it to the apps."""
+    with open(ROOT / "pyproject.toml", "rb") as file:
+        return dict(tomllib.load(file)["tool"]["flwr"]["app"]["config"])
+
+
+def tiny_run_config(data_dir: Path, out_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """The default run config scaled down to the tiny dataset (2 clients, tiny CNN).
+
+    Args:
+        data_dir: Folder of :func:`write_tiny_fashion_mnist`.
+        out_dir: The run's ``out-dir``.
+        **overrides: Further keys, ``_`` standing for ``-``.
+    """
+    config = default_run_config()
+    config.update({
+        "data-dir": str(data_dir), "out-dir": str(out_dir), "num-server-rounds": 2,
+        "partitioning": "iid", "calibration-size": 20, "batch-size": 25,
+        "max-examples-per-client": 0, "max-test-examples": 0, "width": 1, "lr": 0.05,
+    })
+    config.update({key.replace("_", "-"): value for key, value in overrides.items()})
+    return config
+
+
+def client_context(run_config: dict[str, Any], partition_id: int, num_partitions: int) -> Context:
+    """The Context a SuperNode gives the ClientApp of ``partition_id``."""
+    return Context(run_id=1, node_id=partition_id + 1, state=RecordDict(), run_config=run_config,
+                   node_config={"partition-id": partition_id, "num-partitions": num_partitions})
+
+
+def client_apps(run_config: dict[str, Any], num_partitions: int = 2) -> dict[int, Any]:
+    """Node id (partition + 1) -> callable running our ClientApp as that partition (for FakeGrid)."""
+
+    def node(partition_id: int) -> Any:
+        def run(message: Message, _: Context) -> Message:
+            return client_app(message, client_context(run_config, partition_id, num_partitions))
+        return run
+
+    return {partition_id + 1: node(partition_id) for partition_id in range(num_partitions)}

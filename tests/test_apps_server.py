@@ -1,0 +1,113 @@
+"""The fedcca ServerApp on an in-process grid: outputs, strategies, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from clients.task import TaskConfig, load_data, make_model, evaluation_loader
+from fedcca.strategy import CCAMerge
+from fedcca.training import evaluate
+from server.server_app import app as server_app
+from server.server_app import build_strategy, run_federation
+from tests.apps_helpers import client_apps, tiny_run_config, write_tiny_fashion_mnist
+from tests.flower_helpers import FakeGrid
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_fashion_mnist(tmp_path_factory.mktemp("apps-server") / "data")
+
+
+def _run(config: dict[str, Any]) -> tuple[dict[str, Any], FakeGrid]:
+    grid = FakeGrid(client_apps(config))
+    return run_federation(grid, config), grid
+
+
+def _checkpoint(out_dir: Path, server_round: int) -> dict[str, torch.Tensor]:
+    return torch.load(out_dir / "checkpoints" / f"round-{server_round:03d}.pt", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, FakeGrid]:
+    """Two uninterrupted CCA rounds through ``server_app`` (as Flower calls it): (config, out-dir, grid)."""
+    root = tmp_path_factory.mktemp("straight")
+    config = tiny_run_config(data_dir, root / "{strategy}")
+    grid = FakeGrid(client_apps(config))
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    return config, root / "cca", grid
+
+
+def test_cca_run_writes_history_checkpoints_and_plot(straight_run: tuple[dict[str, Any], Path, FakeGrid]) -> None:
+    config, out, grid = straight_run
+    history = json.loads((out / "history.json").read_text())
+    assert [entry["round"] for entry in history["rounds"]] == [1, 2]
+    for entry in history["rounds"]:
+        assert 0.0 <= entry["accuracy"] <= 1.0 and np.isfinite(entry["loss"])
+        assert not entry["skipped"] and entry["num_replies"] == 2 and entry["num_dropped"] == 0
+        assert entry["client_statistics"] == 2  # both clients sent statistics; none computed here
+        assert set(entry["bytes_received"]) == {"1", "2"} and min(entry["bytes_received"].values()) > 0
+        assert entry["merge_seconds"] > 0 and entry["stats_seconds"] == 0.0 and entry["client_stats_seconds"] > 0
+    # The checkpoint of the last round is the model whose accuracy the history reports.
+    task = TaskConfig.from_run_config(config)
+    model = make_model(task, load_data(task.dataset, task.data_dir))
+    model.load_state_dict(_checkpoint(out, 2))
+    loss, accuracy = evaluate(model, evaluation_loader(task, torch.device("cpu")), device="cpu")
+    assert accuracy == history["rounds"][-1]["accuracy"] and loss == pytest.approx(history["rounds"][-1]["loss"])
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # atomic writes left nothing behind
+    assert {m.content["config"]["fedcca.compute-statistics"] for m in grid.sent} == {True}
+
+
+def test_fedavg_is_flowers_weighted_average_of_the_client_models(data_dir: Path, tmp_path: Path) -> None:
+    config = tiny_run_config(data_dir, tmp_path, strategy="fedavg", num_server_rounds=1)
+    task = TaskConfig.from_run_config(config)
+    assert type(build_strategy(task, lambda: None, None)) is FedAvg  # type: ignore[arg-type,return-value]
+    history, grid = _run(config)
+    # Replay the round's messages through the (deterministic) ClientApps and average by hand.
+    apps = client_apps(config)
+    replies = [apps[m.metadata.dst_node_id](m, None) for m in grid.sent]
+    assert all("fedcca.statistics" not in r.content for r in replies)
+    weights = np.array([r.content["metrics"]["num-examples"] for r in replies], dtype=np.float64)
+    states = [r.content["arrays"].to_torch_state_dict() for r in replies]
+    for key, value in _checkpoint(tmp_path, 1).items():
+        expected = sum(w * s[key].double() for w, s in zip(weights, states)) / weights.sum()
+        torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
+    assert history["rounds"][0]["stats_seconds"] == 0.0 and "accuracy" in history["rounds"][0]
+
+
+@pytest.mark.parametrize("strategy", ["permute", "weight-matching"])
+def test_other_methods_build_ccamerge(data_dir: Path, tmp_path: Path, strategy: str) -> None:
+    config = tiny_run_config(data_dir, tmp_path, strategy=strategy)
+    task = TaskConfig.from_run_config(config)
+    dataset = load_data(task.dataset, task.data_dir)
+    built = build_strategy(task, lambda: make_model(task, dataset), torch.zeros(4, 1, 28, 28), "cpu")
+    assert isinstance(built, CCAMerge) and built.method == strategy
+
+
+def test_resume_gives_the_same_model_as_an_uninterrupted_run(
+    straight_run: tuple[dict[str, Any], Path, FakeGrid], tmp_path: Path
+) -> None:
+    config, straight_out, _ = straight_run
+    straight = json.loads((straight_out / "history.json").read_text())
+    # resume=true on an empty out-dir starts afresh; then 1 more round is resumed.
+    interrupted = {**config, "out-dir": str(tmp_path), "num-server-rounds": 1, "resume": True}
+    assert [entry["round"] for entry in _run(interrupted)[0]["rounds"]] == [1]
+    resumed, _ = _run({**interrupted, "num-server-rounds": 2})
+    for key, value in _checkpoint(straight_out, 2).items():
+        assert torch.equal(value, _checkpoint(tmp_path, 2)[key]), key
+    for got, want in zip([resumed["initial"], *resumed["rounds"]], [straight["initial"], *straight["rounds"]]):
+        assert (got["accuracy"], got["loss"]) == (want["accuracy"], want["loss"])
+
+
+def test_resume_refuses_a_different_config(straight_run: tuple[dict[str, Any], Path, FakeGrid]) -> None:
+    config, out, _ = straight_run
+    with pytest.raises(ValueError, match=r"differs \(lr: 0.05 -> 0.1"):
+        _run({**config, "out-dir": str(out), "num-server-rounds": 3, "resume": True, "lr": 0.1})

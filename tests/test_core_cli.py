@@ -1,0 +1,98 @@
+"""fedcca.cli: `fedcca merge` end to end on checkpoints written to tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from coreb_helpers import outputs, symmetric_copy
+
+from fedcca.cli import main
+from fedcca.merging import recompute_batchnorm
+
+build_model = pytest.importorskip("fedcca.models").build_model
+ARCH = {"model": "cnn", "width": 1, "num_classes": 10, "in_channels": 1}
+
+
+def _cnn(seed: int, **overrides: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    arch = {**ARCH, **overrides}
+    return build_model(arch["model"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
+                       width=arch["width"]).eval()
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    """A raw state-dict checkpoint, a dict checkpoint (its symmetric copy), calibration .pt and .npy."""
+    model = _cnn(0)
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    paths = {name: tmp_path / name for name in ("a.pt", "b.pt", "calib.pt", "calib.npy")}
+    torch.save(model.state_dict(), paths["a.pt"])
+    torch.save({**ARCH, "state_dict": symmetric_copy(model).state_dict()}, paths["b.pt"])
+    torch.save(x, paths["calib.pt"])
+    np.save(paths["calib.npy"], x.numpy())
+    return paths
+
+
+@pytest.mark.parametrize("calibration", ["calib.pt", "calib.npy"])
+def test_merge_command_recovers_a_symmetric_copy(files: dict[str, Path], tmp_path: Path, calibration: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out" / "merged.pt"
+    code = main(["merge", str(files["a.pt"]), str(files["b.pt"]), "--calibration", str(files[calibration]),
+                 "--method", "cca", "--ridge", "0", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "method: cca  models: 2" in printed and "mean canonical correlation 1.0000 (ridge 0)" in printed
+    saved = torch.load(out, weights_only=True)
+    assert {k: saved[k] for k in ARCH} == ARCH and saved["method"] == "cca"
+    merged = _cnn(5)
+    merged.load_state_dict(saved["state_dict"])
+    x = torch.load(files["calib.pt"], weights_only=True)
+    expected = recompute_batchnorm(_cnn(0), x)
+    torch.testing.assert_close(outputs(merged, x), outputs(expected, x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["permute", "weight-matching", "direct"])
+def test_merge_command_runs_every_method(files: dict[str, Path], tmp_path: Path, method: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / f"{method}.pt"
+    args = ["merge", str(files["a.pt"]), str(files["a.pt"]), "--calibration", str(files["calib.pt"]),
+            "--method", method, "--reference", "1", "--out", str(out)]
+    assert main(args) == 0
+    assert f"method: {method}" in capsys.readouterr().out
+    assert out.is_file()
+
+
+def _assert_clean_error(code: int, capsys: pytest.CaptureFixture[str], words: str) -> None:
+    err = capsys.readouterr().err
+    assert code == 2
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_missing_file_is_one_line_and_exit_2(files: dict[str, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["merge", str(files["a.pt"]), str(tmp_path / "nope.pt"), "--calibration", str(files["calib.pt"])])
+    _assert_clean_error(code, capsys, "nope.pt does not exist")
+    code = main(["merge", str(files["a.pt"]), "--calibration", str(tmp_path / "none.npy")])
+    _assert_clean_error(code, capsys, "none.npy does not exist")
+
+
+def test_architecture_mismatch_is_one_line_and_exit_2(files: dict[str, Path], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    wide = tmp_path / "wide.pt"
+    torch.save(_cnn(1, width=2).state_dict(), wide)
+    code = main(["merge", str(files["a.pt"]), str(wide), "--calibration", str(files["calib.pt"])])
+    _assert_clean_error(code, capsys, "wide.pt does not fit cnn")
+    tagged = tmp_path / "tagged.pt"
+    torch.save({**ARCH, "width": 2, "state_dict": _cnn(1, width=2).state_dict()}, tagged)
+    code = main(["merge", str(files["b.pt"]), str(tagged), "--calibration", str(files["calib.pt"])])
+    _assert_clean_error(code, capsys, "architecture mismatch between checkpoints: width differs")
+
+
+def test_bad_options_exit_2(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["merge", str(files["a.pt"]), "--calibration", str(files["calib.pt"]), "--method", "zipit"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    code = main(["merge", str(files["a.pt"]), "--calibration", str(files["calib.pt"]), "--reference", "3"])
+    _assert_clean_error(code, capsys, "--reference 3")

@@ -1,0 +1,235 @@
+"""fedcca.merging: exact recovery of symmetric copies, averaging, BatchNorm, degenerate inputs."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+
+import pytest
+import torch
+from coreb_helpers import calibration, make_tiny, outputs, symmetric_copy
+
+from fedcca.merging import (
+    METHODS,
+    MergeError,
+    average_state_dicts,
+    merge,
+    merge_sequential,
+    recompute_batchnorm,
+)
+from fedcca.statistics import StatisticsError, collect_statistics
+
+DATA_METHODS = ("cca", "permute")
+ZOO = ("cnn", "vgg11", "vgg11_bn", "resnet20")
+
+
+def _assert_same_function(left: torch.nn.Module, right: torch.nn.Module, x: torch.Tensor, atol: float = 1e-4) -> None:
+    torch.testing.assert_close(outputs(left, x), outputs(right, x), atol=atol, rtol=1e-4)
+
+
+def _with_fresh_bn(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    return recompute_batchnorm(copy.deepcopy(model), x)
+
+
+def _assert_finite(model: torch.nn.Module) -> None:
+    for key, value in model.state_dict().items():
+        assert not value.is_floating_point() or torch.isfinite(value).all(), key
+
+
+# ----------------------------------------------------------------------------- exact recovery
+
+@pytest.mark.parametrize("method", DATA_METHODS)
+def test_symmetric_copy_is_recovered_exactly(method: str) -> None:
+    model, x = make_tiny(1), calibration(24)
+    merged = merge([model, symmetric_copy(model)], x, method, recompute_bn=False)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[key], value, atol=1e-5, rtol=1e-5)
+    _assert_same_function(merged, model, x)
+
+
+def test_weight_matching_recovers_a_permuted_copy() -> None:
+    model, x = make_tiny(1), calibration(8)
+    merged = merge([model, symmetric_copy(model, scale_range=(1.0, 1.0))], x, "weight-matching",
+                   recompute_bn=False)
+    _assert_same_function(merged, model, x, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_model_zoo_symmetric_copies_are_recovered(name: str) -> None:
+    models = pytest.importorskip("fedcca.models")
+    torch.manual_seed(0)
+    model = models.build_model(name, num_classes=3, in_channels=1, width=1).eval()
+    x = torch.randn(12, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    reference = _with_fresh_bn(model, x)
+    for method in DATA_METHODS:
+        merged = merge([model, symmetric_copy(model, seed=5)], x, method)
+        _assert_same_function(merged, reference, x)
+    merged = merge([model, symmetric_copy(model, seed=6, scale_range=(1.0, 1.0))], x, "weight-matching")
+    _assert_same_function(merged, reference, x)
+
+
+def test_separate_reference_is_only_a_target() -> None:
+    model, x = make_tiny(1), calibration(24)
+    copies = [symmetric_copy(model, seed=s) for s in (3, 4, 5)]
+    merged = merge(copies, x, "cca", reference=model, weights=[1.0, 2.0, 3.0], recompute_bn=False)
+    _assert_same_function(merged, model, x)
+
+
+def test_precomputed_statistics_give_the_same_merge() -> None:
+    model, other, x = make_tiny(1), make_tiny(2), calibration(24)
+    stats = collect_statistics(model, [model, other], x)
+    given = merge([model, other], x, "cca", statistics=[None, stats[1]])
+    computed = merge([model, other], x, "cca")
+    for key, value in computed.state_dict().items():
+        torch.testing.assert_close(given.state_dict()[key], value)
+
+
+# ----------------------------------------------------------------------------- averaging
+
+@pytest.mark.parametrize("method", METHODS)
+def test_identical_models_merge_to_the_same_function(method: str) -> None:
+    model, x = make_tiny(1), calibration(24)
+    merged = merge([copy.deepcopy(model) for _ in range(3)], x, method, reference=1)
+    _assert_finite(merged)
+    _assert_same_function(merged, _with_fresh_bn(model, x), x, atol=1e-5)
+
+
+def test_direct_merge_is_the_weighted_average() -> None:
+    a, b = make_tiny(1), make_tiny(2)
+    merged = merge([a, b], calibration(8), "direct", weights=[1.0, 3.0], recompute_bn=False)
+    for key, value in merged.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, 0.25 * a.state_dict()[key] + 0.75 * b.state_dict()[key])
+        else:
+            assert torch.equal(value, a.state_dict()[key])  # num_batches_tracked from models[0]
+
+
+def test_unknown_method_lists_the_options() -> None:
+    with pytest.raises(ValueError, match="cca, permute, weight-matching, direct"):
+        merge([make_tiny(1)], calibration(4), "zipit")
+
+
+def test_architecture_mismatch_and_non_finite_weights_are_named() -> None:
+    model = make_tiny(1)
+    with pytest.raises(ValueError, match="models\\[1\\] does not match.*bn2"):
+        merge([model, make_tiny(2, batchnorm=False)], calibration(8), "direct")
+    broken = make_tiny(2)
+    with torch.no_grad():
+        broken.fc2.bias[0] = float("inf")
+    with pytest.raises(MergeError, match="'fc2.bias'"):
+        merge([model, broken], calibration(8), "direct")
+    with pytest.raises(MergeError, match="'fc2.bias'"):
+        average_state_dicts([model.state_dict(), broken.state_dict()])
+
+
+# ----------------------------------------------------------------------------- sequential / selective
+
+@pytest.mark.parametrize("method", DATA_METHODS)
+def test_selective_merge_without_points_is_the_direct_average(method: str) -> None:
+    a, b, x = make_tiny(1), make_tiny(2), calibration(8)
+    selective = merge([a, b], x, method, points=[], recompute_bn=False)
+    direct = merge([a, b], x, "direct", recompute_bn=False)
+    for key, value in direct.state_dict().items():
+        assert torch.equal(selective.state_dict()[key], value), key
+
+
+def test_selective_merge_aligns_only_the_chosen_points() -> None:
+    model, x = make_tiny(1), calibration(24)
+    other = symmetric_copy(model)
+    merged = merge([model, other], x, "permute", points=["fc1"], recompute_bn=False).state_dict()
+    torch.testing.assert_close(merged["fc2.weight"], model.state_dict()["fc2.weight"])  # fc1 aligned
+    expected = (model.state_dict()["conv1.weight"] + other.state_dict()["conv1.weight"]) / 2
+    torch.testing.assert_close(merged["conv1.weight"], expected)  # conv1 untouched: plain average
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sequential_merge_of_identical_models_is_the_model(method: str) -> None:
+    x = calibration(24)
+    model = _with_fresh_bn(make_tiny(1), x)  # the running model gets fresh BN stats after step 1
+    merged = merge_sequential([copy.deepcopy(model) for _ in range(3)], x, method)
+    _assert_same_function(merged, model, x, atol=1e-5)
+
+
+def test_sequential_weights_accumulate() -> None:
+    models, x = [make_tiny(s) for s in (1, 2, 3)], calibration(8)
+    weights = [1.0, 2.0, 5.0]
+    sequential = merge_sequential(models, x, "direct", weights=weights, recompute_bn=False)
+    all_to_one = merge(models, x, "direct", weights=weights, recompute_bn=False)
+    for key, value in all_to_one.state_dict().items():
+        torch.testing.assert_close(sequential.state_dict()[key], value)
+    with pytest.raises(TypeError, match="reference"):
+        merge_sequential(models, x, reference=1)
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+
+def _bn2_inputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.eval().conv2(model.relu1(model.conv1(x)))
+    return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1]).double()
+
+
+def test_recompute_batchnorm_gives_exact_dataset_statistics() -> None:
+    model, x = make_tiny(1).train(), calibration(30)
+    model.relu1.eval()  # a submodule mode that must survive
+    recompute_batchnorm(model, x, batch_size=7)  # 5 batches of 6
+    inputs = _bn2_inputs(copy.deepcopy(model), x)  # bn2 is the first BN: its inputs do not depend on BN
+    torch.testing.assert_close(model.bn2.running_mean.double(), inputs.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.bn2.running_var.double(), inputs.var(0, unbiased=True), rtol=1e-5, atol=1e-6)
+    assert model.training and model.bn2.training and not model.relu1.training
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_recompute_batchnorm_matches_torch_for_one_batch() -> None:
+    model, x = make_tiny(1), calibration(16)
+    torch_way = copy.deepcopy(model)
+    torch_way.bn2.reset_running_stats()
+    torch_way.bn2.momentum = None  # cumulative average: exact for one batch
+    with torch.no_grad():
+        torch_way.train()(x)
+    recompute_batchnorm(model, x, batch_size=16)
+    torch.testing.assert_close(model.bn2.running_mean, torch_way.bn2.running_mean)
+    torch.testing.assert_close(model.bn2.running_var, torch_way.bn2.running_var)
+    assert not model.training
+
+
+def test_recompute_batchnorm_without_batchnorm_is_a_no_op() -> None:
+    model = make_tiny(1, batchnorm=False)
+    before = copy.deepcopy(model.state_dict())
+    recompute_batchnorm(model, calibration(4))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- degenerate inputs
+
+@pytest.mark.parametrize("method", DATA_METHODS)
+def test_dead_channels_are_logged_and_merge_stays_exact(method: str, caplog: pytest.LogCaptureFixture) -> None:
+    model, x = make_tiny(1, batchnorm=False), calibration(24)
+    with torch.no_grad():
+        model.conv1.weight[1:3] = 0.0   # zeroed filters
+        model.conv1.bias[1:3] = 0.0
+        model.fc1.bias[:3] = -100.0     # dead ReLU units with non-zero weights
+    with caplog.at_level(logging.WARNING, logger="fedcca.transforms"):
+        merged = merge([model, symmetric_copy(model)], x, method)
+    assert "point 'conv1': 2 dead feature(s) in the reference and 2 in the model" in caplog.text
+    assert re.search(r"point 'fc1': ([3-6]) dead feature\(s\) in the reference and \1 in the model", caplog.text)
+    _assert_finite(merged)
+    _assert_same_function(merged, model, x)
+
+
+def test_fewer_samples_than_features_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    x = calibration(2, size=1)  # 2 samples at every point, 4-6 features
+    with caplog.at_level(logging.WARNING, logger="fedcca.transforms"):
+        merged = merge([make_tiny(1, batchnorm=False), make_tiny(2, batchnorm=False)], x, "cca")
+    assert "2 samples for 4 features" in caplog.text
+    _assert_finite(merged)
+
+
+def test_non_finite_calibration_is_a_clear_error() -> None:
+    x = calibration(8)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(StatisticsError, match="non-finite features at point 'conv1'"):
+        merge([make_tiny(1), make_tiny(2)], x, "cca")
+    with pytest.raises(ValueError, match="non-finite input to 'bn2'"):
+        merge([make_tiny(1), make_tiny(2)], x, "direct")

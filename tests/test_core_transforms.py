@@ -1,0 +1,149 @@
+"""fedcca.transforms: CCA against an independent numpy/scipy reference, Permute, weight matching."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from coreb_helpers import make_tiny, symmetric_copy
+
+from fedcca.statistics import PairStatistics
+from fedcca.transforms import (
+    canonical_correlations,
+    cca_transform,
+    identity_transform,
+    permute_transform,
+    weight_matching,
+)
+
+
+def _stats(a: np.ndarray, b: np.ndarray) -> PairStatistics:
+    return PairStatistics.from_features(torch.from_numpy(a), torch.from_numpy(b))
+
+
+def _synthetic(n: int = 4000, dim: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two views sharing latent factors of different strengths, with non-zero means."""
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(size=(n, dim))
+    a = latent @ rng.normal(size=(dim, dim)) + rng.normal(size=(n, dim)) * 0.5 + 3.0
+    b = (latent * np.linspace(1.0, 0.2, dim)) @ rng.normal(size=(dim, dim)) + rng.normal(size=(n, dim)) - 1.0
+    return a, b
+
+
+def _scaled_permutation(dim: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    q = np.zeros((dim, dim))
+    q[np.arange(dim), rng.permutation(dim)] = rng.uniform(0.3, 3.0, dim)
+    return q
+
+
+def _numpy_cca(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Plain CCA: generalised eigenproblem C_ab C_bb^-1 C_ba w = rho^2 C_aa w (descending)."""
+    joint = np.cov(np.concatenate([a, b], axis=1), rowvar=False, bias=True)
+    d = a.shape[1]
+    c_aa, c_bb, c_ab = joint[:d, :d], joint[d:, d:], joint[:d, d:]
+    rho2, w_a = scipy.linalg.eigh(c_ab @ np.linalg.solve(c_bb, c_ab.T), c_aa)  # w_a^T C_aa w_a = I
+    rho2, w_a = rho2[::-1], w_a[:, ::-1]
+    rho = np.sqrt(rho2)
+    w_b = np.linalg.solve(c_bb, c_ab.T @ w_a) / rho
+    return rho, w_a, w_b
+
+
+def test_cca_matches_a_numpy_reference() -> None:
+    a, b = _synthetic()
+    stats = _stats(a, b)
+    rho, w_a, w_b = _numpy_cca(a, b)
+    np.testing.assert_allclose(canonical_correlations(stats, ridge=0.0).numpy(), rho, rtol=1e-8)
+    transform = cca_transform(stats, ridge=0.0)
+    # T sends B's canonical variates onto A's: w_a^T (T b) = w_b^T b for every pair.
+    np.testing.assert_allclose(w_a.T @ transform.matrix.numpy(), w_b.T, atol=1e-8)
+    np.testing.assert_allclose(transform.inverse.numpy() @ transform.matrix.numpy(), np.eye(5), atol=1e-10)
+
+
+@pytest.mark.parametrize("ridge", [0.0, 0.1, 3.0])
+def test_cca_ridge_matches_the_symmetric_root_formula(ridge: float) -> None:
+    a, b = _synthetic(seed=1)
+    joint = np.cov(np.concatenate([a, b], axis=1), rowvar=False, bias=True)
+    c_aa, c_bb, c_ab = joint[:5, :5], joint[5:, 5:], joint[:5, 5:]
+    c_aa = c_aa + ridge * np.diag(np.diag(c_aa))
+    c_bb = c_bb + ridge * np.diag(np.diag(c_bb))
+    root_a, root_b = scipy.linalg.sqrtm(c_aa).real, scipy.linalg.sqrtm(c_bb).real
+    u, s, vh = np.linalg.svd(np.linalg.solve(root_a, c_ab) @ np.linalg.inv(root_b))
+    expected = root_a @ u @ vh @ np.linalg.inv(root_b)
+    transform = cca_transform(_stats(a, b), ridge=ridge)
+    np.testing.assert_allclose(transform.matrix.numpy(), expected, atol=1e-8)
+    np.testing.assert_allclose(transform.inverse.numpy(), np.linalg.inv(expected), atol=1e-8)
+    np.testing.assert_allclose(canonical_correlations(_stats(a, b), ridge).numpy(), s, atol=1e-10)
+
+
+@pytest.mark.parametrize("ridge", [0.0, 0.1, 100.0])
+def test_cca_and_permute_recover_a_scaled_permutation_at_any_ridge(ridge: float) -> None:
+    a, _ = _synthetic(seed=2)
+    q = _scaled_permutation(5, seed=7)
+    stats = _stats(a, a @ q.T)  # b = Q a
+    np.testing.assert_allclose(cca_transform(stats, ridge).matrix.numpy(), np.linalg.inv(q), atol=1e-9)
+    permuted = permute_transform(stats)
+    np.testing.assert_allclose(permuted.matrix.numpy(), np.linalg.inv(q), atol=1e-12)
+    np.testing.assert_allclose(permuted.inverse.numpy(), q, atol=1e-12)
+    np.testing.assert_array_equal(permute_transform(stats, rescale=False).matrix.numpy(), (np.linalg.inv(q) > 0))
+
+
+def test_permute_maximises_total_correlation() -> None:
+    a, b = _synthetic(dim=5, seed=3)
+    stats = _stats(a, b)
+    corr = np.corrcoef(a, b, rowvar=False)[:5, 5:]
+    best = max(itertools.permutations(range(5)), key=lambda p: corr[np.arange(5), list(p)].sum())
+    matrix = permute_transform(stats, rescale=False).matrix.numpy()
+    np.testing.assert_array_equal(matrix.argmax(axis=1), best)
+
+
+def test_dead_features_are_logged_and_paired(caplog: pytest.LogCaptureFixture) -> None:
+    a, _ = _synthetic(seed=4)
+    a[:, 1] = 0.0                                   # a dead unit (ReLU never active)
+    q = _scaled_permutation(5, seed=5)
+    with caplog.at_level(logging.WARNING, logger="fedcca.transforms"):
+        transform = cca_transform(_stats(a, a @ q.T), point="layer3")
+    assert "point 'layer3': 1 dead feature(s) in the reference and 1 in the model" in caplog.text
+    matrix = transform.matrix.numpy()
+    assert np.isfinite(matrix).all() and np.isfinite(transform.inverse.numpy()).all()
+    live = [0, 2, 3, 4]
+    expected = np.linalg.inv(q)
+    np.testing.assert_allclose(matrix[live][:, expected[live].argmax(1)], expected[live][:, expected[live].argmax(1)],
+                               atol=1e-9)
+    dead_col = int(np.flatnonzero(q[1])[0])         # b's dead feature is only sent to a's dead one
+    assert np.count_nonzero(np.abs(matrix[:, dead_col]) > 1e-12) == 1 and matrix[1, dead_col] > 0
+
+
+def test_fewer_samples_than_features(caplog: pytest.LogCaptureFixture) -> None:
+    rng = np.random.default_rng(6)
+    a, b = rng.normal(size=(4, 8)), rng.normal(size=(4, 8))
+    with caplog.at_level(logging.WARNING, logger="fedcca.transforms"):
+        transform = cca_transform(_stats(a, b), ridge=0.1, point="fc")
+    assert "point 'fc': 4 samples for 8 features" in caplog.text
+    assert torch.isfinite(transform.matrix).all() and torch.isfinite(transform.inverse).all()
+    torch.testing.assert_close(transform.inverse @ transform.matrix, torch.eye(8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="singular.*use ridge > 0"):
+        cca_transform(_stats(a, b), ridge=0.0, point="fc")
+
+
+def test_weight_matching_recovers_a_pure_permutation() -> None:
+    model = make_tiny(1)
+    other = symmetric_copy(model, seed=11, scale_range=(1.0, 1.0))
+    spec = model.alignment_spec()
+    found = weight_matching(model.state_dict(), other.state_dict(), spec)
+    from fedcca.alignment import apply_transforms
+    aligned = apply_transforms(other.state_dict(), spec, found)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(aligned[key], value, rtol=0, atol=0)
+    same = weight_matching(model.state_dict(), model.state_dict(), spec)
+    assert all(torch.equal(t.matrix, torch.eye(t.matrix.shape[0], dtype=torch.float64)) for t in same.values())
+
+
+def test_identity_transform() -> None:
+    t = identity_transform(3)
+    assert t.matrix.dtype == torch.float64 and torch.equal(t.matrix, torch.eye(3, dtype=torch.float64))
+    assert torch.equal(t.inverse, t.matrix)

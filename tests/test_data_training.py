@@ -1,0 +1,91 @@
+"""train / evaluate loops on a tiny model and a linearly separable toy problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fedcca.data import DeviceLoader
+from fedcca.training import TrainingDivergedError, evaluate, lr_factor, train
+
+
+def toy_loader(n: int = 256, shuffle: bool = True, seed: int = 0) -> DeviceLoader:
+    """Two classes: bright vs dark 4x4 images."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=gen)
+    base = torch.where(labels.view(-1, 1, 1, 1) == 1, 170, 60)
+    noise = torch.randint(-50, 51, (n, 1, 4, 4), generator=gen)
+    return DeviceLoader((base + noise).to(torch.uint8), labels, 32, shuffle=shuffle, mean=(0.5,), std=(0.25,), device="cpu")
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def test_train_learns_and_reports() -> None:
+    model, data = tiny_model(), toy_loader()
+    loss_before, acc_before = evaluate(model, toy_loader(shuffle=False), device="cpu")
+    result = train(model, data, 3, lr=0.1, device="cpu")
+    loss_after, acc_after = evaluate(model, toy_loader(shuffle=False), device="cpu")
+    assert result["examples"] == 3 * 256 and result["steps"] == 3 * 8 and result["seconds"] > 0
+    assert result["last_epoch_loss"] < result["loss"] < loss_before
+    assert loss_after < loss_before and acc_after > 0.95 and acc_after >= acc_before
+
+
+def test_train_is_deterministic() -> None:
+    a, b = tiny_model(), tiny_model()
+    train(a, toy_loader(seed=1), 2, device="cpu")
+    train(b, toy_loader(seed=1), 2, device="cpu")
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_evaluate_matches_manual_computation_and_restores_mode() -> None:
+    model, data = tiny_model(), toy_loader(n=100, shuffle=False)
+    model.train()
+    loss, accuracy = evaluate(model, data, device="cpu")
+    x = torch.cat([xb for xb, _ in data])
+    y = torch.cat([yb for _, yb in data])
+    with torch.no_grad():
+        logits = model(x)
+    assert loss == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+    assert accuracy == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    assert model.training
+
+
+def test_evaluate_uses_eval_mode_and_no_grad() -> None:
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append((self.training, torch.is_grad_enabled()))
+            return x.flatten(1)[:, :2]
+
+    evaluate(Probe(), toy_loader(n=40, shuffle=False), device="cpu")
+    assert seen and all(mode == (False, False) for mode in seen)
+
+
+def test_non_finite_loss_names_epoch_and_step() -> None:
+    model = tiny_model()
+    with pytest.raises(TrainingDivergedError, match=r"epoch 0, step 1 of the run"):
+        train(model, toy_loader(), 2, lr=float("nan"), device="cpu")  # step 0 is finite, then NaN weights
+    with torch.no_grad():
+        model[1].weight.fill_(float("inf"))
+    with pytest.raises(TrainingDivergedError, match="epoch 0, step 0"):
+        train(model, toy_loader(), 1, device="cpu")
+
+
+def test_lr_schedule_one_cycle() -> None:
+    factors = [lr_factor(s, 100) for s in range(100)]
+    peak = factors.index(max(factors))
+    assert max(factors) == 1.0 and peak == 20
+    assert all(a < b for a, b in zip(factors[:peak], factors[1 : peak + 1]))  # rising
+    assert all(a > b for a, b in zip(factors[peak:], factors[peak + 1 :]))  # then falling
+    assert 0 < factors[-1] <= 0.02 and lr_factor(0, 1) == 1.0
+
+
+def test_empty_training_rejected() -> None:
+    with pytest.raises(ValueError, match="epochs=0"):
+        train(tiny_model(), toy_loader(), 0, device="cpu")

@@ -1,0 +1,330 @@
+"""CCAMerge drops bad replies (one log line naming node and reason) and keeps going."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fedcca.strategy as strategy_module
+from fedcca.protocol import STATISTICS_KEY
+from fedcca.strategy import CCAMerge
+from tests.flower_helpers import one_torch_thread  # noqa: F401 - autouse fixture
+from tests.flower_helpers import (
+    CALIBRATION,
+    MUTATIONS,
+    FakeGrid,
+    fedavg_app,
+    make_model,
+    stats_app,
+)
+
+GLOBAL = ArrayRecord(make_model(seed=1).state_dict())
+GOOD_NODES = (1, 2, 3)
+BAD_NODE = 4
+
+
+def _strategy(**kwargs: object) -> CCAMerge:
+    return CCAMerge(make_model, CALIBRATION, device="cpu", **kwargs)  # type: ignore[arg-type]
+
+
+def _mutating_app(mutate):  # noqa: ANN001, ANN202 - ClientApp-like callables
+    def app(message: Message, context: Context) -> Message:
+        reply = stats_app(message, context)
+        content = reply.content
+        mutate(content)
+        return Message(content, reply_to=message)
+
+    return app
+
+
+def _run_round(strategy: CCAMerge, grid: FakeGrid, replies_filter=None):  # noqa: ANN001, ANN202
+    messages = strategy.configure_train(1, GLOBAL, ConfigRecord(), grid)
+    replies = list(grid.send_and_receive(messages))
+    if replies_filter is not None:
+        replies = replies_filter(replies)
+    return replies, strategy.aggregate_train(1, replies)
+
+
+def _merge_of_good_nodes(replies: list[Message], **kwargs: object) -> dict[str, torch.Tensor]:
+    """What the round gives from the good nodes' replies alone."""
+    good = [r for r in replies if r.metadata.src_node_id in GOOD_NODES]
+    reference = _strategy(**kwargs)
+    reference.configure_train(1, GLOBAL, ConfigRecord(), FakeGrid({n: stats_app for n in GOOD_NODES}))
+    arrays, _ = reference.aggregate_train(1, good)
+    assert arrays is not None
+    return dict(arrays.to_torch_state_dict())
+
+
+def _assert_dropped(strategy: CCAMerge, caplog: pytest.LogCaptureFixture, node: int, words: str,
+                    result: tuple, replies: list[Message], **kwargs: object) -> None:
+    """``node`` alone was dropped, with ``words`` in its log line; the others were merged."""
+    entry = strategy.round_log[-1]
+    assert list(entry["dropped"]) == [node] and words in entry["dropped"][node]
+    lines = [r.getMessage() for r in caplog.records if f"node {node}:" in r.getMessage()]
+    assert len(lines) == 1 and words in lines[0]
+    arrays, metrics = result
+    assert arrays is not None and metrics is not None and not entry["skipped"]
+    expected = _merge_of_good_nodes(replies, **kwargs)
+    for key, value in arrays.to_torch_state_dict().items():
+        torch.testing.assert_close(value, expected[key], msg=key)
+
+
+def _grid_with_bad_node(bad_app, **kwargs) -> FakeGrid:  # noqa: ANN001
+    return FakeGrid({**{n: stats_app for n in GOOD_NODES}, BAD_NODE: bad_app}, **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(MUTATIONS))
+def test_malformed_reply_is_dropped_and_the_round_goes_on(
+    name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    mutate, words = MUTATIONS[name]
+    strategy = _strategy()
+    with caplog.at_level(logging.WARNING):
+        replies, result = _run_round(strategy, _grid_with_bad_node(_mutating_app(mutate)))
+    _assert_dropped(strategy, caplog, BAD_NODE, words, result, replies)
+
+
+def _crashing_app(message: Message, context: Context) -> Message:
+    raise RuntimeError("disk full")
+
+
+def test_error_reply_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    strategy = _strategy()
+    with caplog.at_level(logging.WARNING):
+        replies, result = _run_round(strategy, _grid_with_bad_node(_crashing_app))
+    _assert_dropped(strategy, caplog, BAD_NODE, "disk full", result, replies)
+    assert strategy.round_log[-1]["bytes_received"][BAD_NODE] == 0
+
+
+def test_dropout_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    strategy = _strategy()
+    with caplog.at_level(logging.WARNING):
+        replies, result = _run_round(strategy, _grid_with_bad_node(stats_app, silent=[BAD_NODE]))
+    _assert_dropped(strategy, caplog, BAD_NODE, "no reply", result, replies)
+
+
+def test_duplicate_reply_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    strategy = _strategy()
+    grid = FakeGrid({n: stats_app for n in GOOD_NODES})
+    with caplog.at_level(logging.WARNING):
+        replies, result = _run_round(strategy, grid, lambda rs: rs + rs[:1])
+    twice = replies[0].metadata.src_node_id
+    assert strategy.round_log[-1]["dropped"] == {twice: "duplicate reply from the same node"}
+    assert result[0] is not None and strategy.round_log[-1]["num_valid"] == 3
+
+
+def _scaled_app(factor: float):  # noqa: ANN202
+    def scale(content: RecordDict) -> None:
+        state = content["arrays"].to_torch_state_dict()
+        content["arrays"] = ArrayRecord({k: v * factor if v.is_floating_point() else v
+                                         for k, v in state.items()})
+        content.pop(STATISTICS_KEY, None)
+
+    return _mutating_app(scale)
+
+
+@pytest.mark.parametrize("center", ["median", "global"])
+def test_norm_screen_drops_a_far_model(center: str, caplog: pytest.LogCaptureFixture) -> None:
+    options = {"max_norm_ratio": 3.0, "norm_center": center}
+    strategy = _strategy(**options)
+    with caplog.at_level(logging.WARNING):
+        replies, result = _run_round(strategy, _grid_with_bad_node(_scaled_app(50.0)))
+    _assert_dropped(strategy, caplog, BAD_NODE, "median distance", result, replies, **options)
+    # Without the screen the same reply is merged.
+    unscreened = _strategy()
+    _run_round(unscreened, _grid_with_bad_node(_scaled_app(50.0)))
+    assert unscreened.round_log[-1]["dropped"] == {}
+
+
+@pytest.mark.parametrize("reference", ["global", "largest"])
+def test_model_with_non_finite_features_is_dropped(reference: str,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Finite weights can still overflow on the calibration data; the node with the
+    most examples (4) is then also the would-be reference."""
+    def overflow(content: RecordDict) -> None:
+        state = content["arrays"].to_torch_state_dict()
+        state["fc1.weight"] = torch.full_like(state["fc1.weight"], 3e38)
+        content["arrays"] = ArrayRecord(state)
+        content.pop(STATISTICS_KEY, None)
+
+    strategy = _strategy(reference=reference)
+    with caplog.at_level(logging.WARNING):
+        replies, result = _run_round(strategy, _grid_with_bad_node(_mutating_app(overflow)))
+    _assert_dropped(strategy, caplog, BAD_NODE, "statistics failed", result, replies,
+                    reference=reference)
+    if reference == "largest":
+        assert strategy.round_log[-1]["reference"] == 3
+
+
+def test_below_minimum_skips_the_round(caplog: pytest.LogCaptureFixture) -> None:
+    strategy = _strategy(min_train_nodes=3)
+    grid = FakeGrid({1: stats_app, 2: _crashing_app, 3: _mutating_app(MUTATIONS["NaN weight"][0])})
+    with caplog.at_level(logging.WARNING):
+        _, result = _run_round(strategy, grid)
+    assert result == (None, None)
+    entry = strategy.round_log[-1]
+    assert entry["skipped"] and "1 valid replies, min_train_nodes is 3" in entry["skip_reason"]
+    assert set(entry["dropped"]) == {2, 3}
+    assert any("round 1 skipped" in r.getMessage() for r in caplog.records)
+
+
+def _nan_merge(models, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    merged = make_model()
+    with torch.no_grad():
+        merged.fc3.weight.fill_(float("nan"))
+    return merged
+
+
+def _failing_merge(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    raise np.linalg.LinAlgError("SVD did not converge")
+
+
+@pytest.mark.parametrize(("fake_merge", "words"), [(_nan_merge, "non-finite values in ['fc3.weight']"),
+                                                   (_failing_merge, "SVD did not converge")])
+def test_a_bad_merge_skips_the_round(fake_merge, words: str,  # noqa: ANN001
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(strategy_module, "merge", fake_merge)
+    strategy = _strategy()
+    _, result = _run_round(strategy, FakeGrid({n: stats_app for n in GOOD_NODES}))
+    assert result == (None, None)
+    assert strategy.round_log[-1]["skipped"] and words in strategy.round_log[-1]["skip_reason"]
+
+
+@pytest.mark.parametrize("options", [{"method": "fedavg"}, {"reference": "best"}, {"stats": "both"},
+                                     {"max_norm_ratio": 0.0}, {"norm_center": "mean"}])
+def test_bad_configuration_raises(options: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(options))):
+        _strategy(**options)
+
+
+def test_calibration_that_does_not_fit_the_model_raises() -> None:
+    with pytest.raises(ValueError, match="calibration"):
+        CCAMerge(make_model, torch.randn(8, 5))
+
+
+def test_aggregate_without_configure_train_raises_for_global_reference() -> None:
+    grid = FakeGrid({n: fedavg_app for n in GOOD_NODES})
+    replies = list(grid.send_and_receive(_strategy().configure_train(1, GLOBAL, ConfigRecord(), grid)))
+    with pytest.raises(RuntimeError, match="configure_train"):
+        _strategy().aggregate_train(1, replies)
+    assert _strategy(reference="first").aggregate_train(1, replies)[0] is not None
+
+
+def test_bad_evaluate_reply_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    grid = FakeGrid({n: stats_app for n in GOOD_NODES})
+    messages = list(_strategy().configure_evaluate(1, GLOBAL, ConfigRecord(), grid))
+    replies = list(grid.send_and_receive(messages))
+    replies[0].content["metrics"]["num-examples"] = -1
+    with caplog.at_level(logging.WARNING):
+        metrics = _strategy().aggregate_evaluate(1, replies)
+    losses = [r.content["metrics"]["eval-loss"] for r in replies[1:]]
+    sizes = [r.content["metrics"]["num-examples"] for r in replies[1:]]
+    assert metrics is not None
+    assert metrics["eval-loss"] == pytest.approx(np.average(losses, weights=sizes))
+    assert any(f"node {replies[0].metadata.src_node_id}:" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------- property-based
+
+_FLOAT_KEYS = [k for k, v in make_model().state_dict().items() if v.is_floating_point()]
+_RECORD_EDITS = ["drop arrays", "drop metrics", "drop statistics", "extra array", "extra metrics"]
+
+
+@st.composite
+def _damage(draw: st.DrawFn) -> dict:
+    """A random set of edits to one reply."""
+    return {
+        "records": draw(st.sets(st.sampled_from(_RECORD_EDITS), max_size=2)),
+        "reshape": draw(st.none() | st.tuples(st.sampled_from(_FLOAT_KEYS),
+                                              st.lists(st.integers(1, 4), min_size=1, max_size=3))),
+        "poison": draw(st.none() | st.tuples(st.sampled_from(_FLOAT_KEYS),
+                                             st.sampled_from([math.nan, math.inf, -math.inf]))),
+        "num_examples": draw(st.none() | st.integers(-3, 100) | st.floats(allow_nan=True)
+                             | st.lists(st.integers(1, 5), min_size=1, max_size=2)),
+    }
+
+
+def _apply(content: RecordDict, damage: dict) -> None:
+    records = damage["records"]
+    for name, key in (("drop arrays", "arrays"), ("drop metrics", "metrics"),
+                      ("drop statistics", STATISTICS_KEY)):
+        if name in records:
+            del content[key]
+    if "extra array" in records:
+        content["extra"] = ArrayRecord()
+    if "extra metrics" in records:
+        content["extra-metrics"] = MetricRecord({"num-examples": 1})
+    if "arrays" in content:
+        state = dict(content["arrays"].to_torch_state_dict())
+        if damage["reshape"] is not None:
+            key, shape = damage["reshape"]
+            state[key] = torch.zeros(shape)
+        if damage["poison"] is not None:
+            key, value = damage["poison"]
+            poisoned = state[key].clone()
+            poisoned.view(-1)[0] = value
+            state[key] = poisoned
+        content["arrays"] = ArrayRecord(state)
+    if "metrics" in content and damage["num_examples"] is not None:
+        content["metrics"]["num-examples"] = damage["num_examples"]
+
+
+def _is_valid(damage: dict) -> bool:
+    """The oracle: which damaged replies must survive (removing statistics is harmless)."""
+    records, n = damage["records"], damage["num_examples"]
+    # Dropping "metrics" and adding "extra-metrics" leaves one valid MetricRecord.
+    swapped = records == {"drop metrics", "extra metrics"}
+    good_weight = swapped or n is None or (isinstance(n, (int, float)) and math.isfinite(n) and n > 0)
+    template = make_model().state_dict()
+    reshaped = damage["reshape"] is not None and tuple(damage["reshape"][1]) != tuple(
+        template[damage["reshape"][0]].shape)
+    return (good_weight and not reshaped and damage["poison"] is None
+            and (swapped or not records - {"drop statistics"}))
+
+
+@functools.cache
+def _clean_round() -> tuple[dict[int, Message], dict[int, Message]]:
+    """Train instructions and clean replies of nodes 1-4, computed once (copied per example)."""
+    grid = FakeGrid({n: stats_app for n in range(1, 5)})
+    instructions = {m.metadata.dst_node_id: m
+                    for m in _strategy().configure_train(1, GLOBAL, ConfigRecord(), grid)}
+    return instructions, {r.metadata.src_node_id: r for r in grid.send_and_receive(instructions.values())}
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(damages=st.lists(_damage(), min_size=4, max_size=4))
+def test_random_malformed_replies_give_none_or_the_merge_of_the_valid_ones(damages: list[dict]) -> None:
+    instructions, clean = _clean_round()
+    damaged, survivors = [], []
+    for node, damage in zip(sorted(clean), damages, strict=True):
+        content = copy.deepcopy(clean[node].content)
+        _apply(content, damage)
+        damaged.append(Message(content, reply_to=instructions[node]))
+        if _is_valid(damage):
+            survivors.append(damaged[-1])
+    strategy, oracle = _strategy(), _strategy()
+    grid = FakeGrid({n: stats_app for n in clean})
+    for each in (strategy, oracle):
+        each.configure_train(1, GLOBAL, ConfigRecord(), grid)
+    arrays, _ = strategy.aggregate_train(1, damaged)
+    entry = strategy.round_log[-1]
+    assert set(entry["dropped"]) == set(clean) - {m.metadata.src_node_id for m in survivors}
+    if len(survivors) < strategy.min_train_nodes:
+        assert arrays is None and entry["skipped"]
+        return
+    assert arrays is not None
+    merged = arrays.to_torch_state_dict()
+    assert all(torch.isfinite(v.double()).all() for v in merged.values())
+    expected, _ = oracle.aggregate_train(1, survivors)
+    assert expected is not None
+    for key, value in expected.to_torch_state_dict().items():
+        torch.testing.assert_close(merged[key], value, msg=key)
