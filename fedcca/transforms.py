@@ -15,6 +15,7 @@ import logging
 from collections.abc import Mapping
 
 import numpy as np
+import scipy.linalg
 import torch
 from scipy.optimize import linear_sum_assignment
 
@@ -180,43 +181,45 @@ def _cca(stats: PairStatistics, ridge: float, point: str) -> tuple[Transform, to
         logger.warning("point '%s': %d samples for %d features, the covariances are singular; "
                        "CCA relies on the ridge (%g)", point, stats.count, n, ridge)
     dead_a, dead_b = _dead_features(stats, c_aa.diagonal(), c_bb.diagonal(), point)
-    scale_a, root_a, inv_root_a = _whitening(c_aa, dead_a, ridge, point, "reference")
-    scale_b, root_b, inv_root_b = _whitening(c_bb, dead_b, ridge, point, "model")
-    corr_ab = c_ab / torch.outer(scale_a, scale_b)
+    # numpy/scipy from here: LAPACK via scipy is several times faster than torch's on CPU.
+    dead_a, dead_b = dead_a.numpy(), dead_b.numpy()
+    scale_a, root_a, inv_root_a = _whitening(c_aa.numpy(), dead_a, ridge, point, "reference")
+    scale_b, root_b, inv_root_b = _whitening(c_bb.numpy(), dead_b, ridge, point, "model")
+    corr_ab = c_ab.numpy() / np.outer(scale_a, scale_b)
     corr_ab[dead_a, :] = 0.0
     corr_ab[:, dead_b] = 0.0
     # Dead features carry no information: pair them dead-to-dead (k-th with k-th) so the
     # polar factor is unique there, and a dead ReLU unit is not mixed into others.
     paired = min(int(dead_a.sum()), int(dead_b.sum()))
-    dead_rows, dead_cols = dead_a.nonzero()[:paired, 0], dead_b.nonzero()[:paired, 0]
-    corr_ab[dead_rows, dead_cols] = 1.0
-    u, singular, vh = torch.linalg.svd(inv_root_a @ corr_ab @ inv_root_b)
+    corr_ab[np.flatnonzero(dead_a)[:paired], np.flatnonzero(dead_b)[:paired]] = 1.0
+    u, singular, vh = scipy.linalg.svd(inv_root_a @ corr_ab @ inv_root_b)
     polar = u @ vh
     # C = D R D with D = diag(scale), R a correlation matrix; whitening by (D R^1/2)^-1.
     matrix = (scale_a[:, None] * root_a) @ polar @ (inv_root_b / scale_b[None, :])
     inverse = (scale_b[:, None] * root_b) @ polar.T @ (inv_root_a / scale_a[None, :])
-    return Transform(matrix=matrix, inverse=inverse), singular
+    return (Transform(matrix=torch.from_numpy(matrix), inverse=torch.from_numpy(inverse)),
+            torch.from_numpy(singular))
 
 
-def _whitening(cov: torch.Tensor, dead: torch.Tensor, ridge: float, point: str,
-               side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _whitening(cov: np.ndarray, dead: np.ndarray, ridge: float, point: str,
+               side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(d, R^1/2, R^-1/2)`` with ``C + ridge*diag(C) = diag(d) R diag(d)``, dead features decoupled."""
-    cov = cov.clone()
+    cov = cov.copy()
     cov[dead, :] = 0.0
     cov[:, dead] = 0.0
     variance = cov.diagonal() * (1.0 + ridge)
     live = variance[~dead]
     # Dead features get the mean live variance: T stays O(1) on them.
-    variance[dead] = live.mean() if live.numel() else 1.0
-    scale = variance.sqrt()
-    corr = cov / torch.outer(scale, scale)
-    corr.diagonal().copy_(torch.ones(len(scale), dtype=torch.float64))
-    eigenvalues, vectors = torch.linalg.eigh(corr)
+    variance[dead] = live.mean() if live.size else 1.0
+    scale = np.sqrt(variance)
+    corr = cov / np.outer(scale, scale)
+    np.fill_diagonal(corr, 1.0)
+    eigenvalues, vectors = scipy.linalg.eigh(corr)
     if eigenvalues[0] <= 1e-12 * len(scale):
         raise ValueError(f"point '{point}': the {side}'s feature covariance is singular "
                          f"(fewer samples than features, or collinear features); use ridge > 0")
-    root = (vectors * eigenvalues.sqrt()) @ vectors.T
-    inv_root = (vectors * eigenvalues.rsqrt()) @ vectors.T
+    root = (vectors * np.sqrt(eigenvalues)) @ vectors.T
+    inv_root = (vectors / np.sqrt(eigenvalues)) @ vectors.T
     return scale, root, inv_root
 
 
