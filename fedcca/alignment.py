@@ -6,33 +6,34 @@ by several layers). For each point the spec names the modules whose output carri
 feature (``taps``, where statistics are collected) and every parameter axis indexed by it
 (``axes``): producers, consumers and BatchNorm vectors. Generic algorithms — statistics,
 transforms, weight matching, applying a transform — work over this description alone, in
-the spirit of Git Re-Basin's ``PermutationSpec``.
+the spirit of Git Re-Basin's ``PermutationSpec``; nothing walks the module graph.
 
 Convention: a :class:`Transform` ``T`` for model B at a point maps B's features into the
 reference's coordinates, ``f_ref ≈ T f_B``. Applying it rewrites B's parameters so that B's
-feature at the point becomes ``T f_B`` while the function is kept wherever ``T`` commutes
-with the nonlinearity (exactly so for positive scaled permutations and ReLU).
+feature at the point becomes ``T f_B``; the function is kept wherever ``T`` commutes with
+the nonlinearity (exactly so for positive scaled permutations and ReLU, up to BatchNorm's
+``eps``, which the ``"var"`` role cannot rescale).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 Role = Literal["out", "in", "var"]
-ROLES: tuple[str, ...] = ("out", "in", "var")
+ROLES: tuple[str, ...] = get_args(Role)
 
-# Layers whose parameters must be described by a spec; anything else with parameters is
-# unknown to the library and reported, never silently left unaligned.
+# Layers whose tensors a spec can describe. Any other layer with float parameters or buffers
+# is refused: a general T cannot be pushed through e.g. LayerNorm or a grouped conv.
 _KNOWN_LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 class UnsupportedModelError(ValueError):
-    """The library cannot describe (or the spec does not match) a model's structure."""
+    """The library cannot describe a model's structure, or a spec does not match the model."""
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,19 @@ class Transform:
     """An invertible linear map of one point's features, with its inverse.
 
     Args:
-        matrix: ``T``, shape ``[n, n]``, float64; maps model features to reference coordinates.
+        matrix: ``T``, shape ``[n, n]``, float64; maps a model's features to reference coordinates.
         inverse: ``T^-1``, shape ``[n, n]``, float64 (closed form where the method knows it).
     """
 
     matrix: torch.Tensor
     inverse: torch.Tensor
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.matrix.shape)
+        if len(shape) != 2 or shape[0] != shape[1] or tuple(self.inverse.shape) != shape:
+            raise ValueError(
+                f"Transform: matrix {shape} and inverse {tuple(self.inverse.shape)} must be the same square shape"
+            )
 
     @property
     def size(self) -> int:
@@ -61,9 +69,11 @@ class ParamAxis:
         key: The ``state_dict`` key.
         axis: The tensor axis indexed by the point's features.
         role: ``"out"``: ``x <- T x`` along the axis (producing weights and biases,
-            BatchNorm weight/bias/running_mean). ``"in"``: ``x <- x T^-1`` along the axis
-            (consuming weights). ``"var"``: ``x <- (T*T) x`` along the axis (BatchNorm
-            running_var: exact for scaled permutations and never negative).
+            BatchNorm weight/bias/running_mean). ``"in"``: ``x <- x T^-1`` along the axis,
+            ``new[.., j, ..] = sum_i x[.., i, ..] Tinv[i, j]`` (consuming weights).
+            ``"var"``: ``x <- (T*T) x`` along the axis (BatchNorm running_var: exact for
+            scaled permutations and never negative; for a dense ``T`` an approximation that
+            the inverse transform does not undo — recompute BatchNorm statistics after).
     """
 
     key: str
@@ -73,14 +83,16 @@ class ParamAxis:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"ParamAxis {self.key!r}: role {self.role!r} is not one of {ROLES}")
+        if self.axis < 0:
+            raise ValueError(f"ParamAxis {self.key!r}: axis must be >= 0, got {self.axis}")
 
 
 @dataclass(frozen=True)
 class AlignmentPoint:
-    """A feature space inside the network that can be aligned as one unit.
+    """A feature space inside the network that is aligned as one unit.
 
     Args:
-        name: Unique name, e.g. ``"conv1"`` or ``"stage2"``.
+        name: Unique name, e.g. ``"features.0"`` or ``"layer2"``.
         size: Number of features ``n`` (channels).
         taps: Names (as in ``model.named_modules()``) of the modules whose output is this
             feature, channels on dim 1; with several taps their statistics are summed.
@@ -99,7 +111,7 @@ class AlignmentSpec:
 
     Args:
         points: The alignment points, in forward order.
-        fixed: ``(key, axis)`` pairs that legitimately belong to no point: the input channels
+        fixed: ``(key, axis)`` pairs that belong to no point on purpose: the input channels
             of the first layer and the outputs of the classifier.
     """
 
@@ -107,7 +119,7 @@ class AlignmentSpec:
     fixed: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
-        names = [p.name for p in self.points]
+        names = self.names()
         if len(set(names)) != len(names):
             raise ValueError(f"AlignmentSpec: duplicate point names in {names}")
 
@@ -125,78 +137,154 @@ class AlignmentSpec:
     def validate(self, model: nn.Module) -> None:
         """Check that this spec describes ``model`` completely and consistently.
 
+        Every tap must be a module, every key a state-dict entry whose axis has the point's
+        size, no axis may belong to two points, and every axis of every Conv2d/Linear/
+        BatchNorm tensor must belong to a point or be ``fixed``.
+
+        Args:
+            model: The model the spec claims to describe.
+
         Raises:
-            UnsupportedModelError: naming the point and key of any missing key or tap, any
-                axis whose length differs from the point's size, any layer of a type the
-                library cannot align, and any parameter axis the spec does not cover.
+            UnsupportedModelError: naming the point and key, or the layer, that is wrong.
         """
         state = model.state_dict()
         modules = dict(model.named_modules())
-        covered: set[tuple[str, int]] = set(self.fixed)
+        owner: dict[tuple[str, int], str] = {}
         for p in self.points:
-            for tap in p.taps:
-                if tap not in modules:
-                    raise UnsupportedModelError(f"point {p.name!r}: tap {tap!r} is not a module of the model")
+            _check_point(p, state, modules)
             for ax in p.axes:
-                if ax.key not in state:
-                    raise UnsupportedModelError(f"point {p.name!r}: key {ax.key!r} is not in the state dict")
-                shape = tuple(state[ax.key].shape)
-                if ax.axis >= len(shape) or shape[ax.axis] != p.size:
-                    raise UnsupportedModelError(
-                        f"point {p.name!r}: {ax.key!r} has shape {shape}, axis {ax.axis} "
-                        f"does not have the point's size {p.size}"
-                    )
-                covered.add((ax.key, ax.axis))
-        for module_name, module in modules.items():
-            own = list(module.named_parameters(recurse=False))
-            if own and not isinstance(module, _KNOWN_LAYERS):
+                _claim(owner, (ax.key, ax.axis), f"point {p.name!r}")
+        for key, axis in self.fixed:
+            if key not in state:
+                raise UnsupportedModelError(f"fixed axis: key {key!r} is not in the state dict")
+            _claim(owner, (key, axis), "the fixed axes")
+        for name, module in modules.items():
+            _check_layer_covered(name, module, state, owner)
+
+
+def _check_point(p: AlignmentPoint, state: Mapping[str, torch.Tensor], modules: Mapping[str, nn.Module]) -> None:
+    """Taps and keys of one point exist and every axis has the point's size."""
+    if not p.taps or not p.axes:
+        raise UnsupportedModelError(f"point {p.name!r} needs at least one tap and one axis")
+    for tap in p.taps:
+        if tap not in modules:
+            raise UnsupportedModelError(f"point {p.name!r}: tap {tap!r} is not a module of the model")
+    for ax in p.axes:
+        if ax.key not in state:
+            raise UnsupportedModelError(f"point {p.name!r}: key {ax.key!r} is not in the state dict")
+        shape = tuple(state[ax.key].shape)
+        if ax.axis >= len(shape) or shape[ax.axis] != p.size:
+            raise UnsupportedModelError(
+                f"point {p.name!r}: {ax.key!r} has shape {shape}; its axis {ax.axis} should have "
+                f"the point's size {p.size}"
+            )
+
+
+def _claim(owner: dict[tuple[str, int], str], slot: tuple[str, int], who: str) -> None:
+    """Record that ``who`` transforms ``slot``; an axis transformed twice is an error."""
+    if slot in owner:
+        raise UnsupportedModelError(f"{who}: axis {slot[1]} of {slot[0]!r} is already claimed by {owner[slot]}")
+    owner[slot] = who
+
+
+def _own_tensors(name: str, module: nn.Module, state: Mapping[str, torch.Tensor]) -> Iterator[str]:
+    """State-dict keys of ``module``'s own floating-point parameters and buffers."""
+    for local, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        key = f"{name}.{local}" if name else local
+        if key in state and tensor.is_floating_point():
+            yield key
+
+
+def _check_layer_covered(
+    name: str, module: nn.Module, state: Mapping[str, torch.Tensor], owner: Mapping[tuple[str, int], str]
+) -> None:
+    """A layer with float tensors is of a known type and the spec covers all of its feature axes."""
+    keys = list(_own_tensors(name, module, state))
+    if not keys:
+        return
+    kind = type(module).__name__
+    if not isinstance(module, _KNOWN_LAYERS):
+        raise UnsupportedModelError(
+            f"layer {name!r} ({kind}) has parameters or buffers but fedcca can only align "
+            f"{', '.join(t.__name__ for t in _KNOWN_LAYERS)}"
+        )
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        raise UnsupportedModelError(f"layer {name!r} ({kind}) is a grouped conv (groups={module.groups}); "
+                                    "a general transform cannot be applied to it")
+    for key in keys:
+        # Weights are indexed by features on their output and input axes (0, 1); biases and
+        # BatchNorm vectors on axis 0 only.
+        for axis in range(min(state[key].dim(), 2)):
+            if (key, axis) not in owner:
                 raise UnsupportedModelError(
-                    f"layer {module_name!r} ({type(module).__name__}) has parameters but fedcca "
-                    "cannot align layers of this type"
+                    f"layer {name!r} ({kind}): axis {axis} of {key!r} belongs to no alignment point "
+                    "and is not fixed; the spec does not describe this layer"
                 )
-            for param_name, tensor in own:
-                key = f"{module_name}.{param_name}" if module_name else param_name
-                # Weights are indexed by features on their output and input axes; biases
-                # and BatchNorm vectors on axis 0 only.
-                for axis in range(min(tensor.dim(), 2)):
-                    if (key, axis) not in covered:
-                        raise UnsupportedModelError(
-                            f"layer {module_name!r} ({type(module).__name__}): axis {axis} of "
-                            f"{key!r} is covered by no alignment point (the spec does not describe this layer)"
-                        )
+
+
+def _first_layer_without_description(model: nn.Module) -> str:
+    """The first layer fedcca cannot describe: of an unknown type if any, else the first with tensors."""
+    state = model.state_dict()
+    layers = [(n, m) for n, m in model.named_modules() if list(_own_tensors(n, m, state))]
+    unknown = [(n, m) for n, m in layers if not isinstance(m, _KNOWN_LAYERS)]
+    if unknown:
+        n, m = unknown[0]
+        return f"layer {n!r} ({type(m).__name__}) is of a type fedcca cannot align"
+    if layers:
+        n, m = layers[0]
+        return (f"layer {n!r} ({type(m).__name__}) is the first layer it cannot describe "
+                "(fedcca does not guess how layers connect)")
+    return "it has no layers with parameters"
 
 
 def spec_for(model: nn.Module) -> AlignmentSpec:
     """Return the validated alignment spec of ``model``.
 
     Models describe themselves through an ``alignment_spec()`` method (all of
-    :mod:`fedcca.models` do). Anything else is refused with a message naming the model type
-    and its first layer, since aligning it by guesswork would silently be wrong.
+    :mod:`fedcca.models` do). Anything else is refused, naming the model type and the first
+    layer that cannot be described, since aligning by guesswork would silently be wrong.
+
+    Args:
+        model: The model to describe.
 
     Raises:
         UnsupportedModelError: when the model has no spec or the spec does not match it.
     """
     describe = getattr(model, "alignment_spec", None)
     if not callable(describe):
-        first = next(
-            (f"{n!r} ({type(m).__name__})" for n, m in model.named_modules() if n and list(m.parameters(False))),
-            "none",
-        )
         raise UnsupportedModelError(
-            f"model type {type(model).__name__} has no alignment spec (first layer with parameters: "
-            f"{first}); use a model from fedcca.build_model or give the model an "
-            "alignment_spec() method returning a fedcca.AlignmentSpec"
+            f"model type {type(model).__name__} has no alignment spec; {_first_layer_without_description(model)}. "
+            "Use a model from fedcca.models.build_model or give the model an alignment_spec() method "
+            "returning a fedcca.alignment.AlignmentSpec"
         )
     spec = describe()
+    if not isinstance(spec, AlignmentSpec):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}.alignment_spec() returned {type(spec).__name__}, not an AlignmentSpec"
+        )
     spec.validate(model)
     return spec
 
 
-def _apply_along(tensor: torch.Tensor, matrix: torch.Tensor, axis: int) -> torch.Tensor:
+def _along(tensor: torch.Tensor, matrix: torch.Tensor, axis: int) -> torch.Tensor:
     """``new[.., i, ..] = sum_j matrix[i, j] tensor[.., j, ..]`` along ``axis``."""
-    moved = tensor.movedim(axis, 0)
-    out = torch.tensordot(matrix, moved, dims=([1], [0]))
-    return out.movedim(0, axis)
+    nonzero = matrix != 0
+    if bool((nonzero.sum(0) == 1).all()) and bool((nonzero.sum(1) == 1).all()):
+        # A scaled permutation (Permute, weight matching, random symmetries): the row's one
+        # term, gathered in O(numel) instead of a dense product; the same values exactly.
+        source = nonzero.to(torch.float64).argmax(1)
+        scale = matrix.gather(1, source[:, None]).reshape([-1 if d == axis else 1 for d in range(tensor.dim())])
+        return tensor.index_select(axis, source) * scale
+    return torch.tensordot(matrix, tensor.movedim(axis, 0), dims=([1], [0])).movedim(0, axis)
+
+
+def _role_matrix(t: Transform, role: Role, like: torch.Tensor) -> torch.Tensor:
+    """The matrix applied along the axis for ``role``, as float64 on ``like``'s device."""
+    if role == "out":
+        return t.matrix.to(like)
+    if role == "var":
+        return t.matrix.to(like).square()
+    return t.inverse.to(like).T  # "in": x T^-1 along the axis is (T^-1)^T applied along it
 
 
 def apply_transforms(
@@ -204,7 +292,7 @@ def apply_transforms(
     spec: AlignmentSpec,
     transforms: Mapping[str, Transform],
 ) -> dict[str, torch.Tensor]:
-    """Rewrite a model's parameters so that its features at each point become ``T f``.
+    """Rewrite a model's parameters so that its feature at each point becomes ``T f``.
 
     Args:
         state_dict: The model's state dict; it is not modified.
@@ -212,29 +300,42 @@ def apply_transforms(
         transforms: Point name -> :class:`Transform`; points absent are left unchanged.
 
     Returns:
-        A new state dict. Arithmetic is in float64 and every tensor keeps its dtype;
-        integer buffers (``num_batches_tracked``) are copied.
+        A new state dict (no tensor shared with the input). Arithmetic is in float64, every
+        tensor keeps its dtype and device; integer buffers (``num_batches_tracked``) are copied.
+
+    Raises:
+        KeyError: a transform names a point the spec does not have.
+        ValueError: a transform's size differs from its point's or it is not finite.
+        UnsupportedModelError: a spec key is missing from the state dict or has the wrong size.
     """
-    unknown = set(transforms) - set(spec.names())
+    unknown = sorted(set(transforms) - set(spec.names()))
     if unknown:
-        raise KeyError(f"transforms for unknown points {sorted(unknown)}; the spec has {spec.names()}")
-    work = {k: v.detach().to(torch.float64) if v.is_floating_point() else v.detach().clone() for k, v in state_dict.items()}
+        raise KeyError(f"transforms for unknown points {unknown}; the spec has {spec.names()}")
+    work: dict[str, torch.Tensor] = {}  # float64 copies of the tensors touched so far
     for point in spec.points:
         t = transforms.get(point.name)
         if t is None:
             continue
-        if t.matrix.shape != (point.size, point.size):
-            raise ValueError(f"point {point.name!r}: transform of shape {tuple(t.matrix.shape)}, expected {(point.size, point.size)}")
+        if t.size != point.size:
+            raise ValueError(f"point {point.name!r}: transform of size {t.size}, the point has {point.size}")
+        if not (torch.isfinite(t.matrix).all() and torch.isfinite(t.inverse).all()):
+            raise ValueError(f"point {point.name!r}: the transform is not finite")
         for ax in point.axes:
-            x = work[ax.key]
-            if ax.role == "out":
-                m = t.matrix.to(x)
-            elif ax.role == "var":
-                m = t.matrix.to(x).square()
-            else:  # "in": x T^-1 along the axis == (T^-1)^T applied along it
-                m = t.inverse.to(x).T
-            work[ax.key] = _apply_along(x, m, ax.axis)
-    return {k: work[k].to(v.dtype) if v.is_floating_point() else work[k] for k, v in state_dict.items()}
+            if ax.key not in state_dict:
+                raise UnsupportedModelError(f"point {point.name!r}: key {ax.key!r} is not in the state dict")
+            x = work.get(ax.key)
+            if x is None:
+                x = state_dict[ax.key].detach().to(torch.float64)
+            if ax.axis >= x.dim() or x.shape[ax.axis] != point.size:
+                raise UnsupportedModelError(
+                    f"point {point.name!r}: {ax.key!r} has shape {tuple(x.shape)}; axis {ax.axis} "
+                    f"should have size {point.size}"
+                )
+            work[ax.key] = _along(x, _role_matrix(t, ax.role, x), ax.axis)
+    return {
+        k: work[k].to(v.dtype) if k in work else v.detach().clone()
+        for k, v in state_dict.items()
+    }
 
 
 def random_symmetry(
@@ -244,21 +345,21 @@ def random_symmetry(
 ) -> dict[str, Transform]:
     """Draw a random positive scaled permutation ``T = D P`` for every point.
 
-    Such transforms commute with ReLU, so applying them preserves the network's function;
-    tests use them to build models whose exact alignment is known.
+    Such transforms commute with ReLU, so applying them keeps the network's function; tests
+    use them to build models whose exact alignment is known.
 
     Args:
         spec: The model's alignment spec.
-        generator: Source of randomness.
-        scale_range: Range of the positive diagonal scales.
+        generator: Source of randomness (CPU).
+        scale_range: ``(low, high)`` of the positive diagonal ``D``, ``0 < low <= high``.
     """
     low, high = scale_range
+    if not 0 < low <= high:
+        raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
     out: dict[str, Transform] = {}
     for p in spec.points:
-        perm = torch.randperm(p.size, generator=generator)
+        perm = torch.eye(p.size, dtype=torch.float64)[torch.randperm(p.size, generator=generator)]
         scale = low + (high - low) * torch.rand(p.size, generator=generator, dtype=torch.float64)
-        eye = torch.eye(p.size, dtype=torch.float64)
-        matrix = scale[:, None] * eye[perm]
-        inverse = eye[perm].T / scale[None, :]
-        out[p.name] = Transform(matrix, inverse)
+        # (D P)^-1 = P^T D^-1: columns of P^T divided by the scales.
+        out[p.name] = Transform(matrix=scale[:, None] * perm, inverse=perm.T / scale[None, :])
     return out

@@ -2,13 +2,14 @@
 
 ``build_model(name, num_classes, in_channels, width)`` builds one of :data:`MODEL_NAMES`.
 Every model has an ``alignment_spec()`` method returning an
-:class:`~fedcca.alignment.AlignmentSpec`. ReLUs are separate, named, non-inplace modules so
-that forward hooks can tap the features they output.
+:class:`~fedcca.alignment.AlignmentSpec` written as data from the model's own layout. ReLUs
+are separate, named, non-inplace modules so that forward hooks can tap the features they
+output.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
@@ -16,28 +17,31 @@ from fedcca.alignment import AlignmentPoint, AlignmentSpec, ParamAxis
 
 MODEL_NAMES: tuple[str, ...] = ("cnn", "vgg11", "vgg11_bn", "resnet20")
 
+_CNN_LAYOUT: tuple[int | str, ...] = (32, "M", 64, "M", 128)
 _VGG11_LAYOUT: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+_RESNET20_WIDTHS: tuple[int, ...] = (16, 32, 64)
+_BLOCKS_PER_STAGE = 3
 
 
-def _bn_axes(prefix: str) -> tuple[ParamAxis, ...]:
-    """Axes of a BatchNorm whose output is a point's feature (or feeds it, per channel)."""
-    return (
-        ParamAxis(f"{prefix}.weight", 0, "out"),
-        ParamAxis(f"{prefix}.bias", 0, "out"),
-        ParamAxis(f"{prefix}.running_mean", 0, "out"),
-        ParamAxis(f"{prefix}.running_var", 0, "var"),
-    )
+def _producer(layer: str, bias: bool = False, bn: str | None = None) -> tuple[ParamAxis, ...]:
+    """Output-side axes of a conv/linear ``layer`` and of the BatchNorm ``bn`` right after it."""
+    axes = [ParamAxis(f"{layer}.weight", 0, "out")]
+    if bias:
+        axes.append(ParamAxis(f"{layer}.bias", 0, "out"))
+    if bn is not None:
+        axes += [ParamAxis(f"{bn}.{name}", 0, "out") for name in ("weight", "bias", "running_mean")]
+        axes.append(ParamAxis(f"{bn}.running_var", 0, "var"))
+    return tuple(axes)
 
 
-def _conv_out(prefix: str, bias: bool) -> tuple[ParamAxis, ...]:
-    """Output-side axes of a conv or linear layer."""
-    axes = (ParamAxis(f"{prefix}.weight", 0, "out"),)
-    return axes + ((ParamAxis(f"{prefix}.bias", 0, "out"),) if bias else ())
+def _consumer(layer: str) -> ParamAxis:
+    """Input-side axis of a conv/linear ``layer``."""
+    return ParamAxis(f"{layer}.weight", 1, "in")
 
 
-def _conv_in(prefix: str) -> ParamAxis:
-    """Input-side axis of a conv or linear layer."""
-    return ParamAxis(f"{prefix}.weight", 1, "in")
+def _classifier_fixed(first_conv: str, classifier: str) -> tuple[tuple[str, int], ...]:
+    """The never-aligned axes: the stem's input channels and the classifier's outputs."""
+    return ((f"{first_conv}.weight", 1), (f"{classifier}.weight", 0), (f"{classifier}.bias", 0))
 
 
 @dataclass(frozen=True)
@@ -50,42 +54,36 @@ class _ChainLayer:
     channels: int
 
 
-def _chain_spec(layers: list[_ChainLayer], classifier: str) -> AlignmentSpec:
-    """Spec of a chain conv(+BN)->ReLU->...->pool->classifier: one point per layer."""
-    points = []
-    for i, layer in enumerate(layers):
-        consumer = layers[i + 1].conv if i + 1 < len(layers) else classifier
-        axes = _conv_out(layer.conv, bias=layer.bn is None)
-        if layer.bn is not None:
-            axes += _bn_axes(layer.bn)
-        points.append(AlignmentPoint(layer.conv, layer.channels, (layer.relu,), axes + (_conv_in(consumer),)))
-    fixed = ((f"{layers[0].conv}.weight", 1), (f"{classifier}.weight", 0), (f"{classifier}.bias", 0))
-    return AlignmentSpec(tuple(points), fixed)
-
-
 class _ChainNet(nn.Module):
-    """conv(+BN)+ReLU layers with optional max-pools, global average pool, linear classifier."""
+    """conv(+BN)+ReLU layers with max-pools between, global average pool, linear classifier.
+
+    Args:
+        layout: Channel counts of the conv layers, ``"M"`` for a 2x2 max-pool.
+        in_channels: Input channels.
+        num_classes: Number of output classes.
+        batch_norm: Insert BatchNorm after every conv (the conv then has no bias).
+    """
 
     def __init__(self, layout: tuple[int | str, ...], in_channels: int, num_classes: int, batch_norm: bool) -> None:
         super().__init__()
         self.features = nn.Sequential()
-        self._layers: list[_ChainLayer] = []
+        layers: list[_ChainLayer] = []
         channels = in_channels
         for item in layout:
-            idx = len(self.features)
             if item == "M":
-                # ceil_mode keeps 28x28 inputs alive through VGG's five pools.
+                # ceil_mode keeps 28x28 inputs alive through VGG's five pools (28-14-7-4-2-1).
                 self.features.append(nn.MaxPool2d(2, ceil_mode=True))
                 continue
-            assert isinstance(item, int)
-            self.features.append(nn.Conv2d(channels, item, 3, padding=1, bias=not batch_norm))
+            conv = f"features.{len(self.features)}"
+            self.features.append(nn.Conv2d(channels, int(item), 3, padding=1, bias=not batch_norm))
             bn = None
             if batch_norm:
-                self.features.append(nn.BatchNorm2d(item))
-                bn = f"features.{idx + 1}"
+                bn = f"features.{len(self.features)}"
+                self.features.append(nn.BatchNorm2d(int(item)))
+            layers.append(_ChainLayer(conv, bn, f"features.{len(self.features)}", int(item)))
             self.features.append(nn.ReLU())
-            self._layers.append(_ChainLayer(f"features.{idx}", bn, f"features.{len(self.features) - 1}", item))
-            channels = item
+            channels = int(item)
+        self._layers = tuple(layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(channels, num_classes)
         for m in self.features:
@@ -96,15 +94,25 @@ class _ChainNet(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[N, num_classes]`` for images ``[N, C, H, W]``."""
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
     def alignment_spec(self) -> AlignmentSpec:
-        """One point per conv layer, tapped at its ReLU."""
-        return _chain_spec(self._layers, "classifier")
+        """One point per conv layer (named after the conv), tapped at its ReLU; the next conv
+        (or the classifier) consumes it."""
+        consumers = [layer.conv for layer in self._layers[1:]] + ["classifier"]
+        points = tuple(
+            AlignmentPoint(
+                layer.conv, layer.channels, (layer.relu,),
+                (*_producer(layer.conv, bias=layer.bn is None, bn=layer.bn), _consumer(consumer)),
+            )
+            for layer, consumer in zip(self._layers, consumers)
+        )
+        return AlignmentSpec(points, _classifier_fixed(self._layers[0].conv, "classifier"))
 
 
 class CNN(_ChainNet):
-    """Small convnet for 28x28 grayscale: conv 32w-64w-128w (+ReLU), two max-pools, GAP, linear.
+    """Small convnet for 28x28 grayscale: conv3x3 32w-M-64w-M-128w, each + ReLU, GAP, linear. No BN.
 
     Args:
         num_classes: Number of output classes.
@@ -113,29 +121,41 @@ class CNN(_ChainNet):
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 1) -> None:
-        super().__init__((32 * width, "M", 64 * width, "M", 128 * width), in_channels, num_classes, batch_norm=False)
+        super().__init__(_scaled(_CNN_LAYOUT, width), in_channels, num_classes, batch_norm=False)
 
 
 class VGG11(_ChainNet):
-    """VGG11 as in the CCA Merge paper: w x [64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M].
+    """VGG11 as in the CCA Merge paper: w x [64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M],
+    global average pool, one linear classifier.
 
     Args:
         num_classes: Number of output classes.
         in_channels: Input channels.
         width: Width multiplier.
-        batch_norm: Insert BatchNorm after every conv.
+        batch_norm: Insert BatchNorm after every conv ("vgg11_bn").
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 1, batch_norm: bool = False) -> None:
-        layout = tuple(c * width if isinstance(c, int) else c for c in _VGG11_LAYOUT)
-        super().__init__(layout, in_channels, num_classes, batch_norm)
+        super().__init__(_scaled(_VGG11_LAYOUT, width), in_channels, num_classes, batch_norm)
+
+
+def _scaled(layout: tuple[int | str, ...], width: int) -> tuple[int | str, ...]:
+    """``layout`` with every channel count multiplied by ``width``."""
+    return tuple(c * width if isinstance(c, int) else c for c in layout)
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block: conv-BN-ReLU-conv-BN, plus identity or 1x1-conv-BN shortcut, then ReLU."""
+    """ResNet basic block: conv-BN-ReLU-conv-BN, plus identity or 1x1-conv-BN shortcut, then ReLU.
+
+    Args:
+        in_planes: Input channels.
+        planes: Output channels.
+        stride: Stride of the first conv (and of the shortcut).
+    """
 
     def __init__(self, in_planes: int, planes: int, stride: int) -> None:
         super().__init__()
+        self.planes = planes
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu1 = nn.ReLU()
@@ -146,13 +166,33 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
         self.relu2 = nn.ReLU()
 
+    @property
+    def projects(self) -> bool:
+        """Whether the shortcut is a 1x1 conv + BN (the block starts a new residual stream)."""
+        return len(self.shortcut) > 0
+
     def forward(self, x: Tensor) -> Tensor:
+        """``relu2(bn2(conv2(relu1(bn1(conv1(x))))) + shortcut(x))``."""
         out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
         return self.relu2(out + self.shortcut(x))
 
 
+@dataclass
+class _Stream:
+    """A residual stream being described: everything that feeds or reads one chain of sums."""
+
+    name: str
+    size: int
+    axes: list[ParamAxis]
+    taps: list[str] = field(default_factory=list)
+
+    def point(self) -> AlignmentPoint:
+        """The finished alignment point."""
+        return AlignmentPoint(self.name, self.size, tuple(self.taps), tuple(self.axes))
+
+
 class ResNet20(nn.Module):
-    """CIFAR ResNet20 (16w/32w/64w, 3 stages of 3 basic blocks, BatchNorm).
+    """CIFAR ResNet20: conv-BN-ReLU stem, 3 stages of 3 basic blocks (16w/32w/64w), GAP, linear.
 
     Args:
         num_classes: Number of output classes.
@@ -162,61 +202,61 @@ class ResNet20(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 1) -> None:
         super().__init__()
-        self.widths = (16 * width, 32 * width, 64 * width)
-        self.conv1 = nn.Conv2d(in_channels, self.widths[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(self.widths[0])
+        widths = [w * width for w in _RESNET20_WIDTHS]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU()
-        stages = []
-        in_planes = self.widths[0]
-        for s, planes in enumerate(self.widths):
-            blocks = [BasicBlock(in_planes if b == 0 else planes, planes, 2 if (s > 0 and b == 0) else 1) for b in range(3)]
-            stages.append(nn.Sequential(*blocks))
+        in_planes = widths[0]
+        for s, planes in enumerate(widths):
+            blocks = [
+                BasicBlock(in_planes if b == 0 else planes, planes, 2 if s > 0 and b == 0 else 1)
+                for b in range(_BLOCKS_PER_STAGE)
+            ]
+            self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))
             in_planes = planes
-        self.layer1, self.layer2, self.layer3 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(self.widths[2], num_classes)
+        self.linear = nn.Linear(widths[-1], num_classes)
+
+    def _stages(self) -> list[tuple[str, nn.Sequential]]:
+        return [(f"layer{s + 1}", getattr(self, f"layer{s + 1}")) for s in range(len(_RESNET20_WIDTHS))]
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[N, num_classes]`` for images ``[N, C, H, W]``."""
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.layer3(self.layer2(self.layer1(out)))
+        for _, stage in self._stages():
+            out = stage(out)
         return self.linear(self.pool(out).flatten(1))
 
     def alignment_spec(self) -> AlignmentSpec:
-        """3 residual-stream points (one per stage) and 9 in-block points.
+        """3 residual-stream points (``layer1..3``) then 9 in-block points (``layerS.B``).
 
-        Everything that feeds one residual sum shares the stage's point: the stem (stage 1)
-        or the stage's shortcut conv, and every block's conv2/bn2. Its consumers are the
-        blocks' conv1 inputs, the next stage's first conv1 and shortcut, or the classifier.
+        A stream is started by the stem (stage 1) or by a projecting shortcut; every block's
+        conv2/bn2 feeds the stream its sum adds to, and every block's conv1 (and projecting
+        shortcut) reads the stream its input comes from; the classifier reads the last one.
+        Streams are tapped at the blocks' outputs, in-block points at each block's ``relu1``.
         """
-        points = []
-        for s, planes in enumerate(self.widths):
-            stage = f"layer{s + 1}"
-            producers: tuple[ParamAxis, ...] = ()
-            if s == 0:
-                producers += _conv_out("conv1", bias=False) + _bn_axes("bn1")
-            else:
-                producers += _conv_out(f"{stage}.0.shortcut.0", bias=False) + _bn_axes(f"{stage}.0.shortcut.1")
-            consumers: tuple[ParamAxis, ...] = ()
-            for b in range(3):
-                producers += _conv_out(f"{stage}.{b}.conv2", bias=False) + _bn_axes(f"{stage}.{b}.bn2")
-                if b > 0:
-                    consumers += (_conv_in(f"{stage}.{b}.conv1"),)
-            if s == 0:
-                consumers += (_conv_in(f"{stage}.0.conv1"),)
-            if s + 1 < len(self.widths):
-                nxt = f"layer{s + 2}.0"
-                consumers += (_conv_in(f"{nxt}.conv1"), _conv_in(f"{nxt}.shortcut.0"))
-            else:
-                consumers += (_conv_in("linear"),)
-            taps = tuple(f"{stage}.{b}" for b in range(3))
-            points.append(AlignmentPoint(stage, planes, taps, producers + consumers))
-        for s, planes in enumerate(self.widths):
-            for b in range(3):
-                block = f"layer{s + 1}.{b}"
-                axes = _conv_out(f"{block}.conv1", bias=False) + _bn_axes(f"{block}.bn1") + (_conv_in(f"{block}.conv2"),)
-                points.append(AlignmentPoint(block, planes, (f"{block}.relu1",), axes))
-        fixed = (("conv1.weight", 1), ("linear.weight", 0), ("linear.bias", 0))
-        return AlignmentSpec(tuple(points), fixed)
+        stream = _Stream("layer1", self.bn1.num_features, list(_producer("conv1", bn="bn1")))
+        streams, inner = [stream], []
+        for stage_name, stage in self._stages():
+            for b, block in enumerate(stage):
+                name = f"{stage_name}.{b}"
+                stream.axes.append(_consumer(f"{name}.conv1"))
+                if block.projects:
+                    stream.axes.append(_consumer(f"{name}.shortcut.0"))
+                    shortcut = _producer(f"{name}.shortcut.0", bn=f"{name}.shortcut.1")
+                    stream = _Stream(stage_name, block.planes, list(shortcut))
+                    streams.append(stream)
+                stream.axes += _producer(f"{name}.conv2", bn=f"{name}.bn2")
+                stream.taps.append(name)
+                inner_axes = (*_producer(f"{name}.conv1", bn=f"{name}.bn1"), _consumer(f"{name}.conv2"))
+                inner.append(AlignmentPoint(name, block.planes, (f"{name}.relu1",), inner_axes))
+        stream.axes.append(_consumer("linear"))
+        return AlignmentSpec(tuple(s.point() for s in streams) + tuple(inner), _classifier_fixed("conv1", "linear"))
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def build_model(name: str = "cnn", num_classes: int = 10, in_channels: int = 1, width: int = 1) -> nn.Module:
@@ -227,9 +267,12 @@ def build_model(name: str = "cnn", num_classes: int = 10, in_channels: int = 1, 
         num_classes: Number of output classes.
         in_channels: Input channels (1 for Fashion-MNIST, 3 for CIFAR).
         width: Width multiplier (a positive integer).
+
+    Raises:
+        ValueError: an unknown name or a non-positive size.
     """
-    if not isinstance(width, int) or width < 1:
-        raise ValueError(f"width must be a positive integer, got {width!r}")
+    for arg, value in (("num_classes", num_classes), ("in_channels", in_channels), ("width", width)):
+        _check_positive_int(arg, value)
     if name == "cnn":
         return CNN(num_classes, in_channels, width)
     if name in ("vgg11", "vgg11_bn"):
