@@ -71,6 +71,8 @@ class TaskConfig:
         reference: CCAMerge reference: "global", "largest" or "first".
         stats: Where alignment statistics are computed: "client" or "server".
         ridge: CCA ridge; negative means the library default.
+        merge_guard: Keep a round's aligned merge only if its loss on the labelled calibration
+            set is no higher than the plain average's (else use the plain average, logged).
         seed: Seeds the split, the initial model and every round's randomness.
         out_dir: Folder for history.json, checkpoints and the plot; ``{key}`` placeholders
             are filled from the run config, e.g. ``outputs/{strategy}-seed{seed}``.
@@ -97,6 +99,7 @@ class TaskConfig:
     reference: str
     stats: str
     ridge: float
+    merge_guard: bool
     seed: int
     out_dir: str
     resume: bool
@@ -273,6 +276,22 @@ def _calibration(name: str, data_dir: str, calibration_size: int, seed: int) -> 
     # The first step of federated_split, so server and clients hold the same examples.
     indices, _ = calibration_split(dataset.train_labels, calibration_size, seed)
     return normalize(dataset.train_images[torch.as_tensor(indices)], dataset)
+
+
+@functools.lru_cache(maxsize=2)
+def _calibration_labels(name: str, data_dir: str, calibration_size: int, seed: int) -> torch.Tensor:
+    dataset = load_data(name, data_dir)
+    indices, _ = calibration_split(dataset.train_labels, calibration_size, seed)
+    return dataset.train_labels[torch.as_tensor(indices)]
+
+
+def calibration_labels(task: TaskConfig) -> torch.Tensor:
+    """Labels of :func:`calibration_inputs` (int64 ``[calibration-size]``, CPU).
+
+    Args:
+        task: The run config.
+    """
+    return _calibration_labels(task.dataset, task.data_dir, task.calibration_size, task.seed)
 
 
 def calibration_inputs(task: TaskConfig) -> torch.Tensor:

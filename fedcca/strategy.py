@@ -121,6 +121,12 @@ class CCAMerge(FedAvg):
             round's global model) for the norm screen.
         device: Where statistics and merging run (None: CUDA if available, else CPU).
         batch_size: Calibration batch size.
+        calibration_labels: Labels of ``calibration`` (a tensor then). When given, each
+            round's aligned merge is kept only if its cross-entropy on the calibration set
+            is no higher than that of the plain weighted average of the same replies;
+            otherwise the plain average is used (logged, and recorded as ``merge_choice``
+            in ``round_log``). A guard against alignments that break the network, chosen
+            on held-out public data, never on test data.
         **fedavg_kwargs: Any ``FedAvg`` argument (``fraction_train``, ``min_train_nodes``,
             ``min_available_nodes``, ``weighted_by_key``, ...).
     """
@@ -140,6 +146,7 @@ class CCAMerge(FedAvg):
         norm_center: str = "median",
         device: torch.device | str | None = None,
         batch_size: int = 256,
+        calibration_labels: torch.Tensor | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         # Mixed ClientApps report different metrics; FedAvg's default needs equal keys.
@@ -164,6 +171,7 @@ class CCAMerge(FedAvg):
         self.norm_center = norm_center
         self.device = resolve_device(device)
         self.batch_size = batch_size
+        self.calibration_labels = _checked_labels(calibration_labels, self.calibration)
         self.round_log: list[dict[str, Any]] = []
         model = model_fn()
         self.spec = spec_for(model)  # raises UnsupportedModelError for foreign models
@@ -348,7 +356,46 @@ class CCAMerge(FedAvg):
                if value.is_floating_point() and not torch.isfinite(value).all()]
         if bad:
             raise _SkipRound(f"merged model has non-finite values in {bad[:3]}")
+        if self.calibration_labels is not None and self.method != "direct":
+            state_dict = self._guarded(server_round, merged, models, updates, entry)
         return ArrayRecord(state_dict)
+
+    def _guarded(
+        self,
+        server_round: int,
+        merged: nn.Module,
+        models: list[nn.Module],
+        updates: list[ClientUpdate],
+        entry: dict[str, Any],
+    ) -> dict[str, torch.Tensor]:
+        """The aligned merge, or the plain average where that fits the calibration set better."""
+        largest = max(update.num_examples for update in updates)
+        plain = merge(
+            models, self.calibration, method="direct",
+            weights=[update.num_examples / largest for update in updates],
+            recompute_bn=self.recompute_bn, device=self.device, batch_size=self.batch_size,
+        )
+        losses = {name: self._calibration_loss(model) for name, model in (("aligned", merged), ("direct", plain))}
+        choice = "aligned" if losses["aligned"] <= losses["direct"] else "direct"
+        entry.update(merge_choice=choice, calibration_loss=losses)
+        if choice == "direct":
+            log(WARNING, "aggregate_train: round %s: the %s merge has calibration loss %.4g > %.4g "
+                "of the plain average; using the plain average", server_round, self.method,
+                losses["aligned"], losses["direct"])
+        return (merged if choice == "aligned" else plain).state_dict()
+
+    def _calibration_loss(self, model: nn.Module) -> float:
+        """Mean cross-entropy of ``model`` on the labelled calibration set (inf if not finite)."""
+        assert isinstance(self.calibration, torch.Tensor) and self.calibration_labels is not None
+        model = model.to(self.device).eval()
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, len(self.calibration), self.batch_size):
+                x = self.calibration[start:start + self.batch_size].to(self.device)
+                y = self.calibration_labels[start:start + self.batch_size].to(self.device)
+                total += torch.nn.functional.cross_entropy(model(x), y, reduction="sum").item()
+        loss = total / len(self.calibration)
+        return loss if np.isfinite(loss) else float("inf")
 
     def _reference_and_statistics(
         self,
@@ -460,6 +507,19 @@ class CCAMerge(FedAvg):
         except Exception as err:
             raise ValueError(f"CCAMerge: model_fn()'s model cannot run on the calibration data "
                              f"(batch shape {tuple(batch.shape)}): {err}") from err
+
+
+def _checked_labels(labels: torch.Tensor | None, calibration: Any) -> torch.Tensor | None:
+    """Calibration labels as an int64 tensor matching the calibration tensor, or None."""
+    if labels is None:
+        return None
+    if not isinstance(calibration, torch.Tensor):
+        raise ValueError("CCAMerge: calibration_labels need the calibration inputs as one tensor")
+    labels = torch.as_tensor(labels).long()
+    if labels.shape != (len(calibration),):
+        raise ValueError(f"CCAMerge: calibration_labels of shape {tuple(labels.shape)} do not match "
+                         f"{len(calibration)} calibration inputs")
+    return labels
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -30,6 +30,7 @@ from torch import nn
 from clients.task import (
     TaskConfig,
     calibration_inputs,
+    calibration_labels,
     derive_seed,
     load_data,
     make_model,
@@ -128,8 +129,10 @@ def build_strategy(
         return FedAvg(**common)
     if calibration is None:
         raise ValueError(f"strategy {task.strategy!r} needs calibration inputs")
+    labels = calibration_labels(task) if task.merge_guard else None
     return CCAMerge(model_fn, calibration, method=task.merge_method, reference=task.reference,
-                    stats=task.stats, ridge=task.ridge_or_default, device=device, **common)
+                    stats=task.stats, ridge=task.ridge_or_default, device=device,
+                    calibration_labels=labels, **common)
 
 
 def run_round(
