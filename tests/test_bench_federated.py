@@ -1,0 +1,95 @@
+"""Smoke test of simulations/federated.py: 2 clients, 2 rounds, a tiny dataset, all strategies.
+
+The CLI runs in a subprocess with OPENBLAS_NUM_THREADS=1 (it must be set before numpy loads;
+see simulations.harness.check_blas_threads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simulations.federated import StrategySpec, rounds_to_reach, summarise
+from tests.apps_helpers import ROOT, write_tiny_fashion_mnist
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+STRATEGIES = ["fedavg", "cca", "cca:global:server", "permute:largest:server"]
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """Run the CLI once on the tiny dataset; return its JSON and output folder."""
+    folder = tmp_path_factory.mktemp("federated")
+    data = write_tiny_fashion_mnist(folder / "data")
+    out = folder / "out" / "tiny.json"
+    subprocess.run(
+        [sys.executable, "-m", "simulations.federated", "--partitioning", "dirichlet", "--alpha", "1.0",
+         "--local-epochs", "1", "--strategies", ",".join(STRATEGIES), "--rounds", "2",
+         "--num-clients", "2", "--seeds", "0", "--train-subset", "0", "--calibration-size", "20",
+         "--test-examples", "0", "--batch-size", "25", "--data-dir", str(data), "--out", str(out)],
+        cwd=ROOT, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"}, check=True, timeout=120,
+        capture_output=True)
+    return json.loads(out.read_text()), out.parent
+
+
+def test_json_shape_and_plot(result: tuple[dict, Path]) -> None:
+    payload, folder = result
+    assert payload["config"]["strategies"] == STRATEGIES
+    (setting,) = payload["settings"]
+    assert setting["local_epochs"] == 1 and setting["partitioning"] == "dirichlet"
+    assert list(setting["summary"]) == STRATEGIES
+    assert sorted(run["strategy"] for run in setting["runs"]) == sorted(STRATEGIES)
+    for run in setting["runs"]:
+        assert len(run["accuracy"]) == 3 and all(0.0 <= a <= 1.0 for a in run["accuracy"])
+        assert run["accuracy"] == setting["summary"][run["strategy"]]["mean_accuracy"]  # one seed
+    assert (folder / setting["plot"]).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_same_start_and_the_product_did_the_work(result: tuple[dict, Path]) -> None:
+    runs = {run["strategy"]: run for run in result[0]["settings"][0]["runs"]}
+    # One seed: every strategy starts from the same initial model.
+    assert len({run["accuracy"][0] for run in runs.values()}) == 1
+    # Our ClientApp computed statistics only when CCAMerge asked it to (client stats, global
+    # reference); otherwise the strategy computed them on the server.
+    assert all(s > 0 for s in runs["cca"]["client_stats_seconds"])
+    assert runs["cca"]["server_stats_seconds"] == [0.0, 0.0]
+    for label in ("fedavg", "cca:global:server", "permute:largest:server"):
+        assert runs[label]["client_stats_seconds"] == [0.0, 0.0]
+    for label in ("cca:global:server", "permute:largest:server"):
+        assert all(s > 0 for s in runs[label]["server_stats_seconds"])
+
+
+def test_rounds_to_reach() -> None:
+    curve = [0.1, 0.3, 0.5, 0.45]
+    assert rounds_to_reach(curve, 0.45) == 2
+    assert rounds_to_reach(curve, 0.3) == 1
+    assert rounds_to_reach(curve, 0.6) is None
+    assert rounds_to_reach([0.9, 0.2], 0.5) is None  # the initial model (round 0) does not count
+
+
+def test_summary_against_hand_computation() -> None:
+    runs = [{"strategy": "fedavg", "seed": 0, "accuracy": [0.1, 0.4, 0.6]},
+            {"strategy": "fedavg", "seed": 1, "accuracy": [0.1, 0.2, 0.4]},
+            {"strategy": "cca", "seed": 0, "accuracy": [0.1, 0.6, 0.7]},
+            {"strategy": "cca", "seed": 1, "accuracy": [0.1, 0.1, 0.3]}]
+    summary = summarise(runs, ["fedavg", "cca"])
+    assert summary["cca"]["mean_accuracy"] == pytest.approx([0.1, 0.35, 0.5])
+    assert summary["cca"]["std_accuracy"] == pytest.approx([0.0, 0.25, 0.2])
+    assert summary["cca"]["rounds_to_baseline_final"] == 2  # fedavg's mean final is 0.5
+    assert summary["cca"]["seed_rounds_to_baseline_final"] == {"0": 1, "1": None}
+
+
+def test_strategy_spec_parsing() -> None:
+    assert StrategySpec.parse("fedavg").method is None
+    assert StrategySpec.parse("cca") == StrategySpec("cca", "cca", "global", "client")
+    assert StrategySpec.parse("permute:largest") == StrategySpec("permute:largest", "permute", "largest", "client")
+    assert StrategySpec.parse("cca:first:server").run_config() == {
+        "strategy": "cca", "reference": "first", "stats": "server"}
+    for bad in ("avg", "cca:best", "cca:global:gpu", "cca:global:client:x"):
+        with pytest.raises(ValueError, match="strategy"):
+            StrategySpec.parse(bad)
