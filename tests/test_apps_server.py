@@ -12,7 +12,7 @@ import torch
 from flwr.app import Context, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from clients.task import TaskConfig, load_data, make_model, evaluation_loader
+from clients.task import TaskConfig, calibration_inputs, evaluation_loader, load_data, make_model
 from fedcca.strategy import CCAMerge
 from fedcca.training import evaluate
 from server.server_app import app as server_app
@@ -88,7 +88,7 @@ def test_other_methods_build_ccamerge(data_dir: Path, tmp_path: Path, strategy: 
     config = tiny_run_config(data_dir, tmp_path, strategy=strategy)
     task = TaskConfig.from_run_config(config)
     dataset = load_data(task.dataset, task.data_dir)
-    built = build_strategy(task, lambda: make_model(task, dataset), torch.zeros(4, 1, 28, 28), "cpu")
+    built = build_strategy(task, lambda: make_model(task, dataset), calibration_inputs(task), "cpu")
     assert isinstance(built, CCAMerge) and built.method == strategy
 
 
