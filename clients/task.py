@@ -29,6 +29,8 @@ from fedcca.data import (
     normalize,
 )
 from fedcca.models import build_model
+from fedcca.repair import REPAIRS
+from fedcca.transforms import RIDGE_MODES
 
 STRATEGIES: tuple[str, ...] = ("cca", "permute", "weight-matching", "fedavg")
 REFERENCES: tuple[str, ...] = ("global", "largest", "first")
@@ -70,7 +72,11 @@ class TaskConfig:
             (0: the whole test split).
         reference: CCAMerge reference: "global", "largest" or "first".
         stats: Where alignment statistics are computed: "client" or "server".
-        ridge: CCA ridge; negative means the library default.
+        ridge: CCA ridge; negative means the library default of ``ridge_mode``.
+        ridge_mode: How the CCA ridge regularises: "trace" (default), "relative" or
+            "absolute" (the paper's).
+        repair: Pre-activation statistics correction after averaging: "none", "mean", "affine".
+        zero_dead: Zero client features that are exactly 0 on the calibration data before aligning.
         merge_guard: Keep a round's aligned merge only if its loss on the labelled calibration
             set is no higher than the plain average's (else use the plain average, logged).
         seed: Seeds the split, the initial model and every round's randomness.
@@ -99,6 +105,9 @@ class TaskConfig:
     reference: str
     stats: str
     ridge: float
+    ridge_mode: str
+    repair: str
+    zero_dead: bool
     merge_guard: bool
     seed: int
     out_dir: str
@@ -147,6 +156,8 @@ class TaskConfig:
         _check_choice("partitioning", self.partitioning, SCHEMES)
         _check_choice("reference", self.reference, REFERENCES)
         _check_choice("stats", self.stats, STATISTICS_SOURCES)
+        _check_choice("ridge-mode", self.ridge_mode, RIDGE_MODES)
+        _check_choice("repair", self.repair, REPAIRS)
         positive = {"num-server-rounds": self.num_server_rounds, "min-nodes": self.min_nodes,
                     "round-timeout": self.round_timeout, "local-epochs": self.local_epochs,
                     "lr": self.lr, "batch-size": self.batch_size, "width": self.width,

@@ -26,7 +26,8 @@ _EXPORTS = {
     "collect_statistics": "fedcca.statistics",
     "merge": "fedcca.merging",
     "merge_sequential": "fedcca.merging",
-    "recompute_batchnorm": "fedcca.merging",
+    "recompute_batchnorm": "fedcca.batchnorm",
+    "repair": "fedcca.repair",
     "CCAMerge": "fedcca.strategy",
 }
 

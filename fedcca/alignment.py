@@ -338,6 +338,37 @@ def apply_transforms(
     }
 
 
+def zero_features(
+    state_dict: Mapping[str, torch.Tensor],
+    spec: AlignmentSpec,
+    masks: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Zero every parameter slice of the masked features along all of their point's axes.
+
+    For a feature that is identically zero where it is tapped (a dead ReLU unit), this keeps
+    the network's function on those inputs: its producers then output 0 (ReLU(0) = 0, and a
+    BatchNorm with zero scale and shift outputs 0) and its consumers ignore it. Merging
+    uses it so that a dead unit's strongly negative bias and arbitrary weights are not mixed
+    into live units by a dense transform, nor averaged into a matched live unit.
+
+    Args:
+        state_dict: The model's state dict; it is not modified.
+        spec: The model's alignment spec.
+        masks: Point name -> boolean mask of the features to zero (points absent: unchanged).
+
+    Returns:
+        A new state dict (as :func:`apply_transforms` returns it).
+    """
+    projections = {}
+    for name, mask in masks.items():
+        keep = (~mask.to(torch.bool).cpu()).to(torch.float64)
+        if keep.shape != (spec.point(name).size,):
+            raise ValueError(f"point {name!r}: mask of shape {tuple(mask.shape)}, the point has {spec.point(name).size}")
+        # A projection applied as a transform: D on producers, D^T = D on consumers, D^2 = D on variances.
+        projections[name] = Transform(matrix=torch.diag(keep), inverse=torch.diag(keep))
+    return apply_transforms(state_dict, spec, projections)
+
+
 def random_symmetry(
     spec: AlignmentSpec,
     generator: torch.Generator,

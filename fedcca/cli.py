@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from fedcca.merging import METHODS, merge
+from fedcca.repair import REPAIRS
 from fedcca.statistics import collect_statistics
-from fedcca.transforms import DEFAULT_RIDGE, canonical_correlations
+from fedcca.transforms import DEFAULT_RIDGE_MODE, DEFAULT_RIDGES, RIDGE_MODES, canonical_correlations
 
 _ARCH_FIELDS = ("model", "width", "num_classes", "in_channels")
 _DEFAULTS = {"model": "cnn", "width": 1, "num_classes": 10}
@@ -59,11 +60,15 @@ def _parser() -> argparse.ArgumentParser:
                      help=".pt tensor or .npy array of normalised inputs [N, C, H, W]")
     sub.add_argument("--method", choices=METHODS, default="cca", help="alignment method (default cca)")
     sub.add_argument("--reference", type=int, default=0, help="index of the reference checkpoint")
-    sub.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
-                     help=f"relative CCA ridge (default {DEFAULT_RIDGE})")
+    sub.add_argument("--ridge", type=float, default=None,
+                     help=f"CCA ridge (default per mode: {DEFAULT_RIDGES})")
+    sub.add_argument("--ridge-mode", choices=RIDGE_MODES, default=DEFAULT_RIDGE_MODE,
+                     help=f"how the CCA ridge regularises (default {DEFAULT_RIDGE_MODE})")
+    sub.add_argument("--repair", choices=REPAIRS, default="none",
+                     help="correct pre-activation statistics after averaging (default none)")
     sub.add_argument("--out", type=Path, default=Path("merged.pt"), help="output checkpoint")
     sub.add_argument("--model", default=None, help="architecture (default: from checkpoints, else cnn)")
-    sub.add_argument("--width", type=int, default=None, help="width multiplier")
+    sub.add_argument("--width", type=float, default=None, help="width multiplier")
     sub.add_argument("--num-classes", type=int, default=None, help="number of classes")
     sub.add_argument("--in-channels", type=int, default=None,
                      help="input channels (default: from checkpoints, else the calibration data)")
@@ -100,9 +105,11 @@ def _merge_command(args: argparse.Namespace) -> int:
     if args.method in ("cca", "permute"):
         statistics = collect_statistics(models[args.reference], models, calibration,
                                         device=args.device, batch_size=args.batch_size)
+    if args.ridge is None:
+        args.ridge = DEFAULT_RIDGES[args.ridge_mode]
     merged = merge(models, calibration, args.method, args.reference, ridge=args.ridge,
-                   statistics=statistics, recompute_bn=args.recompute_bn, device=args.device,
-                   batch_size=args.batch_size)
+                   ridge_mode=args.ridge_mode, statistics=statistics, recompute_bn=args.recompute_bn,
+                   repair=args.repair, device=args.device, batch_size=args.batch_size)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({**arch, "method": args.method, "state_dict": merged.state_dict()}, args.out)
     _print_summary(args, len(models), statistics, time.perf_counter() - started)
@@ -117,8 +124,8 @@ def _print_summary(args: argparse.Namespace, count: int, statistics: Any, second
         if args.method == "cca":
             others = [stats for k, stats in enumerate(statistics) if k != args.reference % count]
             for point in points:
-                means = [canonical_correlations(stats[point], args.ridge, point=point).mean().item()
-                         for stats in others]
+                means = [canonical_correlations(stats[point], args.ridge, ridge_mode=args.ridge_mode,
+                                                point=point).mean().item() for stats in others]
                 print(f"  {point}: mean canonical correlation {np.mean(means) if means else 1.0:.4f}"
                       f" (ridge {args.ridge:g})")
     print(f"wrote {args.out} in {seconds:.2f} s")

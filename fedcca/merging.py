@@ -8,24 +8,38 @@ folds models pairwise into a running model. ``method`` picks the alignment:
 * ``"permute"``: correlation-matched, rescaled permutations (:func:`~fedcca.transforms.permute_transform`);
 * ``"weight-matching"``: Git Re-Basin weight matching, data free;
 * ``"direct"``: no alignment (FedAvg of the weights).
+
+With ``zero_dead`` (the default for "cca" and "permute"), features that are exactly zero on
+the calibration data (dead ReLU units) have their weights zeroed before alignment
+(:func:`fedcca.alignment.zero_features`, function-preserving on that data), so that their
+strongly negative biases are neither mixed into live units by a dense CCA transform nor
+averaged into a matched live unit. ``repair="affine"`` (or ``"mean"``) corrects the merged model's pre-activation statistics
+afterwards (:func:`fedcca.repair.repair`, REPAIR generalised to dense transforms).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from fedcca.alignment import AlignmentSpec, Transform, apply_transforms, spec_for
-from fedcca.devices import resolve_device
-from fedcca.statistics import PairStatistics, as_batches, collect_statistics, running_on
-from fedcca.transforms import DEFAULT_RIDGE, cca_transform, permute_transform, weight_matching
+from fedcca.alignment import AlignmentSpec, Transform, apply_transforms, spec_for, zero_features
+from fedcca.batchnorm import recompute_batchnorm
+from fedcca.repair import REPAIRS, repair as repair_statistics
+from fedcca.statistics import PairStatistics, collect_statistics
+from fedcca.transforms import DEFAULT_RIDGE_MODE, cca_transform, permute_transform, weight_matching
+
+__all__ = ["METHODS", "MergeError", "align_state_dict", "average_state_dicts", "merge", "merge_sequential",
+           "recompute_batchnorm", "zero_dead_features"]
 
 METHODS = ("cca", "permute", "weight-matching", "direct")
 _STATISTICS_METHODS = ("cca", "permute")
+
+logger = logging.getLogger(__name__)
 
 
 class MergeError(ValueError):
@@ -40,9 +54,12 @@ def merge(
     weights: Sequence[float] | None = None,
     *,
     ridge: float | None = None,
+    ridge_mode: str = DEFAULT_RIDGE_MODE,
     points: Sequence[str] | None = None,
     statistics: Sequence[Mapping[str, PairStatistics] | None] | None = None,
     recompute_bn: bool = True,
+    repair: str = "none",
+    zero_dead: bool = True,
     device: torch.device | str | None = None,
     batch_size: int = 256,
 ) -> nn.Module:
@@ -56,12 +73,18 @@ def merge(
         reference: Index of the reference in ``models`` (it is averaged too), or a separate
             model used only as the alignment target and not averaged.
         weights: Non-negative averaging weights, one per model (default uniform).
-        ridge: CCA ridge (None: :data:`fedcca.transforms.DEFAULT_RIDGE`).
+        ridge: CCA ridge (None: ``fedcca.transforms.DEFAULT_RIDGES[ridge_mode]``).
+        ridge_mode: How the CCA ridge regularises, one of :data:`fedcca.transforms.RIDGE_MODES`.
         points: Selective merging: align only these points (others identity; ``[]`` = none).
         statistics: ``statistics[k]``: precomputed statistics of ``models[k]`` against the
             reference (e.g. sent by a client), or None to compute them here. Used by "cca"
             and "permute"; the reference model itself is never transformed.
         recompute_bn: Recompute BatchNorm running statistics of the result on ``calibration``.
+        repair: One of :data:`fedcca.repair.REPAIRS`: correct the merged pre-activation
+            statistics towards the (aligned) models' after averaging. It measures the models
+            with BatchNorm recomputed on ``calibration``, as ``recompute_bn`` leaves the result.
+        zero_dead: For "cca" and "permute": zero the weights of features that are exactly 0
+            on the calibration data in every averaged model before aligning (logged).
         device: Where statistics and BatchNorm run (None: CUDA if available, else CPU).
         batch_size: Batch size when ``calibration`` is a tensor.
 
@@ -74,6 +97,8 @@ def merge(
         MergeError: Non-finite merged weights, naming the key.
     """
     _check_method(method)
+    if repair not in REPAIRS:
+        raise ValueError(f"unknown repair {repair!r}; choose one of {', '.join(REPAIRS)}")
     if not models:
         raise ValueError("merge: no models given")
     weights = _checked_weights(weights, len(models))
@@ -82,6 +107,7 @@ def merge(
     template = _state_of(target)
     for index, state in enumerate(states):
         _check_same_layout(template, state, f"models[{index}]")
+    transforms: list[dict[str, Transform]] = [{} for _ in models]
     if method != "direct":
         spec = spec_for(target)
         spec.validate(target)
@@ -89,15 +115,22 @@ def merge(
         given = _checked_statistics(statistics, len(models))
         if method in _STATISTICS_METHODS:
             given = _fill_statistics(target, models, given, calibration, spec, selected, device, batch_size)
+            if zero_dead:
+                states = zero_dead_features(states, models, target, given, spec, selected)
         for index, model in enumerate(models):
             if model is not target:
-                states[index] = align_state_dict(
-                    states[index], template, spec, method, statistics=given[index],
-                    ridge=ridge, points=selected, name=f"models[{index}]")
+                name = f"models[{index}]"
+                transforms[index] = _transforms(states[index], template, spec, method, given[index],
+                                                ridge, ridge_mode, selected, name)
+                states[index] = apply_transforms(states[index], spec, transforms[index])
+                _check_finite(states[index], f"{name} after {method} alignment")
     merged = copy.deepcopy(models[0])
     merged.load_state_dict(average_state_dicts(states, weights))
     if recompute_bn:
         recompute_batchnorm(merged, calibration, device=device, batch_size=batch_size)
+    if repair != "none":
+        repair_statistics(merged, models, transforms, calibration, weights, mode=repair,
+                          device=device, batch_size=batch_size)
     return merged
 
 
@@ -118,8 +151,8 @@ def merge_sequential(
         calibration: Inputs for statistics and BatchNorm.
         method: One of :data:`METHODS`.
         weights: Non-negative weights, one per model (default uniform).
-        **kwargs: Passed to :func:`merge` (``ridge``, ``points``, ``recompute_bn``, ``device``,
-            ``batch_size``); ``reference`` and ``statistics`` are not allowed.
+        **kwargs: Passed to :func:`merge` (``ridge``, ``ridge_mode``, ``points``, ``recompute_bn``,
+            ``repair``, ``device``, ``batch_size``); ``reference`` and ``statistics`` are not allowed.
     """
     _check_method(method)
     clash = sorted({"reference", "statistics"} & set(kwargs))
@@ -145,6 +178,7 @@ def align_state_dict(
     *,
     statistics: Mapping[str, PairStatistics] | None = None,
     ridge: float | None = None,
+    ridge_mode: str = DEFAULT_RIDGE_MODE,
     points: Sequence[str] | None = None,
     name: str = "model",
 ) -> dict[str, torch.Tensor]:
@@ -156,7 +190,8 @@ def align_state_dict(
         spec: The architecture's alignment spec.
         method: One of :data:`METHODS` ("direct" returns a copy).
         statistics: Per-point statistics of this model against the reference ("cca", "permute").
-        ridge: CCA ridge (None: DEFAULT_RIDGE).
+        ridge: CCA ridge (None: the default of ``ridge_mode``).
+        ridge_mode: One of :data:`fedcca.transforms.RIDGE_MODES`.
         points: Points to align (default all; others unchanged).
         name: How error messages call the model.
 
@@ -166,7 +201,8 @@ def align_state_dict(
     """
     _check_method(method)
     selected = spec.names() if points is None else list(points)
-    transforms = _transforms(state_dict, reference_state, spec, method, statistics, ridge, selected, name)
+    transforms = _transforms(state_dict, reference_state, spec, method, statistics, ridge, ridge_mode,
+                             selected, name)
     aligned = apply_transforms(state_dict, spec, transforms)
     _check_finite(aligned, f"{name} after {method} alignment")
     return aligned
@@ -206,73 +242,48 @@ def average_state_dicts(
     return averaged
 
 
-def recompute_batchnorm(
-    model: nn.Module,
-    calibration: torch.Tensor | Iterable,
-    device: torch.device | str | None = None,
-    batch_size: int = 256,
-) -> nn.Module:
-    """Set every BatchNorm's running statistics to those of its inputs over the calibration set.
+def zero_dead_features(
+    states: Sequence[dict[str, torch.Tensor]],
+    models: Sequence[nn.Module],
+    target: nn.Module,
+    statistics: Sequence[Mapping[str, PairStatistics] | None],
+    spec: AlignmentSpec,
+    points: Sequence[str] | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """``states`` with the weights of every feature that is exactly 0 on the calibration data zeroed.
 
-    One forward pass under ``no_grad`` with the BatchNorm layers in train mode (as after
-    training: each normalises with its batch statistics) and every other module in eval mode
-    (no dropout). Hooks accumulate float64 sums of each BatchNorm's inputs over all batches;
-    ``running_mean``/``running_var`` become their exact mean and unbiased variance (not torch's
-    momentum average). Modes and device are restored. No-op for a model without BatchNorm.
+    Model k's dead features are read from its side of ``statistics[k]``; the reference's
+    (``target``, when it is one of ``models``) from its side of any other model's statistics.
 
     Args:
-        model: Changed in place and returned.
-        calibration: Inputs (see :func:`fedcca.statistics.as_batches`).
-        device: Where the pass runs (None: CUDA if available, else CPU).
-        batch_size: Batch size when ``calibration`` is a tensor.
-
-    Raises:
-        ValueError: Empty calibration data or a non-finite BatchNorm input.
+        states: State dicts of ``models`` (not modified).
+        models: The models (to recognise the reference).
+        target: The alignment reference.
+        statistics: ``statistics[k]``: model k's statistics against the reference (or None).
+        spec: The architecture's alignment spec.
+        points: Points to consider (default all).
     """
-    norms = {name: module for name, module in model.named_modules()
-             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats}
-    if not norms:
-        return model
-    sums: dict[str, list] = {name: [0, 0.0, 0.0] for name in norms}  # count, sum, sum of squares
-
-    def accumulate(name: str, inputs: tuple[torch.Tensor, ...]) -> None:
-        x = inputs[0].detach().movedim(1, -1).reshape(-1, inputs[0].shape[1]).double()
-        if not torch.isfinite(x).all():
-            raise ValueError(f"recompute_batchnorm: non-finite input to '{name}'")
-        entry = sums[name]
-        entry[0] += x.shape[0]
-        entry[1] = entry[1] + x.sum(0)
-        entry[2] = entry[2] + x.square().sum(0)
-
-    device = resolve_device(device)
-    handles = [module.register_forward_pre_hook(
-        lambda _module, inputs, name=name: accumulate(name, inputs)) for name, module in norms.items()]
-    try:
-        with running_on(model, device, training=False), torch.no_grad():
-            for module in norms.values():
-                module.reset_running_stats()
-                module.train()
-            for batch in as_batches(calibration, batch_size):
-                model(batch.to(device))
-            for name, module in norms.items():
-                _set_running_stats(module, name, *sums[name])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return model
+    given, selected = statistics, spec.names() if points is None else list(points)
+    others = [k for k, model in enumerate(models) if model is not target]
+    out = list(states)
+    for index, model in enumerate(models):
+        if model is target:  # the reference: its side of any other model's statistics
+            source = next((given[k] for k in others if given[k] is not None), None)
+            side = 0
+        else:
+            source, side = given[index], 1
+        if source is None:
+            continue
+        masks = {point: source[point].zero_features()[side] for point in selected if point in source}
+        masks = {point: mask for point, mask in masks.items() if mask.any()}
+        if masks:
+            logger.info("models[%d]: zeroed dead features before alignment: %s", index,
+                        {point: int(mask.sum()) for point, mask in masks.items()})
+            out[index] = zero_features(states[index], spec, masks)
+    return out
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _set_running_stats(module: nn.Module, name: str, count: int, total: Any, squares: Any) -> None:
-    if count < 2:
-        raise ValueError(f"recompute_batchnorm: '{name}' saw {count} input sample(s); "
-                         f"the calibration data is empty or too small")
-    mean = total / count
-    variance = (squares - count * mean.square()).clamp_min(0) / (count - 1)
-    module.running_mean.copy_(mean.to(module.running_mean))
-    module.running_var.copy_(variance.to(module.running_var))
-
 
 def _transforms(
     state_dict: Mapping[str, torch.Tensor],
@@ -281,6 +292,7 @@ def _transforms(
     method: str,
     statistics: Mapping[str, PairStatistics] | None,
     ridge: float | None,
+    ridge_mode: str,
     selected: Sequence[str],
     name: str,
 ) -> dict[str, Transform]:
@@ -295,8 +307,8 @@ def _transforms(
         raise ValueError(f"{name}: no statistics for point '{missing[0]}' (method {method!r})")
     assert statistics is not None
     if method == "cca":
-        ridge = DEFAULT_RIDGE if ridge is None else ridge
-        return {p.name: cca_transform(statistics[p.name], ridge, point=p.name) for p in chosen}
+        return {p.name: cca_transform(statistics[p.name], ridge, ridge_mode=ridge_mode, point=p.name)
+                for p in chosen}
     return {p.name: permute_transform(statistics[p.name], point=p.name) for p in chosen}
 
 

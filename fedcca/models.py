@@ -120,7 +120,7 @@ class CNN(_ChainNet):
         width: Width multiplier.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 1) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1) -> None:
         super().__init__(_scaled(_CNN_LAYOUT, width), in_channels, num_classes, batch_norm=False)
 
 
@@ -135,13 +135,17 @@ class VGG11(_ChainNet):
         batch_norm: Insert BatchNorm after every conv ("vgg11_bn").
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 1, batch_norm: bool = False) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1, batch_norm: bool = False) -> None:
         super().__init__(_scaled(_VGG11_LAYOUT, width), in_channels, num_classes, batch_norm)
 
 
-def _scaled(layout: tuple[int | str, ...], width: int) -> tuple[int | str, ...]:
-    """``layout`` with every channel count multiplied by ``width``."""
-    return tuple(c * width if isinstance(c, int) else c for c in layout)
+def _scaled(layout: tuple[int | str, ...], width: float) -> tuple[int | str, ...]:
+    """``layout`` with every channel count multiplied by ``width`` (rounded, at least 1)."""
+    return tuple(_channels(c, width) if isinstance(c, int) else c for c in layout)
+
+
+def _channels(base: int, width: float) -> int:
+    return max(1, int(round(base * width)))
 
 
 class BasicBlock(nn.Module):
@@ -200,9 +204,9 @@ class ResNet20(nn.Module):
         width: Width multiplier.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 1) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1) -> None:
         super().__init__()
-        widths = [w * width for w in _RESNET20_WIDTHS]
+        widths = [_channels(w, width) for w in _RESNET20_WIDTHS]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU()
@@ -259,20 +263,22 @@ def _check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def build_model(name: str = "cnn", num_classes: int = 10, in_channels: int = 1, width: int = 1) -> nn.Module:
+def build_model(name: str = "cnn", num_classes: int = 10, in_channels: int = 1, width: float = 1) -> nn.Module:
     """Build one of :data:`MODEL_NAMES`.
 
     Args:
         name: ``"cnn"`` (default), ``"vgg11"``, ``"vgg11_bn"`` or ``"resnet20"``.
         num_classes: Number of output classes.
         in_channels: Input channels (1 for Fashion-MNIST, 3 for CIFAR).
-        width: Width multiplier (a positive integer).
+        width: Width multiplier (> 0; fractions such as 0.25 give CPU-sized VGG11/ResNet20).
 
     Raises:
         ValueError: an unknown name or a non-positive size.
     """
-    for arg, value in (("num_classes", num_classes), ("in_channels", in_channels), ("width", width)):
+    for arg, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         _check_positive_int(arg, value)
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width < float("inf"):
+        raise ValueError(f"width must be a positive number, got {width!r}")
     if name == "cnn":
         return CNN(num_classes, in_channels, width)
     if name in ("vgg11", "vgg11_bn"):

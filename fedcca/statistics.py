@@ -89,6 +89,10 @@ class PairStatistics:
         """(mean of a, mean of b)."""
         return self.sum_a / self.count, self.sum_b / self.count
 
+    def zero_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boolean masks ``(a, b)`` of the features that are exactly 0 on every sample (dead ReLU units)."""
+        return self.sq_a.diagonal() == 0, self.sq_b.diagonal() == 0
+
     def covariances(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Centred covariances ``(C_aa, C_bb, C_ab)``, divided by ``count`` (not count - 1)."""
         if self.count <= 0:

@@ -19,6 +19,8 @@ from torch import nn
 from fedcca.alignment import spec_for
 from fedcca.devices import resolve_device
 from fedcca.merging import METHODS, merge
+from fedcca.repair import REPAIRS
+from fedcca.transforms import DEFAULT_RIDGE_MODE, RIDGE_MODES
 from fedcca.statistics import PairStatistics, StatisticsError, as_batches, collect_statistics
 from fedcca.protocol import (
     COMPUTE_STATS_FLAG,
@@ -113,8 +115,14 @@ class CCAMerge(FedAvg):
             (the first valid reply).
         stats: "client" (use statistics sent in replies when they match the reference,
             compute the missing ones on the server) or "server" (always on the server).
-        ridge: Ridge of the CCA transform (None: the library default).
+        ridge: Ridge of the CCA transform (None: the default of ``ridge_mode``).
+        ridge_mode: How the CCA ridge regularises, one of ``fedcca.transforms.RIDGE_MODES``
+            (default "trace"; "absolute" is the paper's).
         recompute_bn: Recompute BatchNorm running statistics of the merged model.
+        repair: One of ``fedcca.repair.REPAIRS``: correct the merged model's pre-activation
+            statistics towards the aligned clients' on the calibration set ("none" default).
+        zero_dead: Zero the weights of client features that are exactly 0 on the
+            calibration data (dead ReLU units) before aligning (see ``fedcca.merging.merge``).
         max_norm_ratio: If set, drop a reply whose weights lie farther than this multiple
             of the median distance from ``norm_center``.
         norm_center: "median" (coordinate-wise median of the replies) or "global" (the
@@ -122,11 +130,16 @@ class CCAMerge(FedAvg):
         device: Where statistics and merging run (None: CUDA if available, else CPU).
         batch_size: Calibration batch size.
         calibration_labels: Labels of ``calibration`` (a tensor then). When given, each
-            round's aligned merge is kept only if its cross-entropy on the calibration set
-            is no higher than that of the plain weighted average of the same replies;
-            otherwise the plain average is used (logged, and recorded as ``merge_choice``
-            in ``round_log``). A guard against alignments that break the network, chosen
-            on held-out public data, never on test data.
+            round's aligned merge is kept only if its cross-entropy on the calibration set is
+            *significantly* lower than that of the plain weighted average of the same
+            replies: the mean of the paired per-example loss differences must exceed
+            ``guard_z`` standard errors. Otherwise the plain average (FedAvg) is used
+            (logged; ``merge_choice``, ``calibration_loss`` and ``guard_z`` are recorded in
+            ``round_log``). A guard against alignments that break the network, on public
+            data, never on test data. The statistics are fitted on the same calibration
+            images, which favours the aligned merge slightly; the margin also covers that.
+        guard_z: The guard's margin in standard errors (default 2; 0 keeps any merge with a
+            lower mean loss).
         **fedavg_kwargs: Any ``FedAvg`` argument (``fraction_train``, ``min_train_nodes``,
             ``min_available_nodes``, ``weighted_by_key``, ...).
     """
@@ -141,12 +154,16 @@ class CCAMerge(FedAvg):
         reference: str = "global",
         stats: str = "client",
         ridge: float | None = None,
+        ridge_mode: str = DEFAULT_RIDGE_MODE,
         recompute_bn: bool = True,
+        repair: str = "none",
+        zero_dead: bool = True,
         max_norm_ratio: float | None = None,
         norm_center: str = "median",
         device: torch.device | str | None = None,
         batch_size: int = 256,
         calibration_labels: torch.Tensor | None = None,
+        guard_z: float = 2.0,
         **fedavg_kwargs: Any,
     ) -> None:
         # Mixed ClientApps report different metrics; FedAvg's default needs equal keys.
@@ -157,6 +174,8 @@ class CCAMerge(FedAvg):
         _check_choice("reference", reference, REFERENCES)
         _check_choice("stats", stats, STATISTICS_SOURCES)
         _check_choice("norm_center", norm_center, NORM_CENTERS)
+        _check_choice("ridge_mode", ridge_mode, RIDGE_MODES)
+        _check_choice("repair", repair, REPAIRS)
         if max_norm_ratio is not None and not max_norm_ratio > 0:
             raise ValueError(f"max_norm_ratio must be positive, got {max_norm_ratio!r}")
         self.model_fn = model_fn
@@ -166,12 +185,18 @@ class CCAMerge(FedAvg):
         self.reference = reference
         self.stats = stats
         self.ridge = ridge
+        self.ridge_mode = ridge_mode
         self.recompute_bn = recompute_bn
+        self.repair = repair
+        self.zero_dead = zero_dead
         self.max_norm_ratio = max_norm_ratio
         self.norm_center = norm_center
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.calibration_labels = _checked_labels(calibration_labels, self.calibration)
+        if not guard_z == guard_z:
+            raise ValueError("guard_z must be a number, got NaN")
+        self.guard_z = float(guard_z)
         self.round_log: list[dict[str, Any]] = []
         model = model_fn()
         self.spec = spec_for(model)  # raises UnsupportedModelError for foreign models
@@ -191,7 +216,8 @@ class CCAMerge(FedAvg):
         log(INFO, "\t├──> CCA Merge:")
         log(INFO, "\t│\t├── Method: %s | reference: %s | statistics: %s",
             self.method, self.reference, self.stats)
-        log(INFO, "\t│\t├── Ridge: %s | BatchNorm recomputation: %s", self.ridge, self.recompute_bn)
+        log(INFO, "\t│\t├── Ridge: %s (%s) | BatchNorm recomputation: %s | repair: %s",
+            self.ridge, self.ridge_mode, self.recompute_bn, self.repair)
         log(INFO, "\t│\t└── Norm screen: %s", "off" if self.max_norm_ratio is None
             else f"{self.max_norm_ratio} x median distance from {self.norm_center}")
         super().summary()
@@ -338,12 +364,13 @@ class CCAMerge(FedAvg):
         reference, statistics = self._reference_and_statistics(server_round, updates, models, entry)
         # Scaled by the largest so that huge (but finite) num-examples cannot overflow a sum.
         largest = max(update.num_examples for update in updates)
+        weights = [update.num_examples / largest for update in updates]
         started = time.perf_counter()
         try:
             merged = merge(
-                models, self.calibration, method=self.method, reference=reference,
-                weights=[update.num_examples / largest for update in updates], ridge=self.ridge,
-                statistics=statistics, recompute_bn=self.recompute_bn, device=self.device,
+                models, self.calibration, method=self.method, reference=reference, weights=weights,
+                ridge=self.ridge, ridge_mode=self.ridge_mode, statistics=statistics,
+                recompute_bn=self.recompute_bn, repair=self.repair, zero_dead=self.zero_dead, device=self.device,
                 batch_size=self.batch_size,
             )
         except _MERGE_DATA_ERRORS as err:
@@ -357,7 +384,7 @@ class CCAMerge(FedAvg):
         if bad:
             raise _SkipRound(f"merged model has non-finite values in {bad[:3]}")
         if self.calibration_labels is not None and self.method != "direct":
-            state_dict = self._guarded(server_round, merged, models, updates, entry)
+            state_dict = self._guarded(server_round, merged, models, weights, entry)
         return ArrayRecord(state_dict)
 
     def _guarded(
@@ -365,37 +392,36 @@ class CCAMerge(FedAvg):
         server_round: int,
         merged: nn.Module,
         models: list[nn.Module],
-        updates: list[ClientUpdate],
+        weights: list[float],
         entry: dict[str, Any],
     ) -> dict[str, torch.Tensor]:
-        """The aligned merge, or the plain average where that fits the calibration set better."""
-        largest = max(update.num_examples for update in updates)
+        """The aligned merge where it fits the calibration set significantly better, else the plain average."""
         plain = merge(
-            models, self.calibration, method="direct",
-            weights=[update.num_examples / largest for update in updates],
-            recompute_bn=self.recompute_bn, device=self.device, batch_size=self.batch_size,
+            models, self.calibration, method="direct", weights=weights, recompute_bn=self.recompute_bn,
+            device=self.device, batch_size=self.batch_size,
         )
-        losses = {name: self._calibration_loss(model) for name, model in (("aligned", merged), ("direct", plain))}
-        choice = "aligned" if losses["aligned"] <= losses["direct"] else "direct"
-        entry.update(merge_choice=choice, calibration_loss=losses)
+        aligned_losses, direct_losses = self._calibration_losses(merged), self._calibration_losses(plain)
+        z = _paired_z(direct_losses - aligned_losses)
+        choice = "aligned" if z > self.guard_z else "direct"
+        losses = {"aligned": _finite_mean(aligned_losses), "direct": _finite_mean(direct_losses)}
+        entry.update(merge_choice=choice, calibration_loss=losses, guard_z=z)
         if choice == "direct":
-            log(WARNING, "aggregate_train: round %s: the %s merge has calibration loss %.4g > %.4g "
-                "of the plain average; using the plain average", server_round, self.method,
-                losses["aligned"], losses["direct"])
+            log(WARNING, "aggregate_train: round %s: the %s merge has calibration loss %.4g vs %.4g for the "
+                "plain average (gain %.2f standard errors, needs > %g); using the plain average",
+                server_round, self.method, losses["aligned"], losses["direct"], z, self.guard_z)
         return (merged if choice == "aligned" else plain).state_dict()
 
-    def _calibration_loss(self, model: nn.Module) -> float:
-        """Mean cross-entropy of ``model`` on the labelled calibration set (inf if not finite)."""
+    def _calibration_losses(self, model: nn.Module) -> torch.Tensor:
+        """Per-example cross-entropy of ``model`` on the labelled calibration set (float64, CPU)."""
         assert isinstance(self.calibration, torch.Tensor) and self.calibration_labels is not None
         model = model.to(self.device).eval()
-        total = 0.0
+        losses = []
         with torch.no_grad():
             for start in range(0, len(self.calibration), self.batch_size):
                 x = self.calibration[start:start + self.batch_size].to(self.device)
                 y = self.calibration_labels[start:start + self.batch_size].to(self.device)
-                total += torch.nn.functional.cross_entropy(model(x), y, reduction="sum").item()
-        loss = total / len(self.calibration)
-        return loss if np.isfinite(loss) else float("inf")
+                losses.append(torch.nn.functional.cross_entropy(model(x), y, reduction="none").double().cpu())
+        return torch.cat(losses)
 
     def _reference_and_statistics(
         self,
@@ -507,6 +533,23 @@ class CCAMerge(FedAvg):
         except Exception as err:
             raise ValueError(f"CCAMerge: model_fn()'s model cannot run on the calibration data "
                              f"(batch shape {tuple(batch.shape)}): {err}") from err
+
+
+def _paired_z(gain: torch.Tensor) -> float:
+    """Mean of paired differences over its standard error (+-inf / 0 when the spread is 0; -inf if not finite)."""
+    if not torch.isfinite(gain).all():
+        return float("-inf")
+    mean = gain.mean().item()
+    se = gain.std().item() / np.sqrt(len(gain)) if len(gain) > 1 else 0.0
+    if se == 0:
+        return 0.0 if mean == 0 else float(np.sign(mean)) * float("inf")
+    return mean / se
+
+
+def _finite_mean(losses: torch.Tensor) -> float:
+    """Mean loss, inf when any is not finite."""
+    mean = losses.mean().item()
+    return mean if np.isfinite(mean) else float("inf")
 
 
 def _checked_labels(labels: torch.Tensor | None, calibration: Any) -> torch.Tensor | None:

@@ -24,14 +24,29 @@ from fedcca.statistics import PairStatistics, StatisticsError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_RIDGE = 0.1
-"""Relative ridge: each covariance becomes ``C + DEFAULT_RIDGE * diag(C)``.
+RIDGE_MODES: tuple[str, ...] = ("trace", "relative", "absolute")
+"""How :func:`cca_transform` regularises each own-covariance block ``C`` with a ridge ``g``:
 
-Because it is proportional to each feature's own variance, one value fits every layer
-whatever its activation scale, and a per-feature rescaling of a model leaves ``T`` exact.
-It equals shrinking the correlation matrix 1/11 of the way towards the identity, which keeps
-the whitening well conditioned (eigenvalues >= 0.1/1.1) even with fewer samples than features.
-Larger values move ``T`` towards the rescaled orthogonal Procrustes solution."""
+* ``"trace"`` (default): ``C + g * mean(diag C) * I``. Scale-aware per block, so one value of
+  ``g`` fits every layer, and features of small variance (nearly dead ReLUs) are *shrunk*:
+  their whitening is bounded by ``1 / sqrt(g * mean variance)``. Exact for a permutation with
+  one scale per layer; with a different scale per feature only as ``g -> 0``. ``g = inf`` is
+  the (rescaled) orthogonal Procrustes limit ``T = sqrt(m_a / m_b) * polar(C_ab)``.
+* ``"relative"``: ``C + g * diag(C)`` (shrinks the correlation matrix towards I). Exact for any
+  positively scaled permutation at any ``g``, but a low-variance feature is amplified by
+  ``1 / std``: on trained ReLU nets it mixes the large negative pre-activations of nearly dead
+  units into live ones (measured in issue 8: one-shot accuracy 16% vs 66% for "trace").
+* ``"absolute"``: ``C + g * I``, Horoi et al.'s choice; depends on each layer's scale.
+"""
+
+DEFAULT_RIDGE_MODE = "trace"
+
+DEFAULT_RIDGES: dict[str, float] = {"trace": 1.0, "relative": 0.1, "absolute": 1.0}
+"""The ridge used when none is given, per mode. The trace value was chosen on held-out
+calibration data (never test data) by ``simulations/ablation.py``; see README, Results."""
+
+DEFAULT_RIDGE = DEFAULT_RIDGES[DEFAULT_RIDGE_MODE]
+"""The default ridge of the default mode."""
 
 # A feature is dead when its variance is below this fraction of its squared mean: it is
 # constant on the calibration data (exact zeros give 0 <= 0). Relative, so scale-free.
@@ -48,32 +63,35 @@ def identity_transform(n: int) -> Transform:
     return Transform(matrix=eye, inverse=eye.clone())
 
 
-def cca_transform(stats: PairStatistics, ridge: float = DEFAULT_RIDGE, *, point: str = "?") -> Transform:
+def cca_transform(stats: PairStatistics, ridge: float | None = None, *, ridge_mode: str = DEFAULT_RIDGE_MODE,
+                  point: str = "?") -> Transform:
     """CCA Merge transform of model B onto reference A at one point.
 
-    With ``C_r = C + ridge * diag(C)`` for both own blocks and
-    ``U S V^T = svd(C_aa,r^-1/2 C_ab C_bb,r^-1/2)``:
-    ``T = C_aa,r^1/2 U V^T C_bb,r^-1/2`` and ``T^-1 = C_bb,r^1/2 V U^T C_aa,r^-1/2`` (closed form).
-    Computed in float64 via symmetric eigendecompositions of the correlation matrices; ``T``
-    does not depend on which square root whitens, so this equals the symmetric-root formula.
-    Dead features (constant on the calibration data) are logged; their rows/columns are
-    decoupled and paired dead-to-dead in index order with the mean live variance as floor,
-    so that ``T`` stays finite and a dead feature stays a single (scaled) dead feature.
+    With ``S`` the ridged own blocks (see :data:`RIDGE_MODES`) and
+    ``U S V^T = svd(S_aa^-1/2 C_ab S_bb^-1/2)``:
+    ``T = S_aa^1/2 U V^T S_bb^-1/2`` and ``T^-1 = S_bb^1/2 V U^T S_aa^-1/2`` (closed form).
+    Computed in float64 via symmetric eigendecompositions of the correlation matrices of
+    ``S``; ``T`` does not depend on which square root whitens, so this equals the
+    symmetric-root formula. Dead features (constant on the calibration data) are logged; their
+    rows/columns are decoupled and paired dead-to-dead in index order (the paper's formula
+    leaves them to arbitrary singular vectors), so a dead unit is never mixed into live ones.
 
     Args:
         stats: Statistics of reference A and model B at the point.
-        ridge: Relative ridge (>= 0), see :data:`DEFAULT_RIDGE`.
+        ridge: Ridge ``g >= 0`` (``inf`` allowed in "trace" mode); None: ``DEFAULT_RIDGES[ridge_mode]``.
+        ridge_mode: One of :data:`RIDGE_MODES`.
         point: The point's name, for log and error messages.
 
     Raises:
-        ValueError: ``ridge`` < 0, statistics of unequal sizes, or a singular covariance
-            with ``ridge == 0`` (e.g. fewer samples than features).
+        ValueError: Unknown mode, ``ridge`` < 0, statistics of unequal sizes, or a singular
+            covariance with ``ridge == 0`` (e.g. fewer samples than features).
         StatisticsError: Non-finite statistics or no samples.
     """
-    return _cca(stats, ridge, point)[0]
+    return _cca(stats, ridge, ridge_mode, point)[0]
 
 
-def canonical_correlations(stats: PairStatistics, ridge: float = DEFAULT_RIDGE, *, point: str = "?") -> torch.Tensor:
+def canonical_correlations(stats: PairStatistics, ridge: float | None = None, *,
+                           ridge_mode: str = DEFAULT_RIDGE_MODE, point: str = "?") -> torch.Tensor:
     """The (ridge-regularised) canonical correlations at a point, in descending order.
 
     These are the singular values ``S`` of :func:`cca_transform`; with ``ridge == 0`` they are
@@ -81,10 +99,11 @@ def canonical_correlations(stats: PairStatistics, ridge: float = DEFAULT_RIDGE, 
 
     Args:
         stats: Statistics of reference A and model B at the point.
-        ridge: Relative ridge (>= 0), see :data:`DEFAULT_RIDGE`.
+        ridge: Ridge, as for :func:`cca_transform`.
+        ridge_mode: One of :data:`RIDGE_MODES`.
         point: The point's name, for log and error messages.
     """
-    return _cca(stats, ridge, point)[1]
+    return _cca(stats, ridge, ridge_mode, point)[1]
 
 
 def permute_transform(stats: PairStatistics, rescale: bool = True, *, point: str = "?") -> Transform:
@@ -172,19 +191,22 @@ def weight_matching(
 
 # ----------------------------------------------------------------------------- CCA internals
 
-def _cca(stats: PairStatistics, ridge: float, point: str) -> tuple[Transform, torch.Tensor]:
-    if not ridge >= 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
+def _cca(stats: PairStatistics, ridge: float | None, mode: str, point: str) -> tuple[Transform, torch.Tensor]:
+    if mode not in RIDGE_MODES:
+        raise ValueError(f"unknown ridge_mode {mode!r}; choose one of {RIDGE_MODES}")
+    ridge = DEFAULT_RIDGES[mode] if ridge is None else float(ridge)
+    if not ridge >= 0 or (ridge == float("inf") and mode != "trace"):
+        raise ValueError(f"ridge must be >= 0 (inf only in 'trace' mode), got {ridge} in mode {mode!r}")
     c_aa, c_bb, c_ab = _checked_covariances(stats, point)
     n = c_ab.shape[0]
     if stats.count < n:
         logger.warning("point '%s': %d samples for %d features, the covariances are singular; "
-                       "CCA relies on the ridge (%g)", point, stats.count, n, ridge)
+                       "CCA relies on the ridge (%s %g)", point, stats.count, n, mode, ridge)
     dead_a, dead_b = _dead_features(stats, c_aa.diagonal(), c_bb.diagonal(), point)
     # numpy/scipy from here: LAPACK via scipy is several times faster than torch's on CPU.
     dead_a, dead_b = dead_a.numpy(), dead_b.numpy()
-    scale_a, root_a, inv_root_a = _whitening(c_aa.numpy(), dead_a, ridge, point, "reference")
-    scale_b, root_b, inv_root_b = _whitening(c_bb.numpy(), dead_b, ridge, point, "model")
+    scale_a, root_a, inv_root_a = _whitening(c_aa.numpy(), dead_a, ridge, mode, point, "reference")
+    scale_b, root_b, inv_root_b = _whitening(c_bb.numpy(), dead_b, ridge, mode, point, "model")
     corr_ab = c_ab.numpy() / np.outer(scale_a, scale_b)
     corr_ab[dead_a, :] = 0.0
     corr_ab[:, dead_b] = 0.0
@@ -194,23 +216,35 @@ def _cca(stats: PairStatistics, ridge: float, point: str) -> tuple[Transform, to
     corr_ab[np.flatnonzero(dead_a)[:paired], np.flatnonzero(dead_b)[:paired]] = 1.0
     u, singular, vh = scipy.linalg.svd(inv_root_a @ corr_ab @ inv_root_b)
     polar = u @ vh
-    # C = D R D with D = diag(scale), R a correlation matrix; whitening by (D R^1/2)^-1.
+    # S = D R D with D = diag(scale), R a correlation matrix; whitening by (D R^1/2)^-1.
     matrix = (scale_a[:, None] * root_a) @ polar @ (inv_root_b / scale_b[None, :])
     inverse = (scale_b[:, None] * root_b) @ polar.T @ (inv_root_a / scale_a[None, :])
     return (Transform(matrix=torch.from_numpy(matrix), inverse=torch.from_numpy(inverse)),
             torch.from_numpy(singular))
 
 
-def _whitening(cov: np.ndarray, dead: np.ndarray, ridge: float, point: str,
+def _whitening(cov: np.ndarray, dead: np.ndarray, ridge: float, mode: str, point: str,
                side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(d, R^1/2, R^-1/2)`` with ``C + ridge*diag(C) = diag(d) R diag(d)``, dead features decoupled."""
+    """``(d, R^1/2, R^-1/2)`` with ``S = diag(d) R diag(d)`` the ridged ``cov``, dead features decoupled."""
     cov = cov.copy()
     cov[dead, :] = 0.0
     cov[:, dead] = 0.0
-    variance = cov.diagonal() * (1.0 + ridge)
+    variance = cov.diagonal().copy()
+    mean_variance = variance.mean()
+    if mode == "trace" and ridge == float("inf"):
+        # Procrustes limit: S -> g m I, and T depends only on the ratio of the two m's.
+        scale = np.full(len(variance), np.sqrt(mean_variance) if mean_variance > 0 else 1.0)
+        eye = np.eye(len(variance))
+        return scale, eye, eye
+    if mode == "relative":
+        variance *= 1.0 + ridge
+    else:
+        variance += ridge * (mean_variance if mode == "trace" else 1.0)
     live = variance[~dead]
-    # Dead features get the mean live variance: T stays O(1) on them.
-    variance[dead] = live.mean() if live.size else 1.0
+    # A dead feature left at zero variance (ridge 0, or "relative") gets the mean live variance:
+    # T stays O(1) on it.
+    floor = live.mean() if live.size and live.mean() > 0 else 1.0
+    variance[dead & (variance <= 0)] = floor
     scale = np.sqrt(variance)
     corr = cov / np.outer(scale, scale)
     np.fill_diagonal(corr, 1.0)

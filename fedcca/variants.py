@@ -1,26 +1,18 @@
-"""Merge variants studied in issue 8: held-out hyper-parameter selection, CCA/permutation
-blends, the paper's exact CCA, and REPAIR-style statistics correction after averaging.
+"""Merge recipes studied in issue 8, with hyper-parameters chosen on held-out calibration data.
 
 :func:`merge_variant` is an all-to-one merge like :func:`fedcca.merging.merge`, driven by a
 :class:`Variant` (or the name of one in :data:`VARIANTS`):
 
-* alignment: ``"cca"`` (the library's per-feature relative ridge ``C + g diag(C)``),
-  ``"cca-paper"`` (Horoi et al.'s absolute ridge ``C + g I``), ``"cca-trace"`` (absolute ridge
-  scaled per block by the mean feature variance, ``C + g mean(diag C) I``: one grid for every
-  layer, and low-variance features are shrunk instead of amplified), ``"permute"``,
-  ``"weight-matching"``, ``"direct"``, or
-  ``"blend"``: ``T = (1 - l) P + l C`` between the rescaled permutation ``P`` and the CCA
-  transform ``C`` of the same statistics.
+* alignment: ``"cca"`` (any :data:`~fedcca.transforms.RIDGE_MODES`: the library's default
+  ``"trace"`` ridge, the per-feature ``"relative"`` one, or the paper's ``"absolute"`` one),
+  ``"permute"``, ``"weight-matching"``, ``"direct"``, or ``"blend"``:
+  ``T = (1 - l) P + l C`` between the rescaled permutation ``P`` and the CCA transform ``C``
+  of the same statistics.
 * candidates: when a variant lists several ridges / blend weights, each candidate is merged
   and scored on a labelled *held-out* calibration set (never test data); the best is kept.
-* repair: ``"mean"`` or ``"affine"``: after averaging, every point's pre-activation (the
-  output of the conv/linear or BatchNorm feeding its ReLU) is corrected per channel, layer by
-  layer, so that its mean (and standard deviation) on the calibration data equal the
-  weighted average of the endpoints' pre-activation statistics expressed in the reference's
-  coordinates (``T mu``, ``sqrt(diag(T C T^T))``): REPAIR (Jordan et al., 2023) generalised
-  to dense transforms.
+* repair: ``"mean"`` or ``"affine"`` (:func:`fedcca.repair.repair`) after averaging.
 
-Every variant is exact where the transforms are: merging a model with a positively
+Every variant is exact where its transforms are: merging a model with a positively
 scaled-permutation copy of itself returns the model's function.
 """
 
@@ -29,33 +21,28 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedcca.alignment import AlignmentPoint, AlignmentSpec, Transform, apply_transforms, spec_for
+from fedcca.alignment import AlignmentSpec, Transform, apply_transforms, spec_for
+from fedcca.batchnorm import recompute_batchnorm
 from fedcca.devices import resolve_device
-from fedcca.merging import average_state_dicts, recompute_batchnorm
-from fedcca.statistics import PairStatistics, as_batches, collect_statistics, running_on
-from fedcca.transforms import DEFAULT_RIDGE, cca_transform, permute_transform, weight_matching
+from fedcca.merging import average_state_dicts, zero_dead_features
+from fedcca.repair import REPAIRS, preactivation_statistics, repair
+from fedcca.statistics import PairStatistics, collect_statistics, running_on
+from fedcca.transforms import DEFAULT_RIDGE_MODE, RIDGE_MODES, cca_transform, permute_transform, weight_matching
 
 logger = logging.getLogger(__name__)
 
-ALIGNMENTS = ("cca", "cca-paper", "cca-trace", "permute", "weight-matching", "direct", "blend")
-REPAIRS = ("none", "mean", "affine")
+ALIGNMENTS = ("cca", "permute", "weight-matching", "direct", "blend")
 RELATIVE_RIDGES: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 ABSOLUTE_RIDGES: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
-TRACE_RIDGES: tuple[float, ...] = (0.01, 0.1, 0.3, 1.0, 3.0, 10.0)
+TRACE_RIDGES: tuple[float, ...] = (0.01, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, float("inf"))
 BLENDS: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
-
-# A pre-activation channel whose spread is below this fraction of the target's is treated as
-# constant: rescaling it would blow it up, so only its mean is corrected (logged).
-_FLAT_RTOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -64,33 +51,40 @@ class Variant:
 
     Args:
         alignment: One of :data:`ALIGNMENTS`.
-        ridges: Ridge candidates ("cca": relative, "cca-paper": absolute, "cca-trace": times
-            the mean variance, "blend": ridge of its "cca-trace" part). Several -> chosen on
-            held-out calibration data.
+        ridges: CCA ridge candidates (for "cca" and the CCA part of "blend"), read in
+            ``ridge_mode``; ``(None,)`` is the library default. Several -> chosen on held-out
+            calibration data.
+        ridge_mode: One of :data:`fedcca.transforms.RIDGE_MODES`.
         blends: Weights ``l`` of the CCA part for "blend" (0 = permutation, 1 = CCA).
-        repair: One of :data:`REPAIRS`.
+        repair: One of :data:`fedcca.repair.REPAIRS`.
+        zero_dead: Zero the weights of exactly-dead features before aligning
+            (:func:`fedcca.merging.zero_dead_features`; statistics-based alignments only).
         description: One line for tables and reports.
     """
 
     alignment: str
-    ridges: tuple[float, ...] = (DEFAULT_RIDGE,)
+    ridges: tuple[float | None, ...] = (None,)
+    ridge_mode: str = DEFAULT_RIDGE_MODE
     blends: tuple[float, ...] = (1.0,)
     repair: str = "none"
+    zero_dead: bool = True
     description: str = ""
 
     def __post_init__(self) -> None:
         if self.alignment not in ALIGNMENTS:
             raise ValueError(f"unknown alignment {self.alignment!r}; choose one of {ALIGNMENTS}")
+        if self.ridge_mode not in RIDGE_MODES:
+            raise ValueError(f"unknown ridge_mode {self.ridge_mode!r}; choose one of {RIDGE_MODES}")
         if self.repair not in REPAIRS:
             raise ValueError(f"unknown repair {self.repair!r}; choose one of {REPAIRS}")
-        if not self.ridges or any(not r >= 0 for r in self.ridges):
-            raise ValueError(f"ridges must be a non-empty tuple of values >= 0, got {self.ridges}")
+        if not self.ridges or any(r is not None and not r >= 0 for r in self.ridges):
+            raise ValueError(f"ridges must be a non-empty tuple of values >= 0 (or None), got {self.ridges}")
         if not self.blends or any(not 0 <= b <= 1 for b in self.blends):
             raise ValueError(f"blends must be a non-empty tuple of values in [0, 1], got {self.blends}")
 
-    def candidates(self) -> list[dict[str, float]]:
+    def candidates(self) -> list[dict[str, float | None]]:
         """The hyper-parameter settings to try (one when nothing is selected)."""
-        ridges = self.ridges if self.alignment in ("cca", "cca-paper", "cca-trace", "blend") else (float("nan"),)
+        ridges = self.ridges if self.alignment in ("cca", "blend") else (float("nan"),)
         blends = self.blends if self.alignment == "blend" else (float("nan"),)
         return [{"ridge": r, "blend": b} for r, b in itertools.product(ridges, blends)]
 
@@ -99,24 +93,25 @@ VARIANTS: dict[str, Variant] = {
     "direct": Variant("direct", description="no alignment (FedAvg of the weights)"),
     "permute": Variant("permute", description="correlation permutation, rescaled"),
     "weight-matching": Variant("weight-matching", description="Git Re-Basin weight matching"),
-    "cca": Variant("cca", RELATIVE_RIDGES, description="CCA, library relative ridge chosen on held-out calibration"),
-    "cca-default": Variant("cca", description=f"CCA, library relative ridge fixed at {DEFAULT_RIDGE}"),
-    "cca-paper": Variant("cca-paper", ABSOLUTE_RIDGES,
+    "cca": Variant("cca", description="CCA, library default (trace ridge, fixed g)"),
+    "cca-trace": Variant("cca", TRACE_RIDGES, description="CCA, trace ridge g mean(var) I, g chosen on held-out calibration"),
+    "cca-procrustes": Variant("cca", (float("inf"),), description="CCA, trace ridge g -> inf (scaled orthogonal Procrustes)"),
+    "cca-keep-dead": Variant("cca", zero_dead=False, description="cca without zeroing dead units first"),
+    "permute-keep-dead": Variant("permute", zero_dead=False, description="permute without zeroing dead units first"),
+    "cca-relative": Variant("cca", RELATIVE_RIDGES, "relative",
+                            description="CCA, per-feature relative ridge g diag(C), g chosen on held-out calibration"),
+    "cca-paper": Variant("cca", ABSOLUTE_RIDGES, "absolute",
                          description="CCA as in the paper (absolute ridge g I), g chosen on held-out calibration"),
-    "cca-trace": Variant("cca-trace", TRACE_RIDGES,
-                         description="CCA, ridge g mean(var) I per block, g chosen on held-out calibration"),
-    "blend": Variant("blend", TRACE_RIDGES[3:4], BLENDS,
-                     description="(1-l) P + l cca-trace(g=1), l chosen on held-out calibration"),
+    "blend": Variant("blend", blends=BLENDS, description="(1-l) P + l cca(default ridge), l chosen on held-out calibration"),
     "permute-mean": Variant("permute", repair="mean", description="permute + pre-activation mean correction"),
-    "cca-trace-mean": Variant("cca-trace", TRACE_RIDGES, repair="mean",
-                              description="cca-trace + pre-activation mean correction"),
+    "cca-mean": Variant("cca", repair="mean", description="cca + pre-activation mean correction"),
     "permute-repair": Variant("permute", repair="affine", description="permute + REPAIR (mean and std)"),
     "weight-matching-repair": Variant("weight-matching", repair="affine", description="weight matching + REPAIR"),
-    "cca-repair": Variant("cca", RELATIVE_RIDGES, repair="affine", description="library cca + REPAIR"),
-    "cca-trace-repair": Variant("cca-trace", TRACE_RIDGES, repair="affine",
-                                description="cca-trace + REPAIR (mean and std)"),
+    "cca-repair": Variant("cca", repair="affine", description="cca + REPAIR (mean and std)"),
+    "cca-trace-repair": Variant("cca", TRACE_RIDGES, repair="affine",
+                                description="cca-trace + REPAIR, g chosen on held-out calibration"),
 }
-"""Named variants (see :class:`Variant`); ``"cca-paper"`` is the paper's exact transform."""
+"""Named variants (see :class:`Variant`); ``"cca-paper"`` is the paper's transform."""
 
 
 @dataclass
@@ -192,6 +187,8 @@ def merge_variant(
     states = [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in models]
     others = [k for k in range(len(models)) if k != reference]
     stats = _statistics(recipe, models, reference, others, calibration, spec, statistics, device, batch_size)
+    if recipe.zero_dead and stats:
+        states = zero_dead_features(states, models, target, [stats.get(k) for k in range(len(models))], spec)
     matched = {k: weight_matching(states[reference], states[k], spec) for k in others} \
         if recipe.alignment == "weight-matching" else {}
     endpoint_stats = preactivation_statistics(models, calibration, spec, device=device, batch_size=batch_size) \
@@ -224,57 +221,6 @@ def merge_variant(
     return best[1], MergeReport(chosen=best[2], scores=scores, transforms=best[3])
 
 
-def paper_cca_transform(stats: PairStatistics, ridge: float, *, point: str = "?") -> Transform:
-    """CCA Merge transform exactly as Horoi et al. compute it: absolute ridge on the own blocks.
-
-    With ``S_aa = C_aa + g I``, ``S_bb = C_bb + g I`` and ``U S V^T = svd(S_aa^-1/2 C_ab S_bb^-1/2)``
-    (symmetric roots): ``T = S_aa^1/2 U V^T S_bb^-1/2``, ``T^-1 = S_bb^1/2 V U^T S_aa^-1/2``.
-    Unlike :func:`fedcca.transforms.cca_transform` the ridge is not scale-aware, so a rescaled
-    copy is recovered exactly only as ``g -> 0``.
-
-    Args:
-        stats: Statistics of reference A and model B at the point.
-        ridge: Absolute ridge ``g >= 0``.
-        point: The point's name, for error messages.
-    """
-    return _ridged_cca(stats, ridge, scaled=False, point=point)
-
-
-def trace_cca_transform(stats: PairStatistics, ridge: float, *, point: str = "?") -> Transform:
-    """CCA transform with each own block ridged by ``ridge`` times its mean feature variance.
-
-    ``S_aa = C_aa + ridge * mean(diag C_aa) I`` (likewise for B), then as
-    :func:`paper_cca_transform`. A uniform rescaling of a layer leaves ``T`` exact, one grid
-    fits every layer, and, unlike a per-feature relative ridge, features of small variance
-    (nearly dead ReLUs, whose large negative pre-activations would otherwise be amplified by
-    ``1/std`` and mixed into live channels) are shrunk towards zero weight.
-
-    Args:
-        stats: Statistics of reference A and model B at the point.
-        ridge: Ridge relative to the mean variance (>= 0).
-        point: The point's name, for error messages.
-    """
-    return _ridged_cca(stats, ridge, scaled=True, point=point)
-
-
-def _ridged_cca(stats: PairStatistics, ridge: float, *, scaled: bool, point: str) -> Transform:
-    """``T = S_aa^1/2 U V^T S_bb^-1/2`` with ``S = C + g I`` (``g`` times the mean variance if scaled)."""
-    if not ridge >= 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
-    c_aa, c_bb, c_ab = (c.double().cpu().numpy() for c in stats.covariances())
-    if not all(np.isfinite(c).all() for c in (c_aa, c_bb, c_ab)):
-        raise ValueError(f"point '{point}': non-finite covariances")
-    eye = np.eye(len(c_aa))
-    g_a = ridge * (c_aa.diagonal().mean() if scaled else 1.0)
-    g_b = ridge * (c_bb.diagonal().mean() if scaled else 1.0)
-    root_a, inv_root_a = _sym_roots(c_aa + g_a * eye, point, "reference")
-    root_b, inv_root_b = _sym_roots(c_bb + g_b * eye, point, "model")
-    u, _, vh = scipy.linalg.svd(inv_root_a @ c_ab @ inv_root_b)
-    polar = u @ vh
-    return Transform(matrix=torch.from_numpy(root_a @ polar @ inv_root_b),
-                     inverse=torch.from_numpy(root_b @ polar.T @ inv_root_a))
-
-
 def blend_transform(first: Transform, second: Transform, weight: float, *, point: str = "?") -> Transform:
     """``T = (1 - weight) * first + weight * second`` with a numerically computed inverse.
 
@@ -296,146 +242,6 @@ def blend_transform(first: Transform, second: Transform, weight: float, *, point
     if not cond < 1e12:
         raise ValueError(f"point '{point}': blend with weight {weight} is singular (condition {cond:.3g})")
     return Transform(matrix=matrix, inverse=torch.linalg.inv(matrix))
-
-
-def preactivation_spec(spec: AlignmentSpec, model: nn.Module) -> tuple[AlignmentSpec, dict[str, str]]:
-    """The points whose pre-activation can be tapped and corrected, with taps moved there.
-
-    A point qualifies when its taps are ``nn.ReLU`` modules and one module produces what they
-    consume: its BatchNorm if the point has one (a single one), else its single conv/linear
-    with a bias. Residual-stream points (several producers) do not qualify.
-
-    Args:
-        spec: The model's alignment spec.
-        model: The model (to look modules up).
-
-    Returns:
-        ``(spec of the qualifying points tapping their producers, {point: producer module})``.
-    """
-    modules = dict(model.named_modules())
-    points, producers = [], {}
-    for point in spec.points:
-        producer = _producer(point, modules)
-        if producer is None:
-            continue
-        producers[point.name] = producer
-        points.append(AlignmentPoint(point.name, point.size, (producer,), point.axes))
-    return AlignmentSpec(tuple(points)), producers
-
-
-def repair(
-    merged: nn.Module,
-    endpoints: Sequence[nn.Module],
-    transforms: Sequence[Mapping[str, Transform]],
-    calibration: torch.Tensor | Iterable,
-    weights: Sequence[float] | None = None,
-    *,
-    mode: str = "affine",
-    spec: AlignmentSpec | None = None,
-    endpoint_statistics: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
-    device: torch.device | str | None = None,
-    batch_size: int = 256,
-) -> nn.Module:
-    """Correct the merged model's pre-activation statistics towards the endpoints' (in place).
-
-    Target of each channel at a point: the weighted average over endpoints ``k`` of the mean
-    ``T_k mu_k`` and standard deviation ``sqrt(diag(T_k C_k T_k^T))`` of endpoint k's
-    pre-activations (``mu_k``, ``C_k`` on the calibration data; ``T_k`` its transform, identity
-    when absent). Points are corrected in forward order, each measured after the previous
-    ones were fixed, by rescaling/shifting the producing conv/linear or BatchNorm's weight and
-    bias. Points without a single producer (see :func:`preactivation_spec`) are skipped and
-    logged. Call it after any BatchNorm recomputation (it edits BatchNorm affine parameters).
-
-    Args:
-        merged: The averaged model, modified in place and returned.
-        endpoints: The original (unaligned) models that were averaged.
-        transforms: ``transforms[k]``: endpoint k's transforms into the reference's coordinates.
-        calibration: Inputs.
-        weights: Averaging weights of the endpoints (default uniform).
-        mode: ``"affine"`` (mean and std) or ``"mean"`` (mean only).
-        spec: The alignment spec (default ``spec_for(merged)``).
-        endpoint_statistics: :func:`preactivation_statistics` of ``endpoints`` (computed when
-            None; pass them to reuse one pass over several candidate merges).
-        device: Where forwards run.
-        batch_size: Batch size for forwards.
-    """
-    if mode not in ("affine", "mean"):
-        raise ValueError(f"repair mode must be 'affine' or 'mean', got {mode!r}")
-    if len(transforms) != len(endpoints):
-        raise ValueError(f"{len(transforms)} transform sets for {len(endpoints)} endpoints")
-    weights = [1.0] * len(endpoints) if weights is None else [float(w) for w in weights]
-    spec = spec_for(merged) if spec is None else spec
-    pre_spec, producers = preactivation_spec(spec, merged)
-    skipped = [p for p in spec.names() if p not in producers]
-    if skipped:
-        logger.warning("repair: points %s have no single pre-activation producer; left uncorrected", skipped)
-    if not producers:
-        return merged
-    calibration = list(as_batches(calibration, batch_size))
-    if endpoint_statistics is None:
-        endpoint_statistics = preactivation_statistics(endpoints, calibration, spec, device=device)
-    total = sum(weights)
-    target_mean: dict[str, torch.Tensor] = {}
-    target_std: dict[str, torch.Tensor] = {}
-    for stats, ts, w in zip(endpoint_statistics, transforms, weights):
-        for name, (mean, cov) in stats.items():
-            t = ts.get(name)
-            if t is not None:
-                mean, cov = t.matrix @ mean, t.matrix @ cov @ t.matrix.T
-            std = cov.diagonal().clamp_min(0).sqrt()
-            target_mean[name] = target_mean.get(name, 0) + (w / total) * mean
-            target_std[name] = target_std.get(name, 0) + (w / total) * std
-    for point in pre_spec.points:
-        single = AlignmentSpec((point,))
-        pair = collect_statistics(merged, [merged], calibration, single, device=device)[0][point.name]
-        mean = pair.means()[1].double()
-        std = pair.covariances()[1].diagonal().clamp_min(0).sqrt().double()
-        scale = torch.ones_like(std)
-        if mode == "affine":
-            flat = std <= _FLAT_RTOL * target_std[point.name].clamp_min(1e-30)
-            if flat.any():
-                logger.warning("repair: point '%s' has %d constant merged channel(s); only their mean "
-                               "is corrected", point.name, int(flat.sum()))
-            scale = torch.where(flat, 1.0, target_std[point.name] / std.clamp_min(1e-30))
-        _affine_correct(merged, producers[point.name], scale, target_mean[point.name] - scale * mean)
-    return merged
-
-
-def preactivation_statistics(
-    models: Sequence[nn.Module],
-    calibration: torch.Tensor | Iterable,
-    spec: AlignmentSpec | None = None,
-    *,
-    device: torch.device | str | None = None,
-    batch_size: int = 256,
-) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Per model, ``{point: (mean, covariance)}`` of its pre-activations (float64, CPU).
-
-    Only points qualifying for :func:`preactivation_spec` are present. Models with BatchNorm
-    are measured on a copy whose BatchNorm statistics were recomputed on ``calibration``, as
-    the merged model's are: otherwise running statistics gathered on other data would make
-    :func:`repair` move even a merge of identical models.
-
-    Args:
-        models: Models of one architecture.
-        calibration: Inputs.
-        spec: The alignment spec (default ``spec_for(models[0])``).
-        device: Where forwards run.
-        batch_size: Batch size when ``calibration`` is a tensor.
-    """
-    spec = spec_for(models[0]) if spec is None else spec
-    pre_spec, _ = preactivation_spec(spec, models[0])
-    if not pre_spec.points:
-        return [{} for _ in models]
-    out = []
-    batches = list(as_batches(calibration, batch_size))
-    for model in models:
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            model = recompute_batchnorm(copy.deepcopy(model), batches, device=device)
-        stats = collect_statistics(model, [model], batches, pre_spec, device=device)[0]
-        out.append({name: (pair.means()[1].double(), pair.covariances()[1].double())
-                    for name, pair in stats.items()})
-    return out
 
 
 def score(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
@@ -492,47 +298,9 @@ def _transforms(recipe: Variant, spec: AlignmentSpec, stats: Mapping[str, PairSt
         if recipe.alignment == "permute":
             out[point] = permute_transform(pair, point=point)
         elif recipe.alignment == "cca":
-            out[point] = cca_transform(pair, setting["ridge"], point=point)
-        elif recipe.alignment == "cca-paper":
-            out[point] = paper_cca_transform(pair, setting["ridge"], point=point)
-        elif recipe.alignment == "cca-trace":
-            out[point] = trace_cca_transform(pair, setting["ridge"], point=point)
+            out[point] = cca_transform(pair, setting["ridge"], ridge_mode=recipe.ridge_mode, point=point)
         elif recipe.alignment == "blend":
             out[point] = blend_transform(permute_transform(pair, point=point),
-                                         trace_cca_transform(pair, setting["ridge"], point=point),
+                                         cca_transform(pair, setting["ridge"], ridge_mode=recipe.ridge_mode, point=point),
                                          setting["blend"], point=point)
     return out
-
-
-def _sym_roots(cov: np.ndarray, point: str, side: str) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric ``C^1/2`` and ``C^-1/2``; ValueError when ``C`` is not positive definite."""
-    eigenvalues, vectors = scipy.linalg.eigh(cov)
-    if not eigenvalues[0] > 1e-12 * max(eigenvalues[-1], 1e-300):
-        raise ValueError(f"point '{point}': the {side}'s covariance (+ ridge) is singular; increase the ridge")
-    return (vectors * np.sqrt(eigenvalues)) @ vectors.T, (vectors / np.sqrt(eigenvalues)) @ vectors.T
-
-
-def _producer(point: AlignmentPoint, modules: Mapping[str, nn.Module]) -> str | None:
-    """The one module whose output the point's ReLU taps consume, or None."""
-    if not point.taps or not all(isinstance(modules.get(t), nn.ReLU) for t in point.taps):
-        return None
-    outs = {ax.key.rsplit(".", 1)[0] for ax in point.axes if ax.role in ("out", "var")}
-    norms = [m for m in outs if isinstance(modules.get(m), nn.modules.batchnorm._BatchNorm)]
-    if norms:
-        return norms[0] if len(norms) == 1 else None
-    layers = [m for m in outs if isinstance(modules.get(m), (nn.Conv2d, nn.Linear))]
-    if len(layers) == 1 and getattr(modules[layers[0]], "bias", None) is not None:
-        return layers[0]
-    return None
-
-
-def _affine_correct(model: nn.Module, name: str, scale: torch.Tensor, shift: torch.Tensor) -> None:
-    """Make module ``name``'s output ``scale * out + shift`` per channel (weight and bias edited)."""
-    module = dict(model.named_modules())[name]
-    with torch.no_grad():
-        weight, bias = module.weight, module.bias
-        shape = (-1,) + (1,) * (weight.dim() - 1)
-        weight.mul_(scale.to(weight).reshape(shape))
-        bias.mul_(scale.to(bias)).add_(shift.to(bias))
-    if not (torch.isfinite(module.weight).all() and torch.isfinite(module.bias).all()):
-        raise ValueError(f"repair produced non-finite parameters in '{name}'")

@@ -131,7 +131,8 @@ def build_strategy(
         raise ValueError(f"strategy {task.strategy!r} needs calibration inputs")
     labels = calibration_labels(task) if task.merge_guard else None
     return CCAMerge(model_fn, calibration, method=task.merge_method, reference=task.reference,
-                    stats=task.stats, ridge=task.ridge_or_default, device=device,
+                    stats=task.stats, ridge=task.ridge_or_default, ridge_mode=task.ridge_mode,
+                    repair=task.repair, zero_dead=task.zero_dead, device=device,
                     calibration_labels=labels, **common)
 
 

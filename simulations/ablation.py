@@ -45,27 +45,28 @@ from torch import nn
 
 from fedcca.alignment import Transform, apply_transforms, spec_for
 from fedcca.data import load_dataset
+from fedcca.repair import preactivation_spec, preactivation_statistics
 from fedcca.transforms import canonical_correlations, cca_transform, permute_transform
-from fedcca.variants import VARIANTS, Variant, merge_variant, paper_cca_transform, preactivation_statistics, \
-    preactivation_spec, score, trace_cca_transform
+from fedcca.variants import VARIANTS, Variant, merge_variant, score
 from simulations.oneshot import Evaluator, Group, add_common_arguments, group_statistics, load_group, \
     markdown_table, parse_common, plot, run_grid, summarise, zoo_spec
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_VARIANTS = ("direct", "permute", "weight-matching", "cca", "cca-paper", "cca-trace", "permute-mean",
-                    "cca-trace-mean", "permute-repair", "weight-matching-repair", "cca-trace-repair")
+DEFAULT_VARIANTS = ("direct", "permute", "weight-matching", "cca", "cca-trace", "cca-procrustes", "cca-relative",
+                    "cca-paper", "blend", "permute-mean", "cca-mean", "permute-repair", "weight-matching-repair",
+                    "cca-repair", "cca-trace-repair")
 CALIBRATION_SIZES = (25, 100, 250, 500)
 
 
 def _fixed_transforms(stats: dict, ridge: float) -> dict[str, dict[str, Transform]]:
     """The transforms compared by the diagnostics, at one point each (fixed hyper-parameters)."""
-    out: dict[str, dict[str, Transform]] = {"permute": {}, "cca": {}, "cca-paper": {}, "cca-trace": {}}
+    out: dict[str, dict[str, Transform]] = {"permute": {}, "cca-relative": {}, "cca-paper": {}, "cca-trace": {}}
     for point, pair in stats.items():
         out["permute"][point] = permute_transform(pair, point=point)
-        out["cca"][point] = cca_transform(pair, 0.1, point=point)
-        out["cca-paper"][point] = paper_cca_transform(pair, ridge, point=point)
-        out["cca-trace"][point] = trace_cca_transform(pair, ridge, point=point)
+        out["cca-relative"][point] = cca_transform(pair, 0.1, ridge_mode="relative", point=point)
+        out["cca-paper"][point] = cca_transform(pair, ridge, ridge_mode="absolute", point=point)
+        out["cca-trace"][point] = cca_transform(pair, ridge, ridge_mode="trace", point=point)
     return out
 
 
@@ -153,9 +154,9 @@ def collapse(group: Group, variant: str | Variant) -> dict[str, dict[str, float]
 
 def calibration_sweep(group: Group, sizes: Sequence[int], ridge: float) -> dict[str, dict[int, float]]:
     """Held-out accuracy of permute and cca-trace (fixed ridge) vs calibration images used."""
-    recipes = {"permute": Variant("permute"), "cca-trace": Variant("cca-trace", (ridge,)),
+    recipes = {"permute": Variant("permute"), "cca-trace": Variant("cca", (ridge,)),
                "permute-repair": Variant("permute", repair="affine"),
-               "cca-trace-repair": Variant("cca-trace", (ridge,), repair="affine")}
+               "cca-trace-repair": Variant("cca", (ridge,), repair="affine")}
     out: dict[str, dict[int, float]] = {name: {} for name in recipes}
     for size in sizes:
         fit = group.fit[:size]
@@ -178,6 +179,42 @@ def diagnose(group: Group, ridge: float, sizes: Sequence[int]) -> dict:
                                   **{name: aligned_alone(pair, ts) for name, ts in transforms.items()}},
         "calibration_sweep": calibration_sweep(pair, sizes, ridge),
     }
+
+
+def ridge_curve(per_seed: dict[tuple[str, int], list[dict]], variant: str) -> dict[str, dict[str, float]]:
+    """``{K: {ridge: held-out accuracy averaged over seeds}}`` from a selecting variant's scores.
+
+    Held-out calibration data only (never test data): this is how the library default ridge
+    is chosen.
+    """
+    curve: dict[str, dict[str, list[float]]] = {}
+    for (name, k), runs in per_seed.items():
+        if name != variant:
+            continue
+        for run in runs:
+            for row in run.get("holdout_scores", []):
+                curve.setdefault(str(k), {}).setdefault(str(row["ridge"]), []).append(row["accuracy"])
+    return {k: {g: float(np.mean(v)) for g, v in per_k.items()} for k, per_k in curve.items()}
+
+
+def ridge_curve_markdown(curve: dict[str, dict[str, float]]) -> str:
+    """K as rows, ridges as columns, held-out accuracy in percent."""
+    ridges = list(next(iter(curve.values())))
+    lines = ["| K | " + " | ".join(f"g={g}" for g in ridges) + " |", "|---" * (len(ridges) + 1) + "|"]
+    for k, per_k in curve.items():
+        lines.append(f"| {k} | " + " | ".join(f"{100 * per_k[g]:.1f}" for g in ridges) + " |")
+    mean = {g: float(np.mean([per_k[g] for per_k in curve.values()])) for g in ridges}
+    lines.append("| mean | " + " | ".join(f"{100 * mean[g]:.1f}" for g in ridges) + " |")
+    return "\n".join(lines)
+
+
+def _json_safe(value: object) -> object:
+    """``value`` with infinities written as the string "inf" (standard JSON has none)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return "inf" if value == float("inf") else value
 
 
 def _mean_over_seeds(items: list[dict]) -> dict:
@@ -244,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if not args.skip_diagnostics:
             collapses.setdefault(seed, {})[str(k)] = {
                 "permute": collapse(group, "permute"),
-                "cca-trace": collapse(group, Variant("cca-trace", (args.diag_ridge,)))}
+                "cca-trace": collapse(group, Variant("cca", (args.diag_ridge,)))}
 
     per_seed = run_grid(args, dataset, evaluator, args.variants, measure_collapse)
     diagnostics = []
@@ -253,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         diagnostics.append({"collapse": collapses[seed], **diagnose(group, args.diag_ridge, args.calibration_sizes)})
     rows = summarise(per_seed)
     result: dict = {"rows": rows, "config": vars(args),
-                    "variants": {v: dataclasses.asdict(VARIANTS[v]) for v in args.variants}}
+                    "variants": {v: _json_safe(dataclasses.asdict(VARIANTS[v])) for v in args.variants},
+                    "ridge_curve": ridge_curve(per_seed, "cca-trace")}
     if diagnostics:
         result["diagnostics_per_seed"] = diagnostics
         result["diagnostics_mean"] = _mean_over_seeds(diagnostics)
@@ -263,6 +301,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     plot(rows, out.with_suffix(".png"), f"ablation: {args.dataset} {args.model}x{args.width}, split {args.split}")
     text = "## Variants (test accuracy %, mean ± std over seeds " + str(args.seeds) + ")\n\n" + markdown_table(rows)
     text += "\n\n" + "\n".join(f"- `{v}`: {VARIANTS[v].description}" for v in args.variants)
+    if result["ridge_curve"]:
+        text += "\n\n## Held-out accuracy of cca-trace per ridge g (mean over seeds; chooses the default)\n\n"
+        text += ridge_curve_markdown(result["ridge_curve"])
     if diagnostics:
         text += "\n\n## Diagnostics (seed mean, model 1 vs reference model 0)\n\n" + diagnostics_markdown(
             result["diagnostics_mean"])

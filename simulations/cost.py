@@ -63,14 +63,16 @@ from fedcca.protocol import (
 )
 from fedcca.statistics import collect_statistics
 from fedcca.strategy import CCAMerge
+from server.server_app import build_strategy
 from fedcca.training import train
-from simulations.federated import BASELINE, StrategySpec, parse_strategies
 from simulations.harness import (
+    BASELINE,
     InProcessGrid,
+    StrategySpec,
     add_runtime_arguments,
-    apply_runtime,
     base_run_config,
     markdown_table,
+    parse_benchmark,
     parse_list,
     write_json,
 )
@@ -134,25 +136,20 @@ def make_replies(dataset: Dataset, num_clients: int, width: int, *, local_steps:
 
 
 def build_strategies(specs: Sequence[StrategySpec], model_fn: Callable[[], nn.Module],
-                     calibration: torch.Tensor, num_clients: int) -> dict[str, FedAvg]:
-    """The strategies as ``server.server_app.build_strategy`` configures them, all K clients per round.
+                     calibration: torch.Tensor, num_clients: int, **run_config: Any) -> dict[str, FedAvg]:
+    """The strategies exactly as ``server.server_app.build_strategy`` builds them, all K clients per round.
 
     Args:
-        specs: Which strategies.
+        specs: Which strategies (their run-config overrides apply, e.g. ``merge-guard``).
         model_fn: Builds the federated architecture.
-        calibration: Server-side calibration inputs.
-        num_clients: K (min_train_nodes and min_available_nodes).
+        calibration: Server-side calibration inputs (``calibration_inputs`` of the same run config).
+        num_clients: K (``min-nodes``: min_train_nodes and min_available_nodes).
+        **run_config: Further run-config values (``_`` for ``-``), e.g. ``calibration_size``.
     """
-    common: dict[str, Any] = {"fraction_train": 1.0, "fraction_evaluate": 0.0,
-                              "min_train_nodes": num_clients, "min_available_nodes": num_clients}
     strategies: dict[str, FedAvg] = {}
     for spec in specs:
-        if spec.method is None:
-            strategies[spec.label] = FedAvg(**common)
-        else:
-            strategies[spec.label] = CCAMerge(model_fn, calibration, method=spec.method,
-                                              reference=spec.reference, stats=spec.stats,
-                                              device="cpu", **common)
+        task = TaskConfig.from_run_config(base_run_config(**run_config, min_nodes=num_clients, **spec.run_config()))
+        strategies[spec.label] = build_strategy(task, model_fn, calibration, torch.device("cpu"))
     return strategies
 
 
@@ -383,16 +380,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the cost measurements described by the command line; write JSON and PNG; return the JSON."""
-    args = _parser().parse_args(argv)
-    blas_threads = apply_runtime(args)
-    specs = parse_strategies(args.strategies)
+    args, specs, blas_threads = parse_benchmark(_parser(), argv)
     labels = [spec.label for spec in specs]
     if BASELINE not in labels:
         raise ValueError(f"--strategies must include {BASELINE!r} (the baseline of the ratios)")
     dataset = load_dataset("fashion-mnist", args.data_dir or None)
-    task = TaskConfig.from_run_config(base_run_config(calibration_size=args.calibration_size, seed=args.seed,
-                                                      data_dir=args.data_dir))
-    calibration = calibration_inputs(task)
+    data_config = {"calibration_size": args.calibration_size, "seed": args.seed, "data_dir": args.data_dir}
+    calibration = calibration_inputs(TaskConfig.from_run_config(base_run_config(**data_config)))
     sweeps = [("clients", k, 1) for k in parse_list(args.clients, int)]
     sweeps += [("width", args.width_clients, w) for w in parse_list(args.widths, int)]
     payload: dict[str, Any] = {
@@ -410,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         replies = make_replies(dataset, num_clients, width, local_steps=args.local_steps,
                                stats_examples=args.stats_examples, seed=args.seed)
         model_fn = partial(build_model, "cnn", dataset.num_classes, dataset.in_channels, width)
-        strategies = build_strategies(specs, model_fn, calibration, num_clients)
+        strategies = build_strategies(specs, model_fn, calibration, num_clients, **data_config)
         if num_clients > args.max_server_stats_clients:
             strategies = {label: strategy for label, strategy in strategies.items()
                           if not _server_statistics(strategy)}

@@ -8,9 +8,10 @@ strategy starts from the same initial model, the same client shards and the same
 per-(round, client) training randomness; only the aggregation differs. The global model
 is evaluated on the test split after every round.
 
-A strategy is named ``fedavg`` or ``METHOD[:REFERENCE[:STATS]]`` (CCAMerge's ``method``,
-``reference`` and ``stats``), e.g. ``cca`` = ``cca:global:client``, ``permute``,
-``cca:largest:server``. Writes JSON, one PNG per local-epochs setting and prints a
+A strategy is named ``fedavg`` or ``METHOD[:REFERENCE[:STATS]][+KEY=VALUE...]`` (CCAMerge's
+``method``, ``reference`` and ``stats``, then any run-config overrides), e.g. ``cca`` =
+``cca:global:client``, ``permute``, ``cca:largest:server``, ``cca+merge-guard=false``,
+``cca+repair=affine+ridge-mode=absolute``. Writes JSON, one PNG per local-epochs setting and prints a
 markdown table per setting::
 
     OPENBLAS_NUM_THREADS=1 python -m simulations.federated --partitioning dirichlet --alpha 0.1 --local-epochs 1,5 \
@@ -25,7 +26,6 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,6 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 
 from clients.task import (
-    REFERENCES,
-    STATISTICS_SOURCES,
     TaskConfig,
     calibration_inputs,
     derive_seed,
@@ -46,83 +44,21 @@ from clients.task import (
     seed_everything,
 )
 from fedcca.devices import resolve_device
-from fedcca.merging import METHODS
 from fedcca.strategy import CCAMerge
 from fedcca.training import evaluate
 from server.server_app import build_strategy
-from simulations.harness import (
+from simulations.harness import (  # noqa: F401 - BASELINE, StrategySpec, parse_strategies re-exported
+    BASELINE,
     InProcessGrid,
+    StrategySpec,
     add_runtime_arguments,
-    apply_runtime,
     base_run_config,
     markdown_table,
+    parse_benchmark,
     parse_list,
+    parse_strategies,
     write_json,
 )
-
-BASELINE = "fedavg"
-
-
-@dataclass(frozen=True)
-class StrategySpec:
-    """One strategy of the comparison.
-
-    Args:
-        label: The name given on the command line (used in tables, plots and JSON).
-        method: CCAMerge method, or None for Flower's FedAvg.
-        reference: CCAMerge reference policy.
-        stats: CCAMerge statistics source.
-    """
-
-    label: str
-    method: str | None
-    reference: str = "global"
-    stats: str = "client"
-
-    @classmethod
-    def parse(cls, text: str) -> StrategySpec:
-        """Parse ``fedavg`` or ``METHOD[:REFERENCE[:STATS]]``.
-
-        Args:
-            text: e.g. ``"cca:largest:server"``.
-
-        Raises:
-            ValueError: Unknown method, reference or statistics source.
-        """
-        if text == BASELINE:
-            return cls(text, None)
-        parts = text.split(":")
-        if len(parts) > 3:
-            raise ValueError(f"strategy {text!r}: expected METHOD[:REFERENCE[:STATS]]")
-        method, reference, stats = (parts + ["global", "client"][len(parts) - 1:])[:3]
-        for what, value, choices in (("method", method, METHODS), ("reference", reference, REFERENCES),
-                                     ("stats", stats, STATISTICS_SOURCES)):
-            if value not in choices:
-                raise ValueError(f"strategy {text!r}: {what} must be one of {choices}, got {value!r}")
-        return cls(text, method, reference, stats)
-
-    def run_config(self) -> dict[str, Any]:
-        """The run-config keys this strategy sets."""
-        if self.method is None:
-            return {"strategy": BASELINE}
-        return {"strategy": self.method, "reference": self.reference, "stats": self.stats}
-
-
-def parse_strategies(text: str) -> list[StrategySpec]:
-    """Parse a comma-separated ``--strategies`` value.
-
-    Args:
-        text: e.g. ``"fedavg,cca,permute"``.
-
-    Raises:
-        ValueError: An unknown or repeated strategy.
-    """
-    specs = [StrategySpec.parse(item) for item in parse_list(text)]
-    labels = [spec.label for spec in specs]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"--strategies lists a strategy twice: {labels}")
-    return specs
-
 
 def run_federation(run_config: dict[str, Any], num_clients: int, rounds: int) -> dict[str, Any]:
     """Train one federation in process; return accuracy/loss per round (round 0 = initial model).
@@ -288,9 +224,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the comparison described by the command line; write JSON and PNGs; return the JSON."""
-    args = _parser().parse_args(argv)
-    blas_threads = apply_runtime(args)
-    specs = parse_strategies(args.strategies)
+    args, specs, blas_threads = parse_benchmark(_parser(), argv)
     labels = [spec.label for spec in specs]
     seeds = parse_list(args.seeds, int)
     per_client = args.train_subset // args.num_clients if args.train_subset else 0

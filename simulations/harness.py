@@ -15,6 +15,7 @@ import logging
 import os
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import app as client_app
+from clients.task import REFERENCES, STATISTICS_SOURCES
+from fedcca.merging import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 ClientFn = Callable[[Message, Context], Message]
@@ -60,25 +63,20 @@ def node_context(run_config: Mapping[str, Any], partition_id: int, num_partition
                    node_config={"partition-id": partition_id, "num-partitions": num_partitions})
 
 
-class InProcessGrid(Grid):
-    """A Grid whose nodes are our ClientApp called in this process; node id = partition id + 1.
+def set_task_identity() -> None:
+    """Give this process the ServerApp identity Flower needs to create instruction messages."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
-    Replies come back sorted by node id (as the ServerApp sorts them), so aggregation does
-    not depend on sampling order. A ClientApp exception becomes an error reply, as a
-    SuperNode would report it.
 
-    Args:
-        run_config: Run config handed to every ClientApp call.
-        num_partitions: Number of nodes.
-        app: The ClientApp (default: ``clients.client_app.app``).
+class LocalGrid(Grid):
+    """Base of the Grids that answer ``send_and_receive`` in this process (no SuperLink).
+
+    Subclasses implement ``get_node_ids`` and ``send_and_receive``; the SuperLink-facing
+    methods are unused here and say so.
     """
 
-    def __init__(self, run_config: Mapping[str, Any], num_partitions: int, app: ClientFn = client_app) -> None:
-        # Messages created outside a Flower runtime need the ServerApp's task identity.
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-        self.run_config = dict(run_config)
-        self.num_partitions = num_partitions
-        self.app = app
+    def __init__(self) -> None:
+        set_task_identity()  # messages created outside a Flower runtime need it
 
     def set_run(self, run_id: int) -> None:  # type: ignore[override]
         """Unused: there is no SuperLink run."""
@@ -93,17 +91,37 @@ class InProcessGrid(Grid):
         """Create an instruction message for ``dst_node_id``."""
         return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
 
-    def get_node_ids(self) -> list[int]:
-        """All node ids."""
-        return list(range(1, self.num_partitions + 1))
-
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Unused: see ``send_and_receive``."""
-        raise NotImplementedError("InProcessGrid only supports send_and_receive")
+        raise NotImplementedError(f"{type(self).__name__} only supports send_and_receive")
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Unused: see ``send_and_receive``."""
-        raise NotImplementedError("InProcessGrid only supports send_and_receive")
+        raise NotImplementedError(f"{type(self).__name__} only supports send_and_receive")
+
+
+class InProcessGrid(LocalGrid):
+    """A Grid whose nodes are our ClientApp called in this process; node id = partition id + 1.
+
+    Replies come back sorted by node id (as the ServerApp sorts them), so aggregation does
+    not depend on sampling order. A ClientApp exception becomes an error reply, as a
+    SuperNode would report it.
+
+    Args:
+        run_config: Run config handed to every ClientApp call.
+        num_partitions: Number of nodes.
+        app: The ClientApp (default: ``clients.client_app.app``).
+    """
+
+    def __init__(self, run_config: Mapping[str, Any], num_partitions: int, app: ClientFn = client_app) -> None:
+        super().__init__()
+        self.run_config = dict(run_config)
+        self.num_partitions = num_partitions
+        self.app = app
+
+    def get_node_ids(self) -> list[int]:
+        """All node ids."""
+        return list(range(1, self.num_partitions + 1))
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         """Run the ClientApp of every addressed node, in node-id order; return the replies."""
@@ -117,6 +135,99 @@ class InProcessGrid(Grid):
                 logging.getLogger(__name__).error("node %s failed: %r", node_id, err)
                 replies.append(Message(Error(code=1, reason=repr(err)), reply_to=message))
         return replies
+
+
+BASELINE = "fedavg"
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """One strategy of the comparison.
+
+    Args:
+        label: The name given on the command line (used in tables, plots and JSON).
+        method: CCAMerge method, or None for Flower's FedAvg.
+        reference: CCAMerge reference policy.
+        stats: CCAMerge statistics source.
+        overrides: Further run-config keys (``(key, value)`` pairs, keys with dashes).
+    """
+
+    label: str
+    method: str | None
+    reference: str = "global"
+    stats: str = "client"
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> StrategySpec:
+        """Parse ``fedavg`` or ``METHOD[:REFERENCE[:STATS]][+KEY=VALUE...]``.
+
+        Args:
+            text: e.g. ``"cca:largest:server"`` or ``"cca+merge-guard=false"``.
+
+        Raises:
+            ValueError: Unknown method, reference or statistics source; a malformed override.
+        """
+        if text == BASELINE:
+            return cls(text, None)
+        head, *extra = text.split("+")
+        overrides = tuple(_override(text, item) for item in extra)
+        parts = head.split(":")
+        if len(parts) > 3:
+            raise ValueError(f"strategy {text!r}: expected METHOD[:REFERENCE[:STATS]]")
+        method, reference, stats = (parts + ["global", "client"][len(parts) - 1:])[:3]
+        for what, value, choices in (("method", method, METHODS), ("reference", reference, REFERENCES),
+                                     ("stats", stats, STATISTICS_SOURCES)):
+            if value not in choices:
+                raise ValueError(f"strategy {text!r}: {what} must be one of {choices}, got {value!r}")
+        return cls(text, method, reference, stats, overrides)
+
+    def run_config(self) -> dict[str, Any]:
+        """The run-config keys this strategy sets (underscores for dashes, as ``base_run_config`` takes them)."""
+        if self.method is None:
+            return {"strategy": BASELINE}
+        return {"strategy": self.method, "reference": self.reference, "stats": self.stats,
+                **{key.replace("-", "_"): value for key, value in self.overrides}}
+
+
+def _override(text: str, item: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as TOML (``false``, ``0.5``, ``"affine"``; bare words are strings)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"strategy {text!r}: override {item!r} is not KEY=VALUE")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def parse_strategies(text: str) -> list[StrategySpec]:
+    """Parse a comma-separated ``--strategies`` value.
+
+    Args:
+        text: e.g. ``"fedavg,cca,permute"``.
+
+    Raises:
+        ValueError: An unknown or repeated strategy.
+    """
+    specs = [StrategySpec.parse(item) for item in parse_list(text)]
+    labels = [spec.label for spec in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--strategies lists a strategy twice: {labels}")
+    return specs
+
+
+def parse_benchmark(parser: argparse.ArgumentParser,
+                    argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[StrategySpec], str | None]:
+    """Parse a benchmark's command line (with ``--strategies``) and apply its runtime options.
+
+    Returns:
+        ``(args, strategies, $OPENBLAS_NUM_THREADS)``.
+    """
+    args = parser.parse_args(argv)
+    blas_threads = apply_runtime(args)
+    return args, parse_strategies(args.strategies), blas_threads
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser, default_out: Path) -> None:

@@ -184,9 +184,9 @@ def run_method(group: Group, method: str, evaluator: Evaluator,
     return result
 
 
-def _finite(values: dict[str, float]) -> dict[str, float]:
-    """Drop unused (NaN) hyper-parameters so the JSON stays standard."""
-    return {k: v for k, v in values.items() if v == v}
+def _finite(values: dict[str, float | None]) -> dict[str, float | str | None]:
+    """Drop unused (NaN) hyper-parameters and write inf as "inf", so the JSON stays standard."""
+    return {k: ("inf" if v == float("inf") else v) for k, v in values.items() if v is None or v == v}
 
 
 def summarise(per_seed: dict[tuple[str, int], list[dict]]) -> list[dict]:
@@ -242,6 +242,12 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _width(text: str) -> int | float:
+    """A width multiplier; integral values stay ints so zoo checkpoint names do not change."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def _csv(kind: type, text: str) -> list:
     return [kind(item) for item in text.split(",") if item.strip()]
 
@@ -251,7 +257,7 @@ def add_common_arguments(p: argparse.ArgumentParser, *, num_models: str, out: st
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--model", default="cnn")
-    p.add_argument("--width", type=int, default=1)
+    p.add_argument("--width", type=_width, default=1, help="width multiplier (e.g. 0.25)")
     p.add_argument("--num-models", default=num_models, help="comma-separated K values")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--split", default="same", help="same | iid | 80-20 | dirichlet | class-disjoint")

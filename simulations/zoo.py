@@ -58,7 +58,7 @@ class ZooSpec:
 
     dataset: str = "fashion-mnist"
     model: str = "cnn"
-    width: int = 1
+    width: float = 1
     epochs: int = 2
     split: str = "same"
     num_models: int = 2

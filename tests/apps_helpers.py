@@ -8,7 +8,11 @@ process or in a Flower simulation.
 from __future__ import annotations
 
 import gzip
+import os
+import subprocess
+import sys
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +93,19 @@ def client_apps(run_config: dict[str, Any], num_partitions: int = 2) -> dict[int
         return run
 
     return {partition_id + 1: node(partition_id) for partition_id in range(num_partitions)}
+
+
+def run_benchmark(module: str, arguments: Sequence[str], timeout: float) -> None:
+    """Run ``python -m module arguments`` from the repository root, as a user would.
+
+    A subprocess, because ``OPENBLAS_NUM_THREADS=1`` must be set before numpy loads (see
+    ``simulations.harness.check_blas_threads``); output is captured, failures raise.
+
+    Args:
+        module: e.g. ``"simulations.cost"``.
+        arguments: Command-line arguments.
+        timeout: Seconds before the run is killed (a failure).
+    """
+    subprocess.run([sys.executable, "-m", module, *arguments], cwd=ROOT,
+                   env={**os.environ, "OPENBLAS_NUM_THREADS": "1"}, check=True, timeout=timeout,
+                   capture_output=True)

@@ -25,13 +25,12 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from fedcca.alignment import AlignmentPoint, AlignmentSpec, ParamAxis
 from fedcca.protocol import COMPUTE_STATS_FLAG, STATISTICS_KEY, statistics_to_record
 from fedcca.statistics import collect_statistics
+from simulations.harness import LocalGrid, set_task_identity
 
 IN_FEATURES, HIDDEN1, HIDDEN2, CLASSES = 4, 6, 5, 3
 
@@ -149,11 +148,6 @@ def _evaluate(message: Message, context: Context) -> Message:
                    reply_to=message)
 
 
-def set_task_identity() -> None:
-    """Give this process the ServerApp identity Flower needs to create instruction messages."""
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-
-
 def run_app(app: Callable[[Message, Context], Message], message: Message) -> Message:
     """Run a ClientApp on ``message`` as the node it is addressed to."""
     node_id = message.metadata.dst_node_id
@@ -161,7 +155,7 @@ def run_app(app: Callable[[Message, Context], Message], message: Message) -> Mes
                                 run_config={}))
 
 
-class FakeGrid(Grid):
+class FakeGrid(LocalGrid):
     """A Grid whose ``send_and_receive`` runs each node's ClientApp in this process.
 
     Args:
@@ -171,34 +165,13 @@ class FakeGrid(Grid):
 
     def __init__(self, apps: dict[int, Callable[[Message, Context], Message]],
                  silent: Iterable[int] = ()) -> None:
-        set_task_identity()
+        super().__init__()
         self.apps, self.silent = apps, set(silent)
         self.sent: list[Message] = []
-
-    def set_run(self, run: object) -> None:  # type: ignore[override]
-        """Unused: there is no SuperLink run."""
-
-    @property
-    def run(self) -> object:  # type: ignore[override]
-        """Unused: there is no SuperLink run."""
-        return None
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        """Create an instruction message."""
-        return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
 
     def get_node_ids(self) -> Iterable[int]:
         """All node ids, replying or not."""
         return list(self.apps)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Unused: see ``send_and_receive``."""
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Unused: see ``send_and_receive``."""
-        raise NotImplementedError
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.apps_helpers import ROOT, write_tiny_fashion_mnist
+from tests.apps_helpers import run_benchmark, write_tiny_fashion_mnist
 
 STRATEGIES = ["fedavg", "cca", "cca:global:server", "permute"]
 
@@ -21,13 +18,11 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     folder = tmp_path_factory.mktemp("cost")
     data = write_tiny_fashion_mnist(folder / "data")
     out = folder / "out" / "cost.json"
-    subprocess.run(
-        [sys.executable, "-m", "simulations.cost", "--clients", "2,4", "--widths", "1", "--width-clients", "2",
-         "--strategies", ",".join(STRATEGIES), "--repeats", "1", "--calibration-size", "20",
-         "--stats-examples", "16", "--local-steps", "1", "--client-examples", "20",
-         "--data-dir", str(data), "--out", str(out)],
-        cwd=ROOT, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"}, check=True, timeout=150,
-        capture_output=True)
+    run_benchmark("simulations.cost", [
+        "--clients", "2,4", "--widths", "1", "--width-clients", "2",
+        "--strategies", ",".join(STRATEGIES), "--repeats", "1", "--calibration-size", "20",
+        "--stats-examples", "16", "--local-steps", "1", "--client-examples", "20",
+        "--data-dir", str(data), "--out", str(out)], timeout=150)
     return json.loads(out.read_text()), out.parent
 
 

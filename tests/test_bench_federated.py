@@ -7,15 +7,12 @@ see simulations.harness.check_blas_threads).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from simulations.federated import StrategySpec, rounds_to_reach, summarise
-from tests.apps_helpers import ROOT, write_tiny_fashion_mnist
+from tests.apps_helpers import run_benchmark, write_tiny_fashion_mnist
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STRATEGIES = ["fedavg", "cca", "cca:global:server", "permute:largest:server"]
@@ -27,13 +24,11 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     folder = tmp_path_factory.mktemp("federated")
     data = write_tiny_fashion_mnist(folder / "data")
     out = folder / "out" / "tiny.json"
-    subprocess.run(
-        [sys.executable, "-m", "simulations.federated", "--partitioning", "dirichlet", "--alpha", "1.0",
-         "--local-epochs", "1", "--strategies", ",".join(STRATEGIES), "--rounds", "2",
-         "--num-clients", "2", "--seeds", "0", "--train-subset", "0", "--calibration-size", "20",
-         "--test-examples", "0", "--batch-size", "25", "--data-dir", str(data), "--out", str(out)],
-        cwd=ROOT, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"}, check=True, timeout=120,
-        capture_output=True)
+    run_benchmark("simulations.federated", [
+        "--partitioning", "dirichlet", "--alpha", "1.0",
+        "--local-epochs", "1", "--strategies", ",".join(STRATEGIES), "--rounds", "2",
+        "--num-clients", "2", "--seeds", "0", "--train-subset", "0", "--calibration-size", "20",
+        "--test-examples", "0", "--batch-size", "25", "--data-dir", str(data), "--out", str(out)], timeout=120)
     return json.loads(out.read_text()), out.parent
 
 
@@ -88,6 +83,12 @@ def test_strategy_spec_parsing() -> None:
     assert StrategySpec.parse("fedavg").method is None
     assert StrategySpec.parse("cca") == StrategySpec("cca", "cca", "global", "client")
     assert StrategySpec.parse("permute:largest") == StrategySpec("permute:largest", "permute", "largest", "client")
+    spec = StrategySpec.parse("cca:largest+merge-guard=false+repair=affine+ridge=0.5")
+    assert spec.overrides == (("merge-guard", False), ("repair", "affine"), ("ridge", 0.5))
+    assert spec.run_config() == {"strategy": "cca", "reference": "largest", "stats": "client",
+                                 "merge_guard": False, "repair": "affine", "ridge": 0.5}
+    with pytest.raises(ValueError, match="not KEY=VALUE"):
+        StrategySpec.parse("cca+guard")
     assert StrategySpec.parse("cca:first:server").run_config() == {
         "strategy": "cca", "reference": "first", "stats": "server"}
     for bad in ("avg", "cca:best", "cca:global:gpu", "cca:global:client:x"):

@@ -39,13 +39,50 @@ def _assert_finite(model: torch.nn.Module) -> None:
 
 # ----------------------------------------------------------------------------- exact recovery
 
-@pytest.mark.parametrize("method", DATA_METHODS)
-def test_symmetric_copy_is_recovered_exactly(method: str) -> None:
+# (method, merge options, scale range of the copy): the relative ridge and Permute undo any
+# positive per-feature scale, the default trace ridge (and its g = inf limit) one scale per point.
+EXACT_CASES = [("cca", {"ridge_mode": "relative"}, (0.5, 2.0)), ("permute", {}, (0.5, 2.0)),
+               ("cca", {}, (1.7, 1.7)), ("cca", {"ridge": float("inf")}, (0.6, 0.6)),
+               ("cca", {"ridge_mode": "absolute"}, (1.0, 1.0))]
+
+
+@pytest.mark.parametrize(("method", "options", "scales"), EXACT_CASES)
+@pytest.mark.parametrize("repair", ["none", "affine"])
+def test_symmetric_copy_is_recovered_exactly(method: str, options: dict, scales: tuple, repair: str) -> None:
     model, x = make_tiny(1), calibration(24)
-    merged = merge([model, symmetric_copy(model)], x, method, recompute_bn=False)
-    for key, value in model.state_dict().items():
-        torch.testing.assert_close(merged.state_dict()[key], value, atol=1e-5, rtol=1e-5)
-    _assert_same_function(merged, model, x)
+    # REPAIR targets the endpoints with BatchNorm recomputed on x, as merging leaves the result.
+    merged = merge([model, symmetric_copy(model, scale_range=scales)], x, method, recompute_bn=repair != "none",
+                   repair=repair, **options)
+    if repair == "none":
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(merged.state_dict()[key], value, atol=1e-5, rtol=1e-5)
+        _assert_same_function(merged, model, x)
+    else:
+        _assert_same_function(merged, _with_fresh_bn(model, x), x)
+
+
+def test_default_ridge_does_not_undo_per_feature_scales_exactly() -> None:
+    """The price of the trace ridge (chosen for trained nets): per-feature rescaled copies are approximate."""
+    model, x = make_tiny(1), calibration(24)
+    merged = merge([model, symmetric_copy(model, scale_range=(0.5, 2.0))], x, "cca", recompute_bn=False)
+    assert not torch.allclose(outputs(merged, x), outputs(model, x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("repair", ["mean", "affine"])
+def test_merge_repair_equals_the_variant_recipe(repair: str) -> None:
+    from fedcca.variants import Variant, merge_variant
+
+    models, x = [make_tiny(1, batchnorm=True), make_tiny(2, batchnorm=True), make_tiny(3, batchnorm=True)], calibration(24)
+    merged = merge(models, x, "cca", weights=[1.0, 2.0, 1.0], repair=repair)
+    expected, _ = merge_variant(models, x, Variant("cca", repair=repair), weights=[1.0, 2.0, 1.0])
+    unrepaired = merge(models, x, "cca", weights=[1.0, 2.0, 1.0])
+    torch.testing.assert_close(outputs(merged, x), outputs(expected, x), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(outputs(merged, x), outputs(unrepaired, x), atol=1e-3)
+
+
+def test_unknown_repair_raises() -> None:
+    with pytest.raises(ValueError, match="unknown repair 'full'"):
+        merge([make_tiny(1)], calibration(4), "cca", repair="full")
 
 
 def test_weight_matching_recovers_a_permuted_copy() -> None:
@@ -81,7 +118,7 @@ def test_model_zoo_symmetric_copies_are_recovered(name: str) -> None:
     probe = x[:4]  # the function check needs few inputs; VGG forwards dominate the run time
     expected = outputs(model, probe)
     # Exact recovery makes the average equal to `model`, BN buffers included: no recompute needed.
-    merged = [merge([model, other], x, method, statistics=statistics, recompute_bn=False)
+    merged = [merge([model, other], x, method, statistics=statistics, recompute_bn=False, ridge_mode="relative")
               for method in DATA_METHODS]
     permuted = symmetric_copy(model, seed=6, scale_range=(1.0, 1.0))
     merged.append(merge([model, permuted], x, "weight-matching", recompute_bn=False))
@@ -92,7 +129,8 @@ def test_model_zoo_symmetric_copies_are_recovered(name: str) -> None:
 def test_separate_reference_is_only_a_target() -> None:
     model, x = make_tiny(1), calibration(24)
     copies = [symmetric_copy(model, seed=s) for s in (3, 4, 5)]
-    merged = merge(copies, x, "cca", reference=model, weights=[1.0, 2.0, 3.0], recompute_bn=False)
+    merged = merge(copies, x, "cca", reference=model, weights=[1.0, 2.0, 3.0], recompute_bn=False,
+                   ridge_mode="relative")
     _assert_same_function(merged, model, x)
 
 
@@ -231,7 +269,7 @@ def test_dead_channels_are_logged_and_merge_stays_exact(method: str, caplog: pyt
         model.conv1.bias[1:3] = 0.0
         model.fc1.bias[:3] = -100.0     # dead ReLU units with non-zero weights
     with caplog.at_level(logging.WARNING, logger="fedcca.transforms"):
-        merged = merge([model, symmetric_copy(model)], x, method)
+        merged = merge([model, symmetric_copy(model)], x, method, ridge_mode="relative")
     assert "point 'conv1': 2 dead feature(s) in the reference and 2 in the model" in caplog.text
     assert re.search(r"point 'fc1': ([3-6]) dead feature\(s\) in the reference and \1 in the model", caplog.text)
     _assert_finite(merged)
@@ -253,3 +291,51 @@ def test_non_finite_calibration_is_a_clear_error() -> None:
         merge([make_tiny(1), make_tiny(2)], x, "cca")
     with pytest.raises(ValueError, match="non-finite input to 'bn2'"):
         merge([make_tiny(1), make_tiny(2)], x, "direct")
+
+
+# ----------------------------------------------------------------------------- dead features
+
+def _with_dead_units(seed: int, units: slice) -> torch.nn.Module:
+    model = make_tiny(seed, batchnorm=False)
+    with torch.no_grad():
+        model.fc1.bias[units] = -100.0  # never active on the calibration data
+    return model
+
+
+def test_zero_features_keeps_the_function_of_dead_units() -> None:
+    from fedcca.alignment import spec_for, zero_features
+
+    model, x = _with_dead_units(1, slice(0, 3)), calibration(24)
+    stats = collect_statistics(model, [model], x)[0]
+    masks = {point: pair.zero_features()[1] for point, pair in stats.items()}
+    assert int(masks["fc1"].sum()) >= 3
+    zeroed = copy.deepcopy(model)
+    zeroed.load_state_dict(zero_features(model.state_dict(), spec_for(model), masks))
+    assert torch.all(zeroed.fc1.bias[:3] == 0) and torch.all(zeroed.fc1.weight[:3] == 0)
+    assert torch.all(zeroed.state_dict()["fc2.weight"][:, :3] == 0)  # the consumer ignores them
+    _assert_same_function(zeroed, model, x, atol=1e-6)
+    # negative control: zeroing a live unit changes the function
+    live = {"fc1": torch.zeros_like(masks["fc1"])}
+    live["fc1"][int(torch.nonzero(~masks["fc1"])[0])] = True
+    broken = copy.deepcopy(model)
+    broken.load_state_dict(zero_features(model.state_dict(), spec_for(model), live))
+    assert not torch.allclose(outputs(broken, x), outputs(model, x), atol=1e-4)
+
+
+@pytest.mark.parametrize("method", DATA_METHODS)
+def test_dead_units_of_a_client_are_not_mixed_into_the_merge(method: str) -> None:
+    """A client's dead units (absent in the reference) leave no trace in the merged weights."""
+    reference, x = make_tiny(1, batchnorm=False), calibration(24)
+    client = _with_dead_units(2, slice(0, 3))
+    merged = merge([client], x, method, reference=reference)
+    # Equivalent: the client with those units' weights removed by hand.
+    by_hand = copy.deepcopy(client)
+    with torch.no_grad():
+        by_hand.fc1.weight[:3] = 0.0
+        by_hand.fc1.bias[:3] = 0.0
+        by_hand.fc2.weight[:, :3] = 0.0
+    expected = merge([by_hand], x, method, reference=reference, zero_dead=False)
+    for key, value in expected.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[key], value, atol=1e-6, rtol=1e-6)
+    kept = merge([client], x, method, reference=reference, zero_dead=False)
+    assert not torch.allclose(kept.state_dict()["fc1.bias"], merged.state_dict()["fc1.bias"], atol=1e-3)

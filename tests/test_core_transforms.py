@@ -13,6 +13,7 @@ from coreb_helpers import make_tiny, symmetric_copy
 
 from fedcca.statistics import PairStatistics
 from fedcca.transforms import (
+    DEFAULT_RIDGES,
     canonical_correlations,
     cca_transform,
     identity_transform,
@@ -64,28 +65,66 @@ def test_cca_matches_a_numpy_reference() -> None:
     np.testing.assert_allclose(transform.inverse.numpy() @ transform.matrix.numpy(), np.eye(5), atol=1e-10)
 
 
+_RIDGED = {  # the paper's formula with each mode's ridged own blocks, written independently
+    "relative": lambda c, g: c + g * np.diag(np.diag(c)),
+    "trace": lambda c, g: c + g * np.trace(c) / len(c) * np.eye(len(c)),
+    "absolute": lambda c, g: c + g * np.eye(len(c)),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(_RIDGED))
 @pytest.mark.parametrize("ridge", [0.0, 0.1, 3.0])
-def test_cca_ridge_matches_the_symmetric_root_formula(ridge: float) -> None:
+def test_cca_ridge_matches_the_symmetric_root_formula(mode: str, ridge: float) -> None:
     a, b = _synthetic(seed=1)
+    b = 3.0 * b  # unequal scales: the modes differ
     joint = np.cov(np.concatenate([a, b], axis=1), rowvar=False, bias=True)
     c_aa, c_bb, c_ab = joint[:5, :5], joint[5:, 5:], joint[:5, 5:]
-    c_aa = c_aa + ridge * np.diag(np.diag(c_aa))
-    c_bb = c_bb + ridge * np.diag(np.diag(c_bb))
+    c_aa, c_bb = _RIDGED[mode](c_aa, ridge), _RIDGED[mode](c_bb, ridge)
     root_a, root_b = scipy.linalg.sqrtm(c_aa).real, scipy.linalg.sqrtm(c_bb).real
     u, s, vh = np.linalg.svd(np.linalg.solve(root_a, c_ab) @ np.linalg.inv(root_b))
     expected = root_a @ u @ vh @ np.linalg.inv(root_b)
-    transform = cca_transform(_stats(a, b), ridge=ridge)
+    transform = cca_transform(_stats(a, b), ridge=ridge, ridge_mode=mode)
     np.testing.assert_allclose(transform.matrix.numpy(), expected, atol=1e-8)
     np.testing.assert_allclose(transform.inverse.numpy(), np.linalg.inv(expected), atol=1e-8)
-    np.testing.assert_allclose(canonical_correlations(_stats(a, b), ridge).numpy(), s, atol=1e-10)
+    np.testing.assert_allclose(canonical_correlations(_stats(a, b), ridge, ridge_mode=mode).numpy(), s, atol=1e-10)
+
+
+def test_default_is_the_trace_ridge_and_unknown_modes_raise() -> None:
+    stats = _stats(*_synthetic(seed=1))
+    torch.testing.assert_close(cca_transform(stats).matrix,
+                               cca_transform(stats, DEFAULT_RIDGES["trace"], ridge_mode="trace").matrix)
+    with pytest.raises(ValueError, match="unknown ridge_mode 'tikhonov'"):
+        cca_transform(stats, ridge_mode="tikhonov")
+    with pytest.raises(ValueError, match="inf only in 'trace' mode"):
+        cca_transform(stats, float("inf"), ridge_mode="relative")
+
+
+def test_infinite_trace_ridge_is_the_scaled_procrustes_solution() -> None:
+    a, b = _synthetic(seed=8)
+    b = 2.0 * b
+    joint = np.cov(np.concatenate([a, b], axis=1), rowvar=False, bias=True)
+    c_aa, c_bb, c_ab = joint[:5, :5], joint[5:, 5:], joint[:5, 5:]
+    u, _, vh = np.linalg.svd(c_ab)
+    expected = np.sqrt(np.trace(c_aa) / np.trace(c_bb)) * u @ vh
+    transform = cca_transform(_stats(a, b), float("inf"))
+    np.testing.assert_allclose(transform.matrix.numpy(), expected, atol=1e-10)
+    np.testing.assert_allclose(transform.matrix.numpy(), cca_transform(_stats(a, b), 1e9).matrix.numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize("ridge", [0.0, 0.1, 100.0])
 def test_cca_and_permute_recover_a_scaled_permutation_at_any_ridge(ridge: float) -> None:
+    """Relative ridge: any positive per-feature scale; trace ridge: one scale per point."""
     a, _ = _synthetic(seed=2)
     q = _scaled_permutation(5, seed=7)
     stats = _stats(a, a @ q.T)  # b = Q a
-    np.testing.assert_allclose(cca_transform(stats, ridge).matrix.numpy(), np.linalg.inv(q), atol=1e-9)
+    np.testing.assert_allclose(cca_transform(stats, ridge, ridge_mode="relative").matrix.numpy(),
+                               np.linalg.inv(q), atol=1e-9)
+    uniform = 2.5 * (q != 0)
+    for g in (ridge, float("inf")):
+        np.testing.assert_allclose(cca_transform(_stats(a, a @ uniform.T), g).matrix.numpy(),
+                                   np.linalg.inv(uniform), atol=1e-9)
+    if ridge > 0:  # per-feature scales are not undone exactly by the trace ridge: a real difference
+        assert not np.allclose(cca_transform(stats, ridge).matrix.numpy(), np.linalg.inv(q), atol=1e-6)
     permuted = permute_transform(stats)
     np.testing.assert_allclose(permuted.matrix.numpy(), np.linalg.inv(q), atol=1e-12)
     np.testing.assert_allclose(permuted.inverse.numpy(), q, atol=1e-12)
@@ -101,19 +140,21 @@ def test_permute_maximises_total_correlation() -> None:
     np.testing.assert_array_equal(matrix.argmax(axis=1), best)
 
 
-def test_dead_features_are_logged_and_paired(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("mode", ["relative", "trace", "absolute"])
+def test_dead_features_are_logged_and_paired(mode: str, caplog: pytest.LogCaptureFixture) -> None:
     a, _ = _synthetic(seed=4)
     a[:, 1] = 0.0                                   # a dead unit (ReLU never active)
     q = _scaled_permutation(5, seed=5)
     with caplog.at_level(logging.WARNING, logger="fedcca.transforms"):
-        transform = cca_transform(_stats(a, a @ q.T), point="layer3")
+        transform = cca_transform(_stats(a, a @ q.T), ridge_mode=mode, point="layer3")
     assert "point 'layer3': 1 dead feature(s) in the reference and 1 in the model" in caplog.text
     matrix = transform.matrix.numpy()
     assert np.isfinite(matrix).all() and np.isfinite(transform.inverse.numpy()).all()
     live = [0, 2, 3, 4]
     expected = np.linalg.inv(q)
-    np.testing.assert_allclose(matrix[live][:, expected[live].argmax(1)], expected[live][:, expected[live].argmax(1)],
-                               atol=1e-9)
+    if mode == "relative":  # the only mode exact under per-feature scales
+        np.testing.assert_allclose(matrix[live][:, expected[live].argmax(1)],
+                                   expected[live][:, expected[live].argmax(1)], atol=1e-9)
     dead_col = int(np.flatnonzero(q[1])[0])         # b's dead feature is only sent to a's dead one
     assert np.count_nonzero(np.abs(matrix[:, dead_col]) > 1e-12) == 1 and matrix[1, dead_col] > 0
 

@@ -12,19 +12,11 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fedcca.alignment import spec_for  # noqa: E402
-from fedcca.merging import recompute_batchnorm  # noqa: E402
+from fedcca.batchnorm import recompute_batchnorm  # noqa: E402
+from fedcca.repair import preactivation_spec, preactivation_statistics  # noqa: E402
 from fedcca.statistics import PairStatistics, collect_statistics  # noqa: E402
 from fedcca.transforms import cca_transform, identity_transform  # noqa: E402
-from fedcca.variants import (  # noqa: E402
-    VARIANTS,
-    Variant,
-    blend_transform,
-    merge_variant,
-    paper_cca_transform,
-    preactivation_spec,
-    preactivation_statistics,
-    trace_cca_transform,
-)
+from fedcca.variants import VARIANTS, Variant, blend_transform, merge_variant  # noqa: E402
 from tests.coreb_helpers import CLASSES, calibration, make_tiny, outputs, symmetric_copy  # noqa: E402
 
 
@@ -47,15 +39,19 @@ def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return outputs(model, x)
 
 
-# Which copies each variant must undo exactly: the library's relative ridge and the rescaled
-# permutation are covariant under any per-feature positive scale; the mean-variance ridge only
-# under a uniform scale per point; unscaled permutations (weight matching) and the paper's
-# absolute ridge only when there is no rescaling at all.
+# Which copies each variant must undo exactly: the relative ridge and the rescaled permutation
+# are covariant under any per-feature positive scale; the trace ridge (the default, and its
+# Procrustes limit) only under a uniform scale per point; unscaled permutations (weight
+# matching) and the paper's absolute ridge only when there is no rescaling at all.
 PER_FEATURE, UNIFORM, NONE = (0.5, 2.0), (1.7, 1.7), (1.0, 1.0)
-EXACT_CASES = [(v, PER_FEATURE) for v in ("permute", "cca", "cca-default", "permute-repair", "permute-mean",
-                                          "cca-repair")] \
-    + [(v, UNIFORM) for v in ("cca-trace", "cca-trace-repair", "cca-trace-mean", "blend")] \
+EXACT_CASES = [(v, PER_FEATURE) for v in ("permute", "cca-relative", "permute-repair", "permute-mean", "permute-keep-dead")] \
+    + [(v, UNIFORM) for v in ("cca", "cca-trace", "cca-procrustes", "cca-repair", "cca-trace-repair", "cca-mean", "cca-keep-dead",
+                              "blend")] \
     + [(v, NONE) for v in ("cca-paper", "weight-matching", "weight-matching-repair")]
+
+
+def test_every_variant_has_an_exactness_case() -> None:
+    assert {v for v, _ in EXACT_CASES} | {"direct"} == set(VARIANTS)
 
 
 @pytest.mark.parametrize(("variant", "scales"), EXACT_CASES)
@@ -92,7 +88,7 @@ def test_repair_matches_endpoint_average(data) -> None:
     """After REPAIR every corrected pre-activation has the endpoints' average mean and std."""
     calib, holdout = data
     models = [_model(7, True), _model(8, True)]
-    merged, report = merge_variant(models, calib, "cca-trace-repair", holdout=holdout)
+    merged, report = merge_variant(models, calib, "cca-repair", holdout=holdout)
     assert preactivation_spec(spec_for(merged), merged)[1] == {"conv1": "conv1", "conv2": "bn2", "fc1": "fc1"}
     # reference computation: each endpoint's pre-activation stats moved by its transform
     endpoint = preactivation_statistics(models, calib)
@@ -120,33 +116,20 @@ def _stats(seed: int, n: int = 6, samples: int = 400) -> PairStatistics:
     return PairStatistics.from_features(a, b)
 
 
-def test_paper_and_trace_transforms_equal_library_cca_at_zero_ridge() -> None:
-    stats = _stats(0)
-    reference = cca_transform(stats, 0.0).matrix
-    torch.testing.assert_close(paper_cca_transform(stats, 0.0).matrix, reference, rtol=1e-8, atol=1e-8)
-    torch.testing.assert_close(trace_cca_transform(stats, 0.0).matrix, reference, rtol=1e-8, atol=1e-8)
-
-
-@pytest.mark.parametrize("make", [paper_cca_transform, trace_cca_transform])
-def test_ridged_transforms_have_exact_inverse(make) -> None:
-    t = make(_stats(1), 0.5)
-    torch.testing.assert_close(t.matrix @ t.inverse, torch.eye(6, dtype=torch.float64), rtol=1e-9, atol=1e-9)
-
-
 def test_trace_ridge_shrinks_low_variance_features() -> None:
-    """A nearly constant model feature gets a small column with cca-trace, a 1/std one with the library."""
+    """A nearly constant model feature gets a small column with the trace ridge, a 1/std one with the relative."""
     generator = torch.Generator().manual_seed(2)
     a = torch.randn(2000, 4, generator=generator, dtype=torch.float64)
     b = a.clone()
     b[:, 3] = 1e-3 * torch.randn(2000, generator=generator, dtype=torch.float64)  # uncorrelated, tiny
     stats = PairStatistics.from_features(a, b)
-    assert cca_transform(stats, 0.1).matrix[:, 3].norm() > 100
+    assert cca_transform(stats, 0.1, ridge_mode="relative").matrix[:, 3].norm() > 100
     # O(1) weight instead of ~1/std: a near-dead unit's large pre-activation is not amplified
-    assert trace_cca_transform(stats, 1.0).matrix[:, 3].norm() < 2
+    assert cca_transform(stats, 1.0, ridge_mode="trace").matrix[:, 3].norm() < 2
 
 
 def test_blend_endpoints_and_inverse() -> None:
-    p, c = identity_transform(6), trace_cca_transform(_stats(3), 1.0)
+    p, c = identity_transform(6), cca_transform(_stats(3), 1.0)
     assert blend_transform(p, c, 0.0) is p and blend_transform(p, c, 1.0) is c
     mid = blend_transform(p, c, 0.5)
     torch.testing.assert_close(mid.matrix @ mid.inverse, torch.eye(6, dtype=torch.float64), rtol=1e-9, atol=1e-9)

@@ -1,0 +1,199 @@
+"""REPAIR-style correction of a merged model's pre-activation statistics (Jordan et al., 2023).
+
+Averaging aligned models shrinks the spread of their features ("variance collapse"). After
+the average (and any BatchNorm recomputation), :func:`repair` rescales and shifts each
+alignment point's pre-activation, per channel and layer by layer, so that its mean (and
+standard deviation) on calibration data equal the weighted average of the endpoints'
+statistics expressed in the reference's coordinates (``T mu``, ``sqrt(diag(T C T^T))``): REPAIR
+generalised to dense transforms. A merge of symmetric copies is left exactly unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from fedcca.alignment import AlignmentPoint, AlignmentSpec, Transform, spec_for
+from fedcca.batchnorm import recompute_batchnorm
+from fedcca.statistics import as_batches, collect_statistics
+
+logger = logging.getLogger(__name__)
+
+REPAIRS: tuple[str, ...] = ("none", "mean", "affine")
+"""``"none"``; ``"mean"``: match pre-activation means; ``"affine"``: means and standard deviations."""
+
+# A pre-activation channel whose spread is below this fraction of the target's is treated as
+# constant: rescaling it would blow it up, so only its mean is corrected (logged).
+_FLAT_RTOL = 1e-6
+
+
+def preactivation_spec(spec: AlignmentSpec, model: nn.Module) -> tuple[AlignmentSpec, dict[str, str]]:
+    """The points whose pre-activation can be tapped and corrected, with taps moved there.
+
+    A point qualifies when its taps are ``nn.ReLU`` modules and one module produces what they
+    consume: its BatchNorm if the point has one (a single one), else its single conv/linear
+    with a bias. Residual-stream points (several producers) do not qualify.
+
+    Args:
+        spec: The model's alignment spec.
+        model: The model (to look modules up).
+
+    Returns:
+        ``(spec of the qualifying points tapping their producers, {point: producer module})``.
+    """
+    modules = dict(model.named_modules())
+    points, producers = [], {}
+    for point in spec.points:
+        producer = _producer(point, modules)
+        if producer is None:
+            continue
+        producers[point.name] = producer
+        points.append(AlignmentPoint(point.name, point.size, (producer,), point.axes))
+    return AlignmentSpec(tuple(points)), producers
+
+
+def repair(
+    merged: nn.Module,
+    endpoints: Sequence[nn.Module],
+    transforms: Sequence[Mapping[str, Transform]],
+    calibration: torch.Tensor | Iterable,
+    weights: Sequence[float] | None = None,
+    *,
+    mode: str = "affine",
+    spec: AlignmentSpec | None = None,
+    endpoint_statistics: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 256,
+) -> nn.Module:
+    """Correct the merged model's pre-activation statistics towards the endpoints' (in place).
+
+    Target of each channel at a point: the weighted average over endpoints ``k`` of the mean
+    ``T_k mu_k`` and standard deviation ``sqrt(diag(T_k C_k T_k^T))`` of endpoint k's
+    pre-activations (``mu_k``, ``C_k`` on the calibration data; ``T_k`` its transform, identity
+    when absent). Points are corrected in forward order, each measured after the previous
+    ones were fixed, by rescaling/shifting the producing conv/linear or BatchNorm's weight and
+    bias. Points without a single producer (see :func:`preactivation_spec`) are skipped and
+    logged. Call it after any BatchNorm recomputation (it edits BatchNorm affine parameters).
+
+    Args:
+        merged: The averaged model, modified in place and returned.
+        endpoints: The original (unaligned) models that were averaged.
+        transforms: ``transforms[k]``: endpoint k's transforms into the reference's coordinates.
+        calibration: Inputs.
+        weights: Averaging weights of the endpoints (default uniform).
+        mode: ``"affine"`` (mean and std) or ``"mean"`` (mean only).
+        spec: The alignment spec (default ``spec_for(merged)``).
+        endpoint_statistics: :func:`preactivation_statistics` of ``endpoints`` (computed when
+            None; pass them to reuse one pass over several candidate merges).
+        device: Where forwards run.
+        batch_size: Batch size for forwards.
+    """
+    if mode not in ("affine", "mean"):
+        raise ValueError(f"repair mode must be 'affine' or 'mean', got {mode!r}")
+    if len(transforms) != len(endpoints):
+        raise ValueError(f"{len(transforms)} transform sets for {len(endpoints)} endpoints")
+    weights = [1.0] * len(endpoints) if weights is None else [float(w) for w in weights]
+    spec = spec_for(merged) if spec is None else spec
+    pre_spec, producers = preactivation_spec(spec, merged)
+    skipped = [p for p in spec.names() if p not in producers]
+    if skipped:
+        logger.warning("repair: points %s have no single pre-activation producer; left uncorrected", skipped)
+    if not producers:
+        return merged
+    calibration = list(as_batches(calibration, batch_size))
+    if endpoint_statistics is None:
+        endpoint_statistics = preactivation_statistics(endpoints, calibration, spec, device=device)
+    total = sum(weights)
+    target_mean: dict[str, torch.Tensor] = {}
+    target_std: dict[str, torch.Tensor] = {}
+    for stats, ts, w in zip(endpoint_statistics, transforms, weights):
+        for name, (mean, cov) in stats.items():
+            t = ts.get(name)
+            if t is not None:
+                mean, cov = t.matrix @ mean, t.matrix @ cov @ t.matrix.T
+            std = cov.diagonal().clamp_min(0).sqrt()
+            target_mean[name] = target_mean.get(name, 0) + (w / total) * mean
+            target_std[name] = target_std.get(name, 0) + (w / total) * std
+    for point in pre_spec.points:
+        single = AlignmentSpec((point,))
+        pair = collect_statistics(merged, [merged], calibration, single, device=device)[0][point.name]
+        mean = pair.means()[1].double()
+        std = pair.covariances()[1].diagonal().clamp_min(0).sqrt().double()
+        scale = torch.ones_like(std)
+        if mode == "affine":
+            flat = std <= _FLAT_RTOL * target_std[point.name].clamp_min(1e-30)
+            if flat.any():
+                logger.warning("repair: point '%s' has %d constant merged channel(s); only their mean "
+                               "is corrected", point.name, int(flat.sum()))
+            scale = torch.where(flat, 1.0, target_std[point.name] / std.clamp_min(1e-30))
+        _affine_correct(merged, producers[point.name], scale, target_mean[point.name] - scale * mean)
+    return merged
+
+
+def preactivation_statistics(
+    models: Sequence[nn.Module],
+    calibration: torch.Tensor | Iterable,
+    spec: AlignmentSpec | None = None,
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int = 256,
+) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per model, ``{point: (mean, covariance)}`` of its pre-activations (float64, CPU).
+
+    Only points qualifying for :func:`preactivation_spec` are present. Models with BatchNorm
+    are measured on a copy whose BatchNorm statistics were recomputed on ``calibration``, as
+    the merged model's are: otherwise running statistics gathered on other data would make
+    :func:`repair` move even a merge of identical models.
+
+    Args:
+        models: Models of one architecture.
+        calibration: Inputs.
+        spec: The alignment spec (default ``spec_for(models[0])``).
+        device: Where forwards run.
+        batch_size: Batch size when ``calibration`` is a tensor.
+    """
+    spec = spec_for(models[0]) if spec is None else spec
+    pre_spec, _ = preactivation_spec(spec, models[0])
+    if not pre_spec.points:
+        return [{} for _ in models]
+    out = []
+    batches = list(as_batches(calibration, batch_size))
+    for model in models:
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            model = recompute_batchnorm(copy.deepcopy(model), batches, device=device)
+        stats = collect_statistics(model, [model], batches, pre_spec, device=device)[0]
+        out.append({name: (pair.means()[1].double(), pair.covariances()[1].double())
+                    for name, pair in stats.items()})
+    return out
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _producer(point: AlignmentPoint, modules: Mapping[str, nn.Module]) -> str | None:
+    """The one module whose output the point's ReLU taps consume, or None."""
+    if not point.taps or not all(isinstance(modules.get(t), nn.ReLU) for t in point.taps):
+        return None
+    outs = {ax.key.rsplit(".", 1)[0] for ax in point.axes if ax.role in ("out", "var")}
+    norms = [m for m in outs if isinstance(modules.get(m), nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        return norms[0] if len(norms) == 1 else None
+    layers = [m for m in outs if isinstance(modules.get(m), (nn.Conv2d, nn.Linear))]
+    if len(layers) == 1 and getattr(modules[layers[0]], "bias", None) is not None:
+        return layers[0]
+    return None
+
+
+def _affine_correct(model: nn.Module, name: str, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """Make module ``name``'s output ``scale * out + shift`` per channel (weight and bias edited)."""
+    module = dict(model.named_modules())[name]
+    with torch.no_grad():
+        weight, bias = module.weight, module.bias
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        weight.mul_(scale.to(weight).reshape(shape))
+        bias.mul_(scale.to(bias)).add_(shift.to(bias))
+    if not (torch.isfinite(module.weight).all() and torch.isfinite(module.bias).all()):
+        raise ValueError(f"repair produced non-finite parameters in '{name}'")
