@@ -77,6 +77,7 @@ class TaskConfig:
             "absolute" (the paper's).
         repair: Pre-activation statistics correction after averaging: "none", "mean", "affine".
         zero_dead: Zero client features that are exactly 0 on the calibration data before aligning.
+        balance: Balance each merged feature's incoming and outgoing weight norms.
         merge_guard: Keep a round's aligned merge only if its loss on the labelled calibration
             set is no higher than the plain average's (else use the plain average, logged).
         seed: Seeds the split, the initial model and every round's randomness.
@@ -108,6 +109,7 @@ class TaskConfig:
     ridge_mode: str
     repair: str
     zero_dead: bool
+    balance: bool
     merge_guard: bool
     seed: int
     out_dir: str

@@ -369,6 +369,56 @@ def zero_features(
     return apply_transforms(state_dict, spec, projections)
 
 
+def balance_norms(
+    state_dict: Mapping[str, torch.Tensor],
+    spec: AlignmentSpec,
+    like: Mapping[str, torch.Tensor] | None = None,
+    sweeps: int = 3,
+) -> dict[str, torch.Tensor]:
+    """Rescale every feature so that the ratio of its incoming to outgoing weight norms is ``like``'s.
+
+    A positive per-feature scale ``c`` (producers ``x c``, consumers ``/ c``) commutes with
+    ReLU, so the network's function is unchanged (up to BatchNorm's ``eps``). A merge whose
+    transforms move scale between layers (a dense CCA ``T`` on producers, ``T^-1`` on
+    consumers) leaves layers whose balance later SGD steps treat very differently; restoring
+    the reference's balance (the model the merge is expressed in) undoes that and is a no-op
+    when nothing moved. Without ``like`` every ratio becomes 1 (cross-layer equalisation).
+    Points are visited in order ``sweeps`` times, since a layer feeds one point and consumes
+    another.
+
+    Args:
+        state_dict: The model's state dict; it is not modified.
+        spec: The model's alignment spec.
+        like: A state dict of the same architecture whose per-feature ratios are the target.
+        sweeps: Passes over the points.
+
+    Returns:
+        A new state dict.
+    """
+    state = dict(state_dict)
+    for _ in range(sweeps):
+        for point in spec.points:
+            ratio = _axis_norms(state, point, "out") / _axis_norms(state, point, "in")
+            target = (torch.ones_like(ratio) if like is None
+                      else _axis_norms(like, point, "out") / _axis_norms(like, point, "in"))
+            # A zeroed (dead) feature, here or in the target, keeps its scale.
+            usable = torch.isfinite(ratio) & (ratio > 0) & torch.isfinite(target) & (target > 0)
+            scale = torch.where(usable, (target / torch.where(usable, ratio, 1.0)).sqrt(), 1.0)
+            transform = Transform(matrix=torch.diag(scale), inverse=torch.diag(1.0 / scale))
+            state = apply_transforms(state, AlignmentSpec((point,)), {point.name: transform})
+    return state
+
+
+def _axis_norms(state: Mapping[str, torch.Tensor], point: AlignmentPoint, role: str) -> torch.Tensor:
+    """Per-feature Euclidean norm over every tensor slice of the point's axes with ``role``."""
+    total = torch.zeros(point.size, dtype=torch.float64)
+    for ax in point.axes:
+        if ax.role == role:
+            x = state[ax.key].detach().to(torch.float64).cpu().movedim(ax.axis, 0).reshape(point.size, -1)
+            total += x.square().sum(1)
+    return total.sqrt()
+
+
 def random_symmetry(
     spec: AlignmentSpec,
     generator: torch.Generator,

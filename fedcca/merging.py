@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedcca.alignment import AlignmentSpec, Transform, apply_transforms, spec_for, zero_features
+from fedcca.alignment import AlignmentSpec, Transform, apply_transforms, balance_norms, spec_for, zero_features
 from fedcca.batchnorm import recompute_batchnorm
 from fedcca.repair import REPAIRS, repair as repair_statistics
 from fedcca.statistics import PairStatistics, collect_statistics
@@ -60,6 +60,7 @@ def merge(
     recompute_bn: bool = True,
     repair: str = "none",
     zero_dead: bool = True,
+    balance: bool = True,
     device: torch.device | str | None = None,
     batch_size: int = 256,
 ) -> nn.Module:
@@ -85,6 +86,11 @@ def merge(
             with BatchNorm recomputed on ``calibration``, as ``recompute_bn`` leaves the result.
         zero_dead: For "cca" and "permute": zero the weights of features that are exactly 0
             on the calibration data in every averaged model before aligning (logged).
+        balance: For "cca" and "permute" (whose transforms rescale features): rescale every
+            merged feature so that the ratio of its incoming to outgoing weight norms is the
+            reference's (:func:`fedcca.alignment.balance_norms`). The function is unchanged;
+            training from the merge (the next federated round) is not: unbalanced CCA
+            merges made the next rounds diverge (README, Results).
         device: Where statistics and BatchNorm run (None: CUDA if available, else CPU).
         batch_size: Batch size when ``calibration`` is a tensor.
 
@@ -131,6 +137,10 @@ def merge(
     if repair != "none":
         repair_statistics(merged, models, transforms, calibration, weights, mode=repair,
                           device=device, batch_size=batch_size)
+    if balance and method in _STATISTICS_METHODS and selected:
+        # Last: a positive rescaling keeps the function, BatchNorm statistics and repair intact.
+        aligned = AlignmentSpec(tuple(spec.point(name) for name in selected))
+        merged.load_state_dict(balance_norms(merged.state_dict(), aligned, like=template))
     return merged
 
 

@@ -123,6 +123,8 @@ class CCAMerge(FedAvg):
             statistics towards the aligned clients' on the calibration set ("none" default).
         zero_dead: Zero the weights of client features that are exactly 0 on the
             calibration data (dead ReLU units) before aligning (see ``fedcca.merging.merge``).
+        balance: Balance the incoming and outgoing weight norms of every merged feature
+            (function-preserving; keeps CCA/Permute merges trainable in the next round).
         max_norm_ratio: If set, drop a reply whose weights lie farther than this multiple
             of the median distance from ``norm_center``.
         norm_center: "median" (coordinate-wise median of the replies) or "global" (the
@@ -158,6 +160,7 @@ class CCAMerge(FedAvg):
         recompute_bn: bool = True,
         repair: str = "none",
         zero_dead: bool = True,
+        balance: bool = True,
         max_norm_ratio: float | None = None,
         norm_center: str = "median",
         device: torch.device | str | None = None,
@@ -189,6 +192,7 @@ class CCAMerge(FedAvg):
         self.recompute_bn = recompute_bn
         self.repair = repair
         self.zero_dead = zero_dead
+        self.balance = balance
         self.max_norm_ratio = max_norm_ratio
         self.norm_center = norm_center
         self.device = resolve_device(device)
@@ -370,7 +374,8 @@ class CCAMerge(FedAvg):
             merged = merge(
                 models, self.calibration, method=self.method, reference=reference, weights=weights,
                 ridge=self.ridge, ridge_mode=self.ridge_mode, statistics=statistics,
-                recompute_bn=self.recompute_bn, repair=self.repair, zero_dead=self.zero_dead, device=self.device,
+                recompute_bn=self.recompute_bn, repair=self.repair, zero_dead=self.zero_dead,
+                balance=self.balance, device=self.device,
                 batch_size=self.batch_size,
             )
         except _MERGE_DATA_ERRORS as err:

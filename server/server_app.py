@@ -132,7 +132,8 @@ def build_strategy(
     labels = calibration_labels(task) if task.merge_guard else None
     return CCAMerge(model_fn, calibration, method=task.merge_method, reference=task.reference,
                     stats=task.stats, ridge=task.ridge_or_default, ridge_mode=task.ridge_mode,
-                    repair=task.repair, zero_dead=task.zero_dead, device=device,
+                    repair=task.repair, zero_dead=task.zero_dead,
+                    balance=task.balance, device=device,
                     calibration_labels=labels, **common)
 
 

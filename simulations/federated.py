@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, MetricRecord
 
 from clients.task import (
@@ -47,16 +46,14 @@ from fedcca.devices import resolve_device
 from fedcca.strategy import CCAMerge
 from fedcca.training import evaluate
 from server.server_app import build_strategy
-from simulations.harness import (  # noqa: F401 - BASELINE, StrategySpec, parse_strategies re-exported
+from simulations.harness import (
     BASELINE,
     InProcessGrid,
-    StrategySpec,
     add_runtime_arguments,
     base_run_config,
     markdown_table,
     parse_benchmark,
     parse_list,
-    parse_strategies,
     write_json,
 )
 

@@ -39,6 +39,7 @@ from torch import nn
 from fedcca.alignment import spec_for
 from fedcca.data import Dataset, DeviceLoader, load_dataset, normalize
 from fedcca.statistics import PairStatistics, collect_statistics
+from fedcca.transforms import DEFAULT_RIDGES
 from fedcca.variants import VARIANTS, merge_variant
 from simulations.zoo import ZOO_DIR, ZooSpec, load_or_train, zoo_data
 
@@ -145,10 +146,12 @@ def group_statistics(group: Group) -> list[dict[str, PairStatistics] | None]:
 
 
 def _cache_key(group: Group, method: str, evaluator: Evaluator) -> str:
-    """Identifies one merge result: the models, the calibration cut, the method and the test set."""
+    """Identifies one merge result: the models, the calibration cut, the method (with the library's
+    default ridges, which ``ridges=(None,)`` stands for) and the test set. Code changes are not
+    part of the key: clear the cache after changing the merging code."""
     variant = VARIANTS[method]
     return json.dumps([group.keys, int(group.fit.shape[0]), int(group.holdout[0].shape[0]),
-                       float(group.fit.double().sum()), dataclasses.asdict(variant),
+                       float(group.fit.double().sum()), dataclasses.asdict(variant), DEFAULT_RIDGES,
                        int(len(evaluator.labels))], sort_keys=True)
 
 

@@ -25,7 +25,6 @@ from fedcca.data import federated_split
 from fedcca.protocol import (
     COMPUTE_STATS_FLAG,
     STATISTICS_KEY,
-    statistics_from_record,
     validate_reply,
 )
 from fedcca.statistics import collect_statistics

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from simulations.federated import StrategySpec, rounds_to_reach, summarise
+from simulations.federated import rounds_to_reach, summarise
+from simulations.harness import StrategySpec
 from tests.apps_helpers import run_benchmark, write_tiny_fashion_mnist
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -284,3 +285,33 @@ def test_validate_names_point_and_key(changes: dict, fixed: tuple | None, messag
         spec = dataclasses.replace(spec, fixed=fixed)
     with pytest.raises(UnsupportedModelError, match=message):
         spec.validate(model)
+
+
+@pytest.mark.parametrize("name", ["cnn", "vgg11_bn", "resnet20"])
+def test_balance_norms_keeps_the_function_and_balances(name: str) -> None:
+    from fedcca.alignment import _axis_norms, balance_norms
+    from fedcca.models import build_model
+
+    model = build_model(name, num_classes=3, in_channels=1, width=0.25).eval()
+    for module in model.modules():  # exact scaling symmetry needs a negligible BatchNorm eps
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eps = 1e-12
+    spec = spec_for(model)
+    # Badly balanced but equivalent weights: a random positive rescaling of every point.
+    skewed = apply_transforms(model.state_dict(), spec, random_symmetry(spec, torch.Generator().manual_seed(1),
+                                                                         scale_range=(0.05, 20.0)))
+    balanced = balance_norms(skewed, spec, sweeps=20)
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    expected = model(x).detach()
+    for state in (skewed, balanced):
+        other = copy.deepcopy(model)
+        other.load_state_dict(state)
+        torch.testing.assert_close(other(x).detach(), expected, rtol=1e-4, atol=1e-4)
+    imbalance = {}
+    for point in spec.points:
+        for label, state in (("skewed", skewed), ("balanced", balanced)):
+            ratio = _axis_norms(state, point, "out") / _axis_norms(state, point, "in")
+            imbalance[label, point.name] = float(ratio.log().abs().max())
+    assert max(v for (label, _), v in imbalance.items() if label == "skewed") > 1.0
+    # incoming == outgoing norm for every feature
+    assert max(v for (label, _), v in imbalance.items() if label == "balanced") < 0.05

@@ -195,7 +195,7 @@ def test_selective_merge_without_points_is_the_direct_average(method: str) -> No
 def test_selective_merge_aligns_only_the_chosen_points() -> None:
     model, x = make_tiny(1), calibration(24)
     other = symmetric_copy(model)
-    merged = merge([model, other], x, "permute", points=["fc1"], recompute_bn=False).state_dict()
+    merged = merge([model, other], x, "permute", points=["fc1"], recompute_bn=False, balance=False).state_dict()
     torch.testing.assert_close(merged["fc2.weight"], model.state_dict()["fc2.weight"])  # fc1 aligned
     expected = (model.state_dict()["conv1.weight"] + other.state_dict()["conv1.weight"]) / 2
     torch.testing.assert_close(merged["conv1.weight"], expected)  # conv1 untouched: plain average
@@ -339,3 +339,14 @@ def test_dead_units_of_a_client_are_not_mixed_into_the_merge(method: str) -> Non
         torch.testing.assert_close(merged.state_dict()[key], value, atol=1e-6, rtol=1e-6)
     kept = merge([client], x, method, reference=reference, zero_dead=False)
     assert not torch.allclose(kept.state_dict()["fc1.bias"], merged.state_dict()["fc1.bias"], atol=1e-3)
+
+
+@pytest.mark.parametrize("method", DATA_METHODS)
+def test_balancing_changes_the_weights_not_the_function(method: str) -> None:
+    models, x = [make_tiny(1, batchnorm=False), make_tiny(2, batchnorm=False), make_tiny(3, batchnorm=False)], calibration(24)
+    balanced = merge(models, x, method)
+    plain = merge(models, x, method, balance=False)
+    _assert_same_function(balanced, plain, x, atol=1e-5)
+    assert not torch.allclose(balanced.fc1.weight, plain.fc1.weight, atol=1e-3)
+    direct = merge(models, x, "direct")  # FedAvg semantics: never rebalanced
+    torch.testing.assert_close(direct.fc1.weight, merge(models, x, "direct", balance=False).fc1.weight)

@@ -155,6 +155,17 @@ def test_cnn_layout() -> None:
     assert [p.size for p in spec_for(model).points] == [64, 128, 256]
 
 
+@pytest.mark.parametrize(("name", "width", "channels"), [
+    ("vgg11", 0.25, [16, 32, 64, 64, 128, 128, 128, 128]), ("resnet20", 0.5, [8] * 7 + [16] * 6 + [32] * 6)])
+def test_fractional_width_scales_every_layer(name: str, width: float, channels: list[int]) -> None:
+    """CPU-sized models for the benchmarks: channel counts rounded, the spec follows them."""
+    model = build_model(name, width=width)
+    convs = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert convs == channels
+    assert sum(p.size for p in spec_for(model).points) > 0
+    spec_for(model).validate(model)
+
+
 @pytest.mark.parametrize("name", ["vgg11", "vgg11_bn"])
 def test_vgg11_layout(name: str) -> None:
     model = build_model(name, in_channels=3)
