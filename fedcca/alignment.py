@@ -409,11 +409,18 @@ def balance_norms(
     return state
 
 
+_RUNNING_STATISTICS = (".running_mean", ".running_var")  # torch's BatchNorm buffer names
+
+
 def _axis_norms(state: Mapping[str, torch.Tensor], point: AlignmentPoint, role: str) -> torch.Tensor:
-    """Per-feature Euclidean norm over every tensor slice of the point's axes with ``role``."""
+    """Per-feature Euclidean norm over the point's weight slices with ``role``.
+
+    BatchNorm running statistics are data, not weights (merging recomputes them), so they
+    are left out: the norms then depend on the parameters alone.
+    """
     total = torch.zeros(point.size, dtype=torch.float64)
     for ax in point.axes:
-        if ax.role == role:
+        if ax.role == role and not ax.key.endswith(_RUNNING_STATISTICS):
             x = state[ax.key].detach().to(torch.float64).cpu().movedim(ax.axis, 0).reshape(point.size, -1)
             total += x.square().sum(1)
     return total.sqrt()
