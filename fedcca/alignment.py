@@ -395,12 +395,12 @@ def balance_norms(
     Returns:
         A new state dict.
     """
+    targets = {point.name: torch.ones(point.size, dtype=torch.float64) if like is None else _norm_ratio(like, point)
+               for point in spec.points}
     state = dict(state_dict)
     for _ in range(sweeps):
         for point in spec.points:
-            ratio = _axis_norms(state, point, "out") / _axis_norms(state, point, "in")
-            target = (torch.ones_like(ratio) if like is None
-                      else _axis_norms(like, point, "out") / _axis_norms(like, point, "in"))
+            ratio, target = _norm_ratio(state, point), targets[point.name]
             # A zeroed (dead) feature, here or in the target, keeps its scale.
             usable = torch.isfinite(ratio) & (ratio > 0) & torch.isfinite(target) & (target > 0)
             scale = torch.where(usable, (target / torch.where(usable, ratio, 1.0)).sqrt(), 1.0)
@@ -410,6 +410,11 @@ def balance_norms(
 
 
 _RUNNING_STATISTICS = (".running_mean", ".running_var")  # torch's BatchNorm buffer names
+
+
+def _norm_ratio(state: Mapping[str, torch.Tensor], point: AlignmentPoint) -> torch.Tensor:
+    """Per feature: norm of its incoming weights over norm of its outgoing weights."""
+    return _axis_norms(state, point, "out") / _axis_norms(state, point, "in")
 
 
 def _axis_norms(state: Mapping[str, torch.Tensor], point: AlignmentPoint, role: str) -> torch.Tensor:

@@ -13,8 +13,10 @@ With ``zero_dead`` (the default for "cca" and "permute"), features that are exac
 the calibration data (dead ReLU units) have their weights zeroed before alignment
 (:func:`fedcca.alignment.zero_features`, function-preserving on that data), so that their
 strongly negative biases are neither mixed into live units by a dense CCA transform nor
-averaged into a matched live unit. ``repair="affine"`` (or ``"mean"``) corrects the merged model's pre-activation statistics
-afterwards (:func:`fedcca.repair.repair`, REPAIR generalised to dense transforms).
+averaged into a matched live unit. ``repair="affine"`` (or ``"mean"``) corrects the merged
+model's pre-activation statistics afterwards (:func:`fedcca.repair.repair`, REPAIR
+generalised to dense transforms); ``balance`` restores the reference's balance of weight
+norms between layers (:func:`fedcca.alignment.balance_norms`).
 """
 
 from __future__ import annotations
@@ -125,11 +127,9 @@ def merge(
                 states = zero_dead_features(states, models, target, given, spec, selected)
         for index, model in enumerate(models):
             if model is not target:
-                name = f"models[{index}]"
-                transforms[index] = _transforms(states[index], template, spec, method, given[index],
-                                                ridge, ridge_mode, selected, name)
-                states[index] = apply_transforms(states[index], spec, transforms[index])
-                _check_finite(states[index], f"{name} after {method} alignment")
+                states[index], transforms[index] = _aligned(
+                    states[index], template, spec, method, given[index], ridge, ridge_mode, selected,
+                    f"models[{index}]")
     merged = copy.deepcopy(models[0])
     merged.load_state_dict(average_state_dicts(states, weights))
     if recompute_bn:
@@ -211,11 +211,7 @@ def align_state_dict(
     """
     _check_method(method)
     selected = spec.names() if points is None else list(points)
-    transforms = _transforms(state_dict, reference_state, spec, method, statistics, ridge, ridge_mode,
-                             selected, name)
-    aligned = apply_transforms(state_dict, spec, transforms)
-    _check_finite(aligned, f"{name} after {method} alignment")
-    return aligned
+    return _aligned(state_dict, reference_state, spec, method, statistics, ridge, ridge_mode, selected, name)[0]
 
 
 def average_state_dicts(
@@ -273,15 +269,12 @@ def zero_dead_features(
         spec: The architecture's alignment spec.
         points: Points to consider (default all).
     """
-    given, selected = statistics, spec.names() if points is None else list(points)
-    others = [k for k, model in enumerate(models) if model is not target]
+    selected = spec.names() if points is None else list(points)
+    # The reference's own features: its side (0) of any other model's statistics.
+    of_reference = next((s for s, model in zip(statistics, models) if model is not target and s is not None), None)
     out = list(states)
     for index, model in enumerate(models):
-        if model is target:  # the reference: its side of any other model's statistics
-            source = next((given[k] for k in others if given[k] is not None), None)
-            side = 0
-        else:
-            source, side = given[index], 1
+        source, side = (of_reference, 0) if model is target else (statistics[index], 1)
         if source is None:
             continue
         masks = {point: source[point].zero_features()[side] for point in selected if point in source}
@@ -294,6 +287,25 @@ def zero_dead_features(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def _aligned(
+    state_dict: Mapping[str, torch.Tensor],
+    reference_state: Mapping[str, torch.Tensor],
+    spec: AlignmentSpec,
+    method: str,
+    statistics: Mapping[str, PairStatistics] | None,
+    ridge: float | None,
+    ridge_mode: str,
+    selected: Sequence[str],
+    name: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, Transform]]:
+    """One model's weights in the reference's coordinates, with the transforms that put them there."""
+    transforms = _transforms(state_dict, reference_state, spec, method, statistics, ridge, ridge_mode,
+                             selected, name)
+    aligned = apply_transforms(state_dict, spec, transforms)
+    _check_finite(aligned, f"{name} after {method} alignment")
+    return aligned, transforms
+
 
 def _transforms(
     state_dict: Mapping[str, torch.Tensor],

@@ -25,7 +25,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedcca.alignment import AlignmentSpec, Transform, apply_transforms, spec_for
@@ -34,6 +33,7 @@ from fedcca.devices import resolve_device
 from fedcca.merging import average_state_dicts, zero_dead_features
 from fedcca.repair import REPAIRS, preactivation_statistics, repair
 from fedcca.statistics import PairStatistics, collect_statistics, running_on
+from fedcca.training import evaluate
 from fedcca.transforms import DEFAULT_RIDGE_MODE, RIDGE_MODES, cca_transform, permute_transform, weight_matching
 
 logger = logging.getLogger(__name__)
@@ -255,15 +255,10 @@ def score(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
         device: Where to run.
         batch_size: Batch size.
     """
-    device = resolve_device(device)
-    loss, correct = 0.0, 0
-    with running_on(model, device, training=False), torch.no_grad():
-        for start in range(0, len(inputs), batch_size):
-            x, y = inputs[start:start + batch_size].to(device), labels[start:start + batch_size].to(device)
-            logits = model(x)
-            loss += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += int((logits.argmax(1) == y).sum())
-    return loss / len(inputs), correct / len(inputs)
+    batches = [(inputs[start:start + batch_size], labels[start:start + batch_size])
+               for start in range(0, len(inputs), batch_size)]
+    with running_on(model, resolve_device(device), training=False):  # back on its device afterwards
+        return evaluate(model, batches, device=device)
 
 
 # ----------------------------------------------------------------------------- helpers

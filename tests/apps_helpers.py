@@ -8,6 +8,7 @@ process or in a Flower simulation.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import subprocess
 import sys
@@ -95,17 +96,26 @@ def client_apps(run_config: dict[str, Any], num_partitions: int = 2) -> dict[int
     return {partition_id + 1: node(partition_id) for partition_id in range(num_partitions)}
 
 
-def run_benchmark(module: str, arguments: Sequence[str], timeout: float) -> None:
-    """Run ``python -m module arguments`` from the repository root, as a user would.
+def run_benchmark(folder: Path, module: str, arguments: Sequence[str], timeout: float) -> tuple[dict, Path]:
+    """Run ``python -m module arguments`` on the tiny dataset from the repository root, as a user would.
 
     A subprocess, because ``OPENBLAS_NUM_THREADS=1`` must be set before numpy loads (see
-    ``simulations.harness.check_blas_threads``); output is captured, failures raise.
+    ``simulations.harness.check_blas_threads``); output is captured, failures raise. The tiny
+    dataset is written under ``folder`` and passed as ``--data-dir``; the JSON goes to
+    ``folder/out`` (``--out``).
 
     Args:
+        folder: A fresh temporary folder.
         module: e.g. ``"simulations.cost"``.
-        arguments: Command-line arguments.
+        arguments: Further command-line arguments.
         timeout: Seconds before the run is killed (a failure).
+
+    Returns:
+        ``(the JSON it wrote, its output folder)``.
     """
-    subprocess.run([sys.executable, "-m", module, *arguments], cwd=ROOT,
-                   env={**os.environ, "OPENBLAS_NUM_THREADS": "1"}, check=True, timeout=timeout,
+    data = write_tiny_fashion_mnist(folder / "data")
+    out = folder / "out" / f"{module.rsplit('.', 1)[-1]}.json"
+    subprocess.run([sys.executable, "-m", module, *arguments, "--data-dir", str(data), "--out", str(out)],
+                   cwd=ROOT, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"}, check=True, timeout=timeout,
                    capture_output=True)
+    return json.loads(out.read_text()), out.parent

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from tests.apps_helpers import run_benchmark, write_tiny_fashion_mnist
+from tests.apps_helpers import run_benchmark
 
 STRATEGIES = ["fedavg", "cca", "cca:global:server", "permute"]
 
@@ -15,15 +14,10 @@ STRATEGIES = ["fedavg", "cca", "cca:global:server", "permute"]
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     """Run the CLI once on the tiny dataset; return its JSON and output folder."""
-    folder = tmp_path_factory.mktemp("cost")
-    data = write_tiny_fashion_mnist(folder / "data")
-    out = folder / "out" / "cost.json"
-    run_benchmark("simulations.cost", [
+    return run_benchmark(tmp_path_factory.mktemp("cost"), "simulations.cost", [
         "--clients", "2,4", "--widths", "1", "--width-clients", "2",
         "--strategies", ",".join(STRATEGIES), "--repeats", "1", "--calibration-size", "20",
-        "--stats-examples", "16", "--local-steps", "1", "--client-examples", "20",
-        "--data-dir", str(data), "--out", str(out)], timeout=150)
-    return json.loads(out.read_text()), out.parent
+        "--stats-examples", "16", "--local-steps", "1", "--client-examples", "20"], timeout=150)
 
 
 def test_aggregation_rows(result: tuple[dict, Path]) -> None:

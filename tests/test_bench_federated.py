@@ -6,14 +6,13 @@ see simulations.harness.check_blas_threads).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from simulations.federated import rounds_to_reach, summarise
 from simulations.harness import StrategySpec
-from tests.apps_helpers import run_benchmark, write_tiny_fashion_mnist
+from tests.apps_helpers import run_benchmark
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STRATEGIES = ["fedavg", "cca", "cca:global:server", "permute:largest:server"]
@@ -22,15 +21,11 @@ STRATEGIES = ["fedavg", "cca", "cca:global:server", "permute:largest:server"]
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     """Run the CLI once on the tiny dataset; return its JSON and output folder."""
-    folder = tmp_path_factory.mktemp("federated")
-    data = write_tiny_fashion_mnist(folder / "data")
-    out = folder / "out" / "tiny.json"
-    run_benchmark("simulations.federated", [
+    return run_benchmark(tmp_path_factory.mktemp("federated"), "simulations.federated", [
         "--partitioning", "dirichlet", "--alpha", "1.0",
         "--local-epochs", "1", "--strategies", ",".join(STRATEGIES), "--rounds", "2",
         "--num-clients", "2", "--seeds", "0", "--train-subset", "0", "--calibration-size", "20",
-        "--test-examples", "0", "--batch-size", "25", "--data-dir", str(data), "--out", str(out)], timeout=120)
-    return json.loads(out.read_text()), out.parent
+        "--test-examples", "0", "--batch-size", "25"], timeout=120)
 
 
 def test_json_shape_and_plot(result: tuple[dict, Path]) -> None:
