@@ -74,17 +74,38 @@ class ParamAxis:
             ``"var"``: ``x <- (T*T) x`` along the axis (BatchNorm running_var: exact for
             scaled permutations and never negative; for a dense ``T`` an approximation that
             the inverse transform does not undo — recompute BatchNorm statistics after).
+        block: Entries per feature along the axis. A linear layer reading flattened conv
+            features ``[C, H, W]`` has ``C * H * W`` inputs, feature ``c`` owning the contiguous
+            block ``[c * H * W, (c + 1) * H * W)``: its axis has ``block = H * W``.
     """
 
     key: str
     axis: int
     role: Role
+    block: int = 1
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"ParamAxis {self.key!r}: role {self.role!r} is not one of {ROLES}")
         if self.axis < 0:
             raise ValueError(f"ParamAxis {self.key!r}: axis must be >= 0, got {self.axis}")
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
+            raise ValueError(f"ParamAxis {self.key!r}: block must be a positive integer, got {self.block!r}")
+
+    def features(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` viewed with the features alone on dim ``axis`` (a block, if any, on ``axis + 1``)."""
+        if self.block == 1:
+            return tensor
+        return tensor.unflatten(self.axis, (tensor.shape[self.axis] // self.block, self.block))
+
+    def restore(self, view: torch.Tensor) -> torch.Tensor:
+        """Undo :meth:`features`: the tensor in the parameter's own shape."""
+        return view if self.block == 1 else view.flatten(self.axis, self.axis + 1)
+
+    def rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` as ``[features, everything else]`` (for norms and weight matching)."""
+        view = self.features(tensor)
+        return view.movedim(self.axis, 0).reshape(view.shape[self.axis], -1)
 
 
 @dataclass(frozen=True)
@@ -173,10 +194,10 @@ def _check_point(p: AlignmentPoint, state: Mapping[str, torch.Tensor], modules: 
         if ax.key not in state:
             raise UnsupportedModelError(f"point {p.name!r}: key {ax.key!r} is not in the state dict")
         shape = tuple(state[ax.key].shape)
-        if ax.axis >= len(shape) or shape[ax.axis] != p.size:
+        if ax.axis >= len(shape) or shape[ax.axis] != p.size * ax.block:
             raise UnsupportedModelError(
                 f"point {p.name!r}: {ax.key!r} has shape {shape}; its axis {ax.axis} should have "
-                f"the point's size {p.size}"
+                f"the point's size {p.size}" + (f" x block {ax.block}" if ax.block > 1 else "")
             )
 
 
@@ -326,12 +347,12 @@ def apply_transforms(
             x = work.get(ax.key)
             if x is None:
                 x = state_dict[ax.key].detach().to(torch.float64)
-            if ax.axis >= x.dim() or x.shape[ax.axis] != point.size:
+            if ax.axis >= x.dim() or x.shape[ax.axis] != point.size * ax.block:
                 raise UnsupportedModelError(
                     f"point {point.name!r}: {ax.key!r} has shape {tuple(x.shape)}; axis {ax.axis} "
-                    f"should have size {point.size}"
+                    f"should have size {point.size * ax.block}"
                 )
-            work[ax.key] = _along(x, _role_matrix(t, ax.role, x), ax.axis)
+            work[ax.key] = ax.restore(_along(ax.features(x), _role_matrix(t, ax.role, x), ax.axis))
     return {
         k: work[k].to(v.dtype) if k in work else v.detach().clone()
         for k, v in state_dict.items()
@@ -426,8 +447,7 @@ def _axis_norms(state: Mapping[str, torch.Tensor], point: AlignmentPoint, role: 
     total = torch.zeros(point.size, dtype=torch.float64)
     for ax in point.axes:
         if ax.role == role and not ax.key.endswith(_RUNNING_STATISTICS):
-            x = state[ax.key].detach().to(torch.float64).cpu().movedim(ax.axis, 0).reshape(point.size, -1)
-            total += x.square().sum(1)
+            total += ax.rows(state[ax.key].detach().to(torch.float64).cpu()).square().sum(1)
     return total.sqrt()
 
 

@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedcca.merging import METHODS, merge
+from fedcca.aligners import METHODS
+from fedcca.config import MergeConfig
+from fedcca.merging import merge
 from fedcca.repair import REPAIRS
 from fedcca.statistics import collect_statistics
 from fedcca.transforms import DEFAULT_RIDGE_MODE, DEFAULT_RIDGES, RIDGE_MODES, canonical_correlations
@@ -64,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"CCA ridge (default per mode: {DEFAULT_RIDGES})")
     sub.add_argument("--ridge-mode", choices=RIDGE_MODES, default=DEFAULT_RIDGE_MODE,
                      help=f"how the CCA ridge regularises (default {DEFAULT_RIDGE_MODE})")
+    sub.add_argument("--shrinkage", type=float, default=1.0,
+                     help="apply I + a (T - I) instead of each transform T (1: as is, 0: plain average)")
     sub.add_argument("--repair", choices=REPAIRS, default="affine",
                      help="correct pre-activation statistics after averaging (default affine: REPAIR "
                           "measured better for offline merges, README Results; 'none' = the paper's merge)")
@@ -102,33 +106,33 @@ def _merge_command(args: argparse.Namespace) -> int:
                            f"{arch['num_classes']} classes, {arch['in_channels']} input channels): "
                            f"{first[0].strip()}") from None
         models.append(model)
+    config = MergeConfig(args.method, ridge=args.ridge, ridge_mode=args.ridge_mode, shrinkage=args.shrinkage,
+                         repair=args.repair, recompute_bn=args.recompute_bn)
     statistics = None
-    if args.method in ("cca", "permute"):
+    if config.needs_statistics:
         statistics = collect_statistics(models[args.reference], models, calibration,
                                         device=args.device, batch_size=args.batch_size)
-    if args.ridge is None:
-        args.ridge = DEFAULT_RIDGES[args.ridge_mode]
-    merged = merge(models, calibration, args.method, args.reference, ridge=args.ridge,
-                   ridge_mode=args.ridge_mode, statistics=statistics, recompute_bn=args.recompute_bn,
-                   repair=args.repair, device=args.device, batch_size=args.batch_size)
+    merged = merge(models, calibration, config, args.reference, statistics=statistics, device=args.device,
+                   batch_size=args.batch_size)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({**arch, "method": args.method, "state_dict": merged.state_dict()}, args.out)
-    _print_summary(args, len(models), statistics, time.perf_counter() - started)
+    _print_summary(args, config, len(models), statistics, time.perf_counter() - started)
     return 0
 
 
-def _print_summary(args: argparse.Namespace, count: int, statistics: Any, seconds: float) -> None:
-    print(f"method: {args.method}  models: {count}  reference: {args.reference}")
+def _print_summary(args: argparse.Namespace, config: MergeConfig, count: int, statistics: Any,
+                   seconds: float) -> None:
+    print(f"method: {config.method}  models: {count}  reference: {args.reference}  ({config.label()})")
     if statistics is not None:
         points = list(statistics[0])
         print(f"points aligned: {len(points)} ({', '.join(points)})")
         if args.method == "cca":
             others = [stats for k, stats in enumerate(statistics) if k != args.reference % count]
             for point in points:
-                means = [canonical_correlations(stats[point], args.ridge, ridge_mode=args.ridge_mode,
+                means = [canonical_correlations(stats[point], config.resolved_ridge, ridge_mode=config.ridge_mode,
                                                 point=point).mean().item() for stats in others]
                 print(f"  {point}: mean canonical correlation {np.mean(means) if means else 1.0:.4f}"
-                      f" (ridge {args.ridge:g})")
+                      f" (ridge {config.resolved_ridge:g})")
     print(f"wrote {args.out} in {seconds:.2f} s")
 
 

@@ -1,22 +1,19 @@
 """Merging models: align each to a reference, then average (CCA Merge and baselines).
 
-:func:`merge` is all-to-one (every model aligned to one reference, then a weighted average of
-the state dicts, BatchNorm statistics recomputed on calibration data); :func:`merge_sequential`
-folds models pairwise into a running model. ``method`` picks the alignment:
+One pipeline serves offline merging (:func:`merge`), merging with a choice of
+hyper-parameters (:func:`fedcca.selection.merge_search`) and the Flower strategy: a
+:class:`Merger` takes models one at a time (or in small groups), aligns each to the reference
+with the aligner of every candidate :class:`~fedcca.config.MergeConfig`
+(:data:`fedcca.aligners.ALIGNERS`), shrinks the transforms towards the identity by the
+candidate's ``shrinkage`` and adds the aligned weights to that candidate's running weighted
+sum. Memory is the reference plus one running sum per candidate, whatever the number of
+models. :meth:`Merger.finish` turns each sum into a model (BatchNorm recomputed, REPAIR,
+norm balancing) and, with several candidates, keeps the one chosen on labelled held-out data.
 
-* ``"cca"``: CCA Merge transforms from activation statistics (:func:`~fedcca.transforms.cca_transform`);
-* ``"permute"``: correlation-matched, rescaled permutations (:func:`~fedcca.transforms.permute_transform`);
-* ``"weight-matching"``: Git Re-Basin weight matching, data free;
-* ``"direct"``: no alignment (FedAvg of the weights).
-
-With ``zero_dead`` (the default for "cca" and "permute"), features that are exactly zero on
-the calibration data (dead ReLU units) have their weights zeroed before alignment
-(:func:`fedcca.alignment.zero_features`, function-preserving on that data), so that their
-strongly negative biases are neither mixed into live units by a dense CCA transform nor
-averaged into a matched live unit. ``repair="affine"`` (or ``"mean"``) corrects the merged
-model's pre-activation statistics afterwards (:func:`fedcca.repair.repair`, REPAIR
-generalised to dense transforms); ``balance`` restores the reference's balance of weight
-norms between layers (:func:`fedcca.alignment.balance_norms`).
+With ``zero_dead``, features that are exactly zero on the calibration data (dead ReLU units)
+have their weights zeroed before alignment (:func:`fedcca.alignment.zero_features`,
+function-preserving on that data), so that their strongly negative biases are neither mixed
+into live units by a dense CCA transform nor averaged into a matched live unit.
 """
 
 from __future__ import annotations
@@ -24,130 +21,415 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from fedcca.aligners import ALIGNERS, METHODS, AlignmentJob
 from fedcca.alignment import AlignmentSpec, Transform, apply_transforms, balance_norms, spec_for, zero_features
 from fedcca.batchnorm import recompute_batchnorm
-from fedcca.repair import REPAIRS, repair as repair_statistics
-from fedcca.statistics import PairStatistics, collect_statistics
-from fedcca.transforms import DEFAULT_RIDGE_MODE, cca_transform, permute_transform, weight_matching
+from fedcca.config import MergeConfig, MergeSearch
+from fedcca.repair import RepairTargets, preactivation_statistics, repair_to_targets
+from fedcca.selection import CandidateScore, choose
+from fedcca.statistics import PairStatistics, as_batches, collect_statistics
+from fedcca.transforms import shrink_transform
 
-__all__ = ["METHODS", "MergeError", "align_state_dict", "average_state_dicts", "merge", "merge_sequential",
-           "recompute_batchnorm", "zero_dead_features"]
-
-METHODS = ("cca", "permute", "weight-matching", "direct")
-_STATISTICS_METHODS = ("cca", "permute")
+__all__ = ["METHODS", "MergeError", "MergeResult", "Merger", "align_state_dict", "average_state_dicts",
+           "merge", "merge_sequential", "recompute_batchnorm"]
 
 logger = logging.getLogger(__name__)
+
+MergeChoices = MergeConfig | MergeSearch | str | None
+"""What a merge is told to do: a configuration, a search over candidates, a method name, or
+None (the defaults)."""
 
 
 class MergeError(ValueError):
     """A merge produced unusable weights (non-finite values), naming the key."""
 
 
-def merge(
+@dataclass
+class MergeResult:
+    """The outcome of a merge.
+
+    Args:
+        model: The merged model.
+        config: The configuration that produced it (the chosen candidate).
+        scores: Held-out scores of every candidate (empty with a single candidate).
+        dead_features: Per added model (by name): ``{point: number of features exactly 0 on the
+            calibration data}`` (points without any left out).
+        transforms: Per added model (by name), the chosen candidate's transforms, when the
+            merger was asked to keep them.
+    """
+
+    model: nn.Module
+    config: MergeConfig
+    scores: list[CandidateScore] = field(default_factory=list)
+    dead_features: dict[str, dict[str, int]] = field(default_factory=dict)
+    transforms: dict[str, dict[str, Transform]] = field(default_factory=dict)
+
+
+@dataclass
+class _Candidate:
+    """One candidate's running state inside a :class:`Merger`."""
+
+    config: MergeConfig
+    total: dict[str, torch.Tensor] = field(default_factory=dict)
+    weight: float = 0.0
+    moved: set[str] = field(default_factory=set)  # points some transform changed
+    repair: RepairTargets = field(default_factory=RepairTargets)
+    transforms: dict[str, dict[str, Transform]] = field(default_factory=dict)
+
+
+class Merger:
+    """Align models to one reference and keep a running weighted average per candidate configuration.
+
+    Args:
+        reference: The alignment target (not modified). It is averaged only if added itself
+            with ``add(..., is_reference=True)``.
+        calibration: Unlabelled inputs for statistics, BatchNorm and REPAIR (a tensor or an
+            iterable of batches; read several times).
+        choices: A :class:`MergeConfig`, a :class:`MergeSearch`, a method name or None.
+        holdout: Labelled ``(inputs, labels)`` disjoint from ``calibration``; required when
+            there are several candidates, read only to choose among them.
+        spec: The architecture's alignment spec (default ``spec_for(reference)`` when needed).
+        device: Where forwards run (None: CUDA if available, else CPU).
+        batch_size: Batch size when ``calibration`` is a tensor.
+        keep_transforms: Keep every model's transforms in the result (memory grows with K).
+    """
+
+    def __init__(
+        self,
+        reference: nn.Module,
+        calibration: torch.Tensor | Iterable,
+        choices: MergeChoices = None,
+        *,
+        holdout: tuple[torch.Tensor, torch.Tensor] | None = None,
+        spec: AlignmentSpec | None = None,
+        device: torch.device | str | None = None,
+        batch_size: int = 256,
+        keep_transforms: bool = False,
+    ) -> None:
+        self.search = as_search(choices)
+        self.candidates = [_Candidate(config) for config in self.search.candidates()]
+        if len(self.candidates) > 1 and holdout is None:
+            raise ValueError(f"{len(self.candidates)} candidate merge configurations need a labelled holdout set")
+        self.reference = reference
+        self.calibration = list(as_batches(calibration, batch_size))
+        self.holdout = holdout
+        self.device = device
+        self.batch_size = batch_size
+        self.keep_transforms = keep_transforms
+        self.template = _state_of(reference)
+        needs_spec = any(c.config.aligns or c.config.repair != "none" for c in self.candidates)
+        self.spec = (spec if spec is not None else spec_for(reference)) if needs_spec else spec
+        self.needs_statistics = any(c.config.needs_statistics for c in self.candidates)
+        self.dead_features: dict[str, dict[str, int]] = {}
+        self._reference_dead: dict[str, torch.Tensor] | None = None
+        self._pending_reference: tuple[dict[str, torch.Tensor], float, str] | None = None
+        self._count = 0
+
+    # ------------------------------------------------------------------ adding models
+
+    def add(self, model: nn.Module, weight: float = 1.0, statistics: Mapping[str, PairStatistics] | None = None,
+            *, name: str | None = None, is_reference: bool = False) -> None:
+        """Align ``model`` and add it to every candidate's running average.
+
+        Args:
+            model: A model of the reference's architecture (not modified).
+            weight: Its non-negative averaging weight.
+            statistics: Its per-point statistics against the reference (e.g. sent by a
+                client); computed here when needed and not given.
+            name: How messages and the result call it (default ``models[i]``).
+            is_reference: It is the reference itself (averaged without a transform).
+
+        Raises:
+            ValueError: A layout that differs from the reference's, a bad weight, missing statistics.
+            fedcca.statistics.StatisticsError: Its features on the calibration data are not finite.
+            MergeError: Its aligned weights are not finite.
+        """
+        self.add_many([model], [weight], [statistics], names=None if name is None else [name],
+                      references=[is_reference])
+
+    def add_many(
+        self,
+        models: Sequence[nn.Module],
+        weights: Sequence[float],
+        statistics: Sequence[Mapping[str, PairStatistics] | None] | None = None,
+        *,
+        names: Sequence[str] | None = None,
+        references: Sequence[bool] | None = None,
+    ) -> None:
+        """:meth:`add` for a group: missing statistics are computed in one pass over the calibration data.
+
+        Args:
+            models: Models of the reference's architecture.
+            weights: One weight per model.
+            statistics: One entry (or None) per model.
+            names: One name per model.
+            references: One flag per model (see :meth:`add`).
+        """
+        count = len(models)
+        statistics = [None] * count if statistics is None else list(statistics)
+        names = [f"models[{self._count + i}]" for i in range(count)] if names is None else list(names)
+        references = [False] * count if references is None else list(references)
+        if not len(weights) == len(statistics) == len(names) == len(references) == count:
+            raise ValueError(f"add_many: {count} models but {len(weights)} weights, {len(statistics)} statistics, "
+                             f"{len(names)} names and {len(references)} flags")
+        weights = [_checked_weight(w, name) for w, name in zip(weights, names)]
+        states = [_state_of(model) for model in models]
+        for state, name in zip(states, names):
+            _check_same_layout(self.template, state, name)
+        statistics = self._filled_statistics(models, statistics, references)
+        for model, state, weight, stats, name, is_reference in zip(
+                models, states, weights, statistics, names, references):
+            self._count += 1
+            if is_reference:
+                self._pending_reference = (state, weight, name)  # zeroed once the reference's dead units are known
+                continue
+            self._note_reference_dead(stats)
+            self._accumulate(model, state, weight, stats, name)
+
+    def _filled_statistics(self, models: Sequence[nn.Module], given: list[Mapping[str, PairStatistics] | None],
+                           references: Sequence[bool]) -> list[Mapping[str, PairStatistics] | None]:
+        if not self.needs_statistics:
+            return given
+        missing = [i for i, stats in enumerate(given) if stats is None and not references[i]]
+        if missing:
+            assert self.spec is not None
+            computed = collect_statistics(self.reference, [models[i] for i in missing], self.calibration, self.spec,
+                                          points=self._statistics_points(), device=self.device)
+            for i, stats in zip(missing, computed):
+                given[i] = stats
+        return given
+
+    def _statistics_points(self) -> list[str]:
+        assert self.spec is not None
+        selected: set[str] = set()
+        for candidate in self.candidates:
+            if candidate.config.needs_statistics:
+                selected.update(self._points(candidate.config))
+        return [name for name in self.spec.names() if name in selected]
+
+    def _note_reference_dead(self, stats: Mapping[str, PairStatistics] | None) -> None:
+        """The reference's dead features: its side of any model's statistics (the same for all)."""
+        if self._reference_dead is None and stats is not None:
+            self._reference_dead = {point: pair.zero_features()[0] for point, pair in stats.items()}
+
+    def _accumulate(self, model: nn.Module, state: dict[str, torch.Tensor], weight: float,
+                    stats: Mapping[str, PairStatistics] | None, name: str) -> None:
+        if stats is not None:
+            dead = {point: int(pair.zero_features()[1].sum()) for point, pair in stats.items()}
+            self.dead_features[name] = {point: count for point, count in dead.items() if count}
+        zeroed: dict[bool, dict[str, torch.Tensor]] = {}
+        base: dict[tuple, dict[str, Transform]] = {}
+        endpoint = None
+        for candidate in self.candidates:
+            config = candidate.config
+            work = state
+            if config.zero_dead and config.needs_statistics and stats is not None:
+                if True not in zeroed:
+                    zeroed[True] = self._zero_dead(state, stats, name, side=1)
+                work = zeroed[True]
+            transforms: dict[str, Transform] = {}
+            if config.aligns:
+                key = _aligner_key(config)
+                if key not in base:
+                    job = AlignmentJob(self._sub_spec(config), config, stats, work, self.template, name)
+                    base[key] = ALIGNERS[config.method].transforms(job)
+                transforms = {point: shrink_transform(t, config.shrinkage, point=point)
+                              for point, t in base[key].items()}
+            if transforms:
+                work = apply_transforms(work, self.spec, transforms)
+                _check_finite(work, f"{name} after {config.label()} alignment")
+                if config.needs_statistics:  # statistics-based transforms rescale features
+                    candidate.moved.update(transforms)
+            if config.repair != "none":
+                if endpoint is None:
+                    endpoint = preactivation_statistics([model], self.calibration, self.spec, device=self.device)[0]
+                candidate.repair.add(endpoint, transforms, weight)
+            _add_weighted(candidate, work, weight)
+            if self.keep_transforms:
+                candidate.transforms[name] = transforms
+
+    def _zero_dead(self, state: dict[str, torch.Tensor], stats: Mapping[str, PairStatistics] | None, name: str,
+                   side: int) -> dict[str, torch.Tensor]:
+        if side == 0:
+            masks = dict(self._reference_dead or {})
+        else:
+            masks = {point: pair.zero_features()[side] for point, pair in (stats or {}).items()}
+        masks = {point: mask for point, mask in masks.items() if mask.any()}
+        if side == 0:
+            self.dead_features[name] = {point: int(mask.sum()) for point, mask in masks.items()}
+        if not masks:
+            return state
+        logger.debug("%s: zeroed dead features before alignment: %s", name,
+                     {point: int(mask.sum()) for point, mask in masks.items()})
+        assert self.spec is not None
+        return zero_features(state, self.spec, masks)
+
+    # ------------------------------------------------------------------ results
+
+    def finish(self) -> MergeResult:
+        """The merged model of every candidate; with several, the one chosen on the held-out data.
+
+        Raises:
+            ValueError: Nothing with a positive weight was added.
+            MergeError: A merged model has non-finite weights.
+        """
+        self._add_pending_reference()
+        merged = [self._finish_candidate(candidate) for candidate in self.candidates]
+        scores: list[CandidateScore] = []
+        index = 0
+        if len(merged) > 1:
+            assert self.holdout is not None
+            index, scores = choose(merged, [c.config for c in self.candidates], *self.holdout,
+                                   min_z=self.search.min_z, device=self.device, batch_size=self.batch_size)
+        chosen = self.candidates[index]
+        return MergeResult(merged[index], chosen.config, scores, dict(self.dead_features), dict(chosen.transforms))
+
+    def _add_pending_reference(self) -> None:
+        if self._pending_reference is None:
+            return
+        state, weight, name = self._pending_reference
+        self._pending_reference = None
+        endpoint = None
+        for candidate in self.candidates:
+            work = state
+            if candidate.config.zero_dead and candidate.config.needs_statistics and self._reference_dead is not None:
+                work = self._zero_dead(state, None, name, side=0)
+            if candidate.config.repair != "none":
+                if endpoint is None:
+                    endpoint = preactivation_statistics([self.reference], self.calibration, self.spec,
+                                                        device=self.device)[0]
+                candidate.repair.add(endpoint, {}, weight)
+            _add_weighted(candidate, work, weight)
+            if self.keep_transforms:
+                candidate.transforms[name] = {}
+
+    def _finish_candidate(self, candidate: _Candidate) -> nn.Module:
+        if candidate.weight <= 0:
+            raise ValueError("merge: no model with a positive weight was added")
+        config = candidate.config
+        averaged = {key: (candidate.total[key] / candidate.weight).to(value.dtype) if key in candidate.total
+                    else value.clone() for key, value in self.template.items()}
+        _check_finite(averaged, f"the merged model ({config.label()})")
+        merged = copy.deepcopy(self.reference)
+        merged.load_state_dict(averaged)
+        if config.recompute_bn:
+            recompute_batchnorm(merged, self.calibration, device=self.device)
+        if config.repair != "none":
+            repair_to_targets(merged, candidate.repair.targets(), self.calibration, mode=config.repair,
+                              spec=self.spec, device=self.device)
+        moved = [name for name in self._points(config) if name in candidate.moved] if candidate.moved else []
+        if config.balance and moved:
+            # Last: a positive rescaling keeps the function, BatchNorm statistics and repair intact.
+            assert self.spec is not None
+            points = AlignmentSpec(tuple(self.spec.point(name) for name in moved))
+            merged.load_state_dict(balance_norms(merged.state_dict(), points, like=self.template))
+        return merged
+
+    def _points(self, config: MergeConfig) -> list[str]:
+        assert self.spec is not None
+        return self.spec.names() if config.points is None else list(config.points)
+
+    def _sub_spec(self, config: MergeConfig) -> AlignmentSpec:
+        assert self.spec is not None
+        return AlignmentSpec(tuple(self.spec.point(name) for name in self._points(config)))
+
+
+def as_search(choices: MergeChoices) -> MergeSearch:
+    """The :class:`MergeSearch` for any accepted way of saying how to merge (a method name included)."""
+    if isinstance(choices, str):
+        return MergeSearch(MergeConfig(method=choices))
+    return MergeSearch.of(choices)
+
+
+def merge(models: Sequence[nn.Module], calibration: torch.Tensor | Iterable, config: MergeChoices = None,
+          **kwargs: Any) -> nn.Module:
+    """Align every model to the reference, average them, recompute BatchNorm statistics.
+
+    ``merge(models, x)`` is CCA Merge with the defaults; ``merge(models, x, "permute")``,
+    ``merge(models, x, method="cca", ridge=0.1, repair="affine")`` or
+    ``merge(models, x, MergeConfig(...))`` choose otherwise (keywords are
+    :class:`~fedcca.config.MergeConfig` fields). It is :func:`merge_with_result` (which documents
+    every argument: reference, weights, statistics, holdout, device, ...) returning the model alone.
+
+    Args:
+        models: Models of one architecture; they are not modified.
+        calibration: Inputs for statistics and BatchNorm (see :func:`fedcca.statistics.as_batches`).
+        config: A :class:`MergeConfig`, a :class:`MergeSearch`, a method name, or None.
+        **kwargs: The other arguments of :func:`merge_with_result`.
+
+    Returns:
+        A new model (a deep copy of the reference holding the merged weights).
+    """
+    return merge_with_result(models, calibration, config, **kwargs).model
+
+
+def merge_with_result(
     models: Sequence[nn.Module],
     calibration: torch.Tensor | Iterable,
-    method: str = "cca",
+    config: MergeChoices = None,
     reference: int | nn.Module = 0,
     weights: Sequence[float] | None = None,
     *,
-    ridge: float | None = None,
-    ridge_mode: str = DEFAULT_RIDGE_MODE,
-    points: Sequence[str] | None = None,
     statistics: Sequence[Mapping[str, PairStatistics] | None] | None = None,
-    recompute_bn: bool = True,
-    repair: str = "none",
-    zero_dead: bool = True,
-    balance: bool = True,
+    holdout: tuple[torch.Tensor, torch.Tensor] | None = None,
     device: torch.device | str | None = None,
     batch_size: int = 256,
-) -> nn.Module:
-    """Align every model to the reference, average them, recompute BatchNorm statistics.
+    keep_transforms: bool = False,
+    **options: Any,
+) -> MergeResult:
+    """Merge all-to-one and return the :class:`MergeResult` (model, chosen configuration, held-out scores).
 
     Args:
-        models: Models of one architecture (with ``alignment_spec()`` unless ``method`` is
-            "direct"); they are not modified.
+        models: Models of one architecture (describable by ``fedcca.alignment.spec_for``
+            unless nothing is aligned); they are not modified.
         calibration: Inputs for statistics and BatchNorm (see :func:`fedcca.statistics.as_batches`).
-        method: One of :data:`METHODS`.
+        config: A :class:`MergeConfig`, a :class:`MergeSearch`, a method name, or None (the defaults).
         reference: Index of the reference in ``models`` (it is averaged too), or a separate
             model used only as the alignment target and not averaged.
         weights: Non-negative averaging weights, one per model (default uniform).
-        ridge: CCA ridge (None: ``fedcca.transforms.DEFAULT_RIDGES[ridge_mode]``).
-        ridge_mode: How the CCA ridge regularises, one of :data:`fedcca.transforms.RIDGE_MODES`.
-        points: Selective merging: align only these points (others identity; ``[]`` = none).
         statistics: ``statistics[k]``: precomputed statistics of ``models[k]`` against the
-            reference (e.g. sent by a client), or None to compute them here. Used by "cca"
-            and "permute"; the reference model itself is never transformed.
-        recompute_bn: Recompute BatchNorm running statistics of the result on ``calibration``.
-        repair: One of :data:`fedcca.repair.REPAIRS`: correct the merged pre-activation
-            statistics towards the (aligned) models' after averaging. It measures the models
-            with BatchNorm recomputed on ``calibration``, as ``recompute_bn`` leaves the result.
-        zero_dead: For "cca" and "permute": zero the weights of features that are exactly 0
-            on the calibration data in every averaged model before aligning (logged).
-        balance: For "cca" and "permute" (whose transforms rescale features): rescale every
-            merged feature so that the ratio of its incoming to outgoing weight norms is the
-            reference's (:func:`fedcca.alignment.balance_norms`). The function is unchanged;
-            training from the merge (the next federated round) is not: unbalanced CCA
-            merges made the next rounds diverge (README, Results).
-        device: Where statistics and BatchNorm run (None: CUDA if available, else CPU).
+            reference (e.g. sent by a client), or None to compute them here.
+        holdout: Labelled ``(inputs, labels)`` to choose among a search's candidates.
+        device: Where forwards run (None: CUDA if available, else CPU).
         batch_size: Batch size when ``calibration`` is a tensor.
-
-    Returns:
-        A new model (a deep copy of ``models[0]`` holding the merged weights).
+        keep_transforms: Keep every model's transforms in the result.
+        **options: :class:`MergeConfig` fields overriding ``config``.
 
     Raises:
-        ValueError: Unknown method (listing the options), bad weights/reference/statistics,
-            models whose state dicts differ in keys or shapes.
+        ValueError: Unknown method or option value (listing the choices), bad weights,
+            reference or statistics, models whose state dicts differ in keys or shapes.
         MergeError: Non-finite merged weights, naming the key.
     """
-    _check_method(method)
-    if repair not in REPAIRS:
-        raise ValueError(f"unknown repair {repair!r}; choose one of {', '.join(REPAIRS)}")
     if not models:
         raise ValueError("merge: no models given")
-    weights = _checked_weights(weights, len(models))
+    search = as_search(config)
+    if options:
+        search = MergeSearch(MergeConfig.from_options(search.base, **options), search.grid, search.min_z,
+                             search.description)
+    weights = [1.0] * len(models) if weights is None else list(weights)
+    if len(weights) != len(models):
+        raise ValueError(f"{len(weights)} weights for {len(models)} models")
+    statistics = [None] * len(models) if statistics is None else list(statistics)
+    if len(statistics) != len(models):
+        raise ValueError(f"{len(statistics)} statistics entries for {len(models)} models")
     target = _reference_model(models, reference)
-    states = [_state_of(model) for model in models]
-    template = _state_of(target)
-    for index, state in enumerate(states):
-        _check_same_layout(template, state, f"models[{index}]")
-    transforms: list[dict[str, Transform]] = [{} for _ in models]
-    if method != "direct":
-        spec = spec_for(target)
-        spec.validate(target)
-        selected = spec.names() if points is None else list(points)
-        given = _checked_statistics(statistics, len(models))
-        if method in _STATISTICS_METHODS:
-            given = _fill_statistics(target, models, given, calibration, spec, selected, device, batch_size)
-            if zero_dead:
-                states = zero_dead_features(states, models, target, given, spec, selected)
-        for index, model in enumerate(models):
-            if model is not target:
-                states[index], transforms[index] = _aligned(
-                    states[index], template, spec, method, given[index], ridge, ridge_mode, selected,
-                    f"models[{index}]")
-    merged = copy.deepcopy(models[0])
-    merged.load_state_dict(average_state_dicts(states, weights))
-    if recompute_bn:
-        recompute_batchnorm(merged, calibration, device=device, batch_size=batch_size)
-    if repair != "none":
-        repair_statistics(merged, models, transforms, calibration, weights, mode=repair,
-                          device=device, batch_size=batch_size)
-    if balance and method in _STATISTICS_METHODS and selected:
-        # Last: a positive rescaling keeps the function, BatchNorm statistics and repair intact.
-        aligned = AlignmentSpec(tuple(spec.point(name) for name in selected))
-        merged.load_state_dict(balance_norms(merged.state_dict(), aligned, like=template))
-    return merged
+    merger = Merger(target, calibration, search, holdout=holdout, device=device, batch_size=batch_size,
+                    keep_transforms=keep_transforms)
+    merger.add_many(models, weights, statistics, names=[f"models[{k}]" for k in range(len(models))],
+                    references=[model is target for model in models])
+    return merger.finish()
 
 
 def merge_sequential(
     models: Sequence[nn.Module],
     calibration: torch.Tensor | Iterable,
-    method: str = "cca",
+    config: MergeChoices = None,
     weights: Sequence[float] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
@@ -159,23 +441,24 @@ def merge_sequential(
     Args:
         models: Models to merge, in order.
         calibration: Inputs for statistics and BatchNorm.
-        method: One of :data:`METHODS`.
+        config: As for :func:`merge`.
         weights: Non-negative weights, one per model (default uniform).
-        **kwargs: Passed to :func:`merge` (``ridge``, ``ridge_mode``, ``points``, ``recompute_bn``,
-            ``repair``, ``device``, ``batch_size``); ``reference`` and ``statistics`` are not allowed.
+        **kwargs: Passed to :func:`merge` (``device``, ``batch_size`` and MergeConfig fields);
+            ``reference`` and ``statistics`` are not allowed.
     """
-    _check_method(method)
     clash = sorted({"reference", "statistics"} & set(kwargs))
     if clash:
         raise TypeError(f"merge_sequential: {clash} cannot be given (the running model is the reference)")
     if not models:
         raise ValueError("merge_sequential: no models given")
-    weights = _checked_weights(weights, len(models))
-    running, running_weight = merge([models[0]], calibration, method, weights=[1.0], **kwargs), weights[0]
+    weights = [1.0] * len(models) if weights is None else [_checked_weight(w, "weights") for w in weights]
+    if len(weights) != len(models):
+        raise ValueError(f"{len(weights)} weights for {len(models)} models")
+    running, running_weight = merge([models[0]], calibration, config, weights=[1.0], **kwargs), weights[0]
     for model, weight in zip(models[1:], weights[1:]):
         if running_weight + weight == 0:
             continue  # nothing to average yet
-        running = merge([running, model], calibration, method, weights=[running_weight, weight], **kwargs)
+        running = merge([running, model], calibration, config, weights=[running_weight, weight], **kwargs)
         running_weight += weight
     return running
 
@@ -184,13 +467,11 @@ def align_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     reference_state: Mapping[str, torch.Tensor],
     spec: AlignmentSpec,
-    method: str,
+    config: MergeConfig | str | None = None,
     *,
     statistics: Mapping[str, PairStatistics] | None = None,
-    ridge: float | None = None,
-    ridge_mode: str = DEFAULT_RIDGE_MODE,
-    points: Sequence[str] | None = None,
     name: str = "model",
+    **options: Any,
 ) -> dict[str, torch.Tensor]:
     """One model's weights moved into the reference's coordinates (a new dict).
 
@@ -198,20 +479,28 @@ def align_state_dict(
         state_dict: The model's weights.
         reference_state: The reference's weights (used by "weight-matching").
         spec: The architecture's alignment spec.
-        method: One of :data:`METHODS` ("direct" returns a copy).
-        statistics: Per-point statistics of this model against the reference ("cca", "permute").
-        ridge: CCA ridge (None: the default of ``ridge_mode``).
-        ridge_mode: One of :data:`fedcca.transforms.RIDGE_MODES`.
-        points: Points to align (default all; others unchanged).
+        config: A :class:`MergeConfig` or a method name (its ``method``, ridge, shrinkage and
+            points are used).
+        statistics: Per-point statistics of this model against the reference.
         name: How error messages call the model.
+        **options: :class:`MergeConfig` fields overriding ``config``.
 
     Raises:
         ValueError: Missing statistics for a point, unknown method or point.
         MergeError: The aligned weights are not finite.
     """
-    _check_method(method)
-    selected = spec.names() if points is None else list(points)
-    return _aligned(state_dict, reference_state, spec, method, statistics, ridge, ridge_mode, selected, name)[0]
+    config = MergeConfig(method=config) if isinstance(config, str) else config
+    config = MergeConfig.from_options(config, **options)
+    if not config.aligns:
+        return {key: value.detach().clone() for key, value in state_dict.items()}
+    points = spec.names() if config.points is None else list(config.points)
+    job = AlignmentJob(AlignmentSpec(tuple(spec.point(p) for p in points)), config, statistics, state_dict,
+                       reference_state, name)
+    transforms = {point: shrink_transform(t, config.shrinkage, point=point)
+                  for point, t in ALIGNERS[config.method].transforms(job).items()}
+    aligned = apply_transforms(state_dict, spec, transforms)
+    _check_finite(aligned, f"{name} after {config.label()} alignment")
+    return aligned
 
 
 def average_state_dicts(
@@ -232,151 +521,45 @@ def average_state_dicts(
     """
     if not state_dicts:
         raise ValueError("average_state_dicts: nothing to average")
-    weights = _checked_weights(weights, len(state_dicts))
+    weights = [1.0] * len(state_dicts) if weights is None else [_checked_weight(w, "weights") for w in weights]
+    if len(weights) != len(state_dicts):
+        raise ValueError(f"{len(weights)} weights for {len(state_dicts)} models")
+    if sum(weights) <= 0:
+        raise ValueError(f"weights must not all be zero, got {weights}")
     first = state_dicts[0]
-    for index, state in enumerate(state_dicts[1:], start=1):
+    accumulator = _Candidate(MergeConfig(method="direct"))
+    for index, (state, weight) in enumerate(zip(state_dicts, weights)):
         _check_same_layout(first, state, f"state_dicts[{index}]")
-    total = sum(weights)
-    averaged: dict[str, torch.Tensor] = {}
-    for key, value in first.items():
-        if not value.is_floating_point():
-            averaged[key] = value.clone()
-            continue
-        acc = sum((w / total) * state[key].detach().double().cpu() for w, state in zip(weights, state_dicts))
-        averaged[key] = acc.to(value.dtype)
+        _add_weighted(accumulator, state, weight)
+    averaged = {key: (accumulator.total[key] / accumulator.weight).to(value.dtype) if key in accumulator.total
+                else value.clone() for key, value in first.items()}
     _check_finite(averaged, "the merged model")
     return averaged
 
 
-def zero_dead_features(
-    states: Sequence[dict[str, torch.Tensor]],
-    models: Sequence[nn.Module],
-    target: nn.Module,
-    statistics: Sequence[Mapping[str, PairStatistics] | None],
-    spec: AlignmentSpec,
-    points: Sequence[str] | None = None,
-) -> list[dict[str, torch.Tensor]]:
-    """``states`` with the weights of every feature that is exactly 0 on the calibration data zeroed.
-
-    Model k's dead features are read from its side of ``statistics[k]``; the reference's
-    (``target``, when it is one of ``models``) from its side of any other model's statistics.
-
-    Args:
-        states: State dicts of ``models`` (not modified).
-        models: The models (to recognise the reference).
-        target: The alignment reference.
-        statistics: ``statistics[k]``: model k's statistics against the reference (or None).
-        spec: The architecture's alignment spec.
-        points: Points to consider (default all).
-    """
-    selected = spec.names() if points is None else list(points)
-    # The reference's own features: its side (0) of any other model's statistics.
-    of_reference = next((s for s, model in zip(statistics, models) if model is not target and s is not None), None)
-    out = list(states)
-    for index, model in enumerate(models):
-        source, side = (of_reference, 0) if model is target else (statistics[index], 1)
-        if source is None:
-            continue
-        masks = {point: source[point].zero_features()[side] for point in selected if point in source}
-        masks = {point: mask for point, mask in masks.items() if mask.any()}
-        if masks:
-            logger.info("models[%d]: zeroed dead features before alignment: %s", index,
-                        {point: int(mask.sum()) for point, mask in masks.items()})
-            out[index] = zero_features(states[index], spec, masks)
-    return out
-
-
 # ----------------------------------------------------------------------------- helpers
 
-def _aligned(
-    state_dict: Mapping[str, torch.Tensor],
-    reference_state: Mapping[str, torch.Tensor],
-    spec: AlignmentSpec,
-    method: str,
-    statistics: Mapping[str, PairStatistics] | None,
-    ridge: float | None,
-    ridge_mode: str,
-    selected: Sequence[str],
-    name: str,
-) -> tuple[dict[str, torch.Tensor], dict[str, Transform]]:
-    """One model's weights in the reference's coordinates, with the transforms that put them there."""
-    transforms = _transforms(state_dict, reference_state, spec, method, statistics, ridge, ridge_mode,
-                             selected, name)
-    aligned = apply_transforms(state_dict, spec, transforms)
-    _check_finite(aligned, f"{name} after {method} alignment")
-    return aligned, transforms
+def _aligner_key(config: MergeConfig) -> tuple:
+    """The fields an aligner's transforms depend on (candidates sharing them share transforms)."""
+    return (config.method, config.resolved_ridge, config.ridge_mode, config.blend, config.max_scale, config.points,
+            config.zero_dead)
 
 
-def _transforms(
-    state_dict: Mapping[str, torch.Tensor],
-    reference_state: Mapping[str, torch.Tensor],
-    spec: AlignmentSpec,
-    method: str,
-    statistics: Mapping[str, PairStatistics] | None,
-    ridge: float | None,
-    ridge_mode: str,
-    selected: Sequence[str],
-    name: str,
-) -> dict[str, Transform]:
-    """Transforms of the selected points for one model."""
-    chosen = [spec.point(point) for point in selected]
-    if method == "direct" or not chosen:
-        return {}
-    if method == "weight-matching":
-        return weight_matching(reference_state, state_dict, AlignmentSpec(points=tuple(chosen)))
-    missing = [point.name for point in chosen if statistics is None or point.name not in statistics]
-    if missing:
-        raise ValueError(f"{name}: no statistics for point '{missing[0]}' (method {method!r})")
-    assert statistics is not None
-    if method == "cca":
-        return {p.name: cca_transform(statistics[p.name], ridge, ridge_mode=ridge_mode, point=p.name)
-                for p in chosen}
-    return {p.name: permute_transform(statistics[p.name], point=p.name) for p in chosen}
+def _add_weighted(candidate: _Candidate, state: Mapping[str, torch.Tensor], weight: float) -> None:
+    """``candidate.total += weight * state`` over floating-point entries, in float64."""
+    for key, value in state.items():
+        if not value.is_floating_point():
+            continue
+        term = weight * value.detach().to(torch.float64).cpu()
+        candidate.total[key] = candidate.total[key] + term if key in candidate.total else term
+    candidate.weight += weight
 
 
-def _fill_statistics(
-    target: nn.Module,
-    models: Sequence[nn.Module],
-    given: list[Mapping[str, PairStatistics] | None],
-    calibration: torch.Tensor | Iterable,
-    spec: AlignmentSpec,
-    selected: Sequence[str],
-    device: torch.device | str | None,
-    batch_size: int,
-) -> list[Mapping[str, PairStatistics] | None]:
-    """Compute the statistics not given, in one pass over the calibration data."""
-    missing = [k for k, model in enumerate(models) if given[k] is None and model is not target]
-    if missing and selected:
-        computed = collect_statistics(target, [models[k] for k in missing], calibration, spec,
-                                      points=selected, device=device, batch_size=batch_size)
-        for k, stats in zip(missing, computed):
-            given[k] = stats
-    return given
-
-
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
-
-
-def _checked_weights(weights: Sequence[float] | None, count: int) -> list[float]:
-    if weights is None:
-        return [1.0] * count
-    values = [float(w) for w in weights]
-    if len(values) != count:
-        raise ValueError(f"{len(values)} weights for {count} models")
-    if not all(w >= 0 and w < float("inf") for w in values) or sum(values) <= 0:
-        raise ValueError(f"weights must be finite, non-negative and not all zero, got {values}")
-    return values
-
-
-def _checked_statistics(statistics: Sequence[Mapping[str, PairStatistics] | None] | None,
-                        count: int) -> list[Mapping[str, PairStatistics] | None]:
-    if statistics is None:
-        return [None] * count
-    if len(statistics) != count:
-        raise ValueError(f"{len(statistics)} statistics entries for {count} models")
-    return list(statistics)
+def _checked_weight(weight: Any, name: str) -> float:
+    value = float(weight)
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"{name}: weights must be finite and non-negative, got {weight!r}")
+    return value
 
 
 def _reference_model(models: Sequence[nn.Module], reference: int | nn.Module) -> nn.Module:

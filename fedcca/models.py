@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from fedcca.alignment import AlignmentPoint, AlignmentSpec, ParamAxis
 
-MODEL_NAMES: tuple[str, ...] = ("cnn", "vgg11", "vgg11_bn", "resnet20")
+MODEL_NAMES: tuple[str, ...] = ("cnn", "lenet", "vgg11", "vgg11_bn", "resnet20")
 
 _CNN_LAYOUT: tuple[int | str, ...] = (32, "M", 64, "M", 128)
 _VGG11_LAYOUT: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
@@ -258,29 +258,80 @@ class ResNet20(nn.Module):
         return AlignmentSpec(tuple(s.point() for s in streams) + tuple(inner), _classifier_fixed("conv1", "linear"))
 
 
+class LeNet(nn.Module):
+    """The CNN of NIID-Bench and Flower's niid_bench baseline (LeNet-5 shape).
+
+    conv 6@5x5 - ReLU - 2x2 max-pool - conv 16@5x5 - ReLU - 2x2 max-pool - flatten - fc 120 - ReLU -
+    fc 84 - ReLU - classifier; no BatchNorm. Channel and unit counts scale with ``width``.
+
+    Args:
+        num_classes: Number of output classes.
+        in_channels: Input channels.
+        width: Width multiplier.
+        image_size: Side of the square input (28 for Fashion-MNIST, 32 for CIFAR); fixes fc1's
+            input size ``16w * s * s`` with ``s = ((image_size - 4) // 2 - 4) // 2``.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1, image_size: int = 28) -> None:
+        super().__init__()
+        side = ((image_size - 4) // 2 - 4) // 2
+        if side < 1:
+            raise ValueError(f"lenet needs images of at least 16x16 pixels, got {image_size}")
+        c1, c2, h1, h2 = (_channels(n, width) for n in (6, 16, 120, 84))
+        self.spatial = side * side  # fc1 inputs per conv2 channel
+        self.conv1, self.relu1 = nn.Conv2d(in_channels, c1, 5), nn.ReLU()
+        self.conv2, self.relu2 = nn.Conv2d(c1, c2, 5), nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.fc1, self.relu3 = nn.Linear(c2 * self.spatial, h1), nn.ReLU()
+        self.fc2, self.relu4 = nn.Linear(h1, h2), nn.ReLU()
+        self.fc3 = nn.Linear(h2, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[N, num_classes]`` for images ``[N, C, H, W]``."""
+        x = self.pool(self.relu1(self.conv1(x)))
+        x = self.pool(self.relu2(self.conv2(x))).flatten(1)
+        return self.fc3(self.relu4(self.fc2(self.relu3(self.fc1(x)))))
+
+    def alignment_spec(self) -> AlignmentSpec:
+        """Four points, tapped at the ReLUs; conv2's channels reach fc1 as blocks of ``H*W`` inputs."""
+        layers = (("conv1", "relu1", "conv2", 1), ("conv2", "relu2", "fc1", self.spatial),
+                  ("fc1", "relu3", "fc2", 1), ("fc2", "relu4", "fc3", 1))
+        points = tuple(
+            AlignmentPoint(layer, getattr(self, layer).weight.shape[0], (relu,),
+                           (*_producer(layer, bias=True), ParamAxis(f"{consumer}.weight", 1, "in", block)))
+            for layer, relu, consumer, block in layers
+        )
+        return AlignmentSpec(points, _classifier_fixed("conv1", "fc3"))
+
+
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def build_model(name: str = "cnn", num_classes: int = 10, in_channels: int = 1, width: float = 1) -> nn.Module:
+def build_model(name: str = "cnn", num_classes: int = 10, in_channels: int = 1, width: float = 1,
+                image_size: int = 28) -> nn.Module:
     """Build one of :data:`MODEL_NAMES`.
 
     Args:
-        name: ``"cnn"`` (default), ``"vgg11"``, ``"vgg11_bn"`` or ``"resnet20"``.
+        name: ``"cnn"`` (default), ``"lenet"``, ``"vgg11"``, ``"vgg11_bn"`` or ``"resnet20"``.
         num_classes: Number of output classes.
         in_channels: Input channels (1 for Fashion-MNIST, 3 for CIFAR).
         width: Width multiplier (> 0; fractions such as 0.25 give CPU-sized VGG11/ResNet20).
+        image_size: Side of the square input images; only "lenet" depends on it (the other
+            models end in global average pooling).
 
     Raises:
         ValueError: an unknown name or a non-positive size.
     """
-    for arg, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+    for arg, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
         _check_positive_int(arg, value)
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width < float("inf"):
         raise ValueError(f"width must be a positive number, got {width!r}")
     if name == "cnn":
         return CNN(num_classes, in_channels, width)
+    if name == "lenet":
+        return LeNet(num_classes, in_channels, width, image_size)
     if name in ("vgg11", "vgg11_bn"):
         return VGG11(num_classes, in_channels, width, batch_norm=name == "vgg11_bn")
     if name == "resnet20":

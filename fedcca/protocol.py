@@ -7,8 +7,10 @@ received global model (A) as a second ``ArrayRecord`` under :data:`STATISTICS_KE
 A reply from a plain FedAvg-style ClientApp (weights + one ``MetricRecord`` with
 ``num-examples``) is valid too; the server then computes the statistics itself.
 
-:func:`validate_reply` turns one reply into a :class:`ClientUpdate` or raises
-:class:`InvalidReplyError` with a one-line reason.
+:func:`train_instruction` / :func:`read_train_instruction` build and read train messages,
+:func:`train_reply` builds a reply, and :func:`validate_reply` turns one reply into a
+:class:`ClientUpdate` or raises :class:`InvalidReplyError` with a one-line reason. Every
+place that speaks the protocol (the strategy, the ClientApp, benchmarks, tests) uses these.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedcca.alignment import AlignmentSpec
 from fedcca.statistics import (
@@ -35,6 +37,79 @@ METRICS_KEY = "metrics"
 STATISTICS_KEY = "fedcca.statistics"
 COMPUTE_STATS_FLAG = "fedcca.compute-statistics"
 NUM_EXAMPLES_KEY = "num-examples"
+SERVER_ROUND_KEY = "server-round"
+PROXIMAL_MU_KEY = "proximal-mu"  # set by Flower's FedProx
+
+
+@dataclass(frozen=True)
+class TrainInstruction:
+    """What a train message asks of a client.
+
+    Args:
+        arrays: The global model.
+        server_round: The round (0 when the strategy did not say).
+        compute_statistics: Send alignment statistics of the trained model against ``arrays``.
+        proximal_mu: FedProx's proximal weight ``mu`` (0: plain local training).
+        config: The whole ``ConfigRecord``.
+    """
+
+    arrays: ArrayRecord
+    server_round: int
+    compute_statistics: bool
+    proximal_mu: float
+    config: ConfigRecord
+
+
+def train_instruction(arrays: ArrayRecord, server_round: int, compute_statistics: bool = True,
+                      **config: int | float | str | bool) -> RecordDict:
+    """The content of a train message (as ``CCAMerge.configure_train`` sends it).
+
+    Args:
+        arrays: The global model.
+        server_round: The round number.
+        compute_statistics: Ask for alignment statistics.
+        **config: Further config entries.
+    """
+    record = ConfigRecord({SERVER_ROUND_KEY: server_round, COMPUTE_STATS_FLAG: compute_statistics, **config})
+    return RecordDict({WEIGHTS_KEY: arrays, CONFIG_KEY: record})
+
+
+def read_train_instruction(message: Message) -> TrainInstruction:
+    """Decode a train message (ours, or any FedAvg/FedProx strategy's).
+
+    Raises:
+        InvalidReplyError: The message lacks the weights or the config record.
+    """
+    content = message.content
+    if WEIGHTS_KEY not in content.array_records or CONFIG_KEY not in content.config_records:
+        raise InvalidReplyError(f"train message lacks ArrayRecord '{WEIGHTS_KEY}' or ConfigRecord '{CONFIG_KEY}' "
+                                f"(has {sorted(content)})")
+    config = content.config_records[CONFIG_KEY]
+    mu = float(config.get(PROXIMAL_MU_KEY, 0.0))  # type: ignore[arg-type]
+    if not (math.isfinite(mu) and mu >= 0):
+        raise InvalidReplyError(f"'{PROXIMAL_MU_KEY}' must be finite and >= 0, got {mu!r}")
+    return TrainInstruction(content.array_records[WEIGHTS_KEY], int(config.get(SERVER_ROUND_KEY, 0)),  # type: ignore[arg-type]
+                            bool(config.get(COMPUTE_STATS_FLAG, False)), mu, config)
+
+
+def train_reply(state_dict: Mapping[str, torch.Tensor], num_examples: int | float,
+                metrics: Mapping[str, int | float] | None = None,
+                statistics: Mapping[str, PairStatistics] | None = None) -> RecordDict:
+    """The content of a train reply: weights, metrics with ``num-examples``, optional statistics.
+
+    Args:
+        state_dict: The trained weights (copied to the CPU).
+        num_examples: The reply's weight in the average.
+        metrics: Further metrics.
+        statistics: Alignment statistics of the trained model (B) against the received one (A).
+    """
+    content = RecordDict({
+        WEIGHTS_KEY: ArrayRecord({key: value.detach().cpu() for key, value in state_dict.items()}),
+        METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: num_examples, **(metrics or {})}),
+    })
+    if statistics is not None:
+        content[STATISTICS_KEY] = statistics_to_record(statistics)
+    return content
 
 
 class InvalidReplyError(ValueError):
@@ -110,7 +185,7 @@ def record_bytes(message: Message) -> int:
 def validate_reply(
     message: Message,
     template: Mapping[str, torch.Tensor],
-    spec: AlignmentSpec,
+    spec: AlignmentSpec | None,
     *,
     weights_key: str = WEIGHTS_KEY,
     weighted_by_key: str = NUM_EXAMPLES_KEY,
@@ -125,7 +200,8 @@ def validate_reply(
     Args:
         message: A reply to a train message.
         template: A state dict of the model (e.g. ``model_fn().state_dict()``).
-        spec: The model's alignment spec, used to check statistics.
+        spec: The model's alignment spec, used to check statistics (None: statistics are not
+            read; a merge that aligns nothing has no use for them).
         weights_key: Record name of the weights (the strategy's ``arrayrecord_key``).
         weighted_by_key: Metric holding the number of training examples.
 
@@ -140,10 +216,11 @@ def validate_reply(
     statistics, statistics_bytes = None, 0
     if STATISTICS_KEY in content.array_records:
         stats_record = content.array_records[STATISTICS_KEY]
-        try:
-            statistics = statistics_from_record(stats_record, spec)
-        except StatisticsError as err:
-            raise InvalidReplyError(f"invalid statistics: {err}") from err
+        if spec is not None:
+            try:
+                statistics = statistics_from_record(stats_record, spec)
+            except StatisticsError as err:
+                raise InvalidReplyError(f"invalid statistics: {err}") from err
         statistics_bytes = stats_record.count_bytes()
     return ClientUpdate(
         node_id=message.metadata.src_node_id,

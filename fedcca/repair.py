@@ -56,6 +56,45 @@ def preactivation_spec(spec: AlignmentSpec, model: nn.Module) -> tuple[Alignment
     return AlignmentSpec(tuple(points)), producers
 
 
+class RepairTargets:
+    """Running weighted average of the endpoints' pre-activation statistics in reference coordinates.
+
+    For endpoint ``k`` with weight ``w_k`` and transform ``T_k`` at a point, it adds
+    ``w_k T_k mu_k`` to the target mean and ``w_k sqrt(diag(T_k C_k T_k^T))`` to the target
+    standard deviation (``mu_k``, ``C_k``: the endpoint's pre-activation mean and covariance).
+    Endpoints can be added one at a time, so a merge never holds them all.
+    """
+
+    def __init__(self) -> None:
+        self._mean: dict[str, torch.Tensor] = {}
+        self._std: dict[str, torch.Tensor] = {}
+        self._total = 0.0
+
+    def add(self, statistics: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+            transforms: Mapping[str, Transform], weight: float) -> None:
+        """Fold in one endpoint.
+
+        Args:
+            statistics: Its :func:`preactivation_statistics` entry ``{point: (mean, covariance)}``.
+            transforms: Its transforms into the reference's coordinates (identity where absent).
+            weight: Its averaging weight.
+        """
+        for name, (mean, cov) in statistics.items():
+            t = transforms.get(name)
+            if t is not None:
+                mean, cov = t.matrix @ mean, t.matrix @ cov @ t.matrix.T
+            std = cov.diagonal().clamp_min(0).sqrt()
+            self._mean[name] = self._mean.get(name, 0) + weight * mean
+            self._std[name] = self._std.get(name, 0) + weight * std
+        self._total += weight
+
+    def targets(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{point: (target mean, target std)}``: the weighted averages so far."""
+        if self._total <= 0:
+            raise ValueError("RepairTargets: no endpoint with a positive weight was added")
+        return {name: (self._mean[name] / self._total, self._std[name] / self._total) for name in self._mean}
+
+
 def repair(
     merged: nn.Module,
     endpoints: Sequence[nn.Module],
@@ -73,11 +112,8 @@ def repair(
 
     Target of each channel at a point: the weighted average over endpoints ``k`` of the mean
     ``T_k mu_k`` and standard deviation ``sqrt(diag(T_k C_k T_k^T))`` of endpoint k's
-    pre-activations (``mu_k``, ``C_k`` on the calibration data; ``T_k`` its transform, identity
-    when absent). Points are corrected in forward order, each measured after the previous
-    ones were fixed, by rescaling/shifting the producing conv/linear or BatchNorm's weight and
-    bias. Points without a single producer (see :func:`preactivation_spec`) are skipped and
-    logged. Call it after any BatchNorm recomputation (it edits BatchNorm affine parameters).
+    pre-activations (:class:`RepairTargets`). See :func:`repair_to_targets` for how the
+    correction is applied.
 
     Args:
         merged: The averaged model, modified in place and returned.
@@ -92,45 +128,66 @@ def repair(
         device: Where forwards run.
         batch_size: Batch size for forwards.
     """
-    if mode not in ("affine", "mean"):
-        raise ValueError(f"repair mode must be 'affine' or 'mean', got {mode!r}")
     if len(transforms) != len(endpoints):
         raise ValueError(f"{len(transforms)} transform sets for {len(endpoints)} endpoints")
     weights = [1.0] * len(endpoints) if weights is None else [float(w) for w in weights]
     spec = spec_for(merged) if spec is None else spec
-    pre_spec, producers = preactivation_spec(spec, merged)
-    skipped = [p for p in spec.names() if p not in producers]
-    if skipped:
-        logger.warning("repair: points %s have no single pre-activation producer; left uncorrected", skipped)
-    if not producers:
-        return merged
     calibration = list(as_batches(calibration, batch_size))
     if endpoint_statistics is None:
         endpoint_statistics = preactivation_statistics(endpoints, calibration, spec, device=device)
-    total = sum(weights)
-    target_mean: dict[str, torch.Tensor] = {}
-    target_std: dict[str, torch.Tensor] = {}
+    targets = RepairTargets()
     for stats, ts, w in zip(endpoint_statistics, transforms, weights):
-        for name, (mean, cov) in stats.items():
-            t = ts.get(name)
-            if t is not None:
-                mean, cov = t.matrix @ mean, t.matrix @ cov @ t.matrix.T
-            std = cov.diagonal().clamp_min(0).sqrt()
-            target_mean[name] = target_mean.get(name, 0) + (w / total) * mean
-            target_std[name] = target_std.get(name, 0) + (w / total) * std
+        targets.add(stats, ts, w)
+    return repair_to_targets(merged, targets.targets(), calibration, mode=mode, spec=spec, device=device)
+
+
+def repair_to_targets(
+    merged: nn.Module,
+    targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    calibration: torch.Tensor | Iterable,
+    *,
+    mode: str = "affine",
+    spec: AlignmentSpec | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 256,
+) -> nn.Module:
+    """Rescale and shift each point's pre-activation so its statistics hit ``targets`` (in place).
+
+    Points are corrected in forward order, each measured after the previous ones were fixed,
+    by rescaling/shifting the producing conv/linear or BatchNorm's weight and bias. Points
+    without a single producer (see :func:`preactivation_spec`) are skipped and logged. Call it
+    after any BatchNorm recomputation (it edits BatchNorm affine parameters).
+
+    Args:
+        merged: The averaged model, modified in place and returned.
+        targets: ``{point: (target mean, target std)}`` (:meth:`RepairTargets.targets`).
+        calibration: Inputs.
+        mode: ``"affine"`` (mean and std) or ``"mean"`` (mean only).
+        spec: The alignment spec (default ``spec_for(merged)``).
+        device: Where forwards run.
+        batch_size: Batch size when ``calibration`` is a tensor.
+    """
+    if mode not in ("affine", "mean"):
+        raise ValueError(f"repair mode must be 'affine' or 'mean', got {mode!r}")
+    spec = spec_for(merged) if spec is None else spec
+    pre_spec, producers = preactivation_spec(spec, merged)
+    skipped = [p for p in spec.names() if p not in producers]
+    if skipped:
+        logger.info("repair: points %s have no single pre-activation producer; left uncorrected", skipped)
+    calibration = list(as_batches(calibration, batch_size))
     for point in pre_spec.points:
-        single = AlignmentSpec((point,))
-        pair = collect_statistics(merged, [merged], calibration, single, device=device)[0][point.name]
+        target_mean, target_std = targets[point.name]
+        pair = collect_statistics(merged, [merged], calibration, AlignmentSpec((point,)), device=device)[0][point.name]
         mean = pair.means()[1].double()
         std = pair.covariances()[1].diagonal().clamp_min(0).sqrt().double()
         scale = torch.ones_like(std)
         if mode == "affine":
-            flat = std <= _FLAT_RTOL * target_std[point.name].clamp_min(1e-30)
+            flat = std <= _FLAT_RTOL * target_std.clamp_min(1e-30)
             if flat.any():
-                logger.warning("repair: point '%s' has %d constant merged channel(s); only their mean "
-                               "is corrected", point.name, int(flat.sum()))
-            scale = torch.where(flat, 1.0, target_std[point.name] / std.clamp_min(1e-30))
-        _affine_correct(merged, producers[point.name], scale, target_mean[point.name] - scale * mean)
+                logger.info("repair: point '%s' has %d constant merged channel(s); only their mean "
+                            "is corrected", point.name, int(flat.sum()))
+            scale = torch.where(flat, 1.0, target_std / std.clamp_min(1e-30))
+        _affine_correct(merged, producers[point.name], scale, target_mean - scale * mean)
     return merged
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sized
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -21,6 +22,49 @@ class BatchLoader(Iterable[tuple[torch.Tensor, torch.Tensor]], Sized, Protocol):
 
 class TrainingDivergedError(FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+LR_SCHEDULES: tuple[str, ...] = ("constant", "one-cycle")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How a model is trained locally (one client round, or a zoo model).
+
+    Args:
+        epochs: Passes over the loader.
+        lr: Learning rate ("constant") or peak learning rate ("one-cycle").
+        schedule: "constant", or "one-cycle": linear warm-up over the first 20% of the steps,
+            then linear decay to 0 (:func:`lr_factor`).
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum (needs ``momentum > 0``).
+        weight_decay: L2 penalty applied to every parameter.
+        proximal_mu: FedProx (Li et al., 2020): adds ``mu / 2 * ||w - w0||^2`` to the loss,
+            ``w0`` the weights when training starts (the received global model).
+    """
+
+    epochs: int = 1
+    lr: float = 0.05
+    schedule: str = "one-cycle"
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    proximal_mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr schedule {self.schedule!r}; choose one of {LR_SCHEDULES}")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
+        for name in ("momentum", "weight_decay", "proximal_mu"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.nesterov and self.momentum == 0:
+            object.__setattr__(self, "nesterov", False)  # torch refuses Nesterov without momentum
+
+    def factor(self, step: int, total_steps: int) -> float:
+        """Multiplier of ``lr`` at ``step`` of ``total_steps``."""
+        return 1.0 if self.schedule == "constant" else lr_factor(step, total_steps)
 
 
 def lr_factor(step: int, total_steps: int, warmup_fraction: float = WARMUP_FRACTION) -> float:
@@ -43,52 +87,48 @@ def lr_factor(step: int, total_steps: int, warmup_fraction: float = WARMUP_FRACT
 def train(
     model: nn.Module,
     loader: BatchLoader,
-    epochs: int,
+    config: TrainingConfig,
     *,
-    lr: float = 0.05,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
     device: torch.device | str | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` in place with SGD (Nesterov) and a one-cycle learning-rate schedule.
+    """Train ``model`` in place with SGD as ``config`` says.
 
     Args:
         model: Classifier producing logits; moved to ``device`` and left in train mode.
         loader: Batches ``(x, y)``, one pass per epoch (e.g. a shuffled ``DeviceLoader``).
-        epochs: Number of passes over ``loader``; the schedule spans all of them.
-        lr: Peak learning rate.
-        momentum: SGD momentum (Nesterov when > 0).
-        weight_decay: L2 penalty applied to every parameter.
+        config: Epochs, learning rate and schedule, momentum, weight decay, proximal term.
         device: Where to train; ``None``: CUDA if available.
 
     Returns:
         ``{"loss": mean cross-entropy over all examples seen, "last_epoch_loss": the same over
-        the last epoch, "seconds": wall time, "examples": examples processed, "steps": steps}``.
+        the last epoch, "seconds": wall time, "examples": examples processed, "steps": steps}``
+        (the proximal term is not part of the reported loss).
 
     Raises:
         TrainingDivergedError: naming the epoch and step of the first non-finite loss.
     """
     device = resolve_device(device)
     steps_per_epoch = len(loader)
-    if epochs < 1 or steps_per_epoch == 0:
-        raise ValueError(f"nothing to train: epochs={epochs}, batches per epoch={steps_per_epoch}")
+    if steps_per_epoch == 0:
+        raise ValueError(f"nothing to train: epochs={config.epochs}, batches per epoch={steps_per_epoch}")
     model.to(device).train()
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0
-    )
-    total_steps = epochs * steps_per_epoch
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay, nesterov=config.nesterov)
+    anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu > 0 else None
+    total_steps = config.epochs * steps_per_epoch
     start = time.perf_counter()
     loss_sum, examples, step, epoch_loss = 0.0, 0, 0, float("nan")
-    for epoch in range(epochs):
+    for epoch in range(config.epochs):
         # Per-batch losses stay on the device (no sync per step); checked once per epoch.
         batch_losses, epoch_examples = [], 0
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             for group in optimizer.param_groups:
-                group["lr"] = lr * lr_factor(step, total_steps)
+                group["lr"] = config.lr * config.factor(step, total_steps)
             loss = F.cross_entropy(model(x), y)
+            objective = loss if anchor is None else loss + _proximal(model, anchor, config.proximal_mu)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             optimizer.step()
             batch_losses.append(loss.detach() * len(y))
             epoch_examples += len(y)
@@ -105,6 +145,11 @@ def train(
         "examples": float(examples),
         "steps": float(step),
     }
+
+
+def _proximal(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's ``mu / 2 * ||w - w0||^2`` over all parameters."""
+    return 0.5 * mu * sum((p - p0).square().sum() for p, p0 in zip(model.parameters(), anchor))
 
 
 def _check_finite(batch_losses: torch.Tensor, epoch: int, first_step: int) -> None:

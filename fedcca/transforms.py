@@ -6,12 +6,15 @@ Every function returns :class:`fedcca.alignment.Transform` objects ``T`` (float6
 * :func:`cca_transform`: CCA Merge (Horoi et al., 2024) from activation statistics.
 * :func:`permute_transform`: a (rescaled) permutation matching features by correlation.
 * :func:`weight_matching`: Git Re-Basin weight matching, data free.
+* :func:`blend_transform`: a convex combination of two transforms (e.g. Permute and CCA).
+* :func:`shrink_transform`: ``I + a (T - I)``, a transform shrunk towards the identity.
 * :func:`identity_transform`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -19,7 +22,7 @@ import scipy.linalg
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from fedcca.alignment import AlignmentSpec, Transform
+from fedcca.alignment import AlignmentSpec, ParamAxis, Transform
 from fedcca.statistics import PairStatistics, StatisticsError
 
 logger = logging.getLogger(__name__)
@@ -106,17 +109,21 @@ def canonical_correlations(stats: PairStatistics, ridge: float | None = None, *,
     return _cca(stats, ridge, ridge_mode, point)[1]
 
 
-def permute_transform(stats: PairStatistics, rescale: bool = True, *, point: str = "?") -> Transform:
+def permute_transform(stats: PairStatistics, rescale: bool = True, *, max_scale: float = math.inf,
+                      point: str = "?") -> Transform:
     """Permutation matching each reference feature with the model feature most correlated to it.
 
     The assignment maximises the summed Pearson correlation (Hungarian algorithm,
     ``scipy.optimize.linear_sum_assignment``). With ``rescale`` each matched feature is also
     multiplied by ``std_a / std_b``, so a positively scaled permutation is recovered exactly.
-    Dead features have correlation 0 and scale 1 (logged).
+    Dead features have correlation 0 and scale 1 (logged at DEBUG).
 
     Args:
         stats: Statistics of reference A and model B at the point.
         rescale: Multiply matched features by their standard-deviation ratio.
+        max_scale: Clip every scale to ``[1 / max_scale, max_scale]`` (logged when it bites):
+            a nearly dead feature matched with a live one otherwise gets a scale of ~1000,
+            which the average then carries into every later layer.
         point: The point's name, for log messages.
     """
     c_aa, c_bb, c_ab = _checked_covariances(stats, point)
@@ -130,7 +137,65 @@ def permute_transform(stats: PairStatistics, rescale: bool = True, *, point: str
     rows, cols = linear_sum_assignment(corr.numpy(), maximize=True)
     scale = std_a[rows] / std_b[cols] if rescale else torch.ones(len(rows), dtype=torch.float64)
     scale[dead_a[rows] | dead_b[cols]] = 1.0
+    if not max_scale >= 1:
+        raise ValueError(f"point '{point}': max_scale must be >= 1, got {max_scale}")
+    clipped = (scale > max_scale) | (scale < 1 / max_scale)
+    if clipped.any():
+        logger.info("point '%s': %d Permute scale(s) clipped to [1/%g, %g] (largest %.3g, smallest %.3g)",
+                    point, int(clipped.sum()), max_scale, max_scale, scale.max().item(), scale.min().item())
+        scale = scale.clamp(1 / max_scale, max_scale)
     return _scaled_permutation(rows, cols, scale)
+
+
+def blend_transform(first: Transform, second: Transform, weight: float, *, point: str = "?") -> Transform:
+    """``T = (1 - weight) * first + weight * second`` with a numerically computed inverse.
+
+    Args:
+        first: E.g. the rescaled permutation (``weight = 0`` returns it exactly).
+        second: E.g. the CCA transform (``weight = 1`` returns it exactly).
+        weight: Blend weight in [0, 1].
+        point: The point's name, for error messages.
+
+    Raises:
+        ValueError: The blend is singular or ill-conditioned (condition number > 1e12).
+    """
+    if weight == 0:
+        return first
+    if weight == 1:
+        return second
+    return _with_inverse((1 - weight) * first.matrix + weight * second.matrix, f"blend {weight:g}", point)
+
+
+def shrink_transform(transform: Transform, amount: float, *, point: str = "?") -> Transform:
+    """``T_a = I + a (T - I)``: the transform moved a fraction ``a`` of the way from the identity.
+
+    ``a = 0`` is the identity (no alignment: averaging gives FedAvg), ``a = 1`` returns
+    ``transform`` itself (with its exact inverse); in between the inverse is computed.
+
+    Args:
+        transform: The aligner's transform ``T``.
+        amount: ``a`` in [0, 1].
+        point: The point's name, for error messages.
+
+    Raises:
+        ValueError: ``amount`` outside [0, 1], or a singular shrunk transform.
+    """
+    if not 0 <= amount <= 1:
+        raise ValueError(f"point '{point}': shrinkage must be in [0, 1], got {amount}")
+    if amount == 1:
+        return transform
+    if amount == 0:
+        return identity_transform(transform.size)
+    eye = torch.eye(transform.size, dtype=torch.float64)
+    return _with_inverse(eye + amount * (transform.matrix.to(torch.float64) - eye), f"shrinkage {amount:g}", point)
+
+
+def _with_inverse(matrix: torch.Tensor, what: str, point: str) -> Transform:
+    """A Transform of ``matrix`` with its numerical inverse; ValueError when it is ill-conditioned."""
+    cond = torch.linalg.cond(matrix).item()
+    if not cond < 1e12:
+        raise ValueError(f"point '{point}': the {what} transform is singular (condition {cond:.3g})")
+    return Transform(matrix=matrix, inverse=torch.linalg.inv(matrix))
 
 
 def weight_matching(
@@ -173,9 +238,9 @@ def weight_matching(
             point = spec.points[index]
             cost = torch.zeros(point.size, point.size, dtype=torch.float64)
             for axis in point.axes:
-                mine = ref[axis.key].movedim(axis.axis, 0).reshape(point.size, -1)
+                mine = axis.rows(ref[axis.key])
                 theirs = _permuted(other[axis.key], axes_of[axis.key], perms, skip=point.name)
-                cost += mine @ theirs.movedim(axis.axis, 0).reshape(point.size, -1).T
+                cost += mine @ axis.rows(theirs).T
             _, cols = linear_sum_assignment(cost.numpy(), maximize=True)
             new = torch.from_numpy(cols)
             rows = torch.arange(point.size)
@@ -279,7 +344,7 @@ def _dead_features(stats: PairStatistics, var_a: torch.Tensor, var_b: torch.Tens
     dead_a = var_a <= _DEAD_RTOL * mean_a.square()
     dead_b = var_b <= _DEAD_RTOL * mean_b.square()
     if dead_a.any() or dead_b.any():
-        logger.warning("point '%s': %d dead feature(s) in the reference and %d in the model "
+        logger.debug("point '%s': %d dead feature(s) in the reference and %d in the model "
                        "(zero variance on the calibration data)", point, int(dead_a.sum()), int(dead_b.sum()))
     return dead_a, dead_b
 
@@ -295,21 +360,21 @@ def _scaled_permutation(rows: np.ndarray, cols: np.ndarray, scale: torch.Tensor)
     return Transform(matrix=matrix, inverse=inverse)
 
 
-def _axes_by_key(spec: AlignmentSpec) -> dict[str, list[tuple[int, str]]]:
+def _axes_by_key(spec: AlignmentSpec) -> dict[str, list[tuple[ParamAxis, str]]]:
     """state-dict key -> [(axis, point name)] over all points of the spec."""
-    axes: dict[str, list[tuple[int, str]]] = {}
+    axes: dict[str, list[tuple[ParamAxis, str]]] = {}
     for point in spec.points:
         for axis in point.axes:
-            axes.setdefault(axis.key, []).append((axis.axis, point.name))
+            axes.setdefault(axis.key, []).append((axis, point.name))
     return axes
 
 
-def _permuted(tensor: torch.Tensor, axes: list[tuple[int, str]], perms: Mapping[str, torch.Tensor],
+def _permuted(tensor: torch.Tensor, axes: list[tuple[ParamAxis, str]], perms: Mapping[str, torch.Tensor],
               skip: str) -> torch.Tensor:
     """``tensor`` with every point's permutation applied along its axis, except point ``skip``."""
     for axis, name in axes:
         if name != skip:
-            tensor = tensor.index_select(axis, perms[name])
+            tensor = axis.restore(axis.features(tensor).index_select(axis.axis, perms[name]))
     return tensor
 
 

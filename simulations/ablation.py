@@ -25,13 +25,7 @@ Writes JSON, a PNG of the table and prints markdown tables.
 
 from __future__ import annotations
 
-import os
-
-# Before numpy loads: OpenBLAS's default thread pool oversubscribes a busy 2-core machine and
-# made each 128x128 eigh/SVD ~30x slower here (measured 26 s vs 0.8 s for one merge).
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-import argparse  # noqa: E402
+import argparse
 import copy
 import dataclasses
 import json
@@ -44,12 +38,15 @@ import torch
 from torch import nn
 
 from fedcca.alignment import Transform, apply_transforms, spec_for
+from fedcca.config import MergeConfig, MergeSearch
 from fedcca.data import load_dataset
+from fedcca.merging import merge_with_result
 from fedcca.repair import preactivation_spec, preactivation_statistics
+from fedcca.selection import VARIANTS, get_variant, score
 from fedcca.transforms import canonical_correlations, cca_transform, permute_transform
-from fedcca.variants import VARIANTS, Variant, merge_variant, score
+from simulations.harness import apply_runtime, parse_list, write_json
 from simulations.oneshot import Evaluator, Group, add_common_arguments, group_statistics, load_group, \
-    markdown_table, parse_common, plot, run_grid, summarise, zoo_spec
+    markdown_table, parse_common, plot, prepare, run_grid, summarise, zoo_spec
 
 logger = logging.getLogger(__name__)
 
@@ -126,19 +123,21 @@ def aligned_alone(group: Group, transforms: dict[str, Transform]) -> float:
     return score(clone, *group.holdout, device="cpu")[1]
 
 
-def collapse(group: Group, variant: str | Variant) -> dict[str, dict[str, float]]:
+def collapse(group: Group, variant: str | MergeSearch) -> dict[str, dict[str, float]]:
     """Merged vs target pre-activation statistics per point for one variant (no repair).
 
     ``std_ratio``: mean over channels of merged std / endpoints' average std (in reference
     coordinates); ``mean_offset``: mean |merged mean - target mean| / target std.
     """
-    merged, report = merge_variant(group.models, group.fit, variant, holdout=group.holdout, device="cpu")
+    report = merge_with_result(group.models, group.fit, get_variant(variant), holdout=group.holdout, device="cpu",
+                               keep_transforms=True)
     targets = preactivation_statistics(group.models, group.fit)
-    mine = preactivation_statistics([merged], group.fit)[0]
+    mine = preactivation_statistics([report.model], group.fit)[0]
+    transforms = [report.transforms[f"models[{k}]"] for k in range(len(group.models))]
     out = {}
     for point, (mean_m, cov_m) in mine.items():
         means, stds = [], []
-        for stats, ts in zip(targets, report.transforms):
+        for stats, ts in zip(targets, transforms):
             mean, cov = stats[point]
             t = ts.get(point)
             if t is not None:
@@ -154,14 +153,14 @@ def collapse(group: Group, variant: str | Variant) -> dict[str, dict[str, float]
 
 def calibration_sweep(group: Group, sizes: Sequence[int], ridge: float) -> dict[str, dict[int, float]]:
     """Held-out accuracy of permute and cca-trace (fixed ridge) vs calibration images used."""
-    recipes = {"permute": Variant("permute"), "cca-trace": Variant("cca", (ridge,)),
-               "permute-repair": Variant("permute", repair="affine"),
-               "cca-trace-repair": Variant("cca", (ridge,), repair="affine")}
+    recipes = {"permute": MergeConfig("permute"), "cca-trace": MergeConfig("cca", ridge=ridge),
+               "permute-repair": MergeConfig("permute", repair="affine"),
+               "cca-trace-repair": MergeConfig("cca", ridge=ridge, repair="affine")}
     out: dict[str, dict[int, float]] = {name: {} for name in recipes}
     for size in sizes:
         fit = group.fit[:size]
         for name, recipe in recipes.items():
-            merged, _ = merge_variant(group.models, fit, recipe, device="cpu")
+            merged = merge_with_result(group.models, fit, recipe, device="cpu").model
             out[name][size] = score(merged, *group.holdout, device="cpu")[1]
     return out
 
@@ -263,25 +262,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibration-sizes", default=",".join(map(str, CALIBRATION_SIZES)))
     p.add_argument("--skip-diagnostics", action="store_true")
     args = parse_common(p, argv, "variants")
-    args.calibration_sizes = [int(n) for n in args.calibration_sizes.split(",")]
+    args.calibration_sizes = parse_list(args.calibration_sizes, int)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the ablation, write JSON + PNG, print markdown; returns the JSON object."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("fedcca.transforms").setLevel(logging.ERROR)  # dead-feature notices flood the log
-    torch.set_num_threads(args.threads)
-    dataset = load_dataset(args.dataset, args.data_dir)
-    evaluator = Evaluator(dataset, args.test_subset)
+    dataset, evaluator = prepare(args)
     collapses: dict[int, dict] = {}
 
     def measure_collapse(seed: int, k: int, group: Group) -> None:
         if not args.skip_diagnostics:
             collapses.setdefault(seed, {})[str(k)] = {
                 "permute": collapse(group, "permute"),
-                "cca-trace": collapse(group, Variant("cca", (args.diag_ridge,)))}
+                "cca-trace": collapse(group, MergeSearch(MergeConfig("cca", ridge=args.diag_ridge)))}
 
     per_seed = run_grid(args, dataset, evaluator, args.variants, measure_collapse)
     diagnostics = []
@@ -289,15 +284,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         group = load_group(dataset, zoo_spec(args, seed), 2, args.holdout_fraction, Path(args.zoo_dir))
         diagnostics.append({"collapse": collapses[seed], **diagnose(group, args.diag_ridge, args.calibration_sizes)})
     rows = summarise(per_seed)
-    result: dict = {"rows": rows, "config": vars(args),
+    result: dict = {"rows": rows, "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                     "variants": {v: _json_safe(dataclasses.asdict(VARIANTS[v])) for v in args.variants},
                     "ridge_curve": ridge_curve(per_seed, "cca-trace")}
     if diagnostics:
         result["diagnostics_per_seed"] = diagnostics
         result["diagnostics_mean"] = _mean_over_seeds(diagnostics)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_json(out, result)
     plot(rows, out.with_suffix(".png"), f"ablation: {args.dataset} {args.model}x{args.width}, split {args.split}")
     text = "## Variants (test accuracy %, mean ± std over seeds " + str(args.seeds) + ")\n\n" + markdown_table(rows)
     text += "\n\n" + "\n".join(f"- `{v}`: {VARIANTS[v].description}" for v in args.variants)

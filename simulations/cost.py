@@ -45,12 +45,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from clients.task import calibration_inputs, TaskConfig
 from fedcca.data import Dataset, DeviceLoader, load_dataset
+from fedcca.federation import calibration_inputs
+from fedcca.local_grid import InProcessGrid
 from fedcca.models import build_model
 from fedcca.protocol import (
     COMPUTE_STATS_FLAG,
@@ -59,21 +60,24 @@ from fedcca.protocol import (
     NUM_EXAMPLES_KEY,
     STATISTICS_KEY,
     WEIGHTS_KEY,
-    statistics_to_record,
+    train_instruction,
+    train_reply,
 )
 from fedcca.statistics import collect_statistics
 from fedcca.strategy import CCAMerge
+from fedcca.task import TaskConfig
+from fedcca.training import TrainingConfig, train
 from server.server_app import build_strategy
-from fedcca.training import train
 from simulations.harness import (
     BASELINE,
-    InProcessGrid,
     StrategySpec,
     add_runtime_arguments,
+    apply_runtime,
     base_run_config,
+    project_client_app,
     markdown_table,
-    parse_benchmark,
     parse_list,
+    parse_strategies,
     write_json,
 )
 
@@ -125,13 +129,12 @@ def make_replies(dataset: Dataset, num_clients: int, width: int, *, local_steps:
         indices = np.sort(rng.choice(len(dataset.train_labels), size=batch * local_steps, replace=False))
         loader = DeviceLoader.from_dataset(dataset, indices, batch_size=batch, device="cpu", seed=seed + client)
         model = copy.deepcopy(global_model)
-        train(model, loader, 1, device="cpu")
+        train(model, loader, TrainingConfig(epochs=1), device="cpu")
         stats = collect_statistics(global_model, [model], probe_inputs, device="cpu")[0]
-        weights.append(RecordDict({
-            WEIGHTS_KEY: ArrayRecord(model.state_dict()),
-            METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: 100 + client, "train-loss": 1.0}),
-        }))
-        statistics.append(statistics_to_record(stats))
+        content = train_reply(model.state_dict(), 100 + client, {"train-loss": 1.0}, stats)
+        statistics.append(content.array_records[STATISTICS_KEY])
+        del content[STATISTICS_KEY]
+        weights.append(content)
     return Replies(ArrayRecord(global_model.state_dict()), weights, statistics)
 
 
@@ -149,7 +152,7 @@ def build_strategies(specs: Sequence[StrategySpec], model_fn: Callable[[], nn.Mo
     strategies: dict[str, FedAvg] = {}
     for spec in specs:
         task = TaskConfig.from_run_config(base_run_config(**run_config, min_nodes=num_clients, **spec.run_config()))
-        strategies[spec.label] = build_strategy(task, model_fn, calibration, torch.device("cpu"))
+        strategies[spec.label] = build_strategy(task, model_fn, torch.device("cpu"))
     return strategies
 
 
@@ -215,7 +218,7 @@ def measure_aggregation(strategies: dict[str, FedAvg], replies: Replies, num_cli
         repeats: Timed calls per strategy (the minimum is reported), interleaved across
             strategies so that load from other processes hits all of them alike.
     """
-    grid = InProcessGrid({}, num_clients)
+    grid = InProcessGrid({node: project_client_app() for node in range(1, num_clients + 1)})
     cache: dict[bool, list[RecordDict]] = {}
     messages = {label: reply_messages(strategy, replies, grid, cache) for label, strategy in strategies.items()}
     seconds: dict[str, list[float]] = {label: [] for label in strategies}
@@ -248,7 +251,7 @@ def _release_freed_memory() -> None:
         pass
 
 
-def client_costs(width: int, client_examples: int, calibration_size: int, seed: int,
+def client_costs(width: int, client_examples: int, calibration_size: int, holdout_size: int, seed: int,
                  data_dir: str = "") -> dict[str, Any]:
     """One real ClientApp training round with statistics: its own timings and its reply's bytes.
 
@@ -260,15 +263,14 @@ def client_costs(width: int, client_examples: int, calibration_size: int, seed: 
         data_dir: Dataset folder ("" = default).
     """
     run_config = base_run_config(partitioning="iid", local_epochs=1, max_examples_per_client=client_examples,
-                                 calibration_size=calibration_size, width=width, seed=seed,
+                                 calibration_size=calibration_size, holdout_size=holdout_size, width=width,
+                                 seed=seed, model="cnn",
                                  data_dir=data_dir, out_dir="outputs/unused")
-    grid = InProcessGrid(run_config, num_partitions=4)
+    grid = InProcessGrid.of_app(project_client_app(), run_config, 4)
     torch.manual_seed(seed)
     model = build_model("cnn", width=width)
-    instruction = Message(RecordDict({
-        WEIGHTS_KEY: ArrayRecord(model.state_dict()),
-        CONFIG_KEY: ConfigRecord({"server-round": 1, COMPUTE_STATS_FLAG: True}),
-    }), dst_node_id=1, message_type=MessageType.TRAIN)
+    instruction = Message(train_instruction(ArrayRecord(model.state_dict()), 1, True), dst_node_id=1,
+                          message_type=MessageType.TRAIN)
     calibration_inputs(TaskConfig.from_run_config(run_config))  # load once, outside the timed call
     reply = grid.send_and_receive([instruction])[0]
     if reply.has_error():
@@ -286,7 +288,7 @@ def client_costs(width: int, client_examples: int, calibration_size: int, seed: 
 
 def _server_statistics(strategy: FedAvg) -> bool:
     """Whether ``strategy`` computes alignment statistics itself (forwards every model)."""
-    return (isinstance(strategy, CCAMerge) and strategy.method in ("cca", "permute")
+    return (isinstance(strategy, CCAMerge) and any(c.needs_statistics for c in strategy.search.candidates())
             and not strategy.requests_client_statistics)
 
 
@@ -368,6 +370,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="measure server-statistics strategies only up to this K (they forward "
                              "every model over the calibration set: minutes at K=64 on 2 cores)")
     parser.add_argument("--calibration-size", type=int, default=500, help="server and client calibration")
+    parser.add_argument("--holdout-size", type=int, default=500, help="held-out examples CCAMerge chooses its merge on")
     parser.add_argument("--stats-examples", type=int, default=100,
                         help="images the synthetic replies' statistics are computed on")
     parser.add_argument("--local-steps", type=int, default=2)
@@ -380,12 +383,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the cost measurements described by the command line; write JSON and PNG; return the JSON."""
-    args, specs, blas_threads = parse_benchmark(_parser(), argv)
+    args = _parser().parse_args(argv)
+    blas_threads = apply_runtime(args)
+    specs = parse_strategies(args.strategies)
     labels = [spec.label for spec in specs]
     if BASELINE not in labels:
         raise ValueError(f"--strategies must include {BASELINE!r} (the baseline of the ratios)")
     dataset = load_dataset("fashion-mnist", args.data_dir or None)
-    data_config = {"calibration_size": args.calibration_size, "seed": args.seed, "data_dir": args.data_dir}
+    data_config = {"calibration_size": args.calibration_size, "holdout_size": args.holdout_size, "seed": args.seed,
+                   "data_dir": args.data_dir, "model": "cnn"}
     calibration = calibration_inputs(TaskConfig.from_run_config(base_run_config(**data_config)))
     sweeps = [("clients", k, 1) for k in parse_list(args.clients, int)]
     sweeps += [("width", args.width_clients, w) for w in parse_list(args.widths, int)]
@@ -417,8 +423,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"[{sweep}] K={num_clients} width={width}: " + ", ".join(
             f"{label} {entry['min_seconds']:.3f}s" for label, entry in measured.items()), flush=True)
     for width in parse_list(args.widths, int):
-        payload["client"].append(client_costs(width, args.client_examples, args.calibration_size, args.seed,
-                                              args.data_dir))
+        payload["client"].append(client_costs(width, args.client_examples, args.calibration_size,
+                                              args.holdout_size, args.seed, args.data_dir))
     payload["ru_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     plot = args.out.with_suffix(".png")
     plot_costs(plot, payload, labels)

@@ -1,106 +1,94 @@
-"""CCAMerge vs FedAvg (and Permute merge) in federated training, accuracy per round.
+"""CCAMerge vs FedAvg (and FedProx) in federated training, through the product's own round loop.
 
-Every run drives the real strategies (``server.server_app.build_strategy``: Flower's
-``FedAvg`` or ``CCAMerge``) through Flower's Message API with ``strategy.start(grid=...)``
-on an in-process Grid that calls our real ClientApp (``clients/client_app.py``) per node,
-so the product is what is measured; there is no Ray start-up. For one seed every
-strategy starts from the same initial model, the same client shards and the same
-per-(round, client) training randomness; only the aggregation differs. The global model
-is evaluated on the test split after every round.
+Every run is ``server.server_app.run_federation`` (the ServerApp's round loop) over an
+in-process grid whose nodes call the real ClientApp (``clients/client_app.py``): the
+strategies, replies, merges and evaluation are the product's, without a SuperLink or Ray.
+For one seed every strategy starts from the same initial model, the same client shards and
+the same per-(round, client) training randomness; only the aggregation (and FedProx's
+proximal term) differs. The global model is evaluated on the test split after every round.
 
-A strategy is named ``fedavg`` or ``METHOD[:REFERENCE[:STATS]][+KEY=VALUE...]`` (CCAMerge's
-``method``, ``reference`` and ``stats``, then any run-config overrides), e.g. ``cca`` =
-``cca:global:client``, ``permute``, ``cca:largest:server``, ``cca+merge-guard=false``,
-``cca+repair=affine+ridge-mode=absolute``. Writes JSON, one PNG per local-epochs setting and prints a
-markdown table per setting::
+A strategy is ``fedavg``, ``fedprox`` or ``METHOD[:REFERENCE[:STATS]]`` (CCAMerge's method,
+reference and statistics source), each optionally followed by run-config overrides
+``+KEY=VALUE``, e.g. ``cca`` (the default search: shrinkage towards FedAvg, with and without
+REPAIR, chosen on held-out data), ``cca+shrinkage=1+repair=none`` (plain CCA Merge),
+``permute:largest:server``. ``--preset niid-bench`` is Flower's niid_bench setting (10
+clients, the LeNet-shaped ``lenet``, SGD lr 0.01 momentum 0.9 weight decay 1e-5, batch 64,
+whole shards). Results are written after every run (JSON, a PNG of accuracy and one of the
+paired difference to FedAvg per setting, a markdown summary); a rerun with the same
+arguments skips the runs already in the JSON::
 
-    OPENBLAS_NUM_THREADS=1 python -m simulations.federated --partitioning dirichlet --alpha 0.1 --local-epochs 1,5 \
-        --strategies fedavg,cca,permute --rounds 6 --num-clients 4 --seeds 0,1 \
-        --train-subset 1600 --out results/federated/dirichlet-0.1.json
+    python -m simulations.federated --preset niid-bench --partitioning dirichlet --alpha 0.5 \\
+        --local-epochs 10 --strategies fedavg,cca --rounds 10 --seeds 0,1,2 \\
+        --out results/federated/niid-dirichlet0.5-E10.json
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import platform
 import sys
 import time
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, MetricRecord
 
-from clients.task import (
-    TaskConfig,
-    calibration_inputs,
-    derive_seed,
-    evaluation_loader,
-    load_data,
-    make_model,
-    seed_everything,
-)
 from fedcca.devices import resolve_device
-from fedcca.strategy import CCAMerge
-from fedcca.training import evaluate
-from server.server_app import build_strategy
+from fedcca.local_grid import InProcessGrid
+from server.server_app import run_federation
 from simulations.harness import (
     BASELINE,
-    InProcessGrid,
+    ROOT,
+    Series,
+    StrategySpec,
     add_runtime_arguments,
+    apply_runtime,
     base_run_config,
+    project_client_app,
+    line_plot,
     markdown_table,
-    parse_benchmark,
     parse_list,
+    parse_override,
+    parse_strategies,
+    read_json,
     write_json,
 )
 
-def run_federation(run_config: dict[str, Any], num_clients: int, rounds: int) -> dict[str, Any]:
-    """Train one federation in process; return accuracy/loss per round (round 0 = initial model).
+PRESETS: dict[str, dict[str, Any]] = {
+    "none": {},
+    # Flower's niid_bench baseline (NIID-Bench, Li et al. 2021), Fashion-MNIST.
+    "niid-bench": {"model": "lenet", "lr": 0.01, "lr_schedule": "constant", "momentum": 0.9,
+                   "weight_decay": 1e-5, "batch_size": 64, "max_examples_per_client": 0},
+}
+RUNS_DIR = ROOT / "outputs" / "federated-runs"  # each run's history.json and checkpoints
+
+
+def run_one(run_config: dict[str, Any], num_clients: int) -> dict[str, Any]:
+    """One federation through ``run_federation``; accuracy per round (index 0 = initial model) and costs.
 
     Args:
         run_config: Full run config (as ``flwr run`` would pass it).
         num_clients: Number of nodes; all of them train every round.
-        rounds: Number of server rounds.
     """
-    task = TaskConfig.from_run_config(run_config)
-    device = resolve_device(None)
-    dataset = load_data(task.dataset, task.data_dir)
-    model_fn = partial(make_model, task, dataset)
-    calibration = calibration_inputs(task) if task.merge_method else None
-    strategy = build_strategy(task, model_fn, calibration, device)
-    # As the ServerApp does: the initial model (and node sampling) depend on the seed only.
-    seed_everything(derive_seed(task.seed))
-    initial = ArrayRecord(model_fn().state_dict())
-    loader, model = evaluation_loader(task, device), model_fn()
-
-    def evaluate_global(_: int, arrays: ArrayRecord) -> MetricRecord:
-        model.load_state_dict(arrays.to_torch_state_dict())
-        loss, accuracy = evaluate(model, loader, device=device)
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
-
+    grid = InProcessGrid.of_app(project_client_app(), run_config, num_clients)
     started = time.perf_counter()
-    result = strategy.start(grid=InProcessGrid(run_config, num_clients), initial_arrays=initial,
-                            num_rounds=rounds, timeout=task.round_timeout, evaluate_fn=evaluate_global)
-    wall = time.perf_counter() - started
-    evaluated = result.evaluate_metrics_serverapp
-    train = result.train_metrics_clientapp
-    record: dict[str, Any] = {
-        "accuracy": [float(evaluated[r]["accuracy"]) for r in range(rounds + 1)],
-        "loss": [float(evaluated[r]["loss"]) for r in range(rounds + 1)],
-        "client_train_seconds": [float(train[r]["train-seconds"]) if r in train else None
-                                 for r in range(1, rounds + 1)],
-        "client_stats_seconds": [float(train[r]["stats-seconds"]) if r in train else None
-                                 for r in range(1, rounds + 1)],
-        "wall_seconds": wall,
+    history = run_federation(grid, run_config)
+    rounds = history["rounds"]
+    return {
+        "accuracy": [history["initial"]["accuracy"], *(r["accuracy"] for r in rounds)],
+        "loss": [history["initial"]["loss"], *(r["loss"] for r in rounds)],
+        "merge_choice": [r.get("merge_choice") for r in rounds],
+        "merge_seconds": [r["merge_seconds"] for r in rounds],
+        "server_stats_seconds": [r["stats_seconds"] for r in rounds],
+        "client_train_seconds": [r.get("client_train_seconds") for r in rounds],
+        "client_stats_seconds": [r.get("client_stats_seconds", 0.0) for r in rounds],
+        "bytes_received_mean": [float(np.mean(list(r["bytes_received"].values()))) for r in rounds],
+        "skipped_rounds": [r["round"] for r in rounds if r["skipped"]],
+        "wall_seconds": time.perf_counter() - started,
     }
-    if isinstance(strategy, CCAMerge):
-        record["merge_seconds"] = [entry["merge_seconds"] for entry in strategy.round_log]
-        record["server_stats_seconds"] = [entry["stats_seconds"] for entry in strategy.round_log]
-        record["skipped_rounds"] = [entry["round"] for entry in strategy.round_log if entry["skipped"]]
-    return record
 
 
 def rounds_to_reach(curve: Sequence[float], target: float) -> int | None:
@@ -114,152 +102,193 @@ def rounds_to_reach(curve: Sequence[float], target: float) -> int | None:
 
 
 def summarise(runs: list[dict[str, Any]], labels: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Per strategy: mean/std accuracy per round over seeds and rounds to reach the baseline's final.
+    """Per strategy: accuracy per round over seeds, rounds to the baseline's final, paired differences.
 
     The baseline is FedAvg when compared, else the first strategy. "rounds_to_baseline_final"
     uses the mean curves; "seed_rounds_to_baseline_final" compares each seed with the
-    baseline of the same seed.
+    baseline of the same seed. "paired_difference" is, per round, the mean over seeds of
+    (strategy - baseline) accuracy of the same seed, with its standard error;
+    "rounds_significantly_below" counts rounds where mean + 2 SE < 0.
 
     Args:
-        runs: Records of :func:`run_federation` with "strategy" and "seed" added.
+        runs: Records of :func:`run_one` with "strategy" and "seed" added.
         labels: Strategy labels, in display order.
     """
     baseline = BASELINE if BASELINE in labels else labels[0]
-    curves = {label: {run["seed"]: run["accuracy"] for run in runs if run["strategy"] == label}
-              for label in labels}
-    base_mean = np.mean(list(curves[baseline].values()), axis=0)
+    curves = {label: {run["seed"]: run["accuracy"] for run in runs if run["strategy"] == label} for label in labels}
+    base_curves = curves[baseline]
+    base_mean = np.mean(list(base_curves.values()), axis=0) if base_curves else None
     summary: dict[str, dict[str, Any]] = {}
     for label in labels:
+        if not curves[label]:
+            continue
         stacked = np.array(list(curves[label].values()))
         mean = stacked.mean(axis=0)
-        summary[label] = {
+        entry: dict[str, Any] = {
+            "seeds": sorted(curves[label]),
             "mean_accuracy": mean.tolist(),
             "std_accuracy": stacked.std(axis=0).tolist(),
+            "min_accuracy": stacked.min(axis=0).tolist(),
+            "max_accuracy": stacked.max(axis=0).tolist(),
             "final_accuracy": float(mean[-1]),
             "best_accuracy": float(mean[1:].max()),
             "baseline": baseline,
-            "rounds_to_baseline_final": rounds_to_reach(mean, float(base_mean[-1])),
-            "seed_rounds_to_baseline_final": {
-                str(seed): rounds_to_reach(curve, curves[baseline][seed][-1])
-                for seed, curve in curves[label].items() if seed in curves[baseline]},
         }
+        paired = [seed for seed in curves[label] if seed in base_curves]
+        if base_mean is not None and len(base_mean) == len(mean):
+            entry["rounds_to_baseline_final"] = rounds_to_reach(mean, float(base_mean[-1]))
+            entry["seed_rounds_to_baseline_final"] = {
+                str(seed): rounds_to_reach(curves[label][seed], base_curves[seed][-1]) for seed in paired}
+        if paired and label != baseline:
+            diff = np.array([np.subtract(curves[label][s], base_curves[s]) for s in paired])
+            se = diff.std(axis=0, ddof=1) / math.sqrt(len(paired)) if len(paired) > 1 else np.zeros(diff.shape[1])
+            entry["paired_difference"] = {"mean": diff.mean(axis=0).tolist(), "se": se.tolist(),
+                                          "seeds": len(paired)}
+            entry["rounds_significantly_below"] = int(((diff.mean(axis=0) + 2 * se) < 0)[1:].sum()) \
+                if len(paired) > 1 else None
+        summary[label] = entry
     return summary
 
 
 def setting_table(summary: dict[str, dict[str, Any]], rounds: int) -> str:
-    """Markdown table of one setting: mean ± std accuracy at equal rounds, rounds to the baseline."""
-    shown = sorted({1, max(1, rounds // 2), rounds})
-    headers = ["strategy", *[f"acc@{r}" for r in shown], "best",
-               f"rounds to {next(iter(summary.values()))['baseline']} final"]
+    """Markdown table of one setting: accuracy at chosen rounds, best, rounds to the baseline's final, paired gain."""
+    shown = sorted({1, max(1, rounds // 4), max(1, rounds // 2), rounds})
+    baseline = next(iter(summary.values()))["baseline"]
+    headers = ["strategy", *[f"acc@{r}" for r in shown], "best", f"rounds to {baseline} final",
+               f"final - {baseline} (paired)", "rounds signif. below"]
     rows = []
     for label, entry in summary.items():
         cells = [f"{100 * entry['mean_accuracy'][r]:.1f} ± {100 * entry['std_accuracy'][r]:.1f}" for r in shown]
-        reached = entry["rounds_to_baseline_final"]
+        reached = entry.get("rounds_to_baseline_final")
+        diff = entry.get("paired_difference")
+        gain = "-" if diff is None else f"{100 * diff['mean'][-1]:+.1f} ± {100 * diff['se'][-1]:.1f}"
         rows.append([label, *cells, f"{100 * entry['best_accuracy']:.1f}",
-                     "not reached" if reached is None else reached])
+                     "not reached" if reached is None else reached, gain, entry.get("rounds_significantly_below")])
     return markdown_table(headers, rows)
 
 
-def plot_setting(path: Path, title: str, runs: list[dict[str, Any]], summary: dict[str, dict[str, Any]]) -> None:
-    """Accuracy per round, one line per strategy (mean over seeds, band = min..max).
-
-    Args:
-        path: PNG to write.
-        title: Plot title.
-        runs: The setting's runs.
-        summary: :func:`summarise` of them.
-    """
-    import matplotlib  # pylint: disable=import-outside-toplevel
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for label, entry in summary.items():
-        stacked = np.array([run["accuracy"] for run in runs if run["strategy"] == label])
-        rounds = np.arange(stacked.shape[1])
-        line, = axes.plot(rounds, 100 * np.array(entry["mean_accuracy"]), marker="o", label=label)
-        axes.fill_between(rounds, 100 * stacked.min(axis=0), 100 * stacked.max(axis=0),
-                          color=line.get_color(), alpha=0.15)
-    axes.set(xlabel="round", ylabel="test accuracy (%)", title=title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+def plot_setting(stem: Path, title: str, summary: dict[str, dict[str, Any]]) -> list[str]:
+    """Two PNGs: accuracy per round (mean, band = min..max over seeds) and the paired difference to the baseline."""
+    accuracy = [Series(label, range(len(e["mean_accuracy"])), np.multiply(100, e["mean_accuracy"]),
+                       np.multiply(100, e["min_accuracy"]), np.multiply(100, e["max_accuracy"]))
+                for label, e in summary.items()]
+    line_plot(stem.with_suffix(".png"), accuracy, title=title, xlabel="round", ylabel="test accuracy (%)")
+    names = [stem.with_suffix(".png").name]
+    differences = [Series(label, range(len(e["paired_difference"]["mean"])),
+                          np.multiply(100, e["paired_difference"]["mean"]),
+                          np.multiply(100, np.subtract(e["paired_difference"]["mean"], e["paired_difference"]["se"])),
+                          np.multiply(100, np.add(e["paired_difference"]["mean"], e["paired_difference"]["se"])))
+                   for label, e in summary.items() if "paired_difference" in e]
+    if differences:
+        path = stem.with_name(stem.name + "-difference.png")
+        baseline = next(iter(summary.values()))["baseline"]
+        line_plot(path, differences, title=f"{title}: minus {baseline}, same seed (band: ±1 SE)", xlabel="round",
+                  ylabel="accuracy difference (points)")
+        names.append(path.name)
+    return names
 
 
 def _setting_name(args: argparse.Namespace) -> str:
     if args.partitioning == "dirichlet":
-        return f"dirichlet alpha={args.alpha:g}"
+        return f"Dirichlet({args.alpha:g})"
+    if args.partitioning == "label-quantity":
+        return f"#C={args.labels_per_client}"
     return args.partitioning
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--partitioning", default="dirichlet", help="iid | dirichlet | class-disjoint")
-    parser.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration")
-    parser.add_argument("--local-epochs", default="1,5", help="comma-separated, one plot each")
-    parser.add_argument("--strategies", default="fedavg,cca,permute",
-                        help="comma-separated: fedavg | METHOD[:REFERENCE[:STATS]]")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--num-clients", type=int, default=4)
-    parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--train-subset", type=int, default=1600,
-                        help="training images in total: each client trains on at most "
-                             "train-subset // num-clients examples of its shard (0: whole shards)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="none", help="run-config preset")
+    parser.add_argument("--partitioning", default="dirichlet", help="iid | dirichlet | label-quantity | class-disjoint")
+    parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    parser.add_argument("--labels-per-client", type=int, default=2, help="label-quantity: labels per client")
+    parser.add_argument("--local-epochs", default="1", help="comma-separated; one setting each")
+    parser.add_argument("--strategies", default="fedavg,cca", help="comma-separated (see the module docstring)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--num-clients", type=int, default=10)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--train-subset", type=int, default=0,
+                        help="training images in total: each client trains on at most train-subset // num-clients "
+                             "examples of its shard (0: whole shards, or the preset's choice)")
     parser.add_argument("--calibration-size", type=int, default=500)
-    parser.add_argument("--test-examples", type=int, default=2000, help="first N test images (0: all)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--model", default="cnn")
-    parser.add_argument("--width", type=int, default=1)
-    add_runtime_arguments(parser, Path("results/federated/dirichlet-0.1.json"))
+    parser.add_argument("--holdout-size", type=int, default=500)
+    parser.add_argument("--test-examples", type=int, default=0, help="first N test images (0: all)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="any run-config key, e.g. --set lr=0.02 (repeatable; after the preset)")
+    parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="where each run's own outputs go")
+    add_runtime_arguments(parser, Path("results/federated/federated.json"))
     return parser
 
 
+def _common_config(args: argparse.Namespace) -> dict[str, Any]:
+    common: dict[str, Any] = dict(PRESETS[args.preset])
+    common.update(partitioning=args.partitioning, alpha=args.alpha, labels_per_client=args.labels_per_client,
+                  num_server_rounds=args.rounds, min_nodes=args.num_clients,
+                  calibration_size=args.calibration_size, holdout_size=args.holdout_size,
+                  max_test_examples=args.test_examples, data_dir=args.data_dir)
+    if args.train_subset:
+        common["max_examples_per_client"] = args.train_subset // args.num_clients
+    for item in args.overrides:
+        key, value = parse_override(item)
+        common[key.replace("-", "_")] = value
+    return common
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the comparison described by the command line; write JSON and PNGs; return the JSON."""
-    args, specs, blas_threads = parse_benchmark(_parser(), argv)
+    """Run the comparison described by the command line; write JSON, PNGs and markdown; return the JSON."""
+    args = _parser().parse_args(argv)
+    blas_threads = apply_runtime(args)
+    logging.getLogger("flwr").setLevel(logging.INFO)  # the ServerApp's per-round progress lines
+    specs = parse_strategies(args.strategies)
     labels = [spec.label for spec in specs]
     seeds = parse_list(args.seeds, int)
-    per_client = args.train_subset // args.num_clients if args.train_subset else 0
-    common = {
-        "partitioning": args.partitioning, "alpha": args.alpha, "num_server_rounds": args.rounds,
-        "min_nodes": args.num_clients, "max_examples_per_client": per_client,
-        "calibration_size": args.calibration_size, "max_test_examples": args.test_examples,
-        "batch_size": args.batch_size, "lr": args.lr, "model": args.model, "width": args.width,
-        "data_dir": args.data_dir, "out_dir": "outputs/unused",
-    }
+    common = _common_config(args)
+    config = {**common, "preset": args.preset, "num_clients": args.num_clients, "seeds": seeds,
+              "strategies": labels, "threads": args.threads, "device": str(resolve_device(None)),
+              "platform": platform.platform(), "openblas_threads": blas_threads}
+    previous = read_json(args.out)
+    done = {(run["local_epochs"], run["strategy"], run["seed"]): run
+            for setting in (previous or {}).get("settings", []) for run in setting["runs"]}
     payload: dict[str, Any] = {
         "command": "python -m simulations.federated " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "config": {**common, "num_clients": args.num_clients, "seeds": seeds, "strategies": labels,
-                   "threads": args.threads, "device": str(resolve_device(None)),
-                   "platform": platform.platform(), "openblas_threads": blas_threads},
-        "settings": [],
-    }
+        "config": config, "settings": []}
+    report = []
     for epochs in parse_list(args.local_epochs, int):
-        runs = []
+        setting = {"partitioning": args.partitioning, "alpha": args.alpha,
+                   "labels_per_client": args.labels_per_client, "local_epochs": epochs, "runs": []}
+        payload["settings"].append(setting)
+        title = f"{_setting_name(args)}, {args.num_clients} clients, E={epochs}"
         for seed in seeds:
             for spec in specs:
-                config = base_run_config(**common, local_epochs=epochs, seed=seed, **spec.run_config())
-                record = run_federation(config, args.num_clients, args.rounds)
-                runs.append({"strategy": spec.label, "seed": seed, **record})
-                print(f"[{_setting_name(args)}, E={epochs}] {spec.label} seed {seed}: accuracy "
+                key = (epochs, spec.label, seed)
+                if key in done and len(done[key]["accuracy"]) == args.rounds + 1:
+                    setting["runs"].append(done[key])
+                    continue
+                out_dir = args.runs_dir / args.out.stem / f"{spec.label}-E{epochs}-s{seed}"
+                run_config = base_run_config(**common, **spec.run_config(), local_epochs=epochs, seed=seed,
+                                             out_dir=str(out_dir))
+                record = {"strategy": spec.label, "seed": seed, "local_epochs": epochs,
+                          **run_one(run_config, args.num_clients)}
+                setting["runs"].append(record)
+                print(f"[{title}] {spec.label} seed {seed}: accuracy "
                       + " ".join(f"{100 * a:.1f}" for a in record["accuracy"])
                       + f" ({record['wall_seconds']:.0f} s)", flush=True)
-        summary = summarise(runs, labels)
-        title = f"{_setting_name(args)}, {args.num_clients} clients, {epochs} local epoch(s)"
-        plot = args.out.with_name(f"{args.out.stem}-E{epochs}.png")
-        plot_setting(plot, title, runs, summary)
-        payload["settings"].append({"partitioning": args.partitioning, "alpha": args.alpha,
-                                    "local_epochs": epochs, "plot": plot.name, "summary": summary,
-                                    "runs": runs})
-        print(f"\n### {title} (test accuracy %, mean ± std over seeds {seeds})\n")
-        print(setting_table(summary, args.rounds) + "\n", flush=True)
-        write_json(args.out, payload)  # after every setting: a killed run keeps what it finished
+                _finish_setting(setting, labels, args, title)
+                write_json(args.out, payload)  # after every run: a killed benchmark keeps what it finished
+        _finish_setting(setting, labels, args, title)
+        write_json(args.out, payload)
+        report.append(f"### {title} (test accuracy %, mean ± std over seeds {seeds})\n\n"
+                      + setting_table(setting["summary"], args.rounds))
+    text = "\n\n".join(report) + "\n"
+    args.out.with_suffix(".md").write_text(text)
+    print(text, flush=True)
     return payload
+
+
+def _finish_setting(setting: dict[str, Any], labels: Sequence[str], args: argparse.Namespace, title: str) -> None:
+    setting["summary"] = summarise(setting["runs"], labels)
+    stem = args.out.with_name(f"{args.out.stem}-E{setting['local_epochs']}")
+    setting["plots"] = plot_setting(stem, title, setting["summary"])
 
 
 if __name__ == "__main__":

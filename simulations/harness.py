@@ -1,10 +1,9 @@
-"""Shared pieces of the benchmarks: an in-process Grid running our real ClientApp, run configs, output.
+"""What every benchmark shares: command-line options, run configs, JSON, markdown tables and plots.
 
-``InProcessGrid.send_and_receive`` calls ``clients.client_app.app`` directly, once per
-addressed node, with the node config a SuperNode would give it (``partition-id``,
-``num-partitions``). Strategies therefore run through Flower's Message API
-(``strategy.start(grid=...)``) exactly as under ``flwr run``, without a SuperLink or Ray,
-whose start-up dominates short runs on 2 cores.
+Federated runs go through the product itself: ``server.server_app.run_federation`` (the
+ServerApp's round loop) over a :class:`fedcca.local_grid.InProcessGrid` whose nodes call the
+real ClientApp, exactly as under ``flwr run`` but without a SuperLink or Ray, whose start-up
+dominates short runs on 2 cores.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,17 +19,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
-from clients.client_app import app as client_app
-from clients.task import REFERENCES, STATISTICS_SOURCES
-from fedcca.merging import METHODS
+from fedcca.aligners import METHODS
+from fedcca.plotting import atomic_write, figure, save
+from fedcca.task import FLOWER_STRATEGIES, REFERENCES, STATISTICS_SOURCES
 
 ROOT = Path(__file__).resolve().parents[1]
-ClientFn = Callable[[Message, Context], Message]
+BASELINE = "fedavg"
+
+
+def _pyproject() -> dict[str, Any]:
+    with open(ROOT / "pyproject.toml", "rb") as file:
+        return tomllib.load(file)
+
+
+def project_client_app() -> Any:
+    """The project's ClientApp, loaded as ``flwr run`` loads it: by the reference in pyproject.toml
+    (``[tool.flwr.app.components] clientapp``), with Flower's own loader."""
+    from flwr.supercore.object_ref import load_app  # pylint: disable=import-outside-toplevel
+
+    return load_app(_pyproject()["tool"]["flwr"]["app"]["components"]["clientapp"], ValueError, ROOT)
 
 
 def base_run_config(**overrides: Any) -> dict[str, Any]:
@@ -41,8 +52,7 @@ def base_run_config(**overrides: Any) -> dict[str, Any]:
     Raises:
         KeyError: An override names a key the app does not define.
     """
-    with open(ROOT / "pyproject.toml", "rb") as file:
-        config = dict(tomllib.load(file)["tool"]["flwr"]["app"]["config"])
+    config = dict(_pyproject()["tool"]["flwr"]["app"]["config"])
     for key, value in overrides.items():
         name = key.replace("_", "-")
         if name not in config:
@@ -51,127 +61,57 @@ def base_run_config(**overrides: Any) -> dict[str, Any]:
     return config
 
 
-def node_context(run_config: Mapping[str, Any], partition_id: int, num_partitions: int) -> Context:
-    """The Context a SuperNode started with ``--node-config "partition-id=.. num-partitions=.."`` gives.
+def parse_override(item: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as TOML (``false``, ``0.5``, ``"affine"``; bare words are strings).
 
-    Args:
-        run_config: The run config of the federation.
-        partition_id: The node's shard.
-        num_partitions: Number of shards (nodes).
+    Raises:
+        ValueError: ``item`` is not ``KEY=VALUE``.
     """
-    return Context(run_id=1, node_id=partition_id + 1, state=RecordDict(), run_config=dict(run_config),
-                   node_config={"partition-id": partition_id, "num-partitions": num_partitions})
-
-
-def set_task_identity() -> None:
-    """Give this process the ServerApp identity Flower needs to create instruction messages."""
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-
-
-class LocalGrid(Grid):
-    """Base of the Grids that answer ``send_and_receive`` in this process (no SuperLink).
-
-    Subclasses implement ``get_node_ids`` and ``send_and_receive``; the SuperLink-facing
-    methods are unused here and say so.
-    """
-
-    def __init__(self) -> None:
-        set_task_identity()  # messages created outside a Flower runtime need it
-
-    def set_run(self, run_id: int) -> None:  # type: ignore[override]
-        """Unused: there is no SuperLink run."""
-
-    @property
-    def run(self) -> None:  # type: ignore[override]
-        """Unused: there is no SuperLink run."""
-        return None
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        """Create an instruction message for ``dst_node_id``."""
-        return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Unused: see ``send_and_receive``."""
-        raise NotImplementedError(f"{type(self).__name__} only supports send_and_receive")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Unused: see ``send_and_receive``."""
-        raise NotImplementedError(f"{type(self).__name__} only supports send_and_receive")
-
-
-class InProcessGrid(LocalGrid):
-    """A Grid whose nodes are our ClientApp called in this process; node id = partition id + 1.
-
-    Replies come back sorted by node id (as the ServerApp sorts them), so aggregation does
-    not depend on sampling order. A ClientApp exception becomes an error reply, as a
-    SuperNode would report it.
-
-    Args:
-        run_config: Run config handed to every ClientApp call.
-        num_partitions: Number of nodes.
-        app: The ClientApp (default: ``clients.client_app.app``).
-    """
-
-    def __init__(self, run_config: Mapping[str, Any], num_partitions: int, app: ClientFn = client_app) -> None:
-        super().__init__()
-        self.run_config = dict(run_config)
-        self.num_partitions = num_partitions
-        self.app = app
-
-    def get_node_ids(self) -> list[int]:
-        """All node ids."""
-        return list(range(1, self.num_partitions + 1))
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        """Run the ClientApp of every addressed node, in node-id order; return the replies."""
-        replies = []
-        for message in sorted(messages, key=lambda msg: msg.metadata.dst_node_id):
-            node_id = message.metadata.dst_node_id
-            context = node_context(self.run_config, node_id - 1, self.num_partitions)
-            try:
-                replies.append(self.app(message, context))
-            except Exception as err:  # pylint: disable=broad-except  # a crashed ClientApp
-                logging.getLogger(__name__).error("node %s failed: %r", node_id, err)
-                replies.append(Message(Error(code=1, reason=repr(err)), reply_to=message))
-        return replies
-
-
-BASELINE = "fedavg"
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {item!r} is not KEY=VALUE")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
 
 
 @dataclass(frozen=True)
 class StrategySpec:
-    """One strategy of the comparison.
+    """One strategy of a comparison.
 
     Args:
         label: The name given on the command line (used in tables, plots and JSON).
-        method: CCAMerge method, or None for Flower's FedAvg.
+        strategy: The run config's ``strategy`` (a CCAMerge method, "fedavg" or "fedprox").
         reference: CCAMerge reference policy.
         stats: CCAMerge statistics source.
         overrides: Further run-config keys (``(key, value)`` pairs, keys with dashes).
     """
 
     label: str
-    method: str | None
+    strategy: str
     reference: str = "global"
     stats: str = "client"
     overrides: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> StrategySpec:
-        """Parse ``fedavg`` or ``METHOD[:REFERENCE[:STATS]][+KEY=VALUE...]``.
+        """Parse ``fedavg``, ``fedprox`` or ``METHOD[:REFERENCE[:STATS]]``, each with ``[+KEY=VALUE...]``.
 
         Args:
-            text: e.g. ``"cca:largest:server"`` or ``"cca+merge-guard=false"``.
+            text: e.g. ``"cca:largest:server"`` or ``"cca+shrinkage=1+repair=none"``.
 
         Raises:
             ValueError: Unknown method, reference or statistics source; a malformed override.
         """
-        if text == BASELINE:
-            return cls(text, None)
         head, *extra = text.split("+")
-        overrides = tuple(_override(text, item) for item in extra)
+        try:
+            overrides = tuple(parse_override(item) for item in extra)
+        except ValueError as err:
+            raise ValueError(f"strategy {text!r}: {err}") from None
+        if head in FLOWER_STRATEGIES:
+            return cls(text, head, overrides=overrides)
         parts = head.split(":")
         if len(parts) > 3:
             raise ValueError(f"strategy {text!r}: expected METHOD[:REFERENCE[:STATS]]")
@@ -184,29 +124,15 @@ class StrategySpec:
 
     def run_config(self) -> dict[str, Any]:
         """The run-config keys this strategy sets (underscores for dashes, as ``base_run_config`` takes them)."""
-        if self.method is None:
-            return {"strategy": BASELINE}
-        return {"strategy": self.method, "reference": self.reference, "stats": self.stats,
-                **{key.replace("-", "_"): value for key, value in self.overrides}}
-
-
-def _override(text: str, item: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with VALUE read as TOML (``false``, ``0.5``, ``"affine"``; bare words are strings)."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise ValueError(f"strategy {text!r}: override {item!r} is not KEY=VALUE")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key, value
+        keys: dict[str, Any] = {"strategy": self.strategy}
+        if self.strategy not in FLOWER_STRATEGIES:
+            keys.update(reference=self.reference, stats=self.stats)
+        keys.update({key.replace("-", "_"): value for key, value in self.overrides})
+        return keys
 
 
 def parse_strategies(text: str) -> list[StrategySpec]:
     """Parse a comma-separated ``--strategies`` value.
-
-    Args:
-        text: e.g. ``"fedavg,cca,permute"``.
 
     Raises:
         ValueError: An unknown or repeated strategy.
@@ -218,16 +144,14 @@ def parse_strategies(text: str) -> list[StrategySpec]:
     return specs
 
 
-def parse_benchmark(parser: argparse.ArgumentParser,
-                    argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[StrategySpec], str | None]:
-    """Parse a benchmark's command line (with ``--strategies``) and apply its runtime options.
+def parse_list(text: str, kind: Callable[[str], Any] = str) -> list[Any]:
+    """Comma-separated CLI list, e.g. ``"1,5"`` -> ``[1, 5]`` with ``kind=int``.
 
-    Returns:
-        ``(args, strategies, $OPENBLAS_NUM_THREADS)``.
+    Args:
+        text: The argument.
+        kind: Converter of one item.
     """
-    args = parser.parse_args(argv)
-    blas_threads = apply_runtime(args)
-    return args, parse_strategies(args.strategies), blas_threads
+    return [kind(item.strip()) for item in text.split(",") if item.strip()]
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser, default_out: Path) -> None:
@@ -237,19 +161,22 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, default_out: Path) ->
         parser: The benchmark's parser.
         default_out: Default JSON path.
     """
-    parser.add_argument("--data-dir", default="", help="dataset folder ('' = default)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=default_out, help="JSON output (PNGs beside it)")
+    parser.add_argument("--data-dir", default="", help="dataset folder ('' = the default location)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=default_out, help="JSON output (PNG and markdown beside it)")
 
 
 def apply_runtime(args: argparse.Namespace) -> str | None:
-    """Set torch's threads, silence Flower's per-reply INFO lines; return ``$OPENBLAS_NUM_THREADS``.
+    """Set torch's threads, keep Flower's log to warnings, log ours at INFO; return ``$OPENBLAS_NUM_THREADS``.
 
     Args:
         args: Parsed options of :func:`add_runtime_arguments`.
     """
     torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    logging.getLogger("flwr").propagate = False  # it has its own console handler
+    logging.getLogger("fedcca").setLevel(logging.WARNING)
     return check_blas_threads()
 
 
@@ -259,7 +186,7 @@ def check_blas_threads() -> str | None:
     scipy's OpenBLAS starts one spinning thread per core: on a busy 2-core machine a
     128x128 ``scipy.linalg.eigh`` then took 1.2 s instead of 3-11 ms with one thread,
     which turns CCA Merge's transforms into the dominant cost. It must be set before
-    numpy is imported, hence an environment variable (see the module docstrings' commands).
+    numpy is imported: ``simulations/__init__.py`` sets it for ``python -m simulations.X``.
     """
     value = os.environ.get("OPENBLAS_NUM_THREADS")
     if value is None:
@@ -270,14 +197,24 @@ def check_blas_threads() -> str | None:
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write ``payload`` as indented JSON, creating the folder.
+    """Write ``payload`` as indented JSON (infinities as strings), atomically, creating the folder."""
+    text = json.dumps(_finite(payload), indent=1) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
-    Args:
-        path: Output file.
-        payload: JSON-serialisable mapping.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON at ``path``, or None when there is none yet."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -295,11 +232,54 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def parse_list(text: str, kind: Callable[[str], Any] = str) -> list[Any]:
-    """Comma-separated CLI list, e.g. ``"1,5"`` -> ``[1, 5]`` with ``kind=int``.
+def mean_std(values: Sequence[float]) -> str:
+    """``"mean ± std"`` in percent (sample std; 0 for one value)."""
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{100 * float(np.mean(values)):.1f} ± {100 * std:.1f}"
+
+
+@dataclass(frozen=True)
+class Series:
+    """One line of a plot: x, the mean y, and an optional band (low, high) or error bars."""
+
+    label: str
+    x: Sequence[float]
+    y: Sequence[float]
+    low: Sequence[float] | None = None
+    high: Sequence[float] | None = None
+    dashed: bool = False
+
+
+def line_plot(path: Path, series: Sequence[Series], *, title: str, xlabel: str, ylabel: str,
+              log2_x: bool = False, bands: bool = True) -> None:
+    """One PNG: a line per series, with a shaded band (``bands``) or error bars from ``low``/``high``.
 
     Args:
-        text: The argument.
-        kind: Converter of one item.
+        path: PNG to write.
+        series: The lines.
+        title: Plot title.
+        xlabel: x-axis label.
+        ylabel: y-axis label.
+        log2_x: Log-2 x axis ticked at the values present (e.g. the number of models).
+        bands: Shade ``low..high``; otherwise draw them as error bars.
     """
-    return [kind(item.strip()) for item in text.split(",") if item.strip()]
+    fig, axes = figure(6.5, 4.2)
+    for line in series:
+        style = "--" if line.dashed else "-"
+        if line.low is None or line.high is None:
+            axes.plot(line.x, line.y, marker="o", linestyle=style, label=line.label)
+        elif bands:
+            (drawn,) = axes.plot(line.x, line.y, marker="o", linestyle=style, label=line.label)
+            axes.fill_between(line.x, line.low, line.high, color=drawn.get_color(), alpha=0.15)
+        else:
+            errors = [np.subtract(line.y, line.low), np.subtract(line.high, line.y)]
+            axes.errorbar(line.x, line.y, yerr=errors, marker="o", capsize=3, linestyle=style, label=line.label)
+    if log2_x:
+        ticks = sorted({x for line in series for x in line.x})
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(ticks, [str(int(t)) for t in ticks])
+    axes.set(xlabel=xlabel, ylabel=ylabel)
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    save(fig, path)

@@ -17,13 +17,7 @@ always reported. Writes ``{"rows": [...], "config": {...}}`` and a PNG beside th
 
 from __future__ import annotations
 
-import os
-
-# Before numpy loads: OpenBLAS's default thread pool oversubscribes a busy 2-core machine and
-# made each 128x128 eigh/SVD ~30x slower here (measured 26 s vs 0.8 s for one merge).
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-import argparse  # noqa: E402
+import argparse
 import dataclasses
 import json
 import logging
@@ -38,9 +32,13 @@ from torch import nn
 
 from fedcca.alignment import spec_for
 from fedcca.data import Dataset, DeviceLoader, load_dataset, normalize
+from fedcca.merging import merge_with_result
+from fedcca.selection import VARIANTS, get_variant
 from fedcca.statistics import PairStatistics, collect_statistics
 from fedcca.transforms import DEFAULT_RIDGES
-from fedcca.variants import VARIANTS, merge_variant
+from simulations.harness import Series, add_runtime_arguments, apply_runtime, line_plot, mean_std, parse_list, \
+    write_json
+from simulations.harness import markdown_table as table
 from simulations.zoo import ZOO_DIR, ZooSpec, load_or_train, zoo_data
 
 logger = logging.getLogger(__name__)
@@ -149,9 +147,9 @@ def _cache_key(group: Group, method: str, evaluator: Evaluator) -> str:
     """Identifies one merge result: the models, the calibration cut, the method (with the library's
     default ridges, which ``ridges=(None,)`` stands for) and the test set. Code changes are not
     part of the key: clear the cache after changing the merging code."""
-    variant = VARIANTS[method]
+    variant = get_variant(method)
     return json.dumps([group.keys, int(group.fit.shape[0]), int(group.holdout[0].shape[0]),
-                       float(group.fit.double().sum()), dataclasses.asdict(variant), DEFAULT_RIDGES,
+                       float(group.fit.double().sum()), str(dataclasses.asdict(variant)), DEFAULT_RIDGES,
                        int(len(evaluator.labels))], sort_keys=True)
 
 
@@ -165,18 +163,23 @@ def run_method(group: Group, method: str, evaluator: Evaluator,
     and ablation scripts share runs; ``cache=None`` always recomputes.
 
     Returns:
-        ``{"accuracy", "chosen" (hyper-parameters), "holdout_scores", "seconds"}``.
+        ``{"accuracy", "chosen" (the searched fields' chosen values), "holdout_scores", "seconds"}``.
     """
     key = _cache_key(group, method, evaluator)
     stored = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
     if key in stored:
         return stored[key]
     start = time.perf_counter()
-    merged, report = merge_variant(group.models, group.fit, method, holdout=group.holdout,
-                                   statistics=statistics, device="cpu")
+    search = get_variant(method)
+    report = merge_with_result(group.models, group.fit, search, holdout=group.holdout, statistics=statistics,
+                               device="cpu")
     seconds = time.perf_counter() - start
-    result = {"accuracy": evaluator.accuracy(evaluator.logits(merged)), "chosen": _finite(report.chosen),
-              "holdout_scores": [_finite(row) for row in report.scores], "seconds": seconds}
+    names = [name for name, _ in search.grid]
+    chosen = {name: getattr(report.config, name) for name in names}
+    scores = [{**dataclasses.asdict(score), **{name: getattr(candidate, name) for name in names}}
+              for score, candidate in zip(report.scores, search.candidates())]
+    result = {"accuracy": evaluator.accuracy(evaluator.logits(report.model)), "chosen": _finite(chosen),
+              "holdout_scores": [_finite(score) for score in scores], "seconds": seconds}
     if cache is not None:
         stored = json.loads(cache.read_text()) if cache.exists() else {}  # re-read: another run may have written
         stored[key] = result
@@ -187,9 +190,9 @@ def run_method(group: Group, method: str, evaluator: Evaluator,
     return result
 
 
-def _finite(values: dict[str, float | None]) -> dict[str, float | str | None]:
-    """Drop unused (NaN) hyper-parameters and write inf as "inf", so the JSON stays standard."""
-    return {k: ("inf" if v == float("inf") else v) for k, v in values.items() if v is None or v == v}
+def _finite(values: dict) -> dict:
+    """Write inf as "inf", so the JSON stays standard."""
+    return {k: ("inf" if v == float("inf") else v) for k, v in values.items()}
 
 
 def summarise(per_seed: dict[tuple[str, int], list[dict]]) -> list[dict]:
@@ -209,40 +212,24 @@ def summarise(per_seed: dict[tuple[str, int], list[dict]]) -> list[dict]:
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """Accuracy vs number of models, one line per method (mean +- std over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    series = []
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["num_models"])
-        ks = [r["num_models"] for r in mine]
-        ax.errorbar(ks, [100 * r["accuracy_mean"] for r in mine], yerr=[100 * r["accuracy_std"] for r in mine],
-                    label=method, marker="o", capsize=3, linestyle="--" if method in REFERENCES else "-")
-    ax.set_xlabel("number of models K")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted({r["num_models"] for r in rows}), [str(k) for k in sorted({r["num_models"] for r in rows})])
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        mean = np.array([100 * r["accuracy_mean"] for r in mine])
+        std = np.array([100 * r["accuracy_std"] for r in mine])
+        series.append(Series(method, [r["num_models"] for r in mine], mean, mean - std, mean + std,
+                             dashed=method in REFERENCES))
+    line_plot(path, series, title=title, xlabel="number of models K", ylabel="test accuracy (%)", log2_x=True,
+              bands=False)
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """Methods as rows, K as columns, cells ``mean +- std`` in percent."""
+    """Methods as rows, K as columns, cells ``mean ± std`` in percent."""
     ks = sorted({r["num_models"] for r in rows})
-    methods = list(dict.fromkeys(r["method"] for r in rows))
     cell = {(r["method"], r["num_models"]): r for r in rows}
-    lines = ["| method | " + " | ".join(f"K={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
-    for m in methods:
-        vals = [f"{100 * cell[m, k]['accuracy_mean']:.1f} ± {100 * cell[m, k]['accuracy_std']:.1f}"
-                if (m, k) in cell else "–" for k in ks]
-        lines.append(f"| {m} | " + " | ".join(vals) + " |")
-    return "\n".join(lines)
+    body = [[m, *(mean_std(cell[m, k]["accuracies"]) if (m, k) in cell else "–" for k in ks)]
+            for m in dict.fromkeys(r["method"] for r in rows)]
+    return table(["method", *(f"K={k}" for k in ks)], body)
 
 
 def _width(text: str) -> int | float:
@@ -251,14 +238,9 @@ def _width(text: str) -> int | float:
     return int(value) if value.is_integer() else value
 
 
-def _csv(kind: type, text: str) -> list:
-    return [kind(item) for item in text.split(",") if item.strip()]
-
-
 def add_common_arguments(p: argparse.ArgumentParser, *, num_models: str, out: str) -> None:
     """Options shared by the one-shot and ablation scripts (data, models, calibration, output)."""
     p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--data-dir", default=None)
     p.add_argument("--model", default="cnn")
     p.add_argument("--width", type=_width, default=1, help="width multiplier (e.g. 0.25)")
     p.add_argument("--num-models", default=num_models, help="comma-separated K values")
@@ -272,10 +254,9 @@ def add_common_arguments(p: argparse.ArgumentParser, *, num_models: str, out: st
     p.add_argument("--test-subset", type=int, default=0, help="first N test examples (0 = all)")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--zoo-dir", default=str(ZOO_DIR), help="checkpoint folder")
     p.add_argument("--cache", default=str(RESULT_CACHE), help="merge-result cache ('' = none)")
-    p.add_argument("--out", default=out)
+    add_runtime_arguments(p, Path(out))
 
 
 def zoo_spec(args: argparse.Namespace, seed: int) -> ZooSpec:
@@ -328,34 +309,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def parse_common(p: argparse.ArgumentParser, argv: Sequence[str] | None, names: str) -> argparse.Namespace:
     """Parse, split the comma lists (K, seeds and the variant list ``names``), check variant names."""
     args = p.parse_args(argv)
-    args.num_models, args.seeds = _csv(int, args.num_models), _csv(int, args.seeds)
-    setattr(args, names, _csv(str, getattr(args, names)))
+    args.num_models, args.seeds = parse_list(args.num_models, int), parse_list(args.seeds, int)
+    setattr(args, names, parse_list(getattr(args, names)))
     unknown = [m for m in getattr(args, names) if m not in VARIANTS]
     if unknown:
         p.error(f"unknown {names} {unknown}; choose from {', '.join(VARIANTS)}")
     return args
 
 
+def prepare(args: argparse.Namespace) -> tuple[Dataset, Evaluator]:
+    """Apply the runtime options; load the dataset and its test-split evaluator."""
+    apply_runtime(args)
+    dataset = load_dataset(args.dataset, args.data_dir or None)
+    return dataset, Evaluator(dataset, args.test_subset)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark, write JSON + PNG, print a markdown table; returns the JSON object."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    torch.set_num_threads(args.threads)
-    dataset = load_dataset(args.dataset, args.data_dir)
-    evaluator = Evaluator(dataset, args.test_subset)
+    dataset, evaluator = prepare(args)
     per_seed = run_grid(args, dataset, evaluator, args.methods)
     rows = summarise(per_seed)
-    config = dict(vars(args))
-    result = {"rows": rows, "config": config}
+    result = {"rows": rows, "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_json(out, result)
     title = (f"{args.dataset} {args.model}x{args.width}, split {args.split}, {args.epochs} ep, "
              f"{args.train_subset or 'all'} train, seeds {args.seeds}")
     plot(rows, out.with_suffix(".png"), title)
-    table = f"{title}\n\ntest accuracy %, mean ± std over seeds\n\n{markdown_table(rows)}\n"
-    out.with_suffix(".md").write_text(table)
-    print(table)
+    text = f"{title}\n\ntest accuracy %, mean ± std over seeds\n\n{markdown_table(rows)}\n"
+    out.with_suffix(".md").write_text(text)
+    print(text)
     return result
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from fedcca.data import Dataset, DeviceLoader, calibration_split, normalize, partition
 from fedcca.models import build_model
-from fedcca.training import train
+from fedcca.training import TrainingConfig, train
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def load_or_train(dataset: Dataset, spec: ZooSpec, index: int, data: ZooData | N
     model = build_model(spec.model, dataset.num_classes, dataset.in_channels, spec.width)
     loader = DeviceLoader.from_dataset(dataset, data.shards[index], spec.batch_size, device="cpu", seed=seed)
     start = time.perf_counter()
-    metrics = train(model, loader, spec.epochs, lr=spec.lr, device="cpu")
+    metrics = train(model, loader, TrainingConfig(epochs=spec.epochs, lr=spec.lr), device="cpu")
     record = {"spec": dataclasses.asdict(spec), "index": index, "init_seed": seed,
               "train_examples": len(data.shards[index]), "train": metrics,
               "seconds": time.perf_counter() - start}

@@ -2,40 +2,29 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType
 
 from clients.client_app import app as client_app
-from clients.task import (
-    RunConfigError,
-    TaskConfig,
-    calibration_inputs,
-    client_indices,
-    load_data,
-    make_model,
-    node_partition,
-)
 from fedcca.alignment import spec_for
-from fedcca.data import federated_split
-from fedcca.protocol import (
-    COMPUTE_STATS_FLAG,
-    STATISTICS_KEY,
-    validate_reply,
-)
+from fedcca.data import federated_split, normalize
+from fedcca.federation import calibration_inputs, client_indices, holdout_set, load_data, make_model, node_partition
+from fedcca.local_grid import node_context, set_task_identity
+from fedcca.protocol import STATISTICS_KEY, train_instruction, validate_reply
 from fedcca.statistics import collect_statistics
-from tests.apps_helpers import client_context, tiny_run_config, write_tiny_fashion_mnist
-from tests.flower_helpers import set_task_identity
+from fedcca.task import RunConfigError, TaskConfig
+from tests.tiny_dataset import tiny_run_config
 
 
 @pytest.fixture(scope="module")
-def run_config(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("apps-client")
-    return tiny_run_config(write_tiny_fashion_mnist(root / "data"), root / "out")
+def run_config(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return tiny_run_config(tiny_data_dir, tmp_path_factory.mktemp("apps-client") / "out")
 
 
 def _global_model(run_config: dict[str, Any]) -> torch.nn.Module:
@@ -44,16 +33,15 @@ def _global_model(run_config: dict[str, Any]) -> torch.nn.Module:
     return make_model(task, load_data(task.dataset, task.data_dir))
 
 
-def _train_message(model: torch.nn.Module, server_round: int = 1, stats: bool = True) -> Message:
+def _train_message(model: torch.nn.Module, server_round: int = 1, stats: bool = True, **config: Any) -> Message:
     set_task_identity()
-    config = ConfigRecord({"server-round": server_round, COMPUTE_STATS_FLAG: stats})
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config})
-    return Message(content, 1, MessageType.TRAIN)
+    return Message(train_instruction(ArrayRecord(model.state_dict()), server_round, stats, **config), 1,
+                   MessageType.TRAIN)
 
 
 def _reply(run_config: dict[str, Any], partition_id: int = 0, **message_kwargs: Any) -> tuple[torch.nn.Module, Message]:
     model = _global_model(run_config)
-    reply = client_app(_train_message(model, **message_kwargs), client_context(run_config, partition_id, 2))
+    reply = client_app(_train_message(model, **message_kwargs), node_context(run_config, partition_id, 2))
     assert not reply.has_error(), reply.error
     return model, reply
 
@@ -100,13 +88,16 @@ def test_trains_on_its_shard_of_the_shared_split(
 ) -> None:
     task = TaskConfig.from_run_config(run_config)
     dataset = load_data(task.dataset, task.data_dir)
-    split = federated_split(dataset, 2, task.partitioning, alpha=task.alpha,
-                            calibration_size=task.calibration_size, seed=task.seed)
-    # The server's calibration set is the one federated_split holds out of every shard.
-    expected_calibration = torch.stack([dataset.train_images[i] for i in split.calibration])
-    torch.testing.assert_close(
-        calibration_inputs(task),
-        (expected_calibration.float() / 255 - dataset.mean[0]) / dataset.std[0])
+    public = task.calibration_size + task.holdout_size
+    split = federated_split(dataset, 2, task.partitioning, alpha=task.alpha, calibration_size=public, seed=task.seed)
+    # The server's calibration and held-out sets are what federated_split holds out of every shard:
+    # both class-balanced, disjoint, together the public set.
+    calibration, (held_out, held_labels) = calibration_inputs(task), holdout_set(task)
+    images = torch.cat([calibration, held_out])
+    normalised = normalize(torch.stack([dataset.train_images[i] for i in split.calibration]), dataset)
+    assert len(images) == public and len(calibration) == task.calibration_size
+    assert {tuple(x.flatten().tolist()) for x in images} == {tuple(x.flatten().tolist()) for x in normalised}
+    assert np.bincount(held_labels.numpy(), minlength=10).tolist() == [1] * 10  # 10 held out, one per class
     for partition_id, reply in ((0, first_reply[1]), (1, _reply(run_config, 1)[1])):
         assert reply.content["metrics"]["num-examples"] == len(split.shards[partition_id])
         np.testing.assert_array_equal(client_indices(task, partition_id, 2), split.shards[partition_id])
@@ -135,17 +126,35 @@ def test_training_is_seeded_by_round(
     assert any(not torch.equal(first[k], later[k]) for k in first)
 
 
+def test_fedprox_instruction_adds_the_proximal_term(run_config: dict[str, Any],
+                                                    first_reply: tuple[torch.nn.Module, Message]) -> None:
+    """FedProx's 'proximal-mu' in the train config pulls the client towards the model it received."""
+    received = first_reply[0].state_dict()
+    plain = first_reply[1].content["arrays"].to_torch_state_dict()
+    held = _reply(run_config, **{"proximal-mu": 5.0})[1].content["arrays"].to_torch_state_dict()
+
+    def distance(state: dict[str, torch.Tensor]) -> float:
+        return sum((state[k].double() - v.double()).square().sum() for k, v in received.items()
+                   if v.is_floating_point() and "running" not in k).sqrt().item()
+
+    assert distance(held) < 0.9 * distance(plain)  # two SGD steps only: a clear, not a large, pull
+
+
 @pytest.mark.parametrize(("key", "value", "words"), [
-    ("strategy", "fedprox", "'strategy' must be one of"),
+    ("strategy", "fedma", "'strategy' must be one of"),
     ("num-server-rounds", "3", "'num-server-rounds' must be a int"),
     ("lr", True, "'lr' must be a float"),
     ("resume", 1, "'resume' must be a bool"),
     ("partitioning", "pathological", "'partitioning' must be one of"),
     ("fraction-train", 1.5, "'fraction-train' must be in (0, 1]"),
     ("max-examples-per-client", -1, "'max-examples-per-client' must be >= 0"),
+    ("shrinkage", "0,2", "shrinkage must be in [0, 1]"),
+    ("repair", "none,full", "'repair' must be one of"),
+    ("model", "resnet9", "'model' must be one of"),
+    ("lr-schedule", "cosine", "'lr-schedule' must be one of"),
 ])
 def test_bad_run_config_names_the_key(run_config: dict[str, Any], key: str, value: Any, words: str) -> None:
-    with pytest.raises(RunConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(RunConfigError, match=re.escape(words)):
         TaskConfig.from_run_config({**run_config, key: value})
 
 
@@ -157,6 +166,24 @@ def test_missing_run_config_key_and_node_config_are_loud(run_config: dict[str, A
         node_partition({"num-partitions": 2})
     with pytest.raises(RunConfigError, match=r"not in \[0, 2\)"):
         node_partition({"partition-id": 2, "num-partitions": 2})
+
+
+def test_a_choice_of_merges_needs_held_out_examples(run_config: dict[str, Any]) -> None:
+    with pytest.raises(RunConfigError, match="needs 'holdout-size' > 0"):
+        TaskConfig.from_run_config({**run_config, "holdout-size": 0})
+    single = TaskConfig.from_run_config({**run_config, "holdout-size": 0, "shrinkage": "1", "repair": "none"})
+    assert single.merge_search().candidates() == [single.merge_search().base]
+    search = TaskConfig.from_run_config(run_config).merge_search()
+    assert [c.label() for c in search.candidates()][:2] == ["direct", "direct +affine"]
+
+
+def test_a_users_model_by_import_path(run_config: dict[str, Any]) -> None:
+    task = TaskConfig.from_run_config({**run_config, "model": "tests.tiny_models:TinyNet"})
+    dataset = load_data(task.dataset, task.data_dir)
+    assert type(make_model(task, dataset)).__name__ == "TinyNet"
+    for path, words in (("tests.nowhere:Net", "cannot import"), ("tests.tiny_models:CLASSES", "not a torch nn.Module class")):
+        with pytest.raises(RunConfigError, match=words):
+            make_model(TaskConfig.from_run_config({**run_config, "model": path}), dataset)
 
 
 def test_out_dir_placeholders(run_config: dict[str, Any], tmp_path: Path) -> None:

@@ -12,22 +12,25 @@ import torch
 from flwr.app import Context, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from clients.task import TaskConfig, calibration_inputs, evaluation_loader, load_data, make_model
+from flwr.serverapp.strategy import FedProx
+
+from fedcca.federation import evaluation_loader, load_data, make_model
+from fedcca.local_grid import InProcessGrid
 from fedcca.strategy import CCAMerge
+from fedcca.task import TaskConfig
 from fedcca.training import evaluate
 from server.server_app import app as server_app
 from server.server_app import build_strategy, run_federation
-from tests.apps_helpers import client_apps, tiny_run_config, write_tiny_fashion_mnist
-from tests.flower_helpers import FakeGrid
+from tests.tiny_dataset import client_grid, tiny_run_config
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_fashion_mnist(tmp_path_factory.mktemp("apps-server") / "data")
+def data_dir(tiny_data_dir: Path) -> Path:
+    return tiny_data_dir
 
 
-def _run(config: dict[str, Any]) -> tuple[dict[str, Any], FakeGrid]:
-    grid = FakeGrid(client_apps(config))
+def _run(config: dict[str, Any]) -> tuple[dict[str, Any], InProcessGrid]:
+    grid = client_grid(config)
     return run_federation(grid, config), grid
 
 
@@ -36,16 +39,16 @@ def _checkpoint(out_dir: Path, server_round: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def straight_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, FakeGrid]:
+def straight_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, InProcessGrid]:
     """Two uninterrupted CCA rounds through ``server_app`` (as Flower calls it): (config, out-dir, grid)."""
     root = tmp_path_factory.mktemp("straight")
     config = tiny_run_config(data_dir, root / "{strategy}")
-    grid = FakeGrid(client_apps(config))
+    grid = client_grid(config)
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
     return config, root / "cca", grid
 
 
-def test_cca_run_writes_history_checkpoints_and_plot(straight_run: tuple[dict[str, Any], Path, FakeGrid]) -> None:
+def test_cca_run_writes_history_checkpoints_and_plot(straight_run: tuple[dict[str, Any], Path, InProcessGrid]) -> None:
     config, out, grid = straight_run
     history = json.loads((out / "history.json").read_text())
     assert [entry["round"] for entry in history["rounds"]] == [1, 2]
@@ -69,11 +72,10 @@ def test_cca_run_writes_history_checkpoints_and_plot(straight_run: tuple[dict[st
 def test_fedavg_is_flowers_weighted_average_of_the_client_models(data_dir: Path, tmp_path: Path) -> None:
     config = tiny_run_config(data_dir, tmp_path, strategy="fedavg", num_server_rounds=1)
     task = TaskConfig.from_run_config(config)
-    assert type(build_strategy(task, lambda: None, None)) is FedAvg  # type: ignore[arg-type,return-value]
+    assert type(build_strategy(task, lambda: None)) is FedAvg  # type: ignore[arg-type,return-value]
     history, grid = _run(config)
     # Replay the round's messages through the (deterministic) ClientApps and average by hand.
-    apps = client_apps(config)
-    replies = [apps[m.metadata.dst_node_id](m, None) for m in grid.sent]
+    replies = client_grid(config).send_and_receive(grid.sent)
     assert all("fedcca.statistics" not in r.content for r in replies)
     weights = np.array([r.content["metrics"]["num-examples"] for r in replies], dtype=np.float64)
     states = [r.content["arrays"].to_torch_state_dict() for r in replies]
@@ -88,12 +90,22 @@ def test_other_methods_build_ccamerge(data_dir: Path, tmp_path: Path, strategy: 
     config = tiny_run_config(data_dir, tmp_path, strategy=strategy)
     task = TaskConfig.from_run_config(config)
     dataset = load_data(task.dataset, task.data_dir)
-    built = build_strategy(task, lambda: make_model(task, dataset), calibration_inputs(task), "cpu")
-    assert isinstance(built, CCAMerge) and built.method == strategy
+    built = build_strategy(task, lambda: make_model(task, dataset), "cpu")
+    assert isinstance(built, CCAMerge) and built.search.base.method == strategy
+    assert built.search == task.merge_search()  # the run config's merge options, as one MergeSearch
+
+
+def test_fedprox_is_flowers_with_the_run_configs_mu(data_dir: Path, tmp_path: Path) -> None:
+    config = tiny_run_config(data_dir, tmp_path, strategy="fedprox", num_server_rounds=1)
+    built = build_strategy(TaskConfig.from_run_config(config), lambda: None)  # type: ignore[arg-type,return-value]
+    assert type(built) is FedProx and built.proximal_mu == config["proximal-mu"]
+    history, grid = _run(config)
+    assert {m.content["config"]["proximal-mu"] for m in grid.sent} == {config["proximal-mu"]}
+    assert not history["rounds"][0]["skipped"]
 
 
 def test_resume_gives_the_same_model_as_an_uninterrupted_run(
-    straight_run: tuple[dict[str, Any], Path, FakeGrid], tmp_path: Path
+    straight_run: tuple[dict[str, Any], Path, InProcessGrid], tmp_path: Path
 ) -> None:
     config, straight_out, _ = straight_run
     straight = json.loads((straight_out / "history.json").read_text())
@@ -107,7 +119,7 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_run(
         assert (got["accuracy"], got["loss"]) == (want["accuracy"], want["loss"])
 
 
-def test_resume_refuses_a_different_config(straight_run: tuple[dict[str, Any], Path, FakeGrid]) -> None:
+def test_resume_refuses_a_different_config(straight_run: tuple[dict[str, Any], Path, InProcessGrid]) -> None:
     config, out, _ = straight_run
     with pytest.raises(ValueError, match=r"differs \(lr: 0.05 -> 0.1"):
         _run({**config, "out-dir": str(out), "num-server-rounds": 3, "resume": True, "lr": 0.1})

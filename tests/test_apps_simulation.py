@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.apps_helpers import ROOT, write_tiny_fashion_mnist
+from tests.tiny_dataset import ROOT, write_tiny_fashion_mnist
 
 BIN = Path(sys.executable).parent
 MARKER = "FEDCCA_APPS_TEST_RUN"
@@ -122,7 +122,7 @@ def test_flwr_run_simulation_writes_history_and_leaves_pyproject_alone(
     out_dir = tmp_path / "out"
     pyproject = (ROOT / "pyproject.toml").read_bytes()
     overrides = {"data-dir": f"'{data_dir}'", "out-dir": f"'{out_dir}'", "num-server-rounds": "1",
-                 "partitioning": "'iid'", "calibration-size": "40", "batch-size": "32",
+                 "partitioning": "'iid'", "calibration-size": "40", "holdout-size": "20", "batch-size": "32",
                  "max-examples-per-client": "0", "max-test-examples": "0"}
     command = [str(BIN / "flwr"), "run", str(ROOT), CONNECTION, "--stream",
                "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]

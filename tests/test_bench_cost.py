@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.apps_helpers import run_benchmark
+from tests.tiny_dataset import run_benchmark
 
 STRATEGIES = ["fedavg", "cca", "cca:global:server", "permute"]
 
@@ -16,7 +16,7 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     """Run the CLI once on the tiny dataset; return its JSON and output folder."""
     return run_benchmark(tmp_path_factory.mktemp("cost"), "simulations.cost", [
         "--clients", "2,4", "--widths", "1", "--width-clients", "2",
-        "--strategies", ",".join(STRATEGIES), "--repeats", "1", "--calibration-size", "20",
+        "--strategies", ",".join(STRATEGIES), "--repeats", "1", "--calibration-size", "20", "--holdout-size", "10",
         "--stats-examples", "16", "--local-steps", "1", "--client-examples", "20"], timeout=150)
 
 

@@ -1,8 +1,5 @@
-"""Smoke test of simulations/federated.py: 2 clients, 2 rounds, a tiny dataset, all strategies.
-
-The CLI runs in a subprocess with OPENBLAS_NUM_THREADS=1 (it must be set before numpy loads;
-see simulations.harness.check_blas_threads).
-"""
+"""Smoke test of simulations/federated.py: 2 clients, 2 rounds, a tiny dataset, all strategies,
+through the ServerApp's own round loop (a subprocess, as a user runs it)."""
 
 from __future__ import annotations
 
@@ -12,10 +9,10 @@ import pytest
 
 from simulations.federated import rounds_to_reach, summarise
 from simulations.harness import StrategySpec
-from tests.apps_helpers import run_benchmark
+from tests.tiny_dataset import run_benchmark
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-STRATEGIES = ["fedavg", "cca", "cca:global:server", "permute:largest:server"]
+STRATEGIES = ["fedavg", "cca", "cca:global:server", "permute:largest:server+shrinkage='1'+repair=none", "fedprox"]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +22,8 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
         "--partitioning", "dirichlet", "--alpha", "1.0",
         "--local-epochs", "1", "--strategies", ",".join(STRATEGIES), "--rounds", "2",
         "--num-clients", "2", "--seeds", "0", "--train-subset", "0", "--calibration-size", "20",
-        "--test-examples", "0", "--batch-size", "25"], timeout=120)
+        "--holdout-size", "10", "--test-examples", "0", "--set", "batch-size=25", "--set", "model='cnn'",
+        "--threads", "1", "--runs-dir", str(tmp_path_factory.mktemp("federated-runs"))], timeout=180)
 
 
 def test_json_shape_and_plot(result: tuple[dict, Path]) -> None:
@@ -38,7 +36,17 @@ def test_json_shape_and_plot(result: tuple[dict, Path]) -> None:
     for run in setting["runs"]:
         assert len(run["accuracy"]) == 3 and all(0.0 <= a <= 1.0 for a in run["accuracy"])
         assert run["accuracy"] == setting["summary"][run["strategy"]]["mean_accuracy"]  # one seed
-    assert (folder / setting["plot"]).read_bytes()[:8] == PNG_MAGIC
+    for plot in setting["plots"]:
+        assert (folder / plot).read_bytes()[:8] == PNG_MAGIC
+    assert len(setting["plots"]) == 2  # accuracy, and the paired difference to FedAvg
+    assert (folder / "federated.md").read_text().count("| cca |") == 1
+
+
+def test_merge_choices_are_recorded_per_round(result: tuple[dict, Path]) -> None:
+    runs = {run["strategy"]: run for run in result[0]["settings"][0]["runs"]}
+    assert len(runs["cca"]["merge_choice"]) == 2 and all(runs["cca"]["merge_choice"])
+    assert runs["permute:largest:server+shrinkage='1'+repair=none"]["merge_choice"] == ["permute", "permute"]
+    assert runs["fedavg"]["merge_choice"] == [None, None]
 
 
 def test_same_start_and_the_product_did_the_work(result: tuple[dict, Path]) -> None:
@@ -49,9 +57,9 @@ def test_same_start_and_the_product_did_the_work(result: tuple[dict, Path]) -> N
     # reference); otherwise the strategy computed them on the server.
     assert all(s > 0 for s in runs["cca"]["client_stats_seconds"])
     assert runs["cca"]["server_stats_seconds"] == [0.0, 0.0]
-    for label in ("fedavg", "cca:global:server", "permute:largest:server"):
+    for label in ("fedavg", "fedprox", "cca:global:server", "permute:largest:server+shrinkage='1'+repair=none"):
         assert runs[label]["client_stats_seconds"] == [0.0, 0.0]
-    for label in ("cca:global:server", "permute:largest:server"):
+    for label in ("cca:global:server", "permute:largest:server+shrinkage='1'+repair=none"):
         assert all(s > 0 for s in runs[label]["server_stats_seconds"])
 
 
@@ -76,13 +84,14 @@ def test_summary_against_hand_computation() -> None:
 
 
 def test_strategy_spec_parsing() -> None:
-    assert StrategySpec.parse("fedavg").method is None
+    assert StrategySpec.parse("fedavg").run_config() == {"strategy": "fedavg"}
+    assert StrategySpec.parse("fedprox+proximal-mu=0.1").run_config() == {"strategy": "fedprox", "proximal_mu": 0.1}
     assert StrategySpec.parse("cca") == StrategySpec("cca", "cca", "global", "client")
     assert StrategySpec.parse("permute:largest") == StrategySpec("permute:largest", "permute", "largest", "client")
-    spec = StrategySpec.parse("cca:largest+merge-guard=false+repair=affine+ridge=0.5")
-    assert spec.overrides == (("merge-guard", False), ("repair", "affine"), ("ridge", 0.5))
+    spec = StrategySpec.parse("cca:largest+zero-dead=false+repair=affine+ridge=0.5")
+    assert spec.overrides == (("zero-dead", False), ("repair", "affine"), ("ridge", 0.5))
     assert spec.run_config() == {"strategy": "cca", "reference": "largest", "stats": "client",
-                                 "merge_guard": False, "repair": "affine", "ridge": 0.5}
+                                 "zero_dead": False, "repair": "affine", "ridge": 0.5}
     with pytest.raises(ValueError, match="not KEY=VALUE"):
         StrategySpec.parse("cca+guard")
     assert StrategySpec.parse("cca:first:server").run_config() == {

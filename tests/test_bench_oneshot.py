@@ -30,7 +30,7 @@ def test_oneshot_writes_rows_and_plot(tmp_path: Path) -> None:
         assert 0.0 <= row["accuracy_mean"] <= 1.0 and row["accuracy_std"] == 0.0
     cca = next(row for row in saved["rows"] if row["method"] == "cca-trace")
     # picked on held-out data; the Procrustes limit is written "inf" (standard JSON has no infinity)
-    assert float(cca["chosen"][0]["ridge"]) in oneshot.VARIANTS["cca-trace"].ridges
+    assert float(cca["chosen"][0]["ridge"]) in dict(oneshot.VARIANTS["cca-trace"].grid)["ridge"]
     assert saved["config"]["methods"] == ["direct", "permute", "cca-trace"]
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from coreb_helpers import outputs, symmetric_copy
+from tests.tiny_models import outputs, symmetric_copy
 
 from fedcca.cli import main
 from fedcca.merging import recompute_batchnorm

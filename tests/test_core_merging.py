@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from coreb_helpers import calibration, make_tiny, outputs, symmetric_copy
+from tests.tiny_models import calibration, make_tiny, outputs, symmetric_copy
 
 from fedcca.merging import (
     METHODS,
@@ -69,13 +69,17 @@ def test_default_ridge_does_not_undo_per_feature_scales_exactly() -> None:
 
 
 @pytest.mark.parametrize("repair", ["mean", "affine"])
-def test_merge_repair_equals_the_variant_recipe(repair: str) -> None:
-    from fedcca.variants import Variant, merge_variant
+def test_streamed_repair_equals_repair_of_the_merged_model(repair: str) -> None:
+    """The merger's running REPAIR targets equal repair() applied afterwards with all endpoints at hand."""
+    from fedcca.merging import merge_with_result
+    from fedcca.repair import repair as repair_model
 
     models, x = [make_tiny(1, batchnorm=True), make_tiny(2, batchnorm=True), make_tiny(3, batchnorm=True)], calibration(24)
-    merged = merge(models, x, "cca", weights=[1.0, 2.0, 1.0], repair=repair)
-    expected, _ = merge_variant(models, x, Variant("cca", repair=repair), weights=[1.0, 2.0, 1.0])
-    unrepaired = merge(models, x, "cca", weights=[1.0, 2.0, 1.0])
+    merged = merge(models, x, "cca", weights=[1.0, 2.0, 1.0], repair=repair, balance=False)
+    plain = merge_with_result(models, x, "cca", weights=[1.0, 2.0, 1.0], balance=False, keep_transforms=True)
+    transforms = [plain.transforms[f"models[{k}]"] for k in range(3)]
+    expected = repair_model(copy.deepcopy(plain.model), models, transforms, x, [1.0, 2.0, 1.0], mode=repair)
+    unrepaired = plain.model
     torch.testing.assert_close(outputs(merged, x), outputs(expected, x), atol=1e-6, rtol=1e-6)
     assert not torch.allclose(outputs(merged, x), outputs(unrepaired, x), atol=1e-3)
 
@@ -164,7 +168,7 @@ def test_direct_merge_is_the_weighted_average() -> None:
 
 
 def test_unknown_method_lists_the_options() -> None:
-    with pytest.raises(ValueError, match="cca, permute, weight-matching, direct"):
+    with pytest.raises(ValueError, match="cca, permute, weight-matching, blend, direct"):
         merge([make_tiny(1)], calibration(4), "zipit")
 
 
@@ -268,7 +272,7 @@ def test_dead_channels_are_logged_and_merge_stays_exact(method: str, caplog: pyt
         model.conv1.weight[1:3] = 0.0   # zeroed filters
         model.conv1.bias[1:3] = 0.0
         model.fc1.bias[:3] = -100.0     # dead ReLU units with non-zero weights
-    with caplog.at_level(logging.WARNING, logger="fedcca.transforms"):
+    with caplog.at_level(logging.DEBUG, logger="fedcca.transforms"):
         merged = merge([model, symmetric_copy(model)], x, method, ridge_mode="relative")
     assert "point 'conv1': 2 dead feature(s) in the reference and 2 in the model" in caplog.text
     assert re.search(r"point 'fc1': ([3-6]) dead feature\(s\) in the reference and \1 in the model", caplog.text)

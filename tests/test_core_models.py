@@ -38,7 +38,7 @@ def _prepared(name: str, in_channels: int) -> nn.Module:
     default eps a rescaled model differs by ~eps/var, a BatchNorm property and not the spec's.
     """
     torch.manual_seed(10 * MODEL_NAMES.index(name) + in_channels)
-    model = build_model(name, num_classes=7, in_channels=in_channels)
+    model = build_model(name, num_classes=7, in_channels=in_channels, image_size=SIDE)
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
             nn.init.normal_(m.bias, 0.0, 0.1)  # zero biases would hide a forgotten bias axis
@@ -115,6 +115,8 @@ def test_symmetry_changes_every_described_tensor(name: str, in_channels: int) ->
 # BatchNorm variance and a residual shortcut, the easiest ones to forget.
 BROKEN = [
     ("cnn", "features.3", "features.6.weight"),
+    ("lenet", "conv2", "fc1.weight"),  # the block axis across the flatten
+    ("lenet", "fc1", "fc2.weight"),
     ("vgg11", "features.0", "features.3.weight"),
     ("vgg11_bn", "features.4", "features.5.running_var"),
     ("resnet20", "layer1", "layer2.0.shortcut.0.weight"),
@@ -141,7 +143,7 @@ def test_negative_control_dropping_one_axis_breaks_function(name: str, point_nam
 @pytest.mark.parametrize(("in_channels", "side"), [(1, 28), (3, 32)])
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_forward_shapes(name: str, in_channels: int, side: int) -> None:
-    model = build_model(name, num_classes=5, in_channels=in_channels).eval()
+    model = build_model(name, num_classes=5, in_channels=in_channels, image_size=side).eval()
     with torch.no_grad():
         assert model(torch.randn(2, in_channels, side, side)).shape == (2, 5)
 
@@ -153,6 +155,22 @@ def test_cnn_layout() -> None:
     assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 2
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert [p.size for p in spec_for(model).points] == [64, 128, 256]
+
+
+@pytest.mark.parametrize(("in_channels", "side", "spatial"), [(1, 28, 16), (3, 32, 25)])
+def test_lenet_layout_and_its_block_axis(in_channels: int, side: int, spatial: int) -> None:
+    """niid_bench's CNN: conv 6@5x5, pool, conv 16@5x5, pool, fc 120, fc 84; conv2's channels own H*W fc1 inputs."""
+    model = build_model("lenet", num_classes=10, in_channels=in_channels, image_size=side)
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in model.modules() if isinstance(c, nn.Conv2d)] \
+        == [(in_channels, 6, (5, 5)), (6, 16, (5, 5))]
+    assert [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)] \
+        == [(16 * spatial, 120), (120, 84), (84, 10)]
+    spec = spec_for(model)
+    assert [(p.name, p.size) for p in spec.points] == [("conv1", 6), ("conv2", 16), ("fc1", 120), ("fc2", 84)]
+    (flatten,) = [ax for ax in spec.point("conv2").axes if ax.key == "fc1.weight"]
+    assert (flatten.axis, flatten.role, flatten.block) == (1, "in", spatial)
+    with pytest.raises(ValueError, match="at least 16x16"):
+        build_model("lenet", image_size=12)
 
 
 @pytest.mark.parametrize(("name", "width", "channels"), [

@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from coreb_helpers import C1, TinyNet, calibration, make_tiny
+from tests.tiny_models import C1, TinyNet, calibration, make_tiny
 
 from fedcca.alignment import AlignmentPoint, AlignmentSpec
 from fedcca.statistics import (

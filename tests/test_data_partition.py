@@ -35,9 +35,14 @@ def fake_dataset(labels: np.ndarray, name: str = "fake") -> Dataset:
     return Dataset(name, images, torch.as_tensor(labels), images[:1], torch.zeros(1, dtype=torch.int64), 10, (0.5,), (0.5,))
 
 
+def _parts(scheme: str, default: int) -> int:
+    """Partitions a scheme can make of 10 classes: 80-20 needs 2; label-quantity covers every label with 10."""
+    return {"80-20": 2, "label-quantity": 10}.get(scheme, default)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_shards_disjoint_cover_and_reproducible(scheme: str) -> None:
-    parts = 2 if scheme == "80-20" else 5
+    parts = _parts(scheme, 5)
     shards = partition(LABELS, parts, scheme, alpha=0.5, seed=7)
     assert len(shards) == parts
     assert_disjoint_cover(shards, np.arange(len(LABELS)))
@@ -50,7 +55,7 @@ def test_shards_disjoint_cover_and_reproducible(scheme: str) -> None:
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_indices_restrict_the_pool(scheme: str) -> None:
     pool = np.arange(0, len(LABELS), 3)
-    shards = partition(LABELS, 2, scheme, indices=pool, seed=1)
+    shards = partition(LABELS, _parts(scheme, 2), scheme, indices=pool, seed=1)
     assert_disjoint_cover(shards, pool)
 
 
@@ -80,6 +85,39 @@ def test_dirichlet_identical_to_flwr_datasets() -> None:
         ours = partition(LABELS, 6, "dirichlet", alpha=alpha, seed=seed, min_size=min_size)
         for i, shard in enumerate(ours):
             np.testing.assert_array_equal(shard, np.asarray(reference.load_partition(i)["row"]))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_label_quantity_gives_each_client_exactly_k_labels_split_evenly(k: int) -> None:
+    shards = partition(LABELS, 10, "label-quantity", labels_per_client=k, seed=3)
+    assert_disjoint_cover(shards, np.arange(len(LABELS)))  # every example exactly once
+    counts = class_counts(LABELS, shards, 10)
+    assert ((counts > 0).sum(axis=1) == k).all()
+    assert [int(counts[i, i % 10] > 0) for i in range(10)] == [1] * 10  # client i holds label i mod 10
+    for label in range(10):  # a label's examples are split evenly among its holders
+        held = counts[:, label][counts[:, label] > 0]
+        assert held.max() - held.min() <= 1 and held.sum() == (LABELS == label).sum()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_label_quantity_identical_to_flwr_datasets_pathological() -> None:
+    datasets = pytest.importorskip("datasets")
+    flwr_partitioner = pytest.importorskip("flwr_datasets.partitioner")
+    for k, seed in [(1, 0), (2, 42), (3, 7)]:
+        reference = flwr_partitioner.PathologicalPartitioner(
+            num_partitions=12, partition_by="label", num_classes_per_partition=k,
+            class_assignment_mode="first-deterministic", seed=seed)
+        reference.dataset = datasets.Dataset.from_dict({"label": LABELS, "row": np.arange(len(LABELS))})
+        ours = partition(LABELS, 12, "label-quantity", labels_per_client=k, seed=seed, min_size=1)
+        for i, shard in enumerate(ours):
+            np.testing.assert_array_equal(shard, np.asarray(reference.load_partition(i)["row"]))
+
+
+def test_label_quantity_refuses_to_leave_labels_out() -> None:
+    with pytest.raises(ValueError, match=r"leaves label\(s\) \[.*\] to no client"):
+        partition(LABELS, 3, "label-quantity", labels_per_client=2, seed=0)
+    with pytest.raises(ValueError, match="labels_per_client must be in 1..10"):
+        partition(LABELS, 10, "label-quantity", labels_per_client=11)
 
 
 def test_dirichlet_min_size_gives_up_with_clear_error() -> None:
@@ -144,7 +182,7 @@ def test_calibration_split_balanced_disjoint_deterministic() -> None:
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_federated_split_keeps_calibration_out_of_shards(scheme: str) -> None:
     dataset = fake_dataset(LABELS)
-    parts = 2 if scheme == "80-20" else 4
+    parts = _parts(scheme, 4)
     split = federated_split(dataset, parts, scheme, alpha=0.5, calibration_size=200, seed=9, min_size=10)
     assert split.calibration_source == "fake"
     assert np.bincount(LABELS[split.calibration], minlength=10).tolist() == [20] * 10

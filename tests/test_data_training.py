@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fedcca.data import DeviceLoader
-from fedcca.training import TrainingDivergedError, evaluate, lr_factor, train
+from fedcca.training import TrainingConfig, TrainingDivergedError, evaluate, lr_factor, train
 
 
 def toy_loader(n: int = 256, shuffle: bool = True, seed: int = 0) -> DeviceLoader:
@@ -27,7 +27,7 @@ def tiny_model() -> nn.Module:
 def test_train_learns_and_reports() -> None:
     model, data = tiny_model(), toy_loader()
     loss_before, acc_before = evaluate(model, toy_loader(shuffle=False), device="cpu")
-    result = train(model, data, 3, lr=0.1, device="cpu")
+    result = train(model, data, TrainingConfig(epochs=3, lr=0.1), device="cpu")
     loss_after, acc_after = evaluate(model, toy_loader(shuffle=False), device="cpu")
     assert result["examples"] == 3 * 256 and result["steps"] == 3 * 8 and result["seconds"] > 0
     assert result["last_epoch_loss"] < result["loss"] < loss_before
@@ -36,8 +36,8 @@ def test_train_learns_and_reports() -> None:
 
 def test_train_is_deterministic() -> None:
     a, b = tiny_model(), tiny_model()
-    train(a, toy_loader(seed=1), 2, device="cpu")
-    train(b, toy_loader(seed=1), 2, device="cpu")
+    train(a, toy_loader(seed=1), TrainingConfig(epochs=2), device="cpu")
+    train(b, toy_loader(seed=1), TrainingConfig(epochs=2), device="cpu")
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
 
@@ -70,11 +70,11 @@ def test_evaluate_uses_eval_mode_and_no_grad() -> None:
 def test_non_finite_loss_names_epoch_and_step() -> None:
     model = tiny_model()
     with pytest.raises(TrainingDivergedError, match=r"epoch 0, step 1 of the run"):
-        train(model, toy_loader(), 2, lr=float("nan"), device="cpu")  # step 0 is finite, then NaN weights
+        train(model, toy_loader(), TrainingConfig(epochs=2, lr=float("nan")), device="cpu")  # step 0 finite, then NaN
     with torch.no_grad():
         model[1].weight.fill_(float("inf"))
     with pytest.raises(TrainingDivergedError, match="epoch 0, step 0"):
-        train(model, toy_loader(), 1, device="cpu")
+        train(model, toy_loader(), TrainingConfig(epochs=1), device="cpu")
 
 
 def test_lr_schedule_one_cycle() -> None:
@@ -87,5 +87,36 @@ def test_lr_schedule_one_cycle() -> None:
 
 
 def test_empty_training_rejected() -> None:
-    with pytest.raises(ValueError, match="epochs=0"):
-        train(tiny_model(), toy_loader(), 0, device="cpu")
+    with pytest.raises(ValueError, match="epochs must be a positive integer"):
+        TrainingConfig(epochs=0)
+    with pytest.raises(ValueError, match="unknown lr schedule 'cosine'"):
+        TrainingConfig(schedule="cosine")
+
+
+def test_constant_schedule_is_plain_sgd_with_momentum() -> None:
+    """niid_bench's optimiser: one torch.optim.SGD step per batch at a fixed learning rate."""
+    model, reference, data = tiny_model(), tiny_model(), toy_loader(seed=3)
+    train(model, data, TrainingConfig(epochs=1, lr=0.05, schedule="constant", momentum=0.9, nesterov=False,
+                                      weight_decay=1e-5), device="cpu")
+    optimiser = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-5)
+    for x, y in toy_loader(seed=3):
+        optimiser.zero_grad()
+        nn.functional.cross_entropy(reference(x), y).backward()
+        optimiser.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_proximal_term_pulls_towards_the_starting_weights() -> None:
+    """FedProx: the gradient of mu/2 ||w - w0||^2 is mu (w - w0); a large mu keeps w near w0."""
+    start = tiny_model()
+    free, held = tiny_model(), tiny_model()
+    config = TrainingConfig(epochs=3, lr=0.1, schedule="constant", weight_decay=0.0)
+    train(free, toy_loader(), config, device="cpu")
+    train(held, toy_loader(), TrainingConfig(epochs=3, lr=0.1, schedule="constant", weight_decay=0.0,
+                                             proximal_mu=5.0), device="cpu")
+
+    def distance(model: nn.Module) -> float:
+        return sum((p - q).square().sum() for p, q in zip(model.parameters(), start.parameters())).sqrt().item()
+
+    assert distance(held) < 0.5 * distance(free)

@@ -26,8 +26,8 @@ CLIENTAPP_STARTED = "Start `flwr-clientapp` process"  # SuperNode log line: a tr
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Fashion-MNIST-format dataset of the app tests."""
-    # Imported here: apps_helpers imports the apps, which the key-refusal test does not need.
-    from tests.apps_helpers import write_tiny_fashion_mnist  # pylint: disable=import-outside-toplevel
+    # Imported here: tiny_dataset imports the apps, which the key-refusal test does not need.
+    from tests.tiny_dataset import write_tiny_fashion_mnist  # pylint: disable=import-outside-toplevel
 
     return write_tiny_fashion_mnist(tmp_path_factory.mktemp("data"))
 
@@ -42,7 +42,7 @@ def deployment(tmp_path: Path) -> Iterator[LocalDeployment]:
 
 
 def _run_config(data_dir: Path, out_dir: Path, **overrides: Any) -> dict[str, Any]:
-    from tests.apps_helpers import tiny_run_config  # pylint: disable=import-outside-toplevel
+    from tests.tiny_dataset import tiny_run_config  # pylint: disable=import-outside-toplevel
 
     return tiny_run_config(data_dir, out_dir, **{"strategy": "cca", "num_server_rounds": 1, **overrides})
 

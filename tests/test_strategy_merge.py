@@ -10,11 +10,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from fedcca.merging import METHODS
+from fedcca.aligners import METHODS
 from fedcca.protocol import COMPUTE_STATS_FLAG, STATISTICS_KEY
+from fedcca.local_grid import InProcessGrid
 from fedcca.strategy import CCAMerge
-from tests.flower_helpers import one_torch_thread  # noqa: F401 - autouse fixture
-from tests.flower_helpers import CALIBRATION, FakeGrid, fedavg_app, make_model, stats_app
+from tests.tiny_clients import CALIBRATION, fedavg_app, make_model, stats_app
 
 NODES = (1, 2, 3)
 
@@ -23,7 +23,7 @@ def _strategy(**kwargs: object) -> CCAMerge:
     return CCAMerge(make_model, CALIBRATION, device="cpu", **kwargs)  # type: ignore[arg-type]
 
 
-def _round(strategy: CCAMerge | FedAvg, grid: FakeGrid, arrays: ArrayRecord,
+def _round(strategy: CCAMerge | FedAvg, grid: InProcessGrid, arrays: ArrayRecord,
            server_round: int = 1) -> tuple[list[Message], tuple[ArrayRecord | None, MetricRecord | None]]:
     """One training round by hand: configure, send, aggregate; returns (replies, result)."""
     messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
@@ -63,27 +63,27 @@ BN_BUFFERS = ("bn2.running_mean", "bn2.running_var", "bn2.num_batches_tracked")
 @pytest.mark.parametrize("reference", ["first", "largest"])
 def test_identical_clients_merge_to_that_model(method: str, reference: str) -> None:
     client = make_model(seed=5).state_dict()
-    grid = FakeGrid({node: _echo_app(client) for node in NODES})
+    grid = InProcessGrid({node: _echo_app(client) for node in NODES})
     _, (arrays, _) = _round(_strategy(method=method, reference=reference), grid, GLOBAL)
     merged = _state(arrays)
     _assert_close(merged, client, skip=BN_BUFFERS)
     # BatchNorm statistics were recomputed on the calibration data: exact mean of bn2's inputs.
     model = make_model(seed=5).eval()
     with torch.no_grad():
-        bn_inputs = model.fc2(model.relu1(model.fc1(CALIBRATION)))
-    torch.testing.assert_close(merged["bn2.running_mean"], bn_inputs.mean(0), atol=1e-5, rtol=1e-4)
+        bn_inputs = model.conv2(model.relu1(model.conv1(CALIBRATION)))
+    torch.testing.assert_close(merged["bn2.running_mean"], bn_inputs.mean((0, 2, 3)), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_clients_returning_the_global_model_keep_it(method: str) -> None:
-    grid = FakeGrid({node: _echo_app(_state(GLOBAL)) for node in NODES})
+    grid = InProcessGrid({node: _echo_app(_state(GLOBAL)) for node in NODES})
     _, (arrays, _) = _round(_strategy(method=method, recompute_bn=False), grid, GLOBAL)
     _assert_close(_state(arrays), _state(GLOBAL))
 
 
 def test_direct_method_with_global_reference_is_fedavg() -> None:
     """Weights are the replies' num-examples; metrics are FedAvg's weighted averages."""
-    grid = FakeGrid({node: fedavg_app for node in NODES})
+    grid = InProcessGrid({node: fedavg_app for node in NODES})
     replies, (arrays, metrics) = _round(_strategy(method="direct", recompute_bn=False), grid, GLOBAL)
     fedavg_arrays, fedavg_metrics = FedAvg().aggregate_train(1, replies)
     # FedAvg turns the integer num_batches_tracked into a float average: not comparable.
@@ -94,21 +94,21 @@ def test_direct_method_with_global_reference_is_fedavg() -> None:
 
 
 def test_fedavg_style_clients_get_server_side_statistics() -> None:
-    grid = FakeGrid({node: fedavg_app for node in NODES})
+    grid = InProcessGrid({node: fedavg_app for node in NODES})
     strategy = _strategy()
     replies, (arrays, metrics) = _round(strategy, grid, GLOBAL)
     assert all(STATISTICS_KEY not in reply.content for reply in replies)
     merged = _state(arrays)
     assert all(torch.isfinite(value.double()).all() for value in merged.values())
     assert not torch.equal(merged["fc1.weight"], _state(GLOBAL)["fc1.weight"])
-    entry = strategy.round_log[-1]
-    assert entry["client_statistics"] == 0 and entry["stats_seconds"] > 0
-    assert entry["num_valid"] == 3 and not entry["skipped"]
+    entry = strategy.rounds[-1]
+    assert entry.client_statistics == 0 and entry.stats_seconds > 0
+    assert entry.num_valid == 3 and not entry.skipped
     assert metrics is not None and "train_loss" in metrics
 
 
 def test_client_statistics_give_the_same_merge_as_server_statistics() -> None:
-    grid = FakeGrid({node: stats_app for node in NODES})
+    grid = InProcessGrid({node: stats_app for node in NODES})
     client_side = _strategy(stats="client")
     replies, (from_clients, _) = _round(client_side, grid, GLOBAL)
     assert all(STATISTICS_KEY in reply.content for reply in replies)
@@ -116,18 +116,18 @@ def test_client_statistics_give_the_same_merge_as_server_statistics() -> None:
     server_side.configure_train(1, GLOBAL, ConfigRecord(), grid)
     from_server, _ = server_side.aggregate_train(1, replies)
     _assert_close(_state(from_clients), _state(from_server))
-    assert client_side.round_log[-1]["client_statistics"] == 3
-    assert client_side.round_log[-1]["stats_seconds"] == 0.0
-    assert server_side.round_log[-1]["client_statistics"] == 0
+    assert client_side.rounds[-1].client_statistics == 3
+    assert client_side.rounds[-1].stats_seconds == 0.0
+    assert server_side.rounds[-1].client_statistics == 0
 
 
 def test_replies_with_and_without_statistics_merge_in_one_round() -> None:
-    grid = FakeGrid({1: stats_app, 2: fedavg_app, 3: stats_app})
+    grid = InProcessGrid({1: stats_app, 2: fedavg_app, 3: stats_app})
     mixed = _strategy()
     replies, (arrays, metrics) = _round(mixed, grid, GLOBAL)
     by_node = sorted(replies, key=lambda reply: reply.metadata.src_node_id)
     assert [STATISTICS_KEY in reply.content for reply in by_node] == [True, False, True]
-    assert mixed.round_log[-1]["client_statistics"] == 2
+    assert mixed.rounds[-1].client_statistics == 2
     server_side = _strategy(stats="server")
     server_side.configure_train(1, GLOBAL, ConfigRecord(), grid)
     _assert_close(_state(arrays), _state(server_side.aggregate_train(1, replies)[0]))
@@ -145,7 +145,7 @@ def test_replies_with_and_without_statistics_merge_in_one_round() -> None:
 )
 def test_configure_train_asks_for_statistics_only_when_usable(options: dict, flag: bool) -> None:
     config = ConfigRecord({"lr": 0.1})
-    grid = FakeGrid({node: fedavg_app for node in NODES})
+    grid = InProcessGrid({node: fedavg_app for node in NODES})
     messages = list(_strategy(**options).configure_train(1, GLOBAL, config, grid))
     assert messages[0].content["config"][COMPUTE_STATS_FLAG] is flag
     assert messages[0].content["config"]["lr"] == 0.1
@@ -154,22 +154,22 @@ def test_configure_train_asks_for_statistics_only_when_usable(options: dict, fla
 
 def test_start_runs_two_rounds_of_three_clients() -> None:
     strategy = _strategy(fraction_evaluate=1.0)
-    grid = FakeGrid({1: stats_app, 2: stats_app, 3: fedavg_app})
+    grid = InProcessGrid({1: stats_app, 2: stats_app, 3: fedavg_app})
     result = strategy.start(grid, GLOBAL, num_rounds=2)
     assert set(result.train_metrics_clientapp) == {1, 2}
     assert set(result.evaluate_metrics_clientapp) == {1, 2}
     assert "eval-loss" in result.evaluate_metrics_clientapp[2]
-    assert len(strategy.round_log) == 2 and not any(e["skipped"] for e in strategy.round_log)
+    assert len(strategy.rounds) == 2 and not any(e.skipped for e in strategy.rounds)
     round_two = [m for m in grid.sent if m.metadata.message_type == "train"][3:]
     # Round 2 trained from round 1's merge.
     assert all(_state(m.content["arrays"]).keys() == _state(GLOBAL).keys() for m in round_two)
     assert not torch.equal(_state(round_two[0].content["arrays"])["fc1.weight"],
                            _state(GLOBAL)["fc1.weight"])
-    entry = strategy.round_log[1]
-    assert set(entry["bytes_received"]) == set(NODES) and min(entry["bytes_received"].values()) > 0
-    assert entry["statistics_bytes"][1] > 0 and entry["statistics_bytes"][3] == 0
-    assert entry["merge_seconds"] > 0
-    json.dumps(strategy.round_log)  # the ServerApp writes it to history.json
+    entry = strategy.rounds[1]
+    assert set(entry.bytes_received) == set(NODES) and min(entry.bytes_received.values()) > 0
+    assert entry.statistics_bytes[1] > 0 and entry.statistics_bytes[3] == 0
+    assert entry.merge_seconds > 0
+    json.dumps([record.to_json() for record in strategy.rounds])  # the ServerApp writes it to history.json
 
 
 def _flaky_app(failing_round: int):  # noqa: ANN202 - a ClientApp-like callable
@@ -183,9 +183,9 @@ def _flaky_app(failing_round: int):  # noqa: ANN202 - a ClientApp-like callable
 
 def test_start_keeps_the_previous_global_model_when_a_round_is_skipped() -> None:
     strategy = _strategy(fraction_evaluate=0.0)
-    grid = FakeGrid({node: _flaky_app(failing_round=2) for node in NODES})
+    grid = InProcessGrid({node: _flaky_app(failing_round=2) for node in NODES})
     result = strategy.start(grid, GLOBAL, num_rounds=3)
-    assert [e["skipped"] for e in strategy.round_log] == [False, True, False]
+    assert [e.skipped for e in strategy.rounds] == [False, True, False]
     train = [m for m in grid.sent if m.metadata.message_type == "train"]
     round1_merge = _state(train[3].content["arrays"])
     # start() ignores None arrays: round 3 trains from round 1's merge again.
@@ -195,14 +195,14 @@ def test_start_keeps_the_previous_global_model_when_a_round_is_skipped() -> None
 
 def test_start_returns_the_initial_model_when_every_round_is_skipped() -> None:
     strategy = _strategy(fraction_evaluate=0.0)
-    grid = FakeGrid({node: _flaky_app(failing_round=1) for node in NODES})
+    grid = InProcessGrid({node: _flaky_app(failing_round=1) for node in NODES})
     result = strategy.start(grid, GLOBAL, num_rounds=1)
-    assert strategy.round_log[0]["skipped"]
+    assert strategy.rounds[0].skipped
     _assert_close(_state(result.arrays), _state(GLOBAL), atol=0)
 
 
 def test_average_of_list_metrics_and_mismatched_lists() -> None:
-    from fedcca.strategy import average_metrics
+    from fedcca.metrics import average_metrics
 
     records = [RecordDict({"m": MetricRecord({"num-examples": n, "acc": acc})})
                for n, acc in ((1, [1.0, 0.0]), (3, [0.0, 1.0]), (4, [1.0]))]

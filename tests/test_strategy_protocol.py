@@ -17,8 +17,7 @@ from fedcca.protocol import (
     validate_reply,
 )
 from fedcca.statistics import StatisticsError, collect_statistics
-from tests.flower_helpers import one_torch_thread  # noqa: F401 - autouse fixture
-from tests.flower_helpers import (
+from tests.tiny_clients import (
     CALIBRATION,
     MUTATIONS,
     make_model,
@@ -63,7 +62,7 @@ def test_valid_reply_is_decoded() -> None:
     assert update.state_dict.keys() == TEMPLATE.keys()
     for key, value in update.state_dict.items():
         assert value.dtype == TEMPLATE[key].dtype and value.shape == TEMPLATE[key].shape
-    assert update.statistics is not None and set(update.statistics) == {"fc1", "fc2"}
+    assert update.statistics is not None and set(update.statistics) == {"conv1", "conv2", "fc1"}
     assert update.statistics_bytes == reply.content[STATISTICS_KEY].count_bytes() > 0
     assert update.num_bytes == record_bytes(reply) > update.statistics_bytes
 

@@ -15,13 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fedcca.strategy as strategy_module
+from fedcca.merging import MergeResult
 from fedcca.protocol import STATISTICS_KEY
+from fedcca.local_grid import InProcessGrid
 from fedcca.strategy import CCAMerge
-from tests.flower_helpers import one_torch_thread  # noqa: F401 - autouse fixture
-from tests.flower_helpers import (
+from tests.tiny_clients import (
     CALIBRATION,
     MUTATIONS,
-    FakeGrid,
     fedavg_app,
     make_model,
     stats_app,
@@ -46,7 +46,7 @@ def _mutating_app(mutate):  # noqa: ANN001, ANN202 - ClientApp-like callables
     return app
 
 
-def _run_round(strategy: CCAMerge, grid: FakeGrid, replies_filter=None):  # noqa: ANN001, ANN202
+def _run_round(strategy: CCAMerge, grid: InProcessGrid, replies_filter=None):  # noqa: ANN001, ANN202
     messages = strategy.configure_train(1, GLOBAL, ConfigRecord(), grid)
     replies = list(grid.send_and_receive(messages))
     if replies_filter is not None:
@@ -58,7 +58,7 @@ def _merge_of_good_nodes(replies: list[Message], **kwargs: object) -> dict[str, 
     """What the round gives from the good nodes' replies alone."""
     good = [r for r in replies if r.metadata.src_node_id in GOOD_NODES]
     reference = _strategy(**kwargs)
-    reference.configure_train(1, GLOBAL, ConfigRecord(), FakeGrid({n: stats_app for n in GOOD_NODES}))
+    reference.configure_train(1, GLOBAL, ConfigRecord(), InProcessGrid({n: stats_app for n in GOOD_NODES}))
     arrays, _ = reference.aggregate_train(1, good)
     assert arrays is not None
     return dict(arrays.to_torch_state_dict())
@@ -67,19 +67,19 @@ def _merge_of_good_nodes(replies: list[Message], **kwargs: object) -> dict[str, 
 def _assert_dropped(strategy: CCAMerge, caplog: pytest.LogCaptureFixture, node: int, words: str,
                     result: tuple, replies: list[Message], **kwargs: object) -> None:
     """``node`` alone was dropped, with ``words`` in its log line; the others were merged."""
-    entry = strategy.round_log[-1]
-    assert list(entry["dropped"]) == [node] and words in entry["dropped"][node]
+    entry = strategy.rounds[-1]
+    assert list(entry.dropped) == [node] and words in entry.dropped[node]
     lines = [r.getMessage() for r in caplog.records if f"node {node}:" in r.getMessage()]
     assert len(lines) == 1 and words in lines[0]
     arrays, metrics = result
-    assert arrays is not None and metrics is not None and not entry["skipped"]
+    assert arrays is not None and metrics is not None and not entry.skipped
     expected = _merge_of_good_nodes(replies, **kwargs)
     for key, value in arrays.to_torch_state_dict().items():
         torch.testing.assert_close(value, expected[key], msg=key)
 
 
-def _grid_with_bad_node(bad_app, **kwargs) -> FakeGrid:  # noqa: ANN001
-    return FakeGrid({**{n: stats_app for n in GOOD_NODES}, BAD_NODE: bad_app}, **kwargs)
+def _grid_with_bad_node(bad_app, **kwargs) -> InProcessGrid:  # noqa: ANN001
+    return InProcessGrid({**{n: stats_app for n in GOOD_NODES}, BAD_NODE: bad_app}, **kwargs)
 
 
 @pytest.mark.parametrize("name", sorted(MUTATIONS))
@@ -102,7 +102,7 @@ def test_error_reply_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         replies, result = _run_round(strategy, _grid_with_bad_node(_crashing_app))
     _assert_dropped(strategy, caplog, BAD_NODE, "disk full", result, replies)
-    assert strategy.round_log[-1]["bytes_received"][BAD_NODE] == 0
+    assert strategy.rounds[-1].bytes_received[BAD_NODE] == 0
 
 
 def test_dropout_is_logged(caplog: pytest.LogCaptureFixture) -> None:
@@ -114,12 +114,12 @@ def test_dropout_is_logged(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_duplicate_reply_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
     strategy = _strategy()
-    grid = FakeGrid({n: stats_app for n in GOOD_NODES})
+    grid = InProcessGrid({n: stats_app for n in GOOD_NODES})
     with caplog.at_level(logging.WARNING):
         replies, result = _run_round(strategy, grid, lambda rs: rs + rs[:1])
     twice = replies[0].metadata.src_node_id
-    assert strategy.round_log[-1]["dropped"] == {twice: "duplicate reply from the same node"}
-    assert result[0] is not None and strategy.round_log[-1]["num_valid"] == 3
+    assert strategy.rounds[-1].dropped == {twice: "duplicate reply from the same node"}
+    assert result[0] is not None and strategy.rounds[-1].num_valid == 3
 
 
 def _scaled_app(factor: float):  # noqa: ANN202
@@ -142,7 +142,7 @@ def test_norm_screen_drops_a_far_model(center: str, caplog: pytest.LogCaptureFix
     # Without the screen the same reply is merged.
     unscreened = _strategy()
     _run_round(unscreened, _grid_with_bad_node(_scaled_app(50.0)))
-    assert unscreened.round_log[-1]["dropped"] == {}
+    assert unscreened.rounds[-1].dropped == {}
 
 
 @pytest.mark.parametrize("reference", ["global", "largest"])
@@ -152,7 +152,7 @@ def test_model_with_non_finite_features_is_dropped(reference: str,
     most examples (4) is then also the would-be reference."""
     def overflow(content: RecordDict) -> None:
         state = content["arrays"].to_torch_state_dict()
-        state["fc1.weight"] = torch.full_like(state["fc1.weight"], 3e38)
+        state["conv2.weight"] = torch.full_like(state["conv2.weight"], 3e38)
         content["arrays"] = ArrayRecord(state)
         content.pop(STATISTICS_KEY, None)
 
@@ -162,41 +162,41 @@ def test_model_with_non_finite_features_is_dropped(reference: str,
     _assert_dropped(strategy, caplog, BAD_NODE, "statistics failed", result, replies,
                     reference=reference)
     if reference == "largest":
-        assert strategy.round_log[-1]["reference"] == 3
+        assert strategy.rounds[-1].reference == 3
 
 
 def test_below_minimum_skips_the_round(caplog: pytest.LogCaptureFixture) -> None:
     strategy = _strategy(min_train_nodes=3)
-    grid = FakeGrid({1: stats_app, 2: _crashing_app, 3: _mutating_app(MUTATIONS["NaN weight"][0])})
+    grid = InProcessGrid({1: stats_app, 2: _crashing_app, 3: _mutating_app(MUTATIONS["NaN weight"][0])})
     with caplog.at_level(logging.WARNING):
         _, result = _run_round(strategy, grid)
     assert result == (None, None)
-    entry = strategy.round_log[-1]
-    assert entry["skipped"] and "1 valid replies, min_train_nodes is 3" in entry["skip_reason"]
-    assert set(entry["dropped"]) == {2, 3}
+    entry = strategy.rounds[-1]
+    assert entry.skipped and "1 valid replies, min_train_nodes is 3" in entry.skip_reason
+    assert set(entry.dropped) == {2, 3}
     assert any("round 1 skipped" in r.getMessage() for r in caplog.records)
 
 
-def _nan_merge(models, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+def _nan_merge(self):  # noqa: ANN001, ANN202 - stands in for Merger.finish
     merged = make_model()
     with torch.no_grad():
-        merged.fc3.weight.fill_(float("nan"))
-    return merged
+        merged.fc2.weight.fill_(float("nan"))
+    return MergeResult(merged, self.candidates[0].config)
 
 
-def _failing_merge(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+def _failing_merge(self):  # noqa: ANN001, ANN202 - stands in for Merger.finish
     raise np.linalg.LinAlgError("SVD did not converge")
 
 
-@pytest.mark.parametrize(("fake_merge", "words"), [(_nan_merge, "non-finite values in ['fc3.weight']"),
-                                                   (_failing_merge, "SVD did not converge")])
-def test_a_bad_merge_skips_the_round(fake_merge, words: str,  # noqa: ANN001
+@pytest.mark.parametrize(("fake_finish", "words"), [(_nan_merge, "non-finite values in ['fc2.weight']"),
+                                                    (_failing_merge, "SVD did not converge")])
+def test_a_bad_merge_skips_the_round(fake_finish, words: str,  # noqa: ANN001
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(strategy_module, "merge", fake_merge)
+    monkeypatch.setattr(strategy_module.Merger, "finish", fake_finish)
     strategy = _strategy()
-    _, result = _run_round(strategy, FakeGrid({n: stats_app for n in GOOD_NODES}))
+    _, result = _run_round(strategy, InProcessGrid({n: stats_app for n in GOOD_NODES}))
     assert result == (None, None)
-    assert strategy.round_log[-1]["skipped"] and words in strategy.round_log[-1]["skip_reason"]
+    assert strategy.rounds[-1].skipped and words in strategy.rounds[-1].skip_reason
 
 
 @pytest.mark.parametrize("options", [{"method": "fedavg"}, {"reference": "best"}, {"stats": "both"},
@@ -212,7 +212,7 @@ def test_calibration_that_does_not_fit_the_model_raises() -> None:
 
 
 def test_aggregate_without_configure_train_raises_for_global_reference() -> None:
-    grid = FakeGrid({n: fedavg_app for n in GOOD_NODES})
+    grid = InProcessGrid({n: fedavg_app for n in GOOD_NODES})
     replies = list(grid.send_and_receive(_strategy().configure_train(1, GLOBAL, ConfigRecord(), grid)))
     with pytest.raises(RuntimeError, match="configure_train"):
         _strategy().aggregate_train(1, replies)
@@ -220,7 +220,7 @@ def test_aggregate_without_configure_train_raises_for_global_reference() -> None
 
 
 def test_bad_evaluate_reply_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
-    grid = FakeGrid({n: stats_app for n in GOOD_NODES})
+    grid = InProcessGrid({n: stats_app for n in GOOD_NODES})
     messages = list(_strategy().configure_evaluate(1, GLOBAL, ConfigRecord(), grid))
     replies = list(grid.send_and_receive(messages))
     replies[0].content["metrics"]["num-examples"] = -1
@@ -294,7 +294,7 @@ def _is_valid(damage: dict) -> bool:
 @functools.cache
 def _clean_round() -> tuple[dict[int, Message], dict[int, Message]]:
     """Train instructions and clean replies of nodes 1-4, computed once (copied per example)."""
-    grid = FakeGrid({n: stats_app for n in range(1, 5)})
+    grid = InProcessGrid({n: stats_app for n in range(1, 5)})
     instructions = {m.metadata.dst_node_id: m
                     for m in _strategy().configure_train(1, GLOBAL, ConfigRecord(), grid)}
     return instructions, {r.metadata.src_node_id: r for r in grid.send_and_receive(instructions.values())}
@@ -312,14 +312,14 @@ def test_random_malformed_replies_give_none_or_the_merge_of_the_valid_ones(damag
         if _is_valid(damage):
             survivors.append(damaged[-1])
     strategy, oracle = _strategy(), _strategy()
-    grid = FakeGrid({n: stats_app for n in clean})
+    grid = InProcessGrid({n: stats_app for n in clean})
     for each in (strategy, oracle):
         each.configure_train(1, GLOBAL, ConfigRecord(), grid)
     arrays, _ = strategy.aggregate_train(1, damaged)
-    entry = strategy.round_log[-1]
-    assert set(entry["dropped"]) == set(clean) - {m.metadata.src_node_id for m in survivors}
+    entry = strategy.rounds[-1]
+    assert set(entry.dropped) == set(clean) - {m.metadata.src_node_id for m in survivors}
     if len(survivors) < strategy.min_train_nodes:
-        assert arrays is None and entry["skipped"]
+        assert arrays is None and entry.skipped
         return
     assert arrays is not None
     merged = arrays.to_torch_state_dict()

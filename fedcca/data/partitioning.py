@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "class-disjoint", "80-20")
+SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "label-quantity", "class-disjoint", "80-20")
 DIRICHLET_MAX_RETRIES = 10  # as flwr-datasets' DirichletPartitioner
 
 Labels = np.ndarray | torch.Tensor | Sequence[int]
@@ -48,6 +48,7 @@ def partition(
     scheme: str = "dirichlet",
     *,
     alpha: float = 0.5,
+    labels_per_client: int = 2,
     seed: int = 0,
     min_size: int = 10,
     indices: np.ndarray | Sequence[int] | None = None,
@@ -60,6 +61,12 @@ def partition(
         clients, the convention (and, for the same seed, the exact output) of flwr-datasets'
         ``DirichletPartitioner(alpha=alpha, min_partition_size=min_size, seed=seed)``; resampled
         while a shard is smaller than ``min_size``, an error after 10 retries.
+        ``"label-quantity"``: NIID-Bench's quantity-based label skew ``#C=k``: client ``i`` holds
+        exactly ``k = labels_per_client`` labels, label ``i mod C`` and ``k - 1`` others drawn at
+        random; the examples of a label are split evenly among the clients holding it. The
+        exact output, for the same seed, of flwr-datasets' ``PathologicalPartitioner(
+        num_classes_per_partition=k, class_assignment_mode="first-deterministic", seed=seed)``.
+        A label no client draws would leave its examples out: that is an error.
         ``"class-disjoint"``: the classes are shuffled and dealt into near-equal groups; each
         client holds every example of its classes and no other.
         ``"80-20"``: two clients (Git Re-Basin / REPAIR); client 0 gets 80% of every class in the
@@ -71,6 +78,7 @@ def partition(
         num_partitions: Number of shards.
         scheme: One of :data:`SCHEMES`.
         alpha: Dirichlet concentration (only ``"dirichlet"``); small values give skewed shards.
+        labels_per_client: ``k`` of ``"label-quantity"``.
         seed: Seed of the random generator.
         min_size: Smallest allowed shard; every scheme raises ``ValueError`` if one is smaller.
         indices: Only these examples are partitioned (e.g. what remains after
@@ -90,6 +98,8 @@ def partition(
         shards = np.array_split(rng.permutation(len(pool)), num_partitions)
     elif scheme == "dirichlet":
         shards = _dirichlet(pool_labels, num_partitions, alpha, min_size, rng)
+    elif scheme == "label-quantity":
+        shards = _label_quantity(pool_labels, num_partitions, labels_per_client, rng)
     elif scheme == "class-disjoint":
         shards = _class_disjoint(pool_labels, num_partitions, rng)
     elif scheme == "80-20":
@@ -134,6 +144,37 @@ def _dirichlet(
         f"min_size={min_size} examples in {DIRICHLET_MAX_RETRIES + 1} draws; raise alpha, lower "
         f"min_size or use fewer partitions"
     )
+
+
+def _label_quantity(labels: np.ndarray, num_partitions: int, per_client: int,
+                    rng: np.random.Generator) -> list[np.ndarray]:
+    # flwr-datasets' PathologicalPartitioner ("first-deterministic"), in numpy for the same
+    # reasons as _dirichlet, drawing from the generator in the same order: the extra labels
+    # client by client, then one shuffle per shard.
+    classes = np.unique(labels)
+    if not 1 <= per_client <= len(classes):
+        raise ValueError(f"labels_per_client must be in 1..{len(classes)}, got {per_client}")
+    held: list[list[int]] = []
+    for client in range(num_partitions):
+        mine = [int(classes[client % len(classes)])]
+        while len(mine) < per_client:
+            label = int(rng.choice(classes, size=1)[0])
+            if label not in mine:
+                mine.append(label)
+        held.append(mine)
+    holders = {int(k): [c for c, mine in enumerate(held) if k in mine] for k in classes}
+    unused = [k for k, clients in holders.items() if not clients]
+    if unused:
+        raise ValueError(f"label-quantity with {num_partitions} partitions and {per_client} label(s) each "
+                         f"leaves label(s) {unused} to no client; use more partitions or labels per client")
+    pieces: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
+    for k, clients in holders.items():
+        for client, piece in zip(clients, np.array_split(np.flatnonzero(labels == k), len(clients))):
+            pieces[client].append(piece)
+    shards = [np.concatenate(p) for p in pieces]
+    for shard in shards:
+        rng.shuffle(shard)
+    return shards
 
 
 def _class_disjoint(labels: np.ndarray, num_partitions: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -198,11 +239,10 @@ def federated_split(
     num_partitions: int,
     scheme: str = "dirichlet",
     *,
-    alpha: float = 0.5,
     calibration_size: int = 1000,
     seed: int = 0,
-    min_size: int = 10,
     calibration_dataset: Dataset | None = None,
+    **options: Any,
 ) -> FederatedSplit:
     """Hold out a calibration set, then partition the rest of the training split.
 
@@ -212,20 +252,17 @@ def federated_split(
         dataset: The dataset whose training split is partitioned.
         num_partitions: Number of client shards.
         scheme: Partition scheme, see :func:`partition`.
-        alpha: Dirichlet concentration.
         calibration_size: Size of the class-balanced calibration set.
         seed: Seed for both the calibration draw and the partition.
-        min_size: Smallest allowed shard.
         calibration_dataset: Draw the calibration set from this dataset's training split
             instead (then all of ``dataset`` is partitioned).
+        **options: :func:`partition`'s options (``alpha``, ``labels_per_client``, ``min_size``).
     """
     source = dataset if calibration_dataset is None else calibration_dataset
     calibration, remaining = calibration_split(source.train_labels, calibration_size, seed)
     if calibration_dataset is not None:
         remaining = np.arange(len(dataset.train_labels))
-    shards = partition(
-        dataset.train_labels, num_partitions, scheme, alpha=alpha, seed=seed, min_size=min_size, indices=remaining
-    )
+    shards = partition(dataset.train_labels, num_partitions, scheme, seed=seed, indices=remaining, **options)
     return FederatedSplit(calibration, shards, source.name)
 
 

@@ -1,23 +1,24 @@
-"""Merge variants (fedcca.variants): exactness, fixed points, finiteness, REPAIR targets."""
+"""Merge configurations, searches and the named recipes: exactness, fixed points, finiteness,
+REPAIR targets, shrinkage towards the identity, and the choice on held-out data."""
 
 from __future__ import annotations
 
 import copy
-import os
+import math
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # only effective when this file runs alone
+import pytest
+import torch
+from torch import nn
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from fedcca.alignment import spec_for  # noqa: E402
-from fedcca.batchnorm import recompute_batchnorm  # noqa: E402
-from fedcca.repair import preactivation_spec, preactivation_statistics  # noqa: E402
-from fedcca.statistics import PairStatistics, collect_statistics  # noqa: E402
-from fedcca.transforms import cca_transform, identity_transform  # noqa: E402
-from fedcca.variants import VARIANTS, Variant, blend_transform, merge_variant  # noqa: E402
-from tests.coreb_helpers import CLASSES, calibration, make_tiny, outputs, symmetric_copy  # noqa: E402
+from fedcca.alignment import spec_for
+from fedcca.batchnorm import recompute_batchnorm
+from fedcca.config import MergeConfig, MergeSearch
+from fedcca.merging import MergeResult, merge_with_result
+from fedcca.repair import preactivation_spec, preactivation_statistics
+from fedcca.selection import VARIANTS, choose, get_variant, paired_z
+from fedcca.statistics import PairStatistics, collect_statistics
+from fedcca.transforms import blend_transform, cca_transform, identity_transform, shrink_transform
+from tests.tiny_models import CLASSES, calibration, make_tiny, outputs, symmetric_copy
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,13 @@ def _copy_with(model: nn.Module, scale_range: tuple[float, float]) -> nn.Module:
 
 def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return outputs(model, x)
+
+
+def merge_variant(models: list[nn.Module], calib: torch.Tensor, variant: str, **kwargs: object
+                  ) -> tuple[nn.Module, MergeResult]:
+    """A named recipe merged all-to-one onto models[0] (the one pipeline), with its report."""
+    result = merge_with_result(models, calib, get_variant(variant), keep_transforms=True, **kwargs)
+    return result.model, result
 
 
 # Which copies each variant must undo exactly: the relative ridge and the rescaled permutation
@@ -60,7 +68,8 @@ def test_exact_on_symmetric_copy(variant: str, scales: tuple[float, float], data
     model = _model(0)
     merged, report = merge_variant([model, _copy_with(model, scales)], calib, variant, holdout=holdout)
     torch.testing.assert_close(_outputs(merged, holdout[0]), _outputs(model, holdout[0]), rtol=1e-4, atol=1e-4)
-    assert len(report.scores) == len(VARIANTS[variant].candidates())
+    candidates = len(VARIANTS[variant].candidates())
+    assert len(report.scores) == (candidates if candidates > 1 else 0)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -81,14 +90,15 @@ def test_independent_models_merge_finite(variant: str, data) -> None:
                                    holdout=holdout)
     assert all(torch.isfinite(v).all() for v in merged.state_dict().values() if v.is_floating_point())
     assert torch.isfinite(_outputs(merged, holdout[0])).all()
-    assert len(report.transforms) == 3 and report.transforms[0] == {}
+    assert len(report.transforms) == 3 and report.transforms["models[0]"] == {}
 
 
 def test_repair_matches_endpoint_average(data) -> None:
     """After REPAIR every corrected pre-activation has the endpoints' average mean and std."""
     calib, holdout = data
     models = [_model(7, True), _model(8, True)]
-    merged, report = merge_variant(models, calib, "cca-repair", holdout=holdout)
+    # Without the final norm balancing, which rescales each unit (same function, other statistics).
+    merged, report = merge_variant(models, calib, "cca-repair", holdout=holdout, balance=False)
     assert preactivation_spec(spec_for(merged), merged)[1] == {"conv1": "conv1", "conv2": "bn2", "fc1": "fc1"}
     # reference computation: each endpoint's pre-activation stats moved by its transform
     endpoint = preactivation_statistics(models, calib)
@@ -99,7 +109,7 @@ def test_repair_matches_endpoint_average(data) -> None:
     for point, pair in mine.items():
         mean, cov = pair.means()[1], pair.covariances()[1]
         means, stds = [], []
-        for stats, ts in zip(endpoint, report.transforms):
+        for stats, ts in zip(endpoint, [report.transforms[f"models[{k}]"] for k in range(2)]):
             t = ts.get(point, identity_transform(len(mean))).matrix
             means.append(t @ stats[point][0])
             stds.append((t @ stats[point][1] @ t.T).diagonal().sqrt())
@@ -144,7 +154,66 @@ def test_selection_requires_holdout(data) -> None:
 def test_bad_variant_settings_raise() -> None:
     with pytest.raises(ValueError, match="unknown merge variant"):
         merge_variant([_model(0)], calibration(4), "nope")
-    with pytest.raises(ValueError, match="alignment"):
-        Variant("svd")
-    with pytest.raises(ValueError, match="blends"):
-        Variant("blend", blends=(1.5,))
+    with pytest.raises(ValueError, match="unknown method 'svd'"):
+        MergeConfig("svd")
+    with pytest.raises(ValueError, match="blend must be in"):
+        MergeConfig("blend", blend=1.5)
+    with pytest.raises(ValueError, match="shrinkage must be in"):
+        MergeConfig(shrinkage=-0.1)
+    with pytest.raises(ValueError, match="inf only in 'trace'"):
+        MergeConfig(ridge=math.inf, ridge_mode="absolute")
+    with pytest.raises(ValueError, match="not a MergeConfig field"):
+        MergeSearch(MergeConfig(), (("alpha", (1, 2)),))
+    with pytest.raises(TypeError, match="unknown merge option"):
+        MergeConfig.from_options(ridgee=1.0)
+
+
+def test_search_candidates_are_the_grid_with_the_baseline_first() -> None:
+    search = MergeSearch(MergeConfig("cca"), (("shrinkage", (0.0, 0.5, 1.0)), ("repair", ("none", "affine"))))
+    labels = [c.label() for c in search.candidates()]
+    assert labels == ["direct", "direct +affine", "cca a=0.5", "cca a=0.5 +affine", "cca", "cca +affine"]
+    assert not search.candidates()[0].aligns and not search.candidates()[0].needs_statistics
+
+
+def test_shrinkage_interpolates_from_the_identity() -> None:
+    t = cca_transform(_stats(3), 1.0)
+    assert shrink_transform(t, 1.0) is t
+    torch.testing.assert_close(shrink_transform(t, 0.0).matrix, torch.eye(6, dtype=torch.float64))
+    half = shrink_transform(t, 0.5)
+    torch.testing.assert_close(half.matrix, 0.5 * (torch.eye(6, dtype=torch.float64) + t.matrix))
+    torch.testing.assert_close(half.matrix @ half.inverse, torch.eye(6, dtype=torch.float64), rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="shrinkage must be in"):
+        shrink_transform(t, 1.5)
+
+
+def test_zero_shrinkage_is_the_plain_average(data) -> None:
+    calib, _ = data
+    models = [_model(1), _model(2), _model(3)]
+    shrunk = merge_with_result(models, calib, MergeConfig("cca", shrinkage=0.0), weights=[1.0, 2.0, 3.0]).model
+    direct = merge_with_result(models, calib, "direct", weights=[1.0, 2.0, 3.0]).model
+    for key, value in direct.state_dict().items():
+        assert torch.equal(shrunk.state_dict()[key], value), key
+
+
+def test_choose_keeps_the_baseline_unless_a_candidate_is_significantly_better() -> None:
+    """Three candidates whose held-out losses we control: a copy of the labels' teacher wins only by a margin."""
+    x = calibration(200, seed=9)
+    teacher = _model(9)
+    with torch.no_grad():
+        teacher.fc2.weight.mul_(30.0)  # confident: near-zero loss on its own labels
+    labels = outputs(teacher, x).argmax(1)
+    stranger, close = _model(10), copy.deepcopy(teacher)
+    configs = [MergeConfig("direct"), MergeConfig("cca", shrinkage=0.5), MergeConfig("cca")]
+    index, scores = choose([stranger, close, teacher], configs, x, labels, min_z=2.0)
+    assert index in (1, 2) and scores[index].chosen and scores[0].z == 0.0 and scores[index].z > 2.0
+    assert scores[index].loss == min(s.loss for s in scores)
+    kept, scores = choose([stranger, close, teacher], configs, x, labels, min_z=math.inf)
+    assert kept == 0 and scores[0].chosen  # no margin can be met: the baseline stays
+
+
+def test_paired_z() -> None:
+    assert paired_z(torch.tensor([1.0, 1.0, 1.0])) == math.inf
+    assert paired_z(torch.zeros(3)) == 0.0
+    assert paired_z(torch.tensor([1.0, float("nan")])) == -math.inf
+    gain = torch.tensor([0.5, 1.5, 1.0, 1.0], dtype=torch.float64)
+    assert paired_z(gain) == pytest.approx(1.0 / (gain.std().item() / 2))

@@ -1,4 +1,4 @@
-"""Shared set-up of the app tests: a tiny Fashion-MNIST-format dataset and a run config.
+"""A tiny Fashion-MNIST-format dataset, the run config scaled down to it, and benchmark runs on it.
 
 The dataset is written as real IDX files, so the apps read it through the same
 ``fedcca.data.load_dataset`` path as the real one (``data-dir`` in the run config), in this
@@ -12,15 +12,15 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message, RecordDict
 
 from clients.client_app import app as client_app
+from fedcca.local_grid import InProcessGrid
+from simulations.harness import base_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PER_CLASS, TEST_PER_CLASS, CLASSES = 12, 4, 10
@@ -55,12 +55,6 @@ def write_tiny_fashion_mnist(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def default_run_config() -> dict[str, Any]:
-    """``[tool.flwr.app.config]`` of pyproject.toml, as Flower passes it to the apps."""
-    with open(ROOT / "pyproject.toml", "rb") as file:
-        return dict(tomllib.load(file)["tool"]["flwr"]["app"]["config"])
-
-
 def tiny_run_config(data_dir: Path, out_dir: Path, **overrides: Any) -> dict[str, Any]:
     """The default run config scaled down to the tiny dataset (2 clients, tiny CNN).
 
@@ -69,38 +63,26 @@ def tiny_run_config(data_dir: Path, out_dir: Path, **overrides: Any) -> dict[str
         out_dir: The run's ``out-dir``.
         **overrides: Further keys, ``_`` standing for ``-``.
     """
-    config = default_run_config()
+    config = base_run_config()
     config.update({
         "data-dir": str(data_dir), "out-dir": str(out_dir), "num-server-rounds": 2,
-        "partitioning": "iid", "calibration-size": 20, "batch-size": 25,
+        "partitioning": "iid", "calibration-size": 20, "holdout-size": 10, "batch-size": 25,
         "max-examples-per-client": 0, "max-test-examples": 0, "width": 1, "lr": 0.05,
     })
     config.update({key.replace("_", "-"): value for key, value in overrides.items()})
     return config
 
 
-def client_context(run_config: dict[str, Any], partition_id: int, num_partitions: int) -> Context:
-    """The Context a SuperNode gives the ClientApp of ``partition_id``."""
-    return Context(run_id=1, node_id=partition_id + 1, state=RecordDict(), run_config=run_config,
-                   node_config={"partition-id": partition_id, "num-partitions": num_partitions})
-
-
-def client_apps(run_config: dict[str, Any], num_partitions: int = 2) -> dict[int, Any]:
-    """Node id (partition + 1) -> callable running our ClientApp as that partition (for FakeGrid)."""
-
-    def node(partition_id: int) -> Any:
-        def run(message: Message, _: Context) -> Message:
-            return client_app(message, client_context(run_config, partition_id, num_partitions))
-        return run
-
-    return {partition_id + 1: node(partition_id) for partition_id in range(num_partitions)}
+def client_grid(run_config: dict[str, Any], num_partitions: int = 2) -> InProcessGrid:
+    """A grid of ``num_partitions`` nodes running our ClientApp (node id = partition + 1)."""
+    return InProcessGrid.of_app(client_app, run_config, num_partitions)
 
 
 def run_benchmark(folder: Path, module: str, arguments: Sequence[str], timeout: float) -> tuple[dict, Path]:
     """Run ``python -m module arguments`` on the tiny dataset from the repository root, as a user would.
 
-    A subprocess, because ``OPENBLAS_NUM_THREADS=1`` must be set before numpy loads (see
-    ``simulations.harness.check_blas_threads``); output is captured, failures raise. The tiny
+    A subprocess, as a user runs it (``simulations/__init__.py`` sets ``OPENBLAS_NUM_THREADS``
+    before numpy loads); output is captured, failures raise with its tail. The tiny
     dataset is written under ``folder`` and passed as ``--data-dir``; the JSON goes to
     ``folder/out`` (``--out``).
 
@@ -115,7 +97,9 @@ def run_benchmark(folder: Path, module: str, arguments: Sequence[str], timeout: 
     """
     data = write_tiny_fashion_mnist(folder / "data")
     out = folder / "out" / f"{module.rsplit('.', 1)[-1]}.json"
-    subprocess.run([sys.executable, "-m", module, *arguments, "--data-dir", str(data), "--out", str(out)],
-                   cwd=ROOT, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"}, check=True, timeout=timeout,
-                   capture_output=True)
+    done = subprocess.run([sys.executable, "-m", module, *arguments, "--data-dir", str(data), "--out", str(out)],
+                          cwd=ROOT, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"}, timeout=timeout,
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise AssertionError(f"{module} exited with {done.returncode}:\n{done.stderr[-3000:]}")
     return json.loads(out.read_text()), out.parent

@@ -1,4 +1,4 @@
-"""Shared fixtures of the CORE-B tests: a tiny conv net with a hand-written alignment spec."""
+"""The one tiny test model: a conv net with BatchNorm and a hand-written alignment spec, and its data."""
 
 from __future__ import annotations
 
@@ -44,6 +44,12 @@ class TinyNet(nn.Module):
                 ParamAxis("fc1.weight", 0, "out"), ParamAxis("fc1.bias", 0, "out"),
                 ParamAxis("fc2.weight", 1, "in"))),
         ), fixed=(("conv1.weight", 1), ("fc2.weight", 0), ("fc2.bias", 0)))
+
+
+def make_model(seed: int = 0) -> TinyNet:
+    """A TinyNet freshly initialised from ``seed`` (as a federation's ``model_fn`` builds it)."""
+    torch.manual_seed(seed)
+    return TinyNet()
 
 
 def make_tiny(seed: int = 0, batchnorm: bool = True) -> TinyNet:

@@ -1,0 +1,234 @@
+"""How to merge: one frozen, validated configuration for ``merge``, ``CCAMerge``, the CLI and the run config.
+
+A :class:`MergeConfig` says how every model is aligned to the reference and what happens
+after averaging. A :class:`MergeSearch` is a set of candidate configurations of which one is
+chosen per merge on labelled held-out data (e.g. the shrinkage of the transforms towards the
+identity, or the CCA ridge). Both are validated once, when built; every other module reads
+their typed fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fedcca.aligners import ALIGNERS
+from fedcca.repair import REPAIRS
+from fedcca.transforms import DEFAULT_RIDGE_MODE, DEFAULT_RIDGES, RIDGE_MODES
+
+DEFAULT_MAX_SCALE = 10.0
+"""Default bound on Permute's per-feature rescaling (see :class:`MergeConfig`)."""
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """How models are aligned to the reference and averaged.
+
+    Args:
+        method: Name of an aligner in :data:`fedcca.aligners.ALIGNERS`: "cca" (CCA Merge),
+            "permute", "weight-matching", "blend" or "direct" (no alignment: the plain average).
+        ridge: CCA ridge ``g >= 0`` read in ``ridge_mode`` (``inf`` allowed in "trace" mode);
+            None: ``fedcca.transforms.DEFAULT_RIDGES[ridge_mode]``.
+        ridge_mode: One of :data:`fedcca.transforms.RIDGE_MODES`.
+        shrinkage: ``a`` in ``T_a = I + a (T - I)``: 1 applies the aligner's transforms as they
+            are, 0 none (the plain average, i.e. FedAvg), values between shrink every
+            transform towards the identity.
+        blend: For "blend": weight ``l`` of CCA in ``(1 - l) P + l C`` (P: Permute's transform).
+        max_scale: Permute's per-feature rescaling ``std_a / std_b`` is clipped to
+            ``[1 / max_scale, max_scale]`` (nearly dead features otherwise get scales of ~1000).
+        repair: One of :data:`fedcca.repair.REPAIRS`: correct the merged pre-activation
+            statistics towards the aligned models' after averaging ("affine" is REPAIR).
+        zero_dead: Zero the weights of features that are exactly 0 on the calibration data
+            (dead ReLU units) in every model before aligning (statistics-based methods).
+        balance: After averaging, rescale every feature whose transform moved it so that the
+            ratio of its incoming to outgoing weight norms is the reference's (function
+            preserving; keeps aligned merges trainable).
+        recompute_bn: Recompute BatchNorm running statistics of the result on the calibration data.
+        points: Align only these points (others are averaged as they are); None: all.
+    """
+
+    method: str = "cca"
+    ridge: float | None = None
+    ridge_mode: str = DEFAULT_RIDGE_MODE
+    shrinkage: float = 1.0
+    blend: float = 0.5
+    max_scale: float = DEFAULT_MAX_SCALE
+    repair: str = "none"
+    zero_dead: bool = True
+    balance: bool = True
+    recompute_bn: bool = True
+    points: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, tuple(ALIGNERS))
+        _check_choice("ridge_mode", self.ridge_mode, RIDGE_MODES)
+        _check_choice("repair", self.repair, REPAIRS)
+        if self.ridge is not None:
+            ridge = _number("ridge", self.ridge)
+            if not ridge >= 0 or (math.isinf(ridge) and self.ridge_mode != "trace"):
+                raise ValueError(f"MergeConfig: ridge must be >= 0 (inf only in 'trace' mode), got {ridge} "
+                                 f"in mode {self.ridge_mode!r}")
+            object.__setattr__(self, "ridge", ridge)
+        for name in ("shrinkage", "blend"):
+            value = _number(name, getattr(self, name))
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"MergeConfig: {name} must be in [0, 1], got {value}")
+            object.__setattr__(self, name, value)
+        if not 1.0 <= _number("max_scale", self.max_scale) <= math.inf:
+            raise ValueError(f"MergeConfig: max_scale must be >= 1 (inf: unbounded), got {self.max_scale}")
+        for name in ("zero_dead", "balance", "recompute_bn"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MergeConfig: {name} must be a bool, got {getattr(self, name)!r}")
+        if self.points is not None:
+            if isinstance(self.points, str) or not all(isinstance(p, str) for p in self.points):
+                raise ValueError(f"MergeConfig: points must be a sequence of point names, got {self.points!r}")
+            object.__setattr__(self, "points", tuple(self.points))
+
+    @property
+    def resolved_ridge(self) -> float:
+        """The CCA ridge in effect: ``ridge``, or the default of ``ridge_mode``."""
+        return DEFAULT_RIDGES[self.ridge_mode] if self.ridge is None else self.ridge
+
+    @property
+    def aligns(self) -> bool:
+        """Whether any transform is applied (False for "direct" and for shrinkage 0)."""
+        return self.method != "direct" and self.shrinkage > 0 and self.points != ()
+
+    @property
+    def needs_statistics(self) -> bool:
+        """Whether the aligner reads activation statistics (also for zeroing dead features)."""
+        return self.aligns and ALIGNERS[self.method].needs_statistics
+
+    def replace(self, **changes: Any) -> MergeConfig:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def label(self) -> str:
+        """A short description for logs and tables, e.g. ``cca a=0.5 +affine``."""
+        if not self.aligns:
+            text = "direct"
+        else:
+            text = self.method
+            if self.method in ("cca", "blend") and self.ridge is not None:
+                text += f" g={self.ridge:g}"
+            if self.method == "blend":
+                text += f" l={self.blend:g}"
+            if self.shrinkage != 1.0:
+                text += f" a={self.shrinkage:g}"
+        if self.repair != "none":
+            text += f" +{self.repair}"
+        return text
+
+    @classmethod
+    def from_options(cls, config: MergeConfig | None = None, **options: Any) -> MergeConfig:
+        """``config`` (default: the defaults) with any field given as a keyword replaced.
+
+        Lets ``merge(models, calibration, method="permute")`` and friends take the fields
+        directly without re-declaring them.
+
+        Raises:
+            TypeError: A keyword that is not a field of :class:`MergeConfig`.
+        """
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown merge option(s) {unknown}; MergeConfig has "
+                            f"{[f.name for f in dataclasses.fields(cls)]}")
+        base = cls() if config is None else config
+        return dataclasses.replace(base, **options) if options else base
+
+
+@dataclass(frozen=True)
+class MergeSearch:
+    """Candidate merge configurations; one is chosen per merge on labelled held-out data.
+
+    The candidates are ``base`` with every combination of the ``grid`` values. The first
+    candidate is the *baseline* (e.g. shrinkage 0 = FedAvg): another one replaces it only when
+    its held-out loss is lower by more than ``min_z`` paired standard errors (0: the lowest
+    mean loss wins). See :func:`fedcca.selection.choose`.
+
+    Args:
+        base: The configuration the grid varies.
+        grid: ``(field name, values)`` pairs of :class:`MergeConfig` fields, e.g.
+            ``(("shrinkage", (0.0, 0.5, 1.0)),)``.
+        min_z: Margin over the baseline, in paired standard errors of the per-example loss.
+        description: One line for tables and reports.
+    """
+
+    base: MergeConfig = dataclasses.field(default_factory=MergeConfig)
+    grid: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    min_z: float = 0.0
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        names = {f.name for f in dataclasses.fields(MergeConfig)}
+        grid = tuple((str(name), tuple(values)) for name, values in self.grid)
+        for name, values in grid:
+            if name not in names:
+                raise ValueError(f"MergeSearch: {name!r} is not a MergeConfig field")
+            if not values:
+                raise ValueError(f"MergeSearch: no values for {name!r}")
+        if len({name for name, _ in grid}) != len(grid):
+            raise ValueError(f"MergeSearch: a field appears twice in the grid {[n for n, _ in grid]}")
+        object.__setattr__(self, "grid", grid)
+        if not _number("min_z", self.min_z) >= 0:
+            raise ValueError(f"MergeSearch: min_z must be >= 0, got {self.min_z}")
+        self.candidates()  # every combination must be a valid MergeConfig
+
+    def candidates(self) -> list[MergeConfig]:
+        """Every configuration of the grid, the baseline first (grid order)."""
+        names = [name for name, _ in self.grid]
+        return [self.base.replace(**dict(zip(names, values)))
+                for values in itertools.product(*(values for _, values in self.grid))]
+
+    @classmethod
+    def of(cls, choices: MergeConfig | MergeSearch | Sequence[MergeConfig] | None) -> MergeSearch:
+        """A search from a single configuration (no choice), a search, or None (the defaults)."""
+        if choices is None:
+            return cls()
+        if isinstance(choices, MergeSearch):
+            return choices
+        if isinstance(choices, MergeConfig):
+            return cls(base=choices)
+        raise TypeError(f"expected a MergeConfig or a MergeSearch, got {type(choices).__name__}")
+
+
+def parse_values(text: str, kind: type = float) -> tuple[Any, ...]:
+    """A comma-separated list (``"0, 0.5, 1"``) as a tuple of ``kind``; ``inf`` allowed for floats.
+
+    Args:
+        text: The list.
+        kind: Type of every value.
+
+    Raises:
+        ValueError: An empty list or an item that is not a ``kind``.
+    """
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError(f"expected a comma-separated list, got {text!r}")
+    try:
+        return tuple(kind(item) for item in items)
+    except ValueError as err:
+        raise ValueError(f"cannot read {text!r} as a list of {kind.__name__}: {err}") from None
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"MergeConfig: {name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+def describe(search: MergeSearch) -> Mapping[str, Any]:
+    """A JSON-friendly view of a search (for history files and benchmark records)."""
+    base = {k: (str(v) if isinstance(v, float) and math.isinf(v) else v)
+            for k, v in dataclasses.asdict(search.base).items()}
+    return {"base": base, "grid": {name: list(values) for name, values in search.grid}, "min_z": search.min_z}

@@ -1,0 +1,114 @@
+"""A Flower ``Grid`` whose nodes are ClientApps called in this process: no SuperLink, no Ray.
+
+Strategies and the ServerApp's round loop run over it exactly as under ``flwr run`` (the
+same Message API calls), in milliseconds per round for small models: the tests and the
+benchmarks use it, and so can a user debugging a ClientApp.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+ClientFn = Callable[[Message, Context], Message]
+"""A ClientApp, or anything called like one."""
+
+logger = logging.getLogger(__name__)
+
+
+def node_context(run_config: Mapping[str, Any], partition_id: int, num_partitions: int) -> Context:
+    """The Context a SuperNode started with ``--node-config "partition-id=.. num-partitions=.."`` gives.
+
+    Args:
+        run_config: The run config of the federation.
+        partition_id: The node's shard.
+        num_partitions: Number of shards (nodes).
+    """
+    return Context(run_id=1, node_id=partition_id + 1, state=RecordDict(), run_config=dict(run_config),
+                   node_config={"partition-id": partition_id, "num-partitions": num_partitions})
+
+
+def set_task_identity() -> None:
+    """Give this process the ServerApp identity Flower needs to create instruction messages."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+class InProcessGrid(Grid):
+    """A Grid whose ``send_and_receive`` runs each addressed node's ClientApp in this process.
+
+    Replies come back sorted by node id (as the ServerApp sorts them), so aggregation does not
+    depend on sampling order. A ClientApp exception becomes an error reply, as a SuperNode
+    would report it. Every instruction is kept in ``sent``.
+
+    Args:
+        nodes: Node id -> ClientApp (or any ``(Message, Context) -> Message``).
+        contexts: Node id -> the Context its ClientApp gets (default: an empty one).
+        silent: Node ids that never reply (dropouts).
+    """
+
+    def __init__(self, nodes: Mapping[int, ClientFn], contexts: Mapping[int, Context] | None = None,
+                 silent: Iterable[int] = ()) -> None:
+        set_task_identity()  # messages created outside a Flower runtime need it
+        self.nodes = dict(nodes)
+        self.contexts = dict(contexts or {})
+        self.silent = set(silent)
+        self.sent: list[Message] = []
+
+    @classmethod
+    def of_app(cls, app: ClientFn, run_config: Mapping[str, Any], num_partitions: int) -> InProcessGrid:
+        """``num_partitions`` nodes running ``app``; node ``i + 1`` holds partition ``i``.
+
+        Args:
+            app: The ClientApp.
+            run_config: The run config every node receives.
+            num_partitions: Number of nodes.
+        """
+        nodes = {p + 1: app for p in range(num_partitions)}
+        return cls(nodes, {p + 1: node_context(run_config, p, num_partitions) for p in range(num_partitions)})
+
+    def get_node_ids(self) -> list[int]:
+        """All node ids, replying or not."""
+        return sorted(self.nodes)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """Run the ClientApp of every addressed node, in node-id order; return the replies."""
+        replies = []
+        for message in sorted(messages, key=lambda msg: msg.metadata.dst_node_id):
+            self.sent.append(message)
+            node_id = message.metadata.dst_node_id
+            if node_id in self.silent:
+                continue
+            context = self.contexts.get(node_id) or Context(run_id=1, node_id=node_id, node_config={},
+                                                            state=RecordDict(), run_config={})
+            try:
+                replies.append(self.nodes[node_id](message, context))
+            except Exception as err:  # pylint: disable=broad-except  # a crashed ClientApp
+                logger.error("node %s failed: %r", node_id, err)
+                replies.append(Message(Error(code=1, reason=repr(err)), reply_to=message))
+        return replies
+
+    def set_run(self, run_id: int) -> None:  # type: ignore[override]
+        """Unused: there is no SuperLink run."""
+
+    @property
+    def run(self) -> None:  # type: ignore[override]
+        """Unused: there is no SuperLink run."""
+        return None
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        """Create an instruction message for ``dst_node_id``."""
+        return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Unused: see ``send_and_receive``."""
+        raise NotImplementedError(f"{type(self).__name__} only supports send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Unused: see ``send_and_receive``."""
+        raise NotImplementedError(f"{type(self).__name__} only supports send_and_receive")

@@ -1,0 +1,41 @@
+"""Averaging the clients' metrics over a round's replies (tolerant of mixed ClientApps)."""
+
+from __future__ import annotations
+
+from logging import WARNING
+
+import numpy as np
+from flwr.app import MetricRecord, RecordDict
+from flwr.common.logger import log
+
+
+def average_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Weighted average of every metric over the replies that report it.
+
+    Equal to FedAvg's ``aggregate_metricrecords`` when all replies carry the same keys;
+    unlike it, replies of different ClientApps (the fedcca one and a FedAvg-style one)
+    may report different metrics. A list metric whose length differs from the first
+    reply's is left out of the average for that reply (logged).
+
+    Args:
+        records: Reply contents, each with one ``MetricRecord`` holding ``weighted_by_key``.
+        weighted_by_key: The metric used as weight (excluded from the result).
+    """
+    metric_records = [next(iter(record.metric_records.values())) for record in records]
+    # Scaled by the largest so that huge (but finite) weights cannot overflow a sum.
+    largest = max((float(m[weighted_by_key]) for m in metric_records), default=1.0)  # type: ignore[arg-type]
+    sums: dict[str, np.ndarray] = {}
+    totals: dict[str, float] = {}
+    for metrics in metric_records:
+        weight = float(metrics[weighted_by_key]) / largest  # type: ignore[arg-type]
+        for key, value in metrics.items():
+            if key == weighted_by_key:
+                continue
+            value_array = np.asarray(value, dtype=np.float64)
+            if key in sums and sums[key].shape != value_array.shape:
+                log(WARNING, "Metric '%s' has shape %s, others %s: not averaged for this reply",
+                    key, value_array.shape, sums[key].shape)
+                continue
+            sums[key] = sums.get(key, 0.0) + weight * value_array
+            totals[key] = totals.get(key, 0.0) + weight
+    return MetricRecord({key: (sums[key] / totals[key]).tolist() for key in sums})

@@ -1,0 +1,101 @@
+"""What happened in one federated round: a typed record written to ``history.json``.
+
+The ServerApp's round loop fills the exchange fields (messages sent, replies, bytes, wall
+times) for any strategy; ``CCAMerge`` fills the aggregation fields (dropped replies and why,
+the reference, statistics, the merge chosen and how every candidate scored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedcca.selection import CandidateScore
+
+
+@dataclass
+class RoundRecord:
+    """One round of federated training.
+
+    Args:
+        round: The server round (1-based).
+        num_sent: Train instructions sent.
+        num_replies: Replies received (errors included).
+        num_valid: Replies merged.
+        dropped: Node id -> why its reply was not merged (one reason each).
+        skipped: No model came out of the round; the global model was kept.
+        skip_reason: Why, when skipped.
+        reference: "global", or the node id of the reference reply.
+        client_statistics: Replies whose alignment statistics the client sent.
+        stats_seconds: Server time spent computing alignment statistics.
+        merge_seconds: Server time of the merge (statistics included).
+        aggregate_seconds: Server time of the whole aggregation (validation included).
+        train_seconds_wall: Wall time from sending the instructions to the last reply.
+        bytes_sent: Payload bytes of the train instructions.
+        bytes_received: Node id -> payload bytes of its reply (0: no reply).
+        statistics_bytes: Node id -> bytes of the statistics it sent.
+        merge_choice: The merge configuration kept (``MergeConfig.label``).
+        candidates: Held-out scores of every candidate merge (when there was a choice).
+        dead_features: Node id -> ``{point: features exactly 0 on the calibration data}``.
+        metrics: Anything else the loop records (client metric means, evaluation).
+    """
+
+    round: int
+    num_sent: int = 0
+    num_replies: int = 0
+    num_valid: int = 0
+    dropped: dict[int, str] = field(default_factory=dict)
+    skipped: bool = False
+    skip_reason: str | None = None
+    reference: str | int | None = None
+    client_statistics: int = 0
+    stats_seconds: float = 0.0
+    merge_seconds: float = 0.0
+    aggregate_seconds: float = 0.0
+    train_seconds_wall: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: dict[int, int] = field(default_factory=dict)
+    statistics_bytes: dict[int, int] = field(default_factory=dict)
+    merge_choice: str | None = None
+    candidates: list[CandidateScore] = field(default_factory=list)
+    dead_features: dict[int, dict[str, int]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_dropped(self) -> int:
+        """Replies (or missing replies) not merged."""
+        return len(self.dropped)
+
+    def drop(self, node_id: int, reason: str) -> None:
+        """Record that ``node_id``'s reply is not merged, and why (the first reason wins)."""
+        self.dropped.setdefault(node_id, reason)
+
+    def dead_summary(self) -> dict[str, int]:
+        """Point -> dead features summed over the round's clients (for one log line)."""
+        total: dict[str, int] = {}
+        for per_point in self.dead_features.values():
+            for point, count in per_point.items():
+                total[point] = total.get(point, 0) + count
+        return total
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict: node ids as strings, non-finite floats as strings, metrics inline."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "metrics"}
+        data["candidates"] = [dataclasses.asdict(score) for score in self.candidates]
+        data["num_dropped"] = self.num_dropped
+        data.update(self.metrics)
+        return _jsonable(data)
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with dict keys made strings, tuples made lists and inf/NaN written as strings."""
+    if isinstance(value, Mapping):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value

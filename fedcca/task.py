@@ -1,0 +1,248 @@
+"""The run config of a fedcca federation, typed and validated once (shared by the ServerApp and ClientApp).
+
+Every key of ``[tool.flwr.app.config]`` in pyproject.toml is a field of :class:`TaskConfig`
+(dashes become underscores). The merge options become one
+:class:`~fedcca.config.MergeSearch` (:meth:`TaskConfig.merge_search`), the local training
+options one :class:`~fedcca.training.TrainingConfig`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fedcca.config import MergeConfig, MergeSearch, parse_values
+from fedcca.data import SCHEMES
+from fedcca.models import MODEL_NAMES
+from fedcca.norm_screen import NORM_CENTERS
+from fedcca.repair import REPAIRS
+from fedcca.training import LR_SCHEDULES, TrainingConfig
+from fedcca.transforms import RIDGE_MODES
+
+STRATEGIES: tuple[str, ...] = ("cca", "permute", "weight-matching", "fedavg", "fedprox")
+"""``cca``/``permute``/``weight-matching``: CCAMerge with that method; ``fedavg``/``fedprox``: Flower's."""
+FLOWER_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
+REFERENCES: tuple[str, ...] = ("global", "largest", "first")
+STATISTICS_SOURCES: tuple[str, ...] = ("client", "server")
+CONFIG_TABLE = "[tool.flwr.app.config] of pyproject.toml"
+
+
+class RunConfigError(ValueError):
+    """A run-config key is missing, has the wrong type or an unsupported value."""
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The run config of a fedcca app, typed and validated.
+
+    Field ``x_y`` is the run-config key ``x-y`` (``[tool.flwr.app.config]`` in
+    pyproject.toml, overridable with ``flwr run . --run-config "x-y=..."``).
+
+    Args:
+        strategy: One of :data:`STRATEGIES`.
+        num_server_rounds: Rounds of federated training.
+        fraction_train: Share of the connected nodes sampled for training each round.
+        min_nodes: Nodes to wait for, and the fewest valid replies a round needs.
+        round_timeout: Seconds to wait for the replies of one round.
+        local_epochs: Local epochs per round.
+        lr: (Peak) learning rate of the client's SGD.
+        lr_schedule: "constant" (plain momentum SGD, as Flower's niid_bench) or "one-cycle"
+            (Nesterov momentum; linear warm-up, then linear decay to 0 within each round).
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        proximal_mu: FedProx's ``mu`` (used when ``strategy`` is "fedprox").
+        batch_size: Client training batch size.
+        max_examples_per_client: Train on a fixed random subset of at most this many examples
+            of the client's shard (0: the whole shard).
+        model: A ``fedcca.models`` name, or ``"package.module:Class"`` for your own model
+            (built as ``Class(num_classes=..., in_channels=...)`` when it accepts them, else ``Class()``).
+        width: Width multiplier of a built-in model.
+        dataset: A ``fedcca.data`` dataset name.
+        data_dir: Folder of the dataset files ("" = ``$FEDCCA_DATA_DIR`` or the default).
+        partitioning: One of ``fedcca.data.SCHEMES``.
+        alpha: Dirichlet concentration.
+        labels_per_client: Labels per client of "label-quantity" (NIID-Bench's ``#C=k``).
+        calibration_size: Public calibration examples (statistics, BatchNorm, REPAIR), held
+            out of the training split.
+        holdout_size: Further public, labelled examples on which a merge is chosen among
+            candidates (0: no choice possible).
+        max_test_examples: Evaluate the global model on the first this-many test examples
+            (0: the whole test split).
+        reference: CCAMerge reference: "global", "largest" or "first".
+        stats: Where alignment statistics are computed: "client" or "server".
+        ridge: CCA ridge, read in ``ridge_mode``.
+        ridge_mode: How the CCA ridge regularises: "trace", "relative" or "absolute".
+        shrinkage: Comma-separated candidates ``a`` of ``T_a = I + a (T - I)``, e.g.
+            ``"0,0.25,0.5,1"`` (0 = FedAvg; the first value is the baseline).
+        repair: Comma-separated candidates among "none", "mean", "affine" (the first is the baseline).
+        zero_dead: Zero client features that are exactly 0 on the calibration data before aligning.
+        balance: Balance each aligned feature's incoming and outgoing weight norms.
+        selection_margin: A candidate replaces the baseline only when its held-out loss is
+            lower by more than this many paired standard errors.
+        max_norm_ratio: Drop replies farther than this many median distances from the median
+            of the replies (0: no screen).
+        seed: Seeds the split, the initial model and every round's randomness.
+        out_dir: Folder for history.json, checkpoints and the plot; ``{key}`` placeholders
+            are filled from the run config, e.g. ``outputs/{strategy}-seed{seed}``.
+        resume: Continue from the last completed round found in ``out_dir``.
+    """
+
+    strategy: str
+    num_server_rounds: int
+    fraction_train: float
+    min_nodes: int
+    round_timeout: float
+    local_epochs: int
+    lr: float
+    lr_schedule: str
+    momentum: float
+    weight_decay: float
+    proximal_mu: float
+    batch_size: int
+    max_examples_per_client: int
+    model: str
+    width: float
+    dataset: str
+    data_dir: str
+    partitioning: str
+    alpha: float
+    labels_per_client: int
+    calibration_size: int
+    holdout_size: int
+    max_test_examples: int
+    reference: str
+    stats: str
+    ridge: float
+    ridge_mode: str
+    shrinkage: str
+    repair: str
+    zero_dead: bool
+    balance: bool
+    selection_margin: float
+    max_norm_ratio: float
+    seed: int
+    out_dir: str
+    resume: bool
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> TaskConfig:
+        """Read and validate every key of ``run_config``.
+
+        Args:
+            run_config: ``context.run_config`` (keys with dashes).
+
+        Raises:
+            RunConfigError: Naming the key that is missing, mistyped or out of range.
+        """
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            key = field.name.replace("_", "-")
+            if key not in run_config:
+                raise RunConfigError(f"run config lacks '{key}' (define it in {CONFIG_TABLE})")
+            values[field.name] = _coerce(key, run_config[key], field.type)
+        config = cls(**values)
+        config._validate()
+        return config
+
+    @property
+    def merge_method(self) -> str | None:
+        """The CCAMerge method, or None for Flower's own strategies."""
+        return None if self.strategy in FLOWER_STRATEGIES else self.strategy
+
+    def merge_search(self) -> MergeSearch:
+        """The merge configuration (or the candidates to choose from) these keys describe.
+
+        Raises:
+            RunConfigError: For a Flower strategy, or a choice without held-out examples.
+        """
+        if self.merge_method is None:
+            raise RunConfigError(f"strategy {self.strategy!r} does not merge with CCAMerge")
+        try:
+            shrinkages, repairs = parse_values(self.shrinkage, float), parse_values(self.repair, str)
+            base = MergeConfig(self.merge_method, ridge=self.ridge, ridge_mode=self.ridge_mode,
+                               shrinkage=shrinkages[0], repair=repairs[0], zero_dead=self.zero_dead,
+                               balance=self.balance)
+            grid = tuple((name, values) for name, values in (("shrinkage", shrinkages), ("repair", repairs))
+                         if len(values) > 1)
+            search = MergeSearch(base, grid, min_z=self.selection_margin)
+        except ValueError as err:
+            raise RunConfigError(f"run config merge options: {err}") from err
+        if len(search.candidates()) > 1 and self.holdout_size == 0:
+            raise RunConfigError(f"run config 'shrinkage'/'repair' list {len(search.candidates())} candidates; "
+                                 "choosing among them needs 'holdout-size' > 0")
+        return search
+
+    def training(self, proximal_mu: float = 0.0) -> TrainingConfig:
+        """The client's local training options (``proximal_mu``: FedProx's, from the train message)."""
+        return TrainingConfig(epochs=self.local_epochs, lr=self.lr, schedule=self.lr_schedule,
+                              momentum=self.momentum, nesterov=self.lr_schedule == "one-cycle",
+                              weight_decay=self.weight_decay, proximal_mu=proximal_mu)
+
+    def output_dir(self, run_config: Mapping[str, Any]) -> Path:
+        """``out_dir`` with ``{key}`` placeholders filled from ``run_config``, made absolute."""
+        try:
+            name = self.out_dir.format(**run_config)
+        except (KeyError, IndexError, ValueError) as err:
+            raise RunConfigError(f"out-dir {self.out_dir!r}: cannot fill placeholder {err}") from err
+        return Path(name).expanduser().resolve()
+
+    def _validate(self) -> None:
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("partitioning", self.partitioning, SCHEMES)
+        _check_choice("reference", self.reference, REFERENCES)
+        _check_choice("stats", self.stats, STATISTICS_SOURCES)
+        _check_choice("ridge-mode", self.ridge_mode, RIDGE_MODES)
+        _check_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        for repair in self.repair.split(","):
+            _check_choice("repair", repair.strip(), REPAIRS)
+        if ":" not in self.model:
+            _check_choice("model", self.model, MODEL_NAMES)
+        positive = {"num-server-rounds": self.num_server_rounds, "min-nodes": self.min_nodes,
+                    "round-timeout": self.round_timeout, "local-epochs": self.local_epochs,
+                    "lr": self.lr, "batch-size": self.batch_size, "width": self.width,
+                    "alpha": self.alpha, "calibration-size": self.calibration_size,
+                    "labels-per-client": self.labels_per_client}
+        for key, value in positive.items():
+            if not value > 0:
+                raise RunConfigError(f"run config '{key}' must be positive, got {value!r}")
+        for key, value in {"max-examples-per-client": self.max_examples_per_client,
+                           "max-test-examples": self.max_test_examples, "holdout-size": self.holdout_size,
+                           "momentum": self.momentum, "weight-decay": self.weight_decay,
+                           "proximal-mu": self.proximal_mu, "ridge": self.ridge,
+                           "selection-margin": self.selection_margin, "max-norm-ratio": self.max_norm_ratio}.items():
+            if value < 0:
+                raise RunConfigError(f"run config '{key}' must be >= 0, got {value}")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise RunConfigError(f"run config 'fraction-train' must be in (0, 1], got {self.fraction_train}")
+        if self.merge_method is not None:
+            self.merge_search()
+
+    @property
+    def norm_screen(self) -> float | None:
+        """``max-norm-ratio`` as CCAMerge takes it (None: off)."""
+        return self.max_norm_ratio or None
+
+
+NORM_CENTER = NORM_CENTERS[0]  # the run config screens around the replies' median
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """Check ``value`` against the field type (given as a string: postponed annotations)."""
+    expected = {"str": str, "int": int, "float": (int, float), "bool": bool}[str(kind)]
+    # bool is an int subclass: never accept True for a number, nor 1 for a flag.
+    if isinstance(value, bool) != (kind == "bool") or not isinstance(value, expected):
+        raise RunConfigError(f"run config '{key}' must be a {kind}, got {value!r} "
+                             f"(strings need quotes: --run-config \"{key}='...'\")")
+    if kind == "float":
+        value = float(value)
+        if not math.isfinite(value):
+            raise RunConfigError(f"run config '{key}' must be finite, got {value}")
+    return value
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise RunConfigError(f"run config '{key}' must be one of {choices}, got {value!r}")

@@ -1,0 +1,98 @@
+"""The files of one federated run: ``history.json``, per-round checkpoints and the accuracy plot."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+from flwr.common.logger import log
+
+from fedcca.plotting import atomic_write, figure, save
+
+HISTORY_FILE = "history.json"
+PLOT_FILE = "accuracy.png"
+CHECKPOINT_DIR = "checkpoints"
+# Keys that may change between a run and its resumption without changing the results.
+RESUMABLE_KEYS = frozenset({"num-server-rounds", "resume", "round-timeout", "out-dir"})
+
+
+class RunDirectory:
+    """The files of one run under ``out-dir``: history, per-round checkpoints and the plot.
+
+    Every file is written to a temporary name and moved into place with ``os.replace``,
+    so a run killed mid-write leaves the previous version intact.
+
+    Args:
+        path: The output folder (created on first save).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def history_path(self) -> Path:
+        """``history.json`` of the run."""
+        return self.path / HISTORY_FILE
+
+    def checkpoint_path(self, server_round: int) -> Path:
+        """The checkpoint of the global model after ``server_round``."""
+        return self.path / CHECKPOINT_DIR / f"round-{server_round:03d}.pt"
+
+    def save(self, server_round: int, arrays: ArrayRecord, history: Mapping[str, Any]) -> None:
+        """Write the checkpoint of ``server_round``, then the history that records it.
+
+        In this order, a history entry always has its checkpoint on disk.
+        """
+        checkpoint = self.checkpoint_path(server_round)
+        atomic_write(checkpoint, lambda tmp: torch.save(
+            {"round": server_round, "state_dict": arrays.to_torch_state_dict()}, tmp))
+        atomic_write(self.history_path, lambda tmp: tmp.write_text(json.dumps(history, indent=2)))
+
+    def load(self, run_config: Mapping[str, Any]) -> tuple[ArrayRecord, dict[str, Any]] | None:
+        """The global model and history after the last recorded round, or None to start afresh.
+
+        Args:
+            run_config: This run's config; it must match the recorded one except for
+                :data:`RESUMABLE_KEYS`.
+
+        Raises:
+            ValueError: The recorded run used a different config, or its checkpoint is missing.
+        """
+        if not self.history_path.is_file():
+            log(INFO, "[fedcca] resume: no %s yet, starting from round 1", self.history_path)
+            return None
+        history = json.loads(self.history_path.read_text())
+        _check_same_config(history["run_config"], run_config, self.history_path)
+        done = len(history["rounds"])
+        if [entry["round"] for entry in history["rounds"]] != list(range(1, done + 1)):
+            raise ValueError(f"{self.history_path}: rounds are not 1..{done}; cannot resume")
+        if done == 0:
+            return None
+        checkpoint = torch.load(self.checkpoint_path(done), map_location="cpu", weights_only=True)
+        if checkpoint["round"] != done:
+            raise ValueError(f"{self.checkpoint_path(done)} holds round {checkpoint['round']}, expected {done}")
+        history["run_config"] = dict(run_config)
+        return ArrayRecord(checkpoint["state_dict"]), history
+
+    def plot(self, history: Mapping[str, Any], title: str) -> None:
+        """Write ``accuracy.png``: test accuracy of the global model per round (0 = initial)."""
+        rounds = [0] + [entry["round"] for entry in history["rounds"]]
+        accuracy = [history["initial"]["accuracy"]] + [entry["accuracy"] for entry in history["rounds"]]
+        fig, axes = figure(5, 3.5)
+        axes.plot(rounds, [100 * a for a in accuracy], marker="o")
+        axes.set(xlabel="round", ylabel="test accuracy (%)", title=title)
+        axes.grid(alpha=0.3)
+        save(fig, self.path / PLOT_FILE, dpi=120)
+
+
+def _check_same_config(recorded: Mapping[str, Any], current: Mapping[str, Any], where: Path) -> None:
+    keys = (set(recorded) | set(current)) - RESUMABLE_KEYS
+    differing = sorted(key for key in keys if recorded.get(key) != current.get(key))
+    if differing:
+        details = ", ".join(f"{key}: {recorded.get(key)!r} -> {current.get(key)!r}" for key in differing)
+        raise ValueError(f"cannot resume from {where}: the run config differs ({details})")

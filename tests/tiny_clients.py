@@ -1,0 +1,182 @@
+"""Tiny ClientApps for the strategy tests: a fedcca-style client and a FedAvg-style one.
+
+``stats_app`` trains, then sends statistics when the train config asks for them (the fedcca
+protocol); ``fedavg_app`` has the flwr quickstart shape (one ArrayRecord "arrays" + one
+MetricRecord "metrics"). Both train :func:`tests.tiny_models.make_model` on synthetic images
+whose labels come from a fixed teacher. Grids: :class:`fedcca.local_grid.InProcessGrid`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from fedcca.local_grid import set_task_identity
+from fedcca.protocol import STATISTICS_KEY, read_train_instruction, train_instruction, train_reply
+from fedcca.statistics import collect_statistics
+from tests.tiny_models import CLASSES, HIDDEN, IN_CHANNELS, TinyNet, calibration, make_model
+
+CALIBRATION = calibration(48, seed=123)
+HELD_OUT = calibration(40, seed=321)
+_TEACHER = torch.randn(IN_CHANNELS, CLASSES, generator=torch.Generator().manual_seed(7))
+
+
+def teacher_labels(x: torch.Tensor) -> torch.Tensor:
+    """The labels the tiny clients learn: a fixed linear teacher on the channel means."""
+    return (x.mean(dim=(2, 3)) @ _TEACHER).argmax(dim=1)
+
+
+def shard(node_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A node's synthetic training data (20 + 10 * node_id images, labels from the teacher)."""
+    x = calibration(20 + 10 * node_id, seed=1000 + node_id)
+    return x, teacher_labels(x)
+
+
+def train_locally(message: Message, node_id: int, steps: int = 3) -> tuple[TinyNet, TinyNet, float]:
+    """Load the received model, train a copy a few SGD steps; return (received, trained, loss)."""
+    received = make_model()
+    received.load_state_dict(read_train_instruction(message).arrays.to_torch_state_dict())
+    trained = make_model()
+    trained.load_state_dict(received.state_dict())
+    x, y = shard(node_id)
+    optimiser = torch.optim.SGD(trained.parameters(), lr=0.1)
+    trained.train()
+    for _ in range(steps):
+        optimiser.zero_grad()
+        loss = nn.functional.cross_entropy(trained(x), y)
+        loss.backward()
+        optimiser.step()
+    return received, trained, loss.item()
+
+
+def _node_id(message: Message) -> int:
+    return message.metadata.dst_node_id
+
+
+def _train_reply(message: Message, loss_key: str,
+                 with_statistics: bool = False) -> RecordDict:
+    """Train locally; the reply content (weights, metrics and, if asked for, statistics)."""
+    received, trained, loss = train_locally(message, _node_id(message))
+    statistics = collect_statistics(received, [trained], CALIBRATION)[0] if with_statistics else None
+    return train_reply(trained.state_dict(), len(shard(_node_id(message))[0]), {loss_key: loss}, statistics)
+
+
+fedavg_app = ClientApp()
+stats_app = ClientApp()
+
+
+@fedavg_app.train()
+def _fedavg_train(message: Message, context: Context) -> Message:
+    # The flwr quickstart reports "train_loss"; the fedcca ClientApp "train-loss".
+    return Message(_train_reply(message, "train_loss"), reply_to=message)
+
+
+@stats_app.train()
+def _stats_train(message: Message, context: Context) -> Message:
+    asked = read_train_instruction(message).compute_statistics
+    return Message(_train_reply(message, "train-loss", with_statistics=asked), reply_to=message)
+
+
+@fedavg_app.evaluate()
+@stats_app.evaluate()
+def _evaluate(message: Message, context: Context) -> Message:
+    model = make_model()
+    model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+    model.eval()
+    x, y = shard(_node_id(message) + 100)
+    with torch.no_grad():
+        loss = float(nn.functional.cross_entropy(model(x), y))
+    return Message(RecordDict({"metrics": MetricRecord({"eval-loss": loss, "num-examples": len(x)})}),
+                   reply_to=message)
+
+
+def run_app(app: Callable[[Message, Context], Message], message: Message) -> Message:
+    """Run a ClientApp on ``message`` as the node it is addressed to."""
+    node_id = message.metadata.dst_node_id
+    return app(message, Context(run_id=1, node_id=node_id, node_config={}, state=RecordDict(), run_config={}))
+
+
+def train_messages(arrays: ArrayRecord, node_ids: Iterable[int], compute_stats: bool = True,
+                   server_round: int = 1) -> list[Message]:
+    """Train instructions as a strategy would send them (for calling ClientApps directly)."""
+    set_task_identity()
+    return [Message(train_instruction(arrays, server_round, compute_stats), node_id, MessageType.TRAIN)
+            for node_id in node_ids]
+
+
+# ---------------------------------------------------------------------- malformed replies
+
+
+def _replace_array(record: ArrayRecord, key: str, value: np.ndarray) -> None:
+    record[key] = Array(value)
+
+
+def _set_num_examples(value: object) -> Callable[[RecordDict], None]:
+    def mutate(content: RecordDict) -> None:
+        metrics = content["metrics"]
+        if value is _MISSING:
+            del metrics["num-examples"]
+        else:
+            metrics["num-examples"] = value
+    return mutate
+
+
+def _poison_weight(value: float) -> Callable[[RecordDict], None]:
+    def mutate(content: RecordDict) -> None:
+        array = content["arrays"]["fc2.weight"].numpy().copy()
+        array[0, 0] = value
+        _replace_array(content["arrays"], "fc2.weight", array)
+    return mutate
+
+
+def _poison_statistics(content: RecordDict) -> None:
+    record = content[STATISTICS_KEY]
+    key = next(key for key in record if key.endswith("/cross"))
+    array = record[key].numpy().copy()
+    array.flat[0] = np.nan
+    _replace_array(record, key, array)
+
+
+def _resize_statistics(content: RecordDict) -> None:
+    record = content[STATISTICS_KEY]
+    key = next(key for key in record if key.endswith("/sq_b"))
+    _replace_array(record, key, np.zeros((2, 2)))
+
+
+_MISSING = object()
+
+# name -> (mutation of a valid reply's content, words the rejection reason must contain)
+MUTATIONS: dict[str, tuple[Callable[[RecordDict], None], str]] = {
+    "missing weights": (lambda c: c.__delitem__("arrays"), "missing ArrayRecord"),
+    "extra ArrayRecord": (lambda c: c.__setitem__("extra", ArrayRecord()), "unexpected ArrayRecord"),
+    "extra ConfigRecord": (lambda c: c.__setitem__("cfg", ConfigRecord({"a": 1})), "unexpected ConfigRecord"),
+    "no MetricRecord": (lambda c: c.__delitem__("metrics"), "exactly one MetricRecord"),
+    "two MetricRecords": (lambda c: c.__setitem__("more", MetricRecord({"num-examples": 1})),
+                          "exactly one MetricRecord"),
+    "missing weight key": (lambda c: c["arrays"].__delitem__("fc2.bias"), "weight keys differ"),
+    "extra weight key": (lambda c: _replace_array(c["arrays"], "fc3.weight", np.zeros(3, np.float32)),
+                         "weight keys differ"),
+    "wrong shape": (lambda c: _replace_array(c["arrays"], "fc1.bias", np.zeros(7, np.float32)), "shape"),
+    "wrong dtype": (lambda c: _replace_array(c["arrays"], "fc1.bias", np.zeros(HIDDEN, np.float64)),
+                    "dtype"),
+    "undecodable weight": (lambda c: c["arrays"].__setitem__("fc1.bias", Array(
+        dtype="float32", shape=(HIDDEN,), stype="numpy.ndarray", data=b"not an npy file")),
+        "cannot be decoded"),
+    "NaN weight": (_poison_weight(float("nan")), "non-finite"),
+    "inf weight": (_poison_weight(float("inf")), "non-finite"),
+    "non-finite statistics": (_poison_statistics, "invalid statistics"),
+    "statistics of the wrong size": (_resize_statistics, "invalid statistics"),
+    "statistics missing a point": (lambda c: [c[STATISTICS_KEY].__delitem__(k) for k in list(
+        c[STATISTICS_KEY]) if k.startswith("fc1/")], "invalid statistics"),
+    "num-examples missing": (_set_num_examples(_MISSING), "lacks 'num-examples'"),
+    "num-examples zero": (_set_num_examples(0), "positive"),
+    "num-examples negative": (_set_num_examples(-5.0), "positive"),
+    "num-examples NaN": (_set_num_examples(float("nan")), "positive"),
+    "num-examples inf": (_set_num_examples(float("inf")), "positive"),
+    "num-examples a list": (_set_num_examples([1, 2]), "not a number"),
+}
