@@ -247,21 +247,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               "strategies": labels, "threads": args.threads, "device": str(resolve_device(None)),
               "platform": platform.platform(), "openblas_threads": blas_threads}
     previous = read_json(args.out)
-    done = {(run["local_epochs"], run["strategy"], run["seed"]): run
-            for setting in (previous or {}).get("settings", []) for run in setting["runs"]}
+    earlier = [run for setting in (previous or {}).get("settings", []) for run in setting["runs"]
+               if len(run["accuracy"]) == args.rounds + 1]
+    done = {(run["local_epochs"], run["strategy"], run["seed"]): run for run in earlier}
     payload: dict[str, Any] = {
         "command": "python -m simulations.federated " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": config, "settings": []}
+    if previous is not None:
+        payload["earlier_commands"] = [*previous.get("earlier_commands", []), previous["command"]]
     report = []
     for epochs in parse_list(args.local_epochs, int):
+        # Runs of this setting from an earlier invocation (other strategies or seeds) are kept.
         setting = {"partitioning": args.partitioning, "alpha": args.alpha,
-                   "labels_per_client": args.labels_per_client, "local_epochs": epochs, "runs": []}
+                   "labels_per_client": args.labels_per_client, "local_epochs": epochs,
+                   "runs": [run for key, run in done.items() if key[0] == epochs
+                            and not (key[1] in labels and key[2] in seeds)]}
+        shown = list(dict.fromkeys([*labels, *(run["strategy"] for run in setting["runs"])]))
         payload["settings"].append(setting)
         title = f"{_setting_name(args)}, {args.num_clients} clients, E={epochs}"
         for seed in seeds:
             for spec in specs:
                 key = (epochs, spec.label, seed)
-                if key in done and len(done[key]["accuracy"]) == args.rounds + 1:
+                if key in done:
                     setting["runs"].append(done[key])
                     continue
                 out_dir = args.runs_dir / args.out.stem / f"{spec.label}-E{epochs}-s{seed}"
@@ -273,11 +280,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 print(f"[{title}] {spec.label} seed {seed}: accuracy "
                       + " ".join(f"{100 * a:.1f}" for a in record["accuracy"])
                       + f" ({record['wall_seconds']:.0f} s)", flush=True)
-                _finish_setting(setting, labels, args, title)
+                _finish_setting(setting, shown, args, title)
                 write_json(args.out, payload)  # after every run: a killed benchmark keeps what it finished
-        _finish_setting(setting, labels, args, title)
+        _finish_setting(setting, shown, args, title)
         write_json(args.out, payload)
-        report.append(f"### {title} (test accuracy %, mean ± std over seeds {seeds})\n\n"
+        report.append(f"### {title} (test accuracy %, mean ± std over seeds {sorted({r['seed'] for r in setting['runs']})})\n\n"
                       + setting_table(setting["summary"], args.rounds))
     text = "\n\n".join(report) + "\n"
     args.out.with_suffix(".md").write_text(text)
