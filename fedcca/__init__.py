@@ -21,6 +21,7 @@ _EXPORTS = {
     "ParamAxis": "fedcca.alignment",
     "Transform": "fedcca.alignment",
     "spec_for": "fedcca.alignment",
+    "derive_spec": "fedcca.tracing",
     "UnsupportedModelError": "fedcca.alignment",
     "PairStatistics": "fedcca.statistics",
     "collect_statistics": "fedcca.statistics",

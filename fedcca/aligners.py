@@ -56,15 +56,18 @@ class Aligner:
 
     Args:
         name: The method's name (``MergeConfig.method``).
-        needs_statistics: Whether it reads activation statistics on the calibration data.
+        needs_statistics: Whether it reads activation statistics against the reference.
         transforms: ``job -> {point: Transform}`` for every point of ``job.spec``.
         description: One line for documentation and tables.
+        joint: It aligns all models together (:mod:`fedcca.zipit`) rather than each to the
+            reference: only :func:`fedcca.merging.merge` can use it, with every model at hand.
     """
 
     name: str
     needs_statistics: bool
     transforms: Callable[[AlignmentJob], dict[str, Transform]]
     description: str
+    joint: bool = False
 
 
 def _cca(job: AlignmentJob) -> dict[str, Transform]:
@@ -92,12 +95,18 @@ def _direct(_: AlignmentJob) -> dict[str, Transform]:
     return {}
 
 
+def _joint(job: AlignmentJob) -> dict[str, Transform]:
+    raise ValueError(f"{job.name}: {job.config.method!r} aligns all models jointly, not one model to a reference; "
+                     "merge the models together with fedcca.merge (CCAMerge cannot use it)")
+
+
 ALIGNERS: dict[str, Aligner] = {
     aligner.name: aligner for aligner in (
         Aligner("cca", True, _cca, "CCA Merge (Horoi et al., 2024): T = S_aa^1/2 U V^T S_bb^-1/2"),
         Aligner("permute", True, _permute, "rescaled permutation matching features by correlation"),
         Aligner("weight-matching", False, _weight_matching, "Git Re-Basin weight matching (data free)"),
         Aligner("blend", True, _blend, "(1 - l) Permute + l CCA"),
+        Aligner("zipit", False, _joint, "ZipIt! (Stoica et al., 2023): all models' features zipped jointly", joint=True),
         Aligner("direct", False, _direct, "no alignment: the plain (FedAvg) average"),
     )
 }

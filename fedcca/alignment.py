@@ -6,7 +6,9 @@ by several layers). For each point the spec names the modules whose output carri
 feature (``taps``, where statistics are collected) and every parameter axis indexed by it
 (``axes``): producers, consumers and BatchNorm vectors. Generic algorithms — statistics,
 transforms, weight matching, applying a transform — work over this description alone, in
-the spirit of Git Re-Basin's ``PermutationSpec``; nothing walks the module graph.
+the spirit of Git Re-Basin's ``PermutationSpec``; nothing walks the module graph. A model
+without a hand-written ``alignment_spec()`` gets one derived from its ``torch.fx`` graph
+(:mod:`fedcca.tracing`).
 
 Convention: a :class:`Transform` ``T`` for model B at a point maps B's features into the
 reference's coordinates, ``f_ref ≈ T f_B``. Applying it rewrites B's parameters so that B's
@@ -29,7 +31,11 @@ ROLES: tuple[str, ...] = get_args(Role)
 
 # Layers whose tensors a spec can describe. Any other layer with float parameters or buffers
 # is refused: a general T cannot be pushed through e.g. LayerNorm or a grouped conv.
-_KNOWN_LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
+_KNOWN_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
+
+RELU_TAP_SUFFIX = "+relu"
+"""A tap ``"<module>+relu"`` is ReLU applied to ``<module>``'s output: the feature after a functional
+ReLU (``F.relu``, ``x.relu()``, ...), which has no module of its own to hook."""
 
 
 class UnsupportedModelError(ValueError):
@@ -116,7 +122,9 @@ class AlignmentPoint:
         name: Unique name, e.g. ``"features.0"`` or ``"layer2"``.
         size: Number of features ``n`` (channels).
         taps: Names (as in ``model.named_modules()``) of the modules whose output is this
-            feature, channels on dim 1; with several taps their statistics are summed.
+            feature, channels on dim 1, or ``"<module>+relu"`` when the feature is ReLU applied
+            to that module's output (see :func:`resolve_tap`); with several taps their
+            statistics are summed.
         axes: Every parameter axis indexed by the point.
     """
 
@@ -134,10 +142,13 @@ class AlignmentSpec:
         points: The alignment points, in forward order.
         fixed: ``(key, axis)`` pairs that belong to no point on purpose: the input channels
             of the first layer and the outputs of the classifier.
+        norms: ``(producer, batchnorm)`` module-name pairs: each BatchNorm and the conv/linear
+            layer whose output it normalises (used to fold BatchNorm before aligning).
     """
 
     points: tuple[AlignmentPoint, ...]
     fixed: tuple[tuple[str, int], ...] = ()
+    norms: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         names = self.names()
@@ -179,6 +190,8 @@ class AlignmentSpec:
             if key not in state:
                 raise UnsupportedModelError(f"fixed axis: key {key!r} is not in the state dict")
             _claim(owner, (key, axis), "the fixed axes")
+        for producer, norm in self.norms:
+            _check_norm_pair(producer, norm, modules)
         for name, module in modules.items():
             _check_layer_covered(name, module, state, owner)
 
@@ -188,8 +201,9 @@ def _check_point(p: AlignmentPoint, state: Mapping[str, torch.Tensor], modules: 
     if not p.taps or not p.axes:
         raise UnsupportedModelError(f"point {p.name!r} needs at least one tap and one axis")
     for tap in p.taps:
-        if tap not in modules:
-            raise UnsupportedModelError(f"point {p.name!r}: tap {tap!r} is not a module of the model")
+        if resolve_tap(tap, modules) is None:
+            raise UnsupportedModelError(f"point {p.name!r}: tap {tap!r} is not a module of the model "
+                                        f"(nor '<module>{RELU_TAP_SUFFIX}')")
     for ax in p.axes:
         if ax.key not in state:
             raise UnsupportedModelError(f"point {p.name!r}: key {ax.key!r} is not in the state dict")
@@ -199,6 +213,18 @@ def _check_point(p: AlignmentPoint, state: Mapping[str, torch.Tensor], modules: 
                 f"point {p.name!r}: {ax.key!r} has shape {shape}; its axis {ax.axis} should have "
                 f"the point's size {p.size}" + (f" x block {ax.block}" if ax.block > 1 else "")
             )
+
+
+def _check_norm_pair(producer: str, norm: str, modules: Mapping[str, nn.Module]) -> None:
+    """``norm`` is a BatchNorm normalising the output of the conv/linear ``producer``."""
+    layer, bn = modules.get(producer), modules.get(norm)
+    if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        raise UnsupportedModelError(f"norm pair ({producer!r}, {norm!r}): {norm!r} is not a BatchNorm module")
+    if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+        raise UnsupportedModelError(f"norm pair ({producer!r}, {norm!r}): {producer!r} is not a conv/linear module")
+    if layer.weight.shape[0] != bn.num_features:
+        raise UnsupportedModelError(f"norm pair ({producer!r}, {norm!r}): {layer.weight.shape[0]} outputs "
+                                    f"for {bn.num_features} BatchNorm features")
 
 
 def _claim(owner: dict[tuple[str, int], str], slot: tuple[str, int], who: str) -> None:
@@ -229,7 +255,7 @@ def _check_layer_covered(
             f"layer {name!r} ({kind}) has parameters or buffers but fedcca can only align "
             f"{', '.join(t.__name__ for t in _KNOWN_LAYERS)}"
         )
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
         raise UnsupportedModelError(f"layer {name!r} ({kind}) is a grouped conv (groups={module.groups}); "
                                     "a general transform cannot be applied to it")
     for key in keys:
@@ -243,6 +269,23 @@ def _check_layer_covered(
                 )
 
 
+def resolve_tap(tap: str, modules: Mapping[str, nn.Module]) -> tuple[str, bool] | None:
+    """The module a tap hooks and whether ReLU is applied to its output; None if it names no module.
+
+    A tap is a module name (the module's output is the feature) or ``"<module>+relu"``
+    (:data:`RELU_TAP_SUFFIX`: the feature is ``relu(<module>'s output)``). A module name wins.
+
+    Args:
+        tap: The tap, as in :attr:`AlignmentPoint.taps`.
+        modules: ``dict(model.named_modules())``.
+    """
+    if tap in modules:
+        return tap, False
+    if tap.endswith(RELU_TAP_SUFFIX) and tap[:-len(RELU_TAP_SUFFIX)] in modules:
+        return tap[:-len(RELU_TAP_SUFFIX)], True
+    return None
+
+
 def _first_layer_without_description(model: nn.Module) -> str:
     """The first layer fedcca cannot describe: of an unknown type if any, else the first with tensors."""
     state = model.state_dict()
@@ -254,35 +297,44 @@ def _first_layer_without_description(model: nn.Module) -> str:
     if layers:
         n, m = layers[0]
         return (f"layer {n!r} ({type(m).__name__}) is the first layer it cannot describe "
-                "(fedcca does not guess how layers connect)")
+                "without an example input to trace the model on")
     return "it has no layers with parameters"
 
 
-def spec_for(model: nn.Module) -> AlignmentSpec:
+def spec_for(model: nn.Module, example_input: torch.Tensor | None = None) -> AlignmentSpec:
     """Return the validated alignment spec of ``model``.
 
-    Models describe themselves through an ``alignment_spec()`` method (all of
-    :mod:`fedcca.models` do). Anything else is refused, naming the model type and the first
-    layer that cannot be described, since aligning by guesswork would silently be wrong.
+    A model's own ``alignment_spec()`` method wins (all of :mod:`fedcca.models` have one).
+    Otherwise the spec is derived from the model's ``torch.fx`` graph by
+    :func:`fedcca.tracing.derive_spec`, run on ``example_input`` (or on the input shape recorded
+    by an earlier derivation for an identical model); a model that cannot be traced, or has an
+    operation on its features that a transform cannot be pushed through, is refused naming it.
 
     Args:
         model: The model to describe.
+        example_input: A batch of the model's inputs (its shapes fix flatten block sizes);
+            used only when the model has no ``alignment_spec()``.
 
     Raises:
-        UnsupportedModelError: when the model has no spec or the spec does not match it.
+        UnsupportedModelError: when no spec can be found or derived, or the spec does not match it.
     """
     describe = getattr(model, "alignment_spec", None)
-    if not callable(describe):
-        raise UnsupportedModelError(
-            f"model type {type(model).__name__} has no alignment spec; {_first_layer_without_description(model)}. "
-            "Use a model from fedcca.models.build_model or give the model an alignment_spec() method "
-            "returning a fedcca.alignment.AlignmentSpec"
-        )
-    spec = describe()
-    if not isinstance(spec, AlignmentSpec):
-        raise UnsupportedModelError(
-            f"{type(model).__name__}.alignment_spec() returned {type(spec).__name__}, not an AlignmentSpec"
-        )
+    if callable(describe):
+        spec = describe()
+        if not isinstance(spec, AlignmentSpec):
+            raise UnsupportedModelError(
+                f"{type(model).__name__}.alignment_spec() returned {type(spec).__name__}, not an AlignmentSpec"
+            )
+    else:
+        from fedcca import tracing  # deferred: fedcca.tracing builds on this module
+
+        if example_input is None and tracing.recorded_input_shape(model) is None:
+            raise UnsupportedModelError(
+                f"model type {type(model).__name__} has no alignment spec; {_first_layer_without_description(model)}. "
+                "Pass example_input= (a batch of inputs) to derive one from its torch.fx graph, or "
+                f"{tracing.WHAT_TO_DO}"
+            )
+        spec = tracing.derive_spec(model, example_input)
     spec.validate(model)
     return spec
 

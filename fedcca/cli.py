@@ -3,6 +3,8 @@
 A checkpoint is a ``torch.save``'d state dict, or a dict ``{"model": name, "width": w,
 "num_classes": c, "in_channels": c, "state_dict": ...}`` (the format ``--out`` writes).
 Calibration data is a ``.pt`` tensor [N, C, H, W] or a ``.npy`` array, already normalised.
+``--model`` is a :mod:`fedcca.models` name or your own ``package.module:Class`` (built with the
+``num_classes``/``in_channels`` keywords it accepts; its alignment spec is derived by tracing).
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="correct pre-activation statistics after averaging (default affine: REPAIR "
                           "measured better for offline merges, README Results; 'none' = the paper's merge)")
     sub.add_argument("--out", type=Path, default=Path("merged.pt"), help="output checkpoint")
-    sub.add_argument("--model", default=None, help="architecture (default: from checkpoints, else cnn)")
+    sub.add_argument("--model", default=None,
+                     help="architecture: a fedcca.models name or package.module:Class (default: from "
+                          "checkpoints, else cnn)")
     sub.add_argument("--width", type=float, default=None, help="width multiplier")
     sub.add_argument("--num-classes", type=int, default=None, help="number of classes")
     sub.add_argument("--in-channels", type=int, default=None,
@@ -86,8 +90,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _merge_command(args: argparse.Namespace) -> int:
-    from fedcca.models import build_model  # deferred: argument errors need no model code
-
     started = time.perf_counter()
     calibration = _load_calibration(args.calibration)
     loaded = [_load_checkpoint(path) for path in args.checkpoints]
@@ -96,13 +98,13 @@ def _merge_command(args: argparse.Namespace) -> int:
         raise CliError(f"--reference {args.reference} is not an index into the {len(loaded)} checkpoints")
     models = []
     for path, (_, state_dict) in zip(args.checkpoints, loaded):
-        model = build_model(arch["model"], num_classes=arch["num_classes"],
-                            in_channels=arch["in_channels"], width=arch["width"])
+        model = _build(arch)
         try:
             model.load_state_dict(state_dict)
         except RuntimeError as err:
             first = str(err).strip().splitlines()[1:2] or [str(err)]
-            raise CliError(f"{path} does not fit {arch['model']} (width {arch['width']}, "
+            width = "" if _is_user_model(arch) else f"width {arch['width']}, "
+            raise CliError(f"{path} does not fit {arch['model']} ({width}"
                            f"{arch['num_classes']} classes, {arch['in_channels']} input channels): "
                            f"{first[0].strip()}") from None
         models.append(model)
@@ -112,12 +114,30 @@ def _merge_command(args: argparse.Namespace) -> int:
     if config.needs_statistics:
         statistics = collect_statistics(models[args.reference], models, calibration,
                                         device=args.device, batch_size=args.batch_size)
-    merged = merge(models, calibration, config, args.reference, statistics=statistics, device=args.device,
-                   batch_size=args.batch_size)
+    merged = merge(models, calibration, config, reference=args.reference, statistics=statistics,
+                   device=args.device, batch_size=args.batch_size)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({**arch, "method": args.method, "state_dict": merged.state_dict()}, args.out)
     _print_summary(args, config, len(models), statistics, time.perf_counter() - started)
     return 0
+
+
+def _is_user_model(arch: dict[str, Any]) -> bool:
+    return ":" in str(arch["model"])
+
+
+def _build(arch: dict[str, Any]) -> torch.nn.Module:
+    """A fresh model of the architecture: built-in by name, or the user's ``package.module:Class``."""
+    # Deferred imports: argument errors need no model code.
+    if _is_user_model(arch):
+        from fedcca.federation import build_user_model
+
+        return build_user_model(arch["model"], arch["num_classes"], arch["in_channels"],
+                                label=f"--model {arch['model']!r}")
+    from fedcca.models import build_model
+
+    return build_model(arch["model"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
+                       width=arch["width"])
 
 
 def _print_summary(args: argparse.Namespace, config: MergeConfig, count: int, statistics: Any,

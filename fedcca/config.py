@@ -48,6 +48,11 @@ class MergeConfig:
             ratio of its incoming to outgoing weight norms is the reference's (function
             preserving; keeps aligned merges trainable).
         recompute_bn: Recompute BatchNorm running statistics of the result on the calibration data.
+        fold_bn: When aligning a model with BatchNorm, fold each BatchNorm into its producer first
+            (:func:`fedcca.batchnorm.fold_batchnorm`; needs the spec's ``norms``) and re-fit it after
+            averaging (:func:`fedcca.batchnorm.refit_batchnorm`, with ``recompute_bn``): a dense
+            transform then keeps each aligned pre-activation exact. Unaligned candidates
+            (``direct``, shrinkage 0) are averaged unfolded, as FedAvg does.
         points: Align only these points (others are averaged as they are); None: all.
     """
 
@@ -61,6 +66,7 @@ class MergeConfig:
     zero_dead: bool = True
     balance: bool = True
     recompute_bn: bool = True
+    fold_bn: bool = True
     points: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -80,7 +86,7 @@ class MergeConfig:
             object.__setattr__(self, name, value)
         if not 1.0 <= _number("max_scale", self.max_scale) <= math.inf:
             raise ValueError(f"MergeConfig: max_scale must be >= 1 (inf: unbounded), got {self.max_scale}")
-        for name in ("zero_dead", "balance", "recompute_bn"):
+        for name in ("zero_dead", "balance", "recompute_bn", "fold_bn"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MergeConfig: {name} must be a bool, got {getattr(self, name)!r}")
         if self.points is not None:

@@ -88,20 +88,32 @@ def make_model(task: TaskConfig, dataset: Dataset) -> nn.Module:
     if ":" not in task.model:
         return build_model(task.model, num_classes=dataset.num_classes, in_channels=dataset.in_channels,
                            width=task.width, image_size=int(dataset.train_images.shape[-1]))
-    return _user_model(task.model, dataset)
+    return build_user_model(task.model, dataset.num_classes, dataset.in_channels)
 
 
-def _user_model(path: str, dataset: Dataset) -> nn.Module:
-    """``Class(num_classes=..., in_channels=...)`` (the keywords it accepts) for ``"module:Class"``."""
+def build_user_model(path: str, num_classes: int, in_channels: int, label: str | None = None) -> nn.Module:
+    """``Class(num_classes=..., in_channels=...)`` (the keywords it accepts) for ``"module:Class"``.
+
+    The run config's ``model`` and the ``fedcca merge --model`` option both build user models here.
+
+    Args:
+        path: ``"package.module:Class"`` (or any callable returning an ``nn.Module``).
+        num_classes: Offered as ``num_classes=`` if the factory accepts it.
+        in_channels: Offered as ``in_channels=`` if the factory accepts it.
+        label: How errors name the setting (default ``run config 'model' = '<path>'``).
+
+    Raises:
+        RunConfigError: The path cannot be imported, does not name a callable, or builds no ``nn.Module``.
+    """
+    label = f"run config 'model' = {path!r}" if label is None else label
     module_name, _, attribute = path.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as err:
-        raise RunConfigError(f"run config 'model' = {path!r}: cannot import {attribute!r} from "
-                             f"{module_name!r}: {err}") from err
+    except (ImportError, AttributeError, ValueError) as err:
+        raise RunConfigError(f"{label}: cannot import {attribute!r} from {module_name!r}: {err}") from err
     if not callable(factory):
-        raise RunConfigError(f"run config 'model' = {path!r} is a {type(factory).__name__}, not a torch nn.Module class")
-    offered = {"num_classes": dataset.num_classes, "in_channels": dataset.in_channels}
+        raise RunConfigError(f"{label} is a {type(factory).__name__}, not a torch nn.Module class")
+    offered = {"num_classes": num_classes, "in_channels": in_channels}
     try:
         accepted = inspect.signature(factory).parameters
         kwargs = {key: value for key, value in offered.items() if key in accepted}
@@ -110,9 +122,9 @@ def _user_model(path: str, dataset: Dataset) -> nn.Module:
     try:
         model = factory(**kwargs)
     except TypeError as err:
-        raise RunConfigError(f"run config 'model' = {path!r}: cannot build it with {kwargs}: {err}") from err
+        raise RunConfigError(f"{label}: cannot build it with {kwargs}: {err}") from err
     if not isinstance(model, nn.Module):
-        raise RunConfigError(f"run config 'model' = {path!r} built a {type(model).__name__}, not a torch nn.Module")
+        raise RunConfigError(f"{label} built a {type(model).__name__}, not a torch nn.Module")
     return model
 
 

@@ -29,12 +29,13 @@ from torch import nn
 
 from fedcca.aligners import ALIGNERS, METHODS, AlignmentJob
 from fedcca.alignment import AlignmentSpec, Transform, apply_transforms, balance_norms, spec_for, zero_features
-from fedcca.batchnorm import recompute_batchnorm
+from fedcca.batchnorm import fold_batchnorm, folded_spec, recompute_batchnorm, refit_batchnorm, unfolded_points
 from fedcca.config import MergeConfig, MergeSearch
 from fedcca.repair import RepairTargets, preactivation_statistics, repair_to_targets
 from fedcca.selection import CandidateScore, choose
 from fedcca.statistics import PairStatistics, as_batches, collect_statistics
 from fedcca.transforms import shrink_transform
+from fedcca.zipit import zipit_transforms
 
 __all__ = ["METHODS", "MergeError", "MergeResult", "Merger", "align_state_dict", "average_state_dicts",
            "merge", "merge_sequential", "recompute_batchnorm"]
@@ -124,8 +125,16 @@ class Merger:
         self.keep_transforms = keep_transforms
         self.template = _state_of(reference)
         needs_spec = any(c.config.aligns or c.config.repair != "none" for c in self.candidates)
-        self.spec = (spec if spec is not None else spec_for(reference)) if needs_spec else spec
+        example = self.calibration[0] if self.calibration else None  # traces a model without alignment_spec()
+        self.spec = (spec if spec is not None else spec_for(reference, example)) if needs_spec else spec
         self.needs_statistics = any(c.config.needs_statistics for c in self.candidates)
+        folding = self.spec is not None and any(self._folds(c.config) for c in self.candidates)
+        self.folded_spec = folded_spec(self.spec) if folding else None
+        self.folded_template = fold_batchnorm(reference, self.spec) if folding else None
+        if folding and unfolded_points(self.spec):
+            logger.warning("points %s hold BatchNorms the spec does not pair with their producer (spec.norms): "
+                           "their BatchNorm vectors are transformed without folding",
+                           [p.name for p in unfolded_points(self.spec)])
         self.dead_features: dict[str, dict[str, int]] = {}
         self._reference_dead: dict[str, torch.Tensor] | None = None
         self._pending_reference: tuple[dict[str, torch.Tensor], float, str] | None = None
@@ -161,6 +170,7 @@ class Merger:
         *,
         names: Sequence[str] | None = None,
         references: Sequence[bool] | None = None,
+        transforms: Sequence[Mapping[str, Transform]] | None = None,
     ) -> None:
         """:meth:`add` for a group: missing statistics are computed in one pass over the calibration data.
 
@@ -170,6 +180,8 @@ class Merger:
             statistics: One entry (or None) per model.
             names: One name per model.
             references: One flag per model (see :meth:`add`).
+            transforms: Transforms computed elsewhere (e.g. jointly, :mod:`fedcca.zipit`), one set
+                per model, used instead of the aligner's (single-candidate merges only).
         """
         count = len(models)
         statistics = [None] * count if statistics is None else list(statistics)
@@ -182,15 +194,19 @@ class Merger:
         states = [_state_of(model) for model in models]
         for state, name in zip(states, names):
             _check_same_layout(self.template, state, name)
+        if transforms is not None and (len(transforms) != count or len(self.candidates) != 1):
+            raise ValueError(f"add_many: {len(transforms)} given transform sets for {count} models "
+                             f"and {len(self.candidates)} candidates (one candidate only)")
         statistics = self._filled_statistics(models, statistics, references)
-        for model, state, weight, stats, name, is_reference in zip(
-                models, states, weights, statistics, names, references):
+        given = [None] * count if transforms is None else list(transforms)
+        for model, state, weight, stats, name, is_reference, fixed in zip(
+                models, states, weights, statistics, names, references, given):
             self._count += 1
             if is_reference:
                 self._pending_reference = (state, weight, name)  # zeroed once the reference's dead units are known
                 continue
             self._note_reference_dead(stats)
-            self._accumulate(model, state, weight, stats, name)
+            self._accumulate(model, state, weight, stats, name, fixed)
 
     def _filled_statistics(self, models: Sequence[nn.Module], given: list[Mapping[str, PairStatistics] | None],
                            references: Sequence[bool]) -> list[Mapping[str, PairStatistics] | None]:
@@ -219,56 +235,81 @@ class Merger:
             self._reference_dead = {point: pair.zero_features()[0] for point, pair in stats.items()}
 
     def _accumulate(self, model: nn.Module, state: dict[str, torch.Tensor], weight: float,
-                    stats: Mapping[str, PairStatistics] | None, name: str) -> None:
+                    stats: Mapping[str, PairStatistics] | None, name: str,
+                    given: Mapping[str, Transform] | None = None) -> None:
         if stats is not None:
             dead = {point: int(pair.zero_features()[1].sum()) for point, pair in stats.items()}
             self.dead_features[name] = {point: count for point, count in dead.items() if count}
+        forms: dict[bool, dict[str, torch.Tensor]] = {False: state}  # folded or not
         zeroed: dict[bool, dict[str, torch.Tensor]] = {}
         base: dict[tuple, dict[str, Transform]] = {}
-        endpoint = None
+        endpoints: dict[bool, dict] = {}  # pre-activation statistics, as folded or unfolded merges use them
+        additions = []  # computed for every candidate first: a failure adds nothing anywhere
         for candidate in self.candidates:
             config = candidate.config
-            work = state
+            fold = self._folds(config)
+            if fold not in forms:
+                forms[fold] = fold_batchnorm(model, self.spec)
+            work, spec = forms[fold], self._spec(fold)
             if config.zero_dead and config.needs_statistics and stats is not None:
-                if True not in zeroed:
-                    zeroed[True] = self._zero_dead(state, stats, name, side=1)
-                work = zeroed[True]
+                if fold not in zeroed:
+                    assert spec is not None
+                    zeroed[fold] = self._zero_dead(work, stats, spec, side=1)
+                work = zeroed[fold]
             transforms: dict[str, Transform] = {}
-            if config.aligns:
-                key = _aligner_key(config)
+            if given is not None:
+                transforms = dict(given)
+            elif config.aligns:
+                key = _aligner_key(config, fold)
                 if key not in base:
-                    job = AlignmentJob(self._sub_spec(config), config, stats, work, self.template, name)
+                    assert spec is not None
+                    job = AlignmentJob(self._sub_spec(config, spec), config, stats, work, self._template(fold), name)
                     base[key] = ALIGNERS[config.method].transforms(job)
                 transforms = {point: shrink_transform(t, config.shrinkage, point=point)
                               for point, t in base[key].items()}
             if transforms:
-                work = apply_transforms(work, self.spec, transforms)
+                work = apply_transforms(work, spec, transforms)
                 _check_finite(work, f"{name} after {config.label()} alignment")
-                if config.needs_statistics:  # statistics-based transforms rescale features
-                    candidate.moved.update(transforms)
-            if config.repair != "none":
-                if endpoint is None:
-                    endpoint = preactivation_statistics([model], self.calibration, self.spec, device=self.device)[0]
-                candidate.repair.add(endpoint, transforms, weight)
+            if config.repair != "none" and fold not in endpoints:
+                endpoints[fold] = self._endpoint_statistics(model, fold)
+            additions.append((candidate, work, transforms, fold))
+        for candidate, work, transforms, fold in additions:
+            if transforms and candidate.config.needs_statistics:  # statistics-based transforms rescale features
+                candidate.moved.update(transforms)
+            if candidate.config.repair != "none":
+                candidate.repair.add(endpoints[fold], transforms, weight)
             _add_weighted(candidate, work, weight)
             if self.keep_transforms:
                 candidate.transforms[name] = transforms
 
-    def _zero_dead(self, state: dict[str, torch.Tensor], stats: Mapping[str, PairStatistics] | None, name: str,
-                   side: int) -> dict[str, torch.Tensor]:
+    def _zero_dead(self, state: dict[str, torch.Tensor], stats: Mapping[str, PairStatistics] | None,
+                   spec: AlignmentSpec, side: int, name: str | None = None) -> dict[str, torch.Tensor]:
+        """``state`` with the dead features of the model (``side`` 1, from ``stats``) or of the reference (0) zeroed."""
         if side == 0:
             masks = dict(self._reference_dead or {})
         else:
             masks = {point: pair.zero_features()[side] for point, pair in (stats or {}).items()}
         masks = {point: mask for point, mask in masks.items() if mask.any()}
-        if side == 0:
+        if side == 0 and name is not None:
             self.dead_features[name] = {point: int(mask.sum()) for point, mask in masks.items()}
         if not masks:
             return state
-        logger.debug("%s: zeroed dead features before alignment: %s", name,
-                     {point: int(mask.sum()) for point, mask in masks.items()})
-        assert self.spec is not None
-        return zero_features(state, self.spec, masks)
+        return zero_features(state, spec, masks)
+
+    def _endpoint_statistics(self, model: nn.Module, fold: bool) -> dict:
+        """REPAIR's view of one endpoint: BatchNorm as the model has it (folded merges) or recomputed."""
+        return preactivation_statistics([model], self.calibration, self.spec, recompute_bn=not fold,
+                                        device=self.device)[0]
+
+    def _folds(self, config: MergeConfig) -> bool:
+        """Whether ``config``'s models are aligned in BatchNorm-folded form."""
+        return config.fold_bn and config.aligns and self.spec is not None and bool(self.spec.norms)
+
+    def _spec(self, fold: bool) -> AlignmentSpec | None:
+        return self.folded_spec if fold else self.spec
+
+    def _template(self, fold: bool) -> dict[str, torch.Tensor]:
+        return self.folded_template if fold and self.folded_template is not None else self.template
 
     # ------------------------------------------------------------------ results
 
@@ -295,16 +336,18 @@ class Merger:
             return
         state, weight, name = self._pending_reference
         self._pending_reference = None
-        endpoint = None
+        endpoints: dict[bool, dict] = {}
         for candidate in self.candidates:
-            work = state
+            fold = self._folds(candidate.config)
+            work = self._template(fold) if fold else state
+            spec = self._spec(fold)
             if candidate.config.zero_dead and candidate.config.needs_statistics and self._reference_dead is not None:
-                work = self._zero_dead(state, None, name, side=0)
+                assert spec is not None
+                work = self._zero_dead(work, None, spec, side=0, name=name)
             if candidate.config.repair != "none":
-                if endpoint is None:
-                    endpoint = preactivation_statistics([self.reference], self.calibration, self.spec,
-                                                        device=self.device)[0]
-                candidate.repair.add(endpoint, {}, weight)
+                if fold not in endpoints:
+                    endpoints[fold] = self._endpoint_statistics(self.reference, fold)
+                candidate.repair.add(endpoints[fold], {}, weight)
             _add_weighted(candidate, work, weight)
             if self.keep_transforms:
                 candidate.transforms[name] = {}
@@ -318,7 +361,9 @@ class Merger:
         _check_finite(averaged, f"the merged model ({config.label()})")
         merged = copy.deepcopy(self.reference)
         merged.load_state_dict(averaged)
-        if config.recompute_bn:
+        if config.recompute_bn and self._folds(config):
+            refit_batchnorm(merged, self.spec, self.calibration, device=self.device)
+        elif config.recompute_bn:
             recompute_batchnorm(merged, self.calibration, device=self.device)
         if config.repair != "none":
             repair_to_targets(merged, candidate.repair.targets(), self.calibration, mode=config.repair,
@@ -335,9 +380,8 @@ class Merger:
         assert self.spec is not None
         return self.spec.names() if config.points is None else list(config.points)
 
-    def _sub_spec(self, config: MergeConfig) -> AlignmentSpec:
-        assert self.spec is not None
-        return AlignmentSpec(tuple(self.spec.point(name) for name in self._points(config)))
+    def _sub_spec(self, config: MergeConfig, spec: AlignmentSpec) -> AlignmentSpec:
+        return AlignmentSpec(tuple(spec.point(name) for name in self._points(config)))
 
 
 def as_search(choices: MergeChoices) -> MergeSearch:
@@ -421,9 +465,25 @@ def merge_with_result(
     target = _reference_model(models, reference)
     merger = Merger(target, calibration, search, holdout=holdout, device=device, batch_size=batch_size,
                     keep_transforms=keep_transforms)
-    merger.add_many(models, weights, statistics, names=[f"models[{k}]" for k in range(len(models))],
-                    references=[model is target for model in models])
+    names = [f"models[{k}]" for k in range(len(models))]
+    joint = [c for c in search.candidates() if c.aligns and ALIGNERS[c.method].joint]
+    if joint:
+        merger.add_many(models, weights, names=names, references=[False] * len(models),
+                        transforms=_joint_transforms(joint, search, merger, models, weights, batch_size))
+    else:
+        merger.add_many(models, weights, statistics, names=names, references=[model is target for model in models])
     return merger.finish()
+
+
+def _joint_transforms(joint: Sequence[MergeConfig], search: MergeSearch, merger: Merger,
+                      models: Sequence[nn.Module], weights: Sequence[float],
+                      batch_size: int) -> list[dict[str, Transform]]:
+    """Every model's transforms from a joint aligner (ZipIt!), over the configuration's points."""
+    if len(search.candidates()) != 1:
+        raise ValueError(f"{joint[0].method!r} aligns all models jointly: a search over it is not supported")
+    assert merger.spec is not None
+    points = AlignmentSpec(tuple(merger.spec.point(name) for name in merger._points(joint[0])))
+    return zipit_transforms(models, merger.calibration, points, weights, device=merger.device, batch_size=batch_size)
 
 
 def merge_sequential(
@@ -539,10 +599,10 @@ def average_state_dicts(
 
 # ----------------------------------------------------------------------------- helpers
 
-def _aligner_key(config: MergeConfig) -> tuple:
+def _aligner_key(config: MergeConfig, fold: bool) -> tuple:
     """The fields an aligner's transforms depend on (candidates sharing them share transforms)."""
     return (config.method, config.resolved_ridge, config.ridge_mode, config.blend, config.max_scale, config.points,
-            config.zero_dead)
+            config.zero_dead, fold)
 
 
 def _add_weighted(candidate: _Candidate, state: Mapping[str, torch.Tensor], weight: float) -> None:

@@ -108,7 +108,8 @@ class _ChainNet(nn.Module):
             )
             for layer, consumer in zip(self._layers, consumers)
         )
-        return AlignmentSpec(points, _classifier_fixed(self._layers[0].conv, "classifier"))
+        norms = tuple((layer.conv, layer.bn) for layer in self._layers if layer.bn is not None)
+        return AlignmentSpec(points, _classifier_fixed(self._layers[0].conv, "classifier"), norms)
 
 
 class CNN(_ChainNet):
@@ -241,11 +242,14 @@ class ResNet20(nn.Module):
         """
         stream = _Stream("layer1", self.bn1.num_features, list(_producer("conv1", bn="bn1")))
         streams, inner = [stream], []
+        norms = [("conv1", "bn1")]
         for stage_name, stage in self._stages():
             for b, block in enumerate(stage):
                 name = f"{stage_name}.{b}"
                 stream.axes.append(_consumer(f"{name}.conv1"))
+                norms += [(f"{name}.conv1", f"{name}.bn1"), (f"{name}.conv2", f"{name}.bn2")]
                 if block.projects:
+                    norms.append((f"{name}.shortcut.0", f"{name}.shortcut.1"))
                     stream.axes.append(_consumer(f"{name}.shortcut.0"))
                     shortcut = _producer(f"{name}.shortcut.0", bn=f"{name}.shortcut.1")
                     stream = _Stream(stage_name, block.planes, list(shortcut))
@@ -255,7 +259,8 @@ class ResNet20(nn.Module):
                 inner_axes = (*_producer(f"{name}.conv1", bn=f"{name}.bn1"), _consumer(f"{name}.conv2"))
                 inner.append(AlignmentPoint(name, block.planes, (f"{name}.relu1",), inner_axes))
         stream.axes.append(_consumer("linear"))
-        return AlignmentSpec(tuple(s.point() for s in streams) + tuple(inner), _classifier_fixed("conv1", "linear"))
+        return AlignmentSpec(tuple(s.point() for s in streams) + tuple(inner), _classifier_fixed("conv1", "linear"),
+                             tuple(norms))
 
 
 class LeNet(nn.Module):

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from fedcca.alignment import AlignmentPoint, AlignmentSpec, Transform, spec_for
+from fedcca.alignment import AlignmentPoint, AlignmentSpec, Transform, resolve_tap, spec_for
 from fedcca.batchnorm import recompute_batchnorm
 from fedcca.statistics import as_batches, collect_statistics
 
@@ -105,6 +105,7 @@ def repair(
     mode: str = "affine",
     spec: AlignmentSpec | None = None,
     endpoint_statistics: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
+    recompute_bn: bool = True,
     device: torch.device | str | None = None,
     batch_size: int = 256,
 ) -> nn.Module:
@@ -125,6 +126,8 @@ def repair(
         spec: The alignment spec (default ``spec_for(merged)``).
         endpoint_statistics: :func:`preactivation_statistics` of ``endpoints`` (computed when
             None; pass them to reuse one pass over several candidate merges).
+        recompute_bn: How the endpoints are measured (see :func:`preactivation_statistics`): True
+            for a merge whose BatchNorm statistics were recomputed, False for a folded merge.
         device: Where forwards run.
         batch_size: Batch size for forwards.
     """
@@ -134,7 +137,8 @@ def repair(
     spec = spec_for(merged) if spec is None else spec
     calibration = list(as_batches(calibration, batch_size))
     if endpoint_statistics is None:
-        endpoint_statistics = preactivation_statistics(endpoints, calibration, spec, device=device)
+        endpoint_statistics = preactivation_statistics(endpoints, calibration, spec, recompute_bn=recompute_bn,
+                                                       device=device)
     targets = RepairTargets()
     for stats, ts, w in zip(endpoint_statistics, transforms, weights):
         targets.add(stats, ts, w)
@@ -196,20 +200,24 @@ def preactivation_statistics(
     calibration: torch.Tensor | Iterable,
     spec: AlignmentSpec | None = None,
     *,
+    recompute_bn: bool = True,
     device: torch.device | str | None = None,
     batch_size: int = 256,
 ) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Per model, ``{point: (mean, covariance)}`` of its pre-activations (float64, CPU).
 
-    Only points qualifying for :func:`preactivation_spec` are present. Models with BatchNorm
-    are measured on a copy whose BatchNorm statistics were recomputed on ``calibration``, as
-    the merged model's are: otherwise running statistics gathered on other data would make
-    :func:`repair` move even a merge of identical models.
+    Only points qualifying for :func:`preactivation_spec` are present. With ``recompute_bn``,
+    models with BatchNorm are measured on a copy whose BatchNorm statistics were recomputed on
+    ``calibration``, as an unfolded merge's are; a folded merge keeps the models' own
+    statistics (:func:`fedcca.batchnorm.refit_batchnorm`), so its targets are measured on the
+    models as they are (``recompute_bn=False``). Either way a merge of identical models is
+    left unchanged by :func:`repair`.
 
     Args:
         models: Models of one architecture.
         calibration: Inputs.
         spec: The alignment spec (default ``spec_for(models[0])``).
+        recompute_bn: Measure copies with BatchNorm statistics recomputed on ``calibration``.
         device: Where forwards run.
         batch_size: Batch size when ``calibration`` is a tensor.
     """
@@ -220,7 +228,7 @@ def preactivation_statistics(
     out = []
     batches = list(as_batches(calibration, batch_size))
     for model in models:
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        if recompute_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             model = recompute_batchnorm(copy.deepcopy(model), batches, device=device)
         stats = collect_statistics(model, [model], batches, pre_spec, device=device)[0]
         out.append({name: (pair.means()[1].double(), pair.covariances()[1].double())
@@ -231,7 +239,20 @@ def preactivation_statistics(
 # ----------------------------------------------------------------------------- helpers
 
 def _producer(point: AlignmentPoint, modules: Mapping[str, nn.Module]) -> str | None:
-    """The one module whose output the point's ReLU taps consume, or None."""
+    """The one module whose output the point's ReLU taps consume, or None.
+
+    Taps are ReLU modules, or ``"<module>+relu"`` taps (a functional ReLU of a traced model),
+    whose module is then the producer itself.
+    """
+    resolved = [resolve_tap(tap, modules) for tap in point.taps]
+    functional = {found[0] for found in resolved if found is not None and found[1]}
+    if point.taps and all(found is not None and found[1] for found in resolved) and len(functional) == 1:
+        (name,) = functional
+        module = modules[name]
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) or (
+                isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)) and module.bias is not None):
+            return name
+        return None
     if not point.taps or not all(isinstance(modules.get(t), nn.ReLU) for t in point.taps):
         return None
     outs = {ax.key.rsplit(".", 1)[0] for ax in point.axes if ax.role in ("out", "var")}

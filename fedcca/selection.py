@@ -162,6 +162,11 @@ VARIANTS: dict[str, MergeSearch] = {
     "cca-repair": _named("cca + REPAIR (mean and std)", MergeConfig("cca", repair="affine")),
     "cca-trace-repair": _named("cca-trace + REPAIR, g chosen on held-out calibration",
                                MergeConfig("cca", repair="affine"), ridge=TRACE_RIDGES),
+    "cca-unfolded": _named("cca with BatchNorm vectors transformed as they are (no folding; the paper's way)",
+                           MergeConfig("cca", fold_bn=False)),
+    "cca-unfolded-repair": _named("cca-unfolded + REPAIR", MergeConfig("cca", fold_bn=False, repair="affine")),
+    "zipit": _named("ZipIt! (all models zipped jointly, no partial zipping)", MergeConfig("zipit")),
+    "zipit-repair": _named("ZipIt! + REPAIR", MergeConfig("zipit", repair="affine")),
 }
 """Named merge recipes (see :class:`~fedcca.config.MergeSearch`); ``"cca-paper"`` is the paper's transform."""
 

@@ -9,6 +9,7 @@ point, and statistics of disjoint data combine by addition (clients send them to
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedcca.alignment import AlignmentSpec, spec_for
+from fedcca.alignment import AlignmentSpec, resolve_tap, spec_for
 from fedcca.devices import resolve_device
 
 _FIELDS = ("count", "sum_a", "sum_b", "sq_a", "sq_b", "cross")
@@ -150,7 +151,7 @@ def collect_statistics(
         reference: Model A, the alignment target.
         models: Models B; one dict of statistics is returned per model.
         calibration: Inputs, see :func:`as_batches`.
-        spec: Alignment spec (default ``spec_for(reference)``).
+        spec: Alignment spec (default ``spec_for(reference)``, traced on the first batch if needed).
         points: Names of the points to collect (default all).
         device: Where to run (None: CUDA if available, else CPU).
         batch_size: Batch size when ``calibration`` is a tensor.
@@ -162,7 +163,11 @@ def collect_statistics(
         StatisticsError: Non-finite features (naming the model index and the point), a
             feature size that differs from the spec, or empty calibration data.
     """
-    spec = spec_for(reference) if spec is None else spec
+    batches = as_batches(calibration, batch_size)
+    if spec is None:
+        first = next(batches, None)
+        spec = spec_for(reference, example_input=first)
+        batches = itertools.chain([] if first is None else [first], batches)
     selected = [spec.point(name) for name in (spec.names() if points is None else points)]
     sizes = {point.name: point.size for point in selected}
     taps: dict[str, list[str]] = {}  # tap -> the points it feeds (normally one)
@@ -178,7 +183,7 @@ def collect_statistics(
         for model in (reference, *models):
             stack.enter_context(running_on(model, device, training=False))
         stack.enter_context(torch.no_grad())
-        for batch in as_batches(calibration, batch_size):
+        for batch in batches:
             batch = batch.to(device)
             ref_features = _record_reference(reference, batch, taps, sizes)
             for index, model in enumerate(models):
@@ -284,21 +289,32 @@ def _features(output: object, point: str, size: int, index: int) -> torch.Tensor
     return output.detach().movedim(1, -1).reshape(-1, size)
 
 
-def _run_with_taps(model: nn.Module, batch: torch.Tensor, taps: Mapping[str, list[str]],
+def run_with_taps(model: nn.Module, batch: torch.Tensor, taps: Mapping[str, list[str]],
                    on_output: Callable[[str, object], None]) -> None:
-    """Forward ``batch`` with a hook on every tap calling ``on_output(tap, output)``."""
+    """Forward ``batch`` with a hook on every tap calling ``on_output(tap, output)``.
+
+    A ``"<module>+relu"`` tap hooks the module and passes ``relu(output)`` (see
+    :func:`fedcca.alignment.resolve_tap`).
+    """
     modules = dict(model.named_modules())
-    missing = [tap for tap in taps if tap not in modules]
+    resolved = {tap: resolve_tap(tap, modules) for tap in taps}
+    missing = [tap for tap, found in resolved.items() if found is None]
     if missing:
         raise StatisticsError(f"model {type(model).__name__} has no module '{missing[0]}' "
                               f"(tap of point '{taps[missing[0]][0]}')")
-    handles = [modules[tap].register_forward_hook(
-        lambda _module, _inputs, output, tap=tap: on_output(tap, output)) for tap in taps]
+    handles = [modules[name].register_forward_hook(
+        lambda _module, _inputs, output, tap=tap, relu=relu: on_output(tap, _relu(output) if relu else output))
+        for tap, (name, relu) in resolved.items()]
     try:
         model(batch)
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _relu(output: object) -> object:
+    """ReLU of a hooked output (a new tensor: an in-place ReLU in the model runs after the hook)."""
+    return torch.relu(output) if isinstance(output, torch.Tensor) else output
 
 
 def _record_reference(reference: nn.Module, batch: torch.Tensor, taps: Mapping[str, list[str]],
@@ -310,7 +326,7 @@ def _record_reference(reference: nn.Module, batch: torch.Tensor, taps: Mapping[s
         point = taps[tap][0]
         recorded[tap].append(_features(output, point, sizes[point], -1))
 
-    _run_with_taps(reference, batch, taps, record)
+    run_with_taps(reference, batch, taps, record)
     return recorded
 
 
@@ -336,4 +352,4 @@ def _accumulate(model: nn.Module, index: int, batch: torch.Tensor, taps: Mapping
             for features in outputs:
                 fold(tap, features)
     else:
-        _run_with_taps(model, batch, taps, fold)
+        run_with_taps(model, batch, taps, fold)

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from torch import nn
 
+from fedcca.aligners import ALIGNERS
 from fedcca.alignment import spec_for
 from fedcca.config import MergeConfig, MergeSearch
 from fedcca.devices import resolve_device
@@ -143,6 +144,10 @@ class CCAMerge(FedAvg):
         search = MergeSearch.of(config)
         if options:
             search = dataclasses.replace(search, base=MergeConfig.from_options(search.base, **options))
+        joint = [c.method for c in search.candidates() if c.aligns and ALIGNERS[c.method].joint]
+        if joint:
+            raise ValueError(f"CCAMerge: method {joint[0]!r} aligns all client models jointly; a federated round "
+                             "aligns each reply to the reference (use cca, permute, weight-matching or blend)")
         if len(search.candidates()) > 1 and holdout is None:
             raise ValueError(f"CCAMerge: a search over {len(search.candidates())} candidates needs labelled "
                              "holdout data (holdout=(inputs, labels))")
@@ -160,7 +165,8 @@ class CCAMerge(FedAvg):
         self.statistics_group = statistics_group
         self.rounds: list[RoundRecord] = []
         model = model_fn()
-        self.spec = spec_for(model) if self._needs_spec() else None  # UnsupportedModelError for foreign models
+        example = self.calibration[0] if self.calibration else None  # traces a model without alignment_spec()
+        self.spec = spec_for(model, example) if self._needs_spec() else None  # UnsupportedModelError if refused
         self._template = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
         _check_runs(model, self.calibration)
         self._sent: _Round | None = None

@@ -92,7 +92,7 @@ def test_architecture_mismatch_is_one_line_and_exit_2(files: dict[str, Path], tm
 
 
 def test_bad_options_exit_2(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["merge", str(files["a.pt"]), "--calibration", str(files["calib.pt"]), "--method", "zipit"]) == 2
+    assert main(["merge", str(files["a.pt"]), "--calibration", str(files["calib.pt"]), "--method", "fedma"]) == 2
     assert "invalid choice" in capsys.readouterr().err
     code = main(["merge", str(files["a.pt"]), "--calibration", str(files["calib.pt"]), "--reference", "3"])
     _assert_clean_error(code, capsys, "--reference 3")

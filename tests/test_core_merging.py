@@ -6,6 +6,7 @@ import copy
 import logging
 import re
 
+import numpy as np
 import pytest
 import torch
 from tests.tiny_models import calibration, make_tiny, outputs, symmetric_copy
@@ -48,17 +49,18 @@ EXACT_CASES = [("cca", {"ridge_mode": "relative"}, (0.5, 2.0)), ("permute", {}, 
 
 @pytest.mark.parametrize(("method", "options", "scales"), EXACT_CASES)
 @pytest.mark.parametrize("repair", ["none", "affine"])
-def test_symmetric_copy_is_recovered_exactly(method: str, options: dict, scales: tuple, repair: str) -> None:
+@pytest.mark.parametrize("fold_bn", [True, False])
+def test_symmetric_copy_is_recovered_exactly(method: str, options: dict, scales: tuple, repair: str,
+                                             fold_bn: bool) -> None:
     model, x = make_tiny(1), calibration(24)
     # REPAIR targets the endpoints with BatchNorm recomputed on x, as merging leaves the result.
     merged = merge([model, symmetric_copy(model, scale_range=scales)], x, method, recompute_bn=repair != "none",
-                   repair=repair, **options)
-    if repair == "none":
+                   repair=repair, fold_bn=fold_bn, **options)
+    if repair == "none" and not fold_bn:  # unfolded, the weights themselves come back
         for key, value in model.state_dict().items():
             torch.testing.assert_close(merged.state_dict()[key], value, atol=1e-5, rtol=1e-5)
-        _assert_same_function(merged, model, x)
-    else:
-        _assert_same_function(merged, _with_fresh_bn(model, x), x)
+    # Folded, BatchNorm keeps the models' statistics (re-fitted); unfolded with repair, it is recomputed on x.
+    _assert_same_function(merged, model if fold_bn or repair == "none" else _with_fresh_bn(model, x), x)
 
 
 def test_default_ridge_does_not_undo_per_feature_scales_exactly() -> None:
@@ -78,7 +80,9 @@ def test_streamed_repair_equals_repair_of_the_merged_model(repair: str) -> None:
     merged = merge(models, x, "cca", weights=[1.0, 2.0, 1.0], repair=repair, balance=False)
     plain = merge_with_result(models, x, "cca", weights=[1.0, 2.0, 1.0], balance=False, keep_transforms=True)
     transforms = [plain.transforms[f"models[{k}]"] for k in range(3)]
-    expected = repair_model(copy.deepcopy(plain.model), models, transforms, x, [1.0, 2.0, 1.0], mode=repair)
+    # Aligned BatchNorm merges are folded: the endpoints are measured as they are.
+    expected = repair_model(copy.deepcopy(plain.model), models, transforms, x, [1.0, 2.0, 1.0], mode=repair,
+                            recompute_bn=False)
     unrepaired = plain.model
     torch.testing.assert_close(outputs(merged, x), outputs(expected, x), atol=1e-6, rtol=1e-6)
     assert not torch.allclose(outputs(merged, x), outputs(unrepaired, x), atol=1e-3)
@@ -126,8 +130,30 @@ def test_model_zoo_symmetric_copies_are_recovered(name: str) -> None:
               for method in DATA_METHODS]
     permuted = symmetric_copy(model, seed=6, scale_range=(1.0, 1.0))
     merged.append(merge([model, permuted], x, "weight-matching", recompute_bn=False))
+    merged.append(merge([model, permuted], x, "zipit", recompute_bn=False))  # ZipIt! averages unscaled features
+    merged.append(merge([model, copy.deepcopy(model), copy.deepcopy(model)], x, "zipit"))  # identical: itself
     for result in merged:
         torch.testing.assert_close(outputs(result, probe), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_zipit_zips_within_a_model_when_its_own_features_correlate_best() -> None:
+    """Two copies of one feature inside model A, none matching in B: ZipIt! groups A's two (a permutation cannot)."""
+    from fedcca.zipit import zip_groups
+
+    # Features: A0, A1, B0, B1 (n = 2, K = 2). A0 ~ A1 (0.99); B's features match neither well.
+    correlation = np.array([[1.0, 0.99, 0.2, 0.1], [0.99, 1.0, 0.1, 0.2], [0.2, 0.1, 1.0, 0.3],
+                            [0.1, 0.2, 0.3, 1.0]])
+    assert zip_groups(correlation, 2) == [[0, 1], [2, 3]]
+    permutation = np.array([[1.0, 0.0, 0.1, 0.95], [0.0, 1.0, 0.9, 0.1], [0.1, 0.9, 1.0, 0.0],
+                            [0.95, 0.1, 0.0, 1.0]])
+    assert zip_groups(permutation, 2) == [[0, 3], [1, 2]]  # cross-model pairs when they correlate best
+
+
+def test_zipit_is_offline_only() -> None:
+    from fedcca.strategy import CCAMerge
+
+    with pytest.raises(ValueError, match="aligns all client models jointly"):
+        CCAMerge(lambda: make_tiny(1), calibration(8), method="zipit")
 
 
 def test_separate_reference_is_only_a_target() -> None:
@@ -154,7 +180,8 @@ def test_identical_models_merge_to_the_same_function(method: str) -> None:
     model, x = make_tiny(1), calibration(24)
     merged = merge([copy.deepcopy(model) for _ in range(3)], x, method, reference=1)
     _assert_finite(merged)
-    _assert_same_function(merged, _with_fresh_bn(model, x), x, atol=1e-5)
+    # Aligned merges fold BatchNorm and re-fit it (the models' function); "direct" recomputes it on x.
+    _assert_same_function(merged, model if method != "direct" else _with_fresh_bn(model, x), x, atol=1e-5)
 
 
 def test_direct_merge_is_the_weighted_average() -> None:
@@ -168,8 +195,8 @@ def test_direct_merge_is_the_weighted_average() -> None:
 
 
 def test_unknown_method_lists_the_options() -> None:
-    with pytest.raises(ValueError, match="cca, permute, weight-matching, blend, direct"):
-        merge([make_tiny(1)], calibration(4), "zipit")
+    with pytest.raises(ValueError, match="cca, permute, weight-matching, blend, zipit, direct"):
+        merge([make_tiny(1)], calibration(4), "fedma")
 
 
 def test_architecture_mismatch_and_non_finite_weights_are_named() -> None:

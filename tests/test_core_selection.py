@@ -54,8 +54,8 @@ def merge_variant(models: list[nn.Module], calib: torch.Tensor, variant: str, **
 PER_FEATURE, UNIFORM, NONE = (0.5, 2.0), (1.7, 1.7), (1.0, 1.0)
 EXACT_CASES = [(v, PER_FEATURE) for v in ("permute", "cca-relative", "permute-repair", "permute-mean", "permute-keep-dead")] \
     + [(v, UNIFORM) for v in ("cca", "cca-trace", "cca-procrustes", "cca-repair", "cca-trace-repair", "cca-mean", "cca-keep-dead",
-                              "blend")] \
-    + [(v, NONE) for v in ("cca-paper", "weight-matching", "weight-matching-repair")]
+                              "blend", "cca-unfolded", "cca-unfolded-repair")] \
+    + [(v, NONE) for v in ("cca-paper", "weight-matching", "weight-matching-repair", "zipit", "zipit-repair")]
 
 
 def test_every_variant_has_an_exactness_case() -> None:
@@ -79,7 +79,10 @@ def test_identical_models_merge_to_themselves(variant: str, batchnorm: bool, dat
     model = _model(3, batchnorm)
     merged, _ = merge_variant([model, copy.deepcopy(model), copy.deepcopy(model)], calib, variant,
                               holdout=holdout)
-    expected = recompute_batchnorm(copy.deepcopy(model), calib)  # merging always recomputes BatchNorm
+    # Aligned merges fold BatchNorm and re-fit it (the model's own function); unfolded ones recompute it.
+    base = get_variant(variant).base
+    folded = base.aligns and base.fold_bn
+    expected = model if folded else recompute_batchnorm(copy.deepcopy(model), calib)
     torch.testing.assert_close(_outputs(merged, holdout[0]), _outputs(expected, holdout[0]), rtol=1e-4, atol=1e-4)
 
 
@@ -90,7 +93,8 @@ def test_independent_models_merge_finite(variant: str, data) -> None:
                                    holdout=holdout)
     assert all(torch.isfinite(v).all() for v in merged.state_dict().values() if v.is_floating_point())
     assert torch.isfinite(_outputs(merged, holdout[0])).all()
-    assert len(report.transforms) == 3 and report.transforms["models[0]"] == {}
+    joint = get_variant(variant).base.method == "zipit"  # ZipIt! transforms the reference too
+    assert len(report.transforms) == 3 and (report.transforms["models[0]"] == {}) != joint
 
 
 def test_repair_matches_endpoint_average(data) -> None:
@@ -101,7 +105,7 @@ def test_repair_matches_endpoint_average(data) -> None:
     merged, report = merge_variant(models, calib, "cca-repair", holdout=holdout, balance=False)
     assert preactivation_spec(spec_for(merged), merged)[1] == {"conv1": "conv1", "conv2": "bn2", "fc1": "fc1"}
     # reference computation: each endpoint's pre-activation stats moved by its transform
-    endpoint = preactivation_statistics(models, calib)
+    endpoint = preactivation_statistics(models, calib, recompute_bn=False)  # a folded merge keeps their BatchNorm
     pre_spec, _ = preactivation_spec(spec_for(merged), merged)
     # measured as the merged model runs (eval mode, its BatchNorm statistics as left by merging)
     mine = collect_statistics(merged, [merged], calib, pre_spec)[0]

@@ -10,7 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from fedcca.aligners import METHODS
+from fedcca.aligners import ALIGNERS, METHODS
 from fedcca.protocol import COMPUTE_STATS_FLAG, STATISTICS_KEY
 from fedcca.local_grid import InProcessGrid
 from fedcca.strategy import CCAMerge
@@ -59,12 +59,22 @@ GLOBAL = ArrayRecord(make_model(seed=1).state_dict())
 BN_BUFFERS = ("bn2.running_mean", "bn2.running_var", "bn2.num_batches_tracked")
 
 
-@pytest.mark.parametrize("method", METHODS)
+ROUND_METHODS = [method for method in METHODS if not ALIGNERS[method].joint]  # ZipIt! is offline only
+
+
+def _outputs(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    model = make_model()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return model.eval()(CALIBRATION)
+
+
+@pytest.mark.parametrize("method", ROUND_METHODS)
 @pytest.mark.parametrize("reference", ["first", "largest"])
 def test_identical_clients_merge_to_that_model(method: str, reference: str) -> None:
     client = make_model(seed=5).state_dict()
     grid = InProcessGrid({node: _echo_app(client) for node in NODES})
-    _, (arrays, _) = _round(_strategy(method=method, reference=reference), grid, GLOBAL)
+    _, (arrays, _) = _round(_strategy(method=method, reference=reference, fold_bn=False), grid, GLOBAL)
     merged = _state(arrays)
     _assert_close(merged, client, skip=BN_BUFFERS)
     # BatchNorm statistics were recomputed on the calibration data: exact mean of bn2's inputs.
@@ -72,13 +82,19 @@ def test_identical_clients_merge_to_that_model(method: str, reference: str) -> N
     with torch.no_grad():
         bn_inputs = model.conv2(model.relu1(model.conv1(CALIBRATION)))
     torch.testing.assert_close(merged["bn2.running_mean"], bn_inputs.mean((0, 2, 3)), atol=1e-5, rtol=1e-4)
+    if method != "direct":  # the plain average is never folded
+        # Folded (the default), BatchNorm is written into conv2 and re-fitted: the client's very function.
+        _, (folded, _) = _round(_strategy(method=method, reference=reference), grid, GLOBAL)
+        torch.testing.assert_close(_outputs(_state(folded)), _outputs(client), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ROUND_METHODS)
 def test_clients_returning_the_global_model_keep_it(method: str) -> None:
     grid = InProcessGrid({node: _echo_app(_state(GLOBAL)) for node in NODES})
-    _, (arrays, _) = _round(_strategy(method=method, recompute_bn=False), grid, GLOBAL)
+    _, (arrays, _) = _round(_strategy(method=method, recompute_bn=False, fold_bn=False), grid, GLOBAL)
     _assert_close(_state(arrays), _state(GLOBAL))
+    _, (folded, _) = _round(_strategy(method=method, recompute_bn=False), grid, GLOBAL)
+    torch.testing.assert_close(_outputs(_state(folded)), _outputs(_state(GLOBAL)), atol=1e-5, rtol=1e-4)
 
 
 def test_direct_method_with_global_reference_is_fedavg() -> None:

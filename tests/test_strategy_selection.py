@@ -53,7 +53,7 @@ def _different_replies() -> list[Message]:
 
 
 def _search_strategy(holdout: tuple[torch.Tensor, torch.Tensor], min_z: float = 2.0) -> CCAMerge:
-    search = MergeSearch(MergeConfig("permute", zero_dead=False), (("shrinkage", (0.0, 1.0)),), min_z=min_z)
+    search = MergeSearch(MergeConfig("permute", zero_dead=False, fold_bn=False), (("shrinkage", (0.0, 1.0)),), min_z=min_z)
     return CCAMerge(make_model, CALIBRATION, search, holdout=holdout, reference="largest", stats="server",
                     device="cpu", min_train_nodes=2)
 
@@ -72,8 +72,8 @@ def _merge_of(replies: list[Message], config: MergeConfig) -> torch.nn.Module:
 def test_the_choice_follows_the_held_out_labels(favoured: str) -> None:
     """Held-out images where the two candidates disagree, labelled as one of them predicts: it wins."""
     replies, images = _different_replies(), calibration(3000, seed=77)
-    aligned = _merge_of(replies, MergeConfig("permute", zero_dead=False))
-    plain = _merge_of(replies, MergeConfig("permute", zero_dead=False, shrinkage=0.0))
+    aligned = _merge_of(replies, MergeConfig("permute", zero_dead=False, fold_bn=False))
+    plain = _merge_of(replies, MergeConfig("permute", zero_dead=False, fold_bn=False, shrinkage=0.0))
     with torch.no_grad():
         disagree = aligned(images).argmax(1) != plain(images).argmax(1)
         held_out = images[disagree]

@@ -43,7 +43,8 @@ class TinyNet(nn.Module):
             AlignmentPoint("fc1", HIDDEN, ("relu3",), (
                 ParamAxis("fc1.weight", 0, "out"), ParamAxis("fc1.bias", 0, "out"),
                 ParamAxis("fc2.weight", 1, "in"))),
-        ), fixed=(("conv1.weight", 1), ("fc2.weight", 0), ("fc2.bias", 0)))
+        ), fixed=(("conv1.weight", 1), ("fc2.weight", 0), ("fc2.bias", 0)),
+            norms=(("conv2", "bn2"),) if bn else ())
 
 
 def make_model(seed: int = 0) -> TinyNet:
