@@ -64,7 +64,9 @@ def train(msg: Message, context: Context) -> Message:
     statistics, stats_seconds = None, 0.0
     if instruction.compute_statistics:
         started = time.perf_counter()
-        statistics = collect_statistics(reference, [model], calibration_inputs(task), device=device)[0]
+        # Only our model's moments and the cross moment travel: the server measures the received model's.
+        statistics = collect_statistics(reference, [model], calibration_inputs(task), reference_moments=False,
+                                        device=device)[0]
         stats_seconds = time.perf_counter() - started
     metrics = {"train-loss": result["loss"], "train-seconds": result["seconds"], "stats-seconds": stats_seconds}
     return Message(train_reply(model.state_dict(), loader.num_examples, metrics, statistics), reply_to=msg)

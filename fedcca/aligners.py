@@ -16,7 +16,7 @@ import torch
 
 from fedcca.alignment import AlignmentSpec, Transform
 from fedcca.statistics import PairStatistics
-from fedcca.transforms import blend_transform, cca_transform, permute_transform, weight_matching
+from fedcca.transforms import WhiteningCache, blend_transform, cca_transform, permute_transform, weight_matching
 
 if TYPE_CHECKING:
     from fedcca.config import MergeConfig
@@ -34,6 +34,7 @@ class AlignmentJob:
         state: The model's weights.
         reference_state: The reference's weights.
         name: How messages call the model.
+        cache: What stays valid for every model aligned to this reference (e.g. its whitening).
     """
 
     spec: AlignmentSpec
@@ -42,6 +43,7 @@ class AlignmentJob:
     state: Mapping[str, torch.Tensor]
     reference_state: Mapping[str, torch.Tensor]
     name: str = "model"
+    cache: WhiteningCache | None = None
 
     def pair(self, point: str) -> PairStatistics:
         """The statistics of ``point``; ValueError naming the model when they are missing."""
@@ -72,7 +74,8 @@ class Aligner:
 
 def _cca(job: AlignmentJob) -> dict[str, Transform]:
     config = job.config
-    return {p.name: cca_transform(job.pair(p.name), config.resolved_ridge, ridge_mode=config.ridge_mode, point=p.name)
+    return {p.name: cca_transform(job.pair(p.name), config.resolved_ridge, ridge_mode=config.ridge_mode, point=p.name,
+                                  cache=job.cache)
             for p in job.spec.points}
 
 

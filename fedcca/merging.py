@@ -34,7 +34,7 @@ from fedcca.config import MergeConfig, MergeSearch
 from fedcca.repair import RepairTargets, preactivation_statistics, repair_to_targets
 from fedcca.selection import CandidateScore, choose
 from fedcca.statistics import PairStatistics, as_batches, collect_statistics
-from fedcca.transforms import shrink_transform
+from fedcca.transforms import WhiteningCache, shrink_transform
 from fedcca.zipit import zipit_transforms
 
 __all__ = ["METHODS", "MergeError", "MergeResult", "Merger", "align_state_dict", "average_state_dicts",
@@ -136,6 +136,7 @@ class Merger:
                            "their BatchNorm vectors are transformed without folding",
                            [p.name for p in unfolded_points(self.spec)])
         self.dead_features: dict[str, dict[str, int]] = {}
+        self._whitening = WhiteningCache()  # the reference's whitening, computed once per point
         self._reference_dead: dict[str, torch.Tensor] | None = None
         self._pending_reference: tuple[dict[str, torch.Tensor], float, str] | None = None
         self._count = 0
@@ -263,7 +264,8 @@ class Merger:
                 key = _aligner_key(config, fold)
                 if key not in base:
                     assert spec is not None
-                    job = AlignmentJob(self._sub_spec(config, spec), config, stats, work, self._template(fold), name)
+                    job = AlignmentJob(self._sub_spec(config, spec), config, stats, work, self._template(fold), name,
+                                       self._whitening)
                     base[key] = ALIGNERS[config.method].transforms(job)
                 transforms = {point: shrink_transform(t, config.shrinkage, point=point)
                               for point, t in base[key].items()}

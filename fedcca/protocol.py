@@ -24,12 +24,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedcca.alignment import AlignmentSpec
-from fedcca.statistics import (
-    PairStatistics,
-    StatisticsError,
-    statistics_from_arrays,
-    statistics_to_arrays,
-)
+from fedcca.statistics import ClientStatistics, Moments, PairStatistics, StatisticsError
 
 WEIGHTS_KEY = "arrays"
 CONFIG_KEY = "config"
@@ -37,6 +32,9 @@ METRICS_KEY = "metrics"
 STATISTICS_KEY = "fedcca.statistics"
 COMPUTE_STATS_FLAG = "fedcca.compute-statistics"
 NUM_EXAMPLES_KEY = "num-examples"
+STATISTICS_FORMAT = 2
+"""Version of the statistics wire format; a reply of another version is refused, naming both."""
+FORMAT_KEY = "format"
 SERVER_ROUND_KEY = "server-round"
 PROXIMAL_MU_KEY = "proximal-mu"  # set by Flower's FedProx
 
@@ -124,8 +122,9 @@ class ClientUpdate:
         node_id: The replying node (``msg.metadata.src_node_id``).
         state_dict: The trained weights as CPU tensors, keys and dtypes as the model's.
         num_examples: The reply's weight in the average (positive, finite).
-        statistics: Alignment statistics (received model = A, trained model = B) sent by
-            the client, or ``None`` when the reply carries none.
+        statistics: What the client sent of its alignment statistics (trained model = B,
+            against the received model = A), or ``None`` when the reply carries none; the server
+            pairs them with the received model's own moments (:func:`fedcca.statistics.assemble`).
         metrics: The reply's ``MetricRecord``.
         num_bytes: Payload size of the reply (all records).
         statistics_bytes: Payload size of the statistics record (0 without one).
@@ -134,33 +133,49 @@ class ClientUpdate:
     node_id: int
     state_dict: dict[str, torch.Tensor]
     num_examples: float
-    statistics: dict[str, PairStatistics] | None
+    statistics: dict[str, ClientStatistics] | None
     metrics: MetricRecord
     num_bytes: int
     statistics_bytes: int
 
 
+
+
 def statistics_to_record(stats: Mapping[str, PairStatistics]) -> ArrayRecord:
-    """Pack per-point statistics into an ``ArrayRecord`` (float64 arrays).
+    """Pack what a client sends of its statistics (format :data:`STATISTICS_FORMAT`) into an ``ArrayRecord``.
+
+    Per point: ``count``, the model's ``mean`` (float64), its centred second moment as the packed
+    upper triangle (``comoment``, float32: it is symmetric) and the ``cross`` moment with the
+    received model (float32). The received model's own moments are not sent: the server
+    measures them once per round (:func:`fedcca.statistics.collect_moments`).
 
     Args:
-        stats: Statistics per alignment point, as returned by ``collect_statistics``.
+        stats: Statistics per alignment point, as returned by ``collect_statistics`` for the
+            (received model, trained model) pair.
     """
-    return ArrayRecord(
-        {key: Array(np.asarray(value)) for key, value in statistics_to_arrays(stats).items()}
-    )
+    arrays = {FORMAT_KEY: np.asarray(STATISTICS_FORMAT, dtype=np.int64)}
+    for point, pair in stats.items():
+        part = pair.client_part()
+        n = part.b.mean.shape[0]
+        rows, cols = np.triu_indices(n)
+        arrays[f"{point}/count"] = np.asarray(float(part.b.count), dtype=np.float64)
+        arrays[f"{point}/mean"] = part.b.mean.detach().cpu().double().numpy()
+        arrays[f"{point}/comoment"] = part.b.comoment.detach().cpu().numpy()[rows, cols].astype(np.float32)
+        arrays[f"{point}/cross"] = part.cross.detach().cpu().numpy().astype(np.float32)
+    return ArrayRecord({key: Array(value) for key, value in arrays.items()})
 
 
-def statistics_from_record(record: ArrayRecord, spec: AlignmentSpec) -> dict[str, PairStatistics]:
-    """Unpack and validate statistics sent by a client.
+def statistics_from_record(record: ArrayRecord, spec: AlignmentSpec) -> dict[str, ClientStatistics]:
+    """Unpack and validate the statistics a client sent.
 
     Args:
         record: The ``ArrayRecord`` stored under :data:`STATISTICS_KEY`.
         spec: The model's alignment spec; every point must be present with matching sizes.
 
     Raises:
-        StatisticsError: An array cannot be decoded, or the statistics do not fit ``spec``
-            (missing point, wrong size, non-finite value, non-positive count).
+        StatisticsError: Naming the key that cannot be decoded, is missing, unexpected, of the
+            wrong shape, non-finite, or a count that is not a positive integer; or another
+            format version.
     """
     arrays: dict[str, np.ndarray] = {}
     for key, array in record.items():
@@ -168,7 +183,46 @@ def statistics_from_record(record: ArrayRecord, spec: AlignmentSpec) -> dict[str
             arrays[key] = array.numpy()
         except Exception as err:  # corrupt bytes or foreign serialisation from a client
             raise StatisticsError(f"statistics array '{key}' cannot be decoded: {err}") from err
-    return statistics_from_arrays(arrays, spec)
+    version = arrays.get(FORMAT_KEY)
+    if version is None or np.asarray(version).shape != () or int(version) != STATISTICS_FORMAT:
+        raise StatisticsError(f"statistics format {None if version is None else np.asarray(version).tolist()}, "
+                              f"this server reads format {STATISTICS_FORMAT} (update the client)")
+    fields = {"count": lambda n: (), "mean": lambda n: (n,), "comoment": lambda n: (n * (n + 1) // 2,),
+              "cross": lambda n: (n, n)}
+    expected = {FORMAT_KEY} | {f"{point.name}/{name}" for point in spec.points for name in fields}
+    unexpected = sorted(set(arrays) - expected)
+    if unexpected:
+        raise StatisticsError(f"unexpected statistics key '{unexpected[0]}'")
+    result: dict[str, ClientStatistics] = {}
+    for point in spec.points:
+        n = point.size
+        values = {name: _checked_array(arrays, f"{point.name}/{name}", shape(n)) for name, shape in fields.items()}
+        count = float(values["count"])
+        if not (count > 0 and count == int(count)):
+            raise StatisticsError(f"statistics key '{point.name}/count' must be a positive integer, got {count}")
+        comoment = np.zeros((n, n))
+        rows, cols = np.triu_indices(n)
+        comoment[rows, cols] = values["comoment"]
+        comoment[cols, rows] = values["comoment"]
+        result[point.name] = ClientStatistics(
+            Moments(int(count), torch.from_numpy(values["mean"]), torch.from_numpy(comoment)),
+            torch.from_numpy(values["cross"]))
+    return result
+
+
+def _checked_array(arrays: Mapping[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """``arrays[key]`` as a float64 copy of ``shape``, finite; StatisticsError naming the key otherwise."""
+    if key not in arrays:
+        raise StatisticsError(f"statistics key '{key}' is missing")
+    try:
+        value = np.asarray(arrays[key], dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise StatisticsError(f"statistics key '{key}' is not numeric: {err}") from err
+    if value.shape != shape:
+        raise StatisticsError(f"statistics key '{key}' has shape {value.shape}, expected {shape}")
+    if not np.isfinite(value).all():
+        raise StatisticsError(f"statistics key '{key}' has non-finite values")
+    return np.array(value)  # own, writable copy
 
 
 def record_bytes(message: Message) -> int:

@@ -1,9 +1,18 @@
-"""Streaming second-order statistics between a reference model and other models.
+"""Streaming second-order statistics of models' features at their alignment points.
 
-For every alignment point the reference's features ``a`` and a model's features ``b`` are
-accumulated as raw float64 moments (count, sums, second moments, cross moment) over the
-calibration batches. Activations are never stored beyond one batch: memory is O(n^2) per
-point, and statistics of disjoint data combine by addition (clients send them to the server).
+For every point, a model's features are summarised by :class:`Moments` (count, mean, centred
+second moment) and a pair of models (the reference's features ``a``, a model's ``b``) by
+:class:`PairStatistics` (both moments and the centred cross moment). Per calibration batch
+the features are centred on the batch mean and their products taken with float32 matrix
+multiplications on the device the models run on (row blocks summed in float64); batches,
+taps and machines are then combined in float64 with the pairwise update of Chan et al.
+(:meth:`Moments.__add__`): exact up to rounding, so statistics of disjoint data add, and
+numerically stable where raw sums of squares are not. Activations are never stored beyond
+one batch: memory is O(n^2) per point.
+
+A client sends only what the server cannot compute: its own moments and the cross moments
+with the model it received (:class:`ClientStatistics`); the server measures the received
+(global) model's own moments once per round and :func:`assemble` s the pair.
 """
 
 from __future__ import annotations
@@ -21,7 +30,9 @@ from torch import nn
 from fedcca.alignment import AlignmentSpec, resolve_tap, spec_for
 from fedcca.devices import resolve_device
 
-_FIELDS = ("count", "sum_a", "sum_b", "sq_a", "sq_b", "cross")
+ROW_BLOCK = 32768  # rows per float32 product: bounds its rounding error; the blocks add in float64
+FLOAT64_BELOW = 4096  # a batch with fewer samples at a point is multiplied in float64: cheap at that size
+SMALL_MAPS = 64  # fewer positions per input: one product over all samples beats many tiny batched ones
 
 
 class StatisticsError(ValueError):
@@ -39,36 +50,93 @@ class StatisticsError(ValueError):
 
 
 @dataclass
-class PairStatistics:
-    """Raw float64 moments of the reference's features ``a`` and a model's features ``b``.
+class Moments:
+    """One model's features at one point.
 
     Args:
         count: Number of samples (every spatial position of a conv feature counts).
-        sum_a: ``sum a``, shape [na].
-        sum_b: ``sum b``, shape [nb].
-        sq_a: ``sum a a^T``, shape [na, na].
-        sq_b: ``sum b b^T``, shape [nb, nb].
-        cross: ``sum a b^T``, shape [na, nb].
+        mean: Mean feature, shape ``[n]``, float64.
+        comoment: ``sum (x - mean)(x - mean)^T`` over the samples, ``[n, n]``, float64; None
+            when not measured (a client skips the received model's, the server measures it).
     """
 
     count: int
-    sum_a: torch.Tensor
-    sum_b: torch.Tensor
-    sq_a: torch.Tensor
-    sq_b: torch.Tensor
+    mean: torch.Tensor
+    comoment: torch.Tensor | None
+
+    def __add__(self, other: Moments) -> Moments:
+        """Moments of the union of both sample sets (Chan et al.'s pairwise update)."""
+        if not isinstance(other, Moments):
+            return NotImplemented
+        count, delta, _, factor = _merged(self.count, other.count, self.mean, other.mean)
+        if count == 0:
+            return self
+        comoment = None
+        if self.comoment is not None and other.comoment is not None:
+            comoment = self.comoment + _on(other.comoment, self.comoment) + torch.outer(delta, delta) * factor
+        return Moments(count, self.mean + delta * (other.count / count), comoment)
+
+    def covariance(self) -> torch.Tensor:
+        """``comoment / count`` (the biased covariance)."""
+        return self.measured() / self.count
+
+    def measured(self) -> torch.Tensor:
+        """``comoment``; StatisticsError when it was not measured or there are no samples."""
+        if self.count <= 0:
+            raise StatisticsError("statistics hold no samples")
+        if self.comoment is None:
+            raise StatisticsError("these statistics do not hold the model's own second moment")
+        return self.comoment
+
+    def to(self, device: torch.device | str) -> Moments:
+        """A copy with every tensor on ``device``."""
+        return Moments(self.count, self.mean.to(device), None if self.comoment is None else self.comoment.to(device))
+
+
+@dataclass
+class ClientStatistics:
+    """What a client sends at one point: its model's moments and the cross moment with the reference.
+
+    Args:
+        b: The client model's :class:`Moments`.
+        cross: ``sum (a - mean_a)(b - mean_b)^T`` with ``a`` the received (reference) model's features.
+    """
+
+    b: Moments
     cross: torch.Tensor
+
+
+@dataclass
+class PairStatistics:
+    """The reference's features ``a`` and a model's features ``b`` at one point, on the same samples.
+
+    Args:
+        a: The reference's :class:`Moments`.
+        b: The model's :class:`Moments` (same ``count``).
+        cross: ``sum (a - mean_a)(b - mean_b)^T``, ``[na, nb]``, float64.
+    """
+
+    a: Moments
+    b: Moments
+    cross: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        """Number of samples."""
+        return self.a.count
 
     @classmethod
     def from_features(cls, a: torch.Tensor, b: torch.Tensor) -> PairStatistics:
-        """Moments of paired samples ``a`` [N, na] and ``b`` [N, nb] (cast to float64).
+        """Statistics of paired samples ``a`` [N, na] and ``b`` [N, nb], computed in float64.
 
         Args:
             a: Reference features, one sample per row.
             b: The other model's features for the same inputs.
         """
         a, b = a.double(), b.double()
-        return cls(count=a.shape[0], sum_a=a.sum(0), sum_b=b.sum(0),
-                   sq_a=a.T @ a, sq_b=b.T @ b, cross=a.T @ b)
+        centred_a, centred_b = a - a.mean(0), b - b.mean(0)
+        return cls(Moments(a.shape[0], a.mean(0), centred_a.T @ centred_a),
+                   Moments(b.shape[0], b.mean(0), centred_b.T @ centred_b), centred_a.T @ centred_b)
 
     def __add__(self, other: PairStatistics) -> PairStatistics:
         """Statistics of the union of both sample sets."""
@@ -77,32 +145,59 @@ class PairStatistics:
         if self.cross.shape != other.cross.shape:
             raise StatisticsError(f"cannot add statistics of shapes {tuple(self.cross.shape)} "
                                   f"and {tuple(other.cross.shape)}")
-        # `.to` lets partial sums from a GPU and a CPU be combined.
-        return PairStatistics(self.count + other.count, *(
-            getattr(self, name) + getattr(other, name).to(getattr(self, name).device)
-            for name in _FIELDS[1:]))
+        count, delta_a, delta_b, factor = _merged(self.count, other.count, self.a.mean, other.a.mean,
+                                                  self.b.mean, other.b.mean)
+        if count == 0:
+            return self
+        return PairStatistics(self.a + other.a, self.b + other.b,
+                              self.cross + _on(other.cross, self.cross) + torch.outer(delta_a, delta_b) * factor)
 
     def to(self, device: torch.device | str) -> PairStatistics:
         """A copy with every tensor on ``device``."""
-        return PairStatistics(self.count, *(getattr(self, name).to(device) for name in _FIELDS[1:]))
+        return PairStatistics(self.a.to(device), self.b.to(device), self.cross.to(device))
 
     def means(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean of a, mean of b)."""
-        return self.sum_a / self.count, self.sum_b / self.count
+        return self.a.mean, self.b.mean
 
     def zero_features(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Boolean masks ``(a, b)`` of the features that are exactly 0 on every sample (dead ReLU units)."""
-        return self.sq_a.diagonal() == 0, self.sq_b.diagonal() == 0
+        return ((self.a.mean == 0) & (self.a.measured().diagonal() == 0),
+                (self.b.mean == 0) & (self.b.measured().diagonal() == 0))
 
     def covariances(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Centred covariances ``(C_aa, C_bb, C_ab)``, divided by ``count`` (not count - 1)."""
-        if self.count <= 0:
-            raise StatisticsError("statistics hold no samples")
-        mean_a, mean_b = self.means()
-        n = self.count
-        return (self.sq_a / n - torch.outer(mean_a, mean_a),
-                self.sq_b / n - torch.outer(mean_b, mean_b),
-                self.cross / n - torch.outer(mean_a, mean_b))
+        return self.a.measured() / self.count, self.b.measured() / self.count, self.cross / self.count
+
+    def client_part(self) -> ClientStatistics:
+        """What the client sends of these statistics: ``b``'s moments and the cross moment."""
+        return ClientStatistics(self.b, self.cross)
+
+
+def assemble(reference: Mapping[str, Moments], parts: Mapping[str, ClientStatistics]) -> dict[str, PairStatistics]:
+    """Pair statistics from the reference's own moments (measured on the server) and a client's parts.
+
+    Args:
+        reference: The reference's moments per point, on the same calibration set as the client's.
+        parts: The client's :class:`ClientStatistics` per point.
+
+    Raises:
+        StatisticsError: A point missing on either side, or counts that differ (the client
+            measured on other data than the server's calibration set).
+    """
+    pairs = {}
+    for point, part in parts.items():
+        if point not in reference:
+            raise StatisticsError(f"point '{point}': the server has no statistics of the reference there")
+        own = reference[point]
+        if own.count != part.b.count:
+            raise StatisticsError(f"point '{point}': the client's statistics cover {part.b.count} samples, the "
+                                  f"server's calibration set gives {own.count} (different calibration data)")
+        if part.cross.shape != (own.mean.shape[0], part.b.mean.shape[0]):
+            raise StatisticsError(f"point '{point}': cross moment of shape {tuple(part.cross.shape)} for "
+                                  f"{own.mean.shape[0]} reference and {part.b.mean.shape[0]} model features")
+        pairs[point] = PairStatistics(own, part.b, part.cross)
+    return pairs
 
 
 def as_batches(calibration: torch.Tensor | Iterable, batch_size: int = 256) -> Iterator[torch.Tensor]:
@@ -135,17 +230,19 @@ def collect_statistics(
     spec: AlignmentSpec | None = None,
     *,
     points: Sequence[str] | None = None,
+    reference_moments: bool = True,
     device: torch.device | str | None = None,
     batch_size: int = 256,
 ) -> list[dict[str, PairStatistics]]:
     """Statistics of every model's features against the reference's, per alignment point.
 
-    The reference runs once per batch (its features are kept for that batch only), then each
-    model runs and its hooks fold features into the statistics: cost O(K) forwards, memory
-    O(n^2) per point. Models run in eval mode under ``no_grad`` on ``device``; their mode and
-    device are restored and all hooks removed afterwards, also on error. Statistics of a
-    point with several taps are the sums over the taps. A model that is the reference object
-    itself gets its statistics from the reference's features without a second forward.
+    The reference runs once per batch (its centred features and own moments are kept for that
+    batch only), then each model runs and its hooks fold its features into the statistics:
+    cost O(K) forwards and one float32 product per model and point, memory O(n^2) per point.
+    Models run in eval mode under ``no_grad`` on ``device``; their mode and device are restored
+    and all hooks removed afterwards, also on error. Statistics of a point with several taps
+    pool the taps' samples. A model that is the reference object itself gets its statistics
+    from the reference's features without a second forward.
 
     Args:
         reference: Model A, the alignment target.
@@ -153,6 +250,8 @@ def collect_statistics(
         calibration: Inputs, see :func:`as_batches`.
         spec: Alignment spec (default ``spec_for(reference)``, traced on the first batch if needed).
         points: Names of the points to collect (default all).
+        reference_moments: Measure the reference's own second moment (a client that sends
+            only its part, :meth:`PairStatistics.client_part`, skips it: one product less).
         device: Where to run (None: CUDA if available, else CPU).
         batch_size: Batch size when ``calibration`` is a tensor.
 
@@ -163,78 +262,58 @@ def collect_statistics(
         StatisticsError: Non-finite features (naming the model index and the point), a
             feature size that differs from the spec, or empty calibration data.
     """
-    batches = as_batches(calibration, batch_size)
-    if spec is None:
-        first = next(batches, None)
-        spec = spec_for(reference, example_input=first)
-        batches = itertools.chain([] if first is None else [first], batches)
-    selected = [spec.point(name) for name in (spec.names() if points is None else points)]
-    sizes = {point.name: point.size for point in selected}
-    taps: dict[str, list[str]] = {}  # tap -> the points it feeds (normally one)
-    for point in selected:
-        for tap in point.taps:
-            taps.setdefault(tap, []).append(point.name)
-            if point.size != sizes[taps[tap][0]]:
-                raise StatisticsError(f"tap '{tap}' feeds points '{taps[tap][0]}' and '{point.name}' "
-                                      f"of different sizes")
+    batches, spec = _batches_and_spec(reference, calibration, spec, batch_size)
+    taps, sizes = _taps(spec, points)
     device = resolve_device(device)
     totals: list[dict[str, PairStatistics]] = [{} for _ in models]
-    with contextlib.ExitStack() as stack:
-        for model in (reference, *models):
-            stack.enter_context(running_on(model, device, training=False))
-        stack.enter_context(torch.no_grad())
+    with _running(reference, *models, device=device):
         for batch in batches:
             batch = batch.to(device)
-            ref_features = _record_reference(reference, batch, taps, sizes)
+            ref_features = _record_reference(reference, batch, taps, sizes, own=reference_moments)
             for index, model in enumerate(models):
                 _accumulate(model, index, batch, taps, sizes, reference, ref_features, totals[index])
     for index, stats in enumerate(totals):
-        missing = [name for name in sizes if name not in stats]
-        if missing:
-            raise StatisticsError(f"model {index}: no features at point '{missing[0]}' "
-                                  f"(empty calibration data, or its taps never ran)")
+        _check_complete(stats, sizes, f"model {index}")
     return [{name: stats[name].to("cpu") for name in sizes} for stats in totals]
 
 
-def statistics_to_arrays(stats: Mapping[str, PairStatistics]) -> dict[str, np.ndarray]:
-    """Flatten statistics to float64 numpy arrays keyed ``"{point}/{field}"``.
+def collect_moments(
+    model: nn.Module,
+    calibration: torch.Tensor | Iterable,
+    spec: AlignmentSpec | None = None,
+    *,
+    points: Sequence[str] | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 256,
+) -> dict[str, Moments]:
+    """One model's own :class:`Moments` per point (one forward pass over the calibration data).
+
+    The server measures the round's global model with it once, to :func:`assemble` the
+    statistics clients send.
 
     Args:
-        stats: Statistics per point (e.g. one element of :func:`collect_statistics`).
-    """
-    arrays: dict[str, np.ndarray] = {}
-    for point, pair in stats.items():
-        arrays[f"{point}/count"] = np.asarray(float(pair.count), dtype=np.float64)
-        for name in _FIELDS[1:]:
-            arrays[f"{point}/{name}"] = getattr(pair, name).detach().cpu().double().numpy()
-    return arrays
-
-
-def statistics_from_arrays(arrays: Mapping[str, np.ndarray], spec: AlignmentSpec) -> dict[str, PairStatistics]:
-    """Rebuild and validate statistics from :func:`statistics_to_arrays` output.
-
-    Args:
-        arrays: ``"{point}/{field}"`` -> array.
-        spec: Every point of the spec must be present, with shapes matching its size.
+        model: The model.
+        calibration: Inputs, see :func:`as_batches`.
+        spec: Alignment spec (default ``spec_for(model)``).
+        points: Names of the points (default all).
+        device: Where to run.
+        batch_size: Batch size when ``calibration`` is a tensor.
 
     Raises:
-        StatisticsError: Naming the key that is missing, unexpected, of the wrong shape,
-            non-finite, or (for counts) not a positive integer.
+        StatisticsError: Non-finite features or no calibration data (model index -1).
     """
-    expected = {f"{point.name}/{name}" for point in spec.points for name in _FIELDS}
-    unexpected = sorted(set(arrays) - expected)
-    if unexpected:
-        raise StatisticsError(f"unexpected statistics key '{unexpected[0]}'")
-    result: dict[str, PairStatistics] = {}
-    for point in spec.points:
-        n = point.size
-        shapes = {"count": (), "sum_a": (n,), "sum_b": (n,), "sq_a": (n, n), "sq_b": (n, n), "cross": (n, n)}
-        values = {name: _checked_array(arrays, f"{point.name}/{name}", shape) for name, shape in shapes.items()}
-        count = float(values.pop("count"))
-        if not (count > 0 and count == int(count)):
-            raise StatisticsError(f"statistics key '{point.name}/count' must be a positive integer, got {count}")
-        result[point.name] = PairStatistics(int(count), **{k: torch.from_numpy(v) for k, v in values.items()})
-    return result
+    batches, spec = _batches_and_spec(model, calibration, spec, batch_size)
+    taps, sizes = _taps(spec, points)
+    device = resolve_device(device)
+    totals: dict[str, Moments] = {}
+    with _running(model, device=device):
+        for batch in batches:
+            for tap, outputs in _record_reference(model, batch.to(device), taps, sizes).items():
+                for features in outputs:
+                    for point in taps[tap]:
+                        totals[point] = totals[point] + features.moments if point in totals else features.moments
+    _check_complete(totals, sizes, "the reference model", -1)
+    return {name: totals[name].to("cpu") for name in sizes}
 
 
 @contextlib.contextmanager
@@ -260,37 +339,8 @@ def running_on(model: nn.Module, device: torch.device, *, training: bool | None)
             module.training = mode
 
 
-def _checked_array(arrays: Mapping[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
-    if key not in arrays:
-        raise StatisticsError(f"statistics key '{key}' is missing")
-    try:
-        value = np.asarray(arrays[key], dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise StatisticsError(f"statistics key '{key}' is not numeric: {err}") from err
-    if value.shape != shape:
-        raise StatisticsError(f"statistics key '{key}' has shape {value.shape}, expected {shape}")
-    if not np.isfinite(value).all():
-        raise StatisticsError(f"statistics key '{key}' has non-finite values")
-    return np.array(value)  # own, writable copy
-
-
-def _features(output: object, point: str, size: int, index: int) -> torch.Tensor:
-    """A tap's output as samples x features ([N, C, H, W] -> [N*H*W, C]), checked.
-
-    ``index``: the model's index in ``models``, -1 for the reference.
-    """
-    owner = "the reference model" if index < 0 else f"model {index}"
-    if not isinstance(output, torch.Tensor) or output.dim() < 2:
-        raise StatisticsError(f"{owner}: the tap of point '{point}' does not output a tensor [N, C, ...]", index)
-    if output.shape[1] != size:
-        raise StatisticsError(f"{owner}: point '{point}' has {output.shape[1]} features, the spec says {size}", index)
-    if not torch.isfinite(output).all():
-        raise StatisticsError(f"{owner} has non-finite features at point '{point}'", index)
-    return output.detach().movedim(1, -1).reshape(-1, size)
-
-
 def run_with_taps(model: nn.Module, batch: torch.Tensor, taps: Mapping[str, list[str]],
-                   on_output: Callable[[str, object], None]) -> None:
+                  on_output: Callable[[str, object], None]) -> None:
     """Forward ``batch`` with a hook on every tap calling ``on_output(tap, output)``.
 
     A ``"<module>+relu"`` tap hooks the module and passes ``relu(output)`` (see
@@ -312,19 +362,138 @@ def run_with_taps(model: nn.Module, batch: torch.Tensor, taps: Mapping[str, list
             handle.remove()
 
 
+# ----------------------------------------------------------------------------- kernel
+
+@dataclass
+class _BatchFeatures:
+    """One tap's features in one batch: centred samples ``[N, n, S]`` and their own moments."""
+
+    centred: torch.Tensor  # [N, n, S]: S spatial positions per input (1 for vectors), the model's dtype
+    moments: Moments
+
+
+def _batch_features(features: torch.Tensor, point: str, index: int, own: bool = True) -> _BatchFeatures:
+    """Centre ``features`` [N, n, S] on their mean; with ``own``, their own moments too.
+
+    A non-finite feature makes the mean non-finite: checked there, without a pass of its own.
+    ``index``: the model's index in ``models``, -1 for the reference (for the error).
+    """
+    count = features.shape[0] * features.shape[2]
+    mean = features.sum((0, 2)).double() / count  # the sum's own pairwise float32 accumulation suffices
+    if not torch.isfinite(mean).all():
+        owner = "the reference model" if index < 0 else f"model {index}"
+        raise StatisticsError(f"{owner} has non-finite features at point '{point}'", index)
+    centred = features - mean.to(features.dtype)[None, :, None]
+    return _BatchFeatures(centred, Moments(count, mean, _gram(centred, centred) if own else None))
+
+
+def _gram(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``sum over samples of left right^T`` for ``[N, n, S]`` features (float64 result).
+
+    Computed in the inputs' dtype (float32: fast, on the models' device) over blocks of about
+    :data:`ROW_BLOCK` samples added in float64, which bounds the rounding error; without a
+    transpose copy of conv features. Small batches (fewer than :data:`FLOAT64_BELOW` samples)
+    are multiplied in float64: the product costs nothing there, and tiny calibration sets with
+    nearly as many features as samples need the precision.
+    """
+    samples = left.shape[0] * left.shape[2]
+    if samples < FLOAT64_BELOW:
+        left, right = left.double(), right.double()
+    if left.shape[2] < SMALL_MAPS:  # vectors or small maps: samples as rows of one plain product per block
+        left = left.movedim(1, 2).reshape(samples, left.shape[1])
+        right = right.movedim(1, 2).reshape(samples, right.shape[1])
+        blocks = [(left[i:i + ROW_BLOCK].T @ right[i:i + ROW_BLOCK]) for i in range(0, samples, ROW_BLOCK)]
+    else:  # large conv maps [N, n, S]: per-input products (no transpose copy), summed
+        step = max(1, ROW_BLOCK // left.shape[2])
+        blocks = [torch.matmul(left[i:i + step], right[i:i + step].transpose(1, 2)).sum(0)
+                  for i in range(0, left.shape[0], step)]
+    total = blocks[0].double()
+    for block in blocks[1:]:
+        total = total + block.double()
+    return total
+
+
+def _merged(n1: int, n2: int, mean1: torch.Tensor, mean2: torch.Tensor, mean1_b: torch.Tensor | None = None,
+            mean2_b: torch.Tensor | None = None) -> tuple[int, torch.Tensor, torch.Tensor | None, float]:
+    """``(n1 + n2, mean2 - mean1, mean2_b - mean1_b, n1 n2 / (n1 + n2))`` for Chan's update."""
+    count = n1 + n2
+    delta = mean2.to(mean1) - mean1
+    delta_b = None if mean1_b is None or mean2_b is None else mean2_b.to(mean1_b) - mean1_b
+    return count, delta, delta_b, (n1 * n2 / count) if count else 0.0
+
+
+def _on(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on ``like``'s device (partial statistics from a GPU and a CPU combine)."""
+    return tensor.to(like.device)
+
+
 def _relu(output: object) -> object:
-    """ReLU of a hooked output (a new tensor: an in-place ReLU in the model runs after the hook)."""
     return torch.relu(output) if isinstance(output, torch.Tensor) else output
 
 
+def _batches_and_spec(model: nn.Module, calibration: torch.Tensor | Iterable, spec: AlignmentSpec | None,
+                      batch_size: int) -> tuple[Iterator[torch.Tensor], AlignmentSpec]:
+    """The calibration batches and the spec (derived on the first batch when not given)."""
+    batches = as_batches(calibration, batch_size)
+    if spec is None:
+        first = next(batches, None)
+        spec = spec_for(model, example_input=first)
+        batches = itertools.chain([] if first is None else [first], batches)
+    return batches, spec
+
+
+def _taps(spec: AlignmentSpec, points: Sequence[str] | None) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """``tap -> the points it feeds`` (normally one) and ``point -> size`` for the selected points."""
+    selected = [spec.point(name) for name in (spec.names() if points is None else points)]
+    sizes = {point.name: point.size for point in selected}
+    taps: dict[str, list[str]] = {}
+    for point in selected:
+        for tap in point.taps:
+            taps.setdefault(tap, []).append(point.name)
+            if point.size != sizes[taps[tap][0]]:
+                raise StatisticsError(f"tap '{tap}' feeds points '{taps[tap][0]}' and '{point.name}' "
+                                      f"of different sizes")
+    return taps, sizes
+
+
+@contextlib.contextmanager
+def _running(*models: nn.Module, device: torch.device) -> Iterator[None]:
+    """Every model in eval mode on ``device`` without gradients; restored afterwards."""
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(running_on(model, device, training=False))
+        stack.enter_context(torch.no_grad())
+        yield
+
+
+def _check_complete(stats: Mapping[str, object], sizes: Mapping[str, int], owner: str, index: int | None = None) -> None:
+    missing = [name for name in sizes if name not in stats]
+    if missing:
+        raise StatisticsError(f"{owner}: no features at point '{missing[0]}' "
+                              f"(empty calibration data, or its taps never ran)", index)
+
+
+def _features(output: object, point: str, size: int, index: int) -> torch.Tensor:
+    """A tap's output as ``[N, features, positions]`` (a view: [N, C, H, W] -> [N, C, H*W]), shape-checked.
+
+    ``index``: the model's index in ``models``, -1 for the reference.
+    """
+    owner = "the reference model" if index < 0 else f"model {index}"
+    if not isinstance(output, torch.Tensor) or output.dim() < 2:
+        raise StatisticsError(f"{owner}: the tap of point '{point}' does not output a tensor [N, C, ...]", index)
+    if output.shape[1] != size:
+        raise StatisticsError(f"{owner}: point '{point}' has {output.shape[1]} features, the spec says {size}", index)
+    return output.detach().reshape(output.shape[0], size, -1)
+
+
 def _record_reference(reference: nn.Module, batch: torch.Tensor, taps: Mapping[str, list[str]],
-                      sizes: Mapping[str, int]) -> dict[str, list[torch.Tensor]]:
-    """The reference's features per tap for one batch (a list: a module may run twice)."""
-    recorded: dict[str, list[torch.Tensor]] = {tap: [] for tap in taps}
+                      sizes: Mapping[str, int], own: bool = True) -> dict[str, list[_BatchFeatures]]:
+    """The reference's centred features per tap for one batch (a list: a module may run twice)."""
+    recorded: dict[str, list[_BatchFeatures]] = {tap: [] for tap in taps}
 
     def record(tap: str, output: object) -> None:
         point = taps[tap][0]
-        recorded[tap].append(_features(output, point, sizes[point], -1))
+        recorded[tap].append(_batch_features(_features(output, point, sizes[point], -1), point, -1, own))
 
     run_with_taps(reference, batch, taps, record)
     return recorded
@@ -332,18 +501,21 @@ def _record_reference(reference: nn.Module, batch: torch.Tensor, taps: Mapping[s
 
 def _accumulate(model: nn.Module, index: int, batch: torch.Tensor, taps: Mapping[str, list[str]],
                 sizes: Mapping[str, int], reference: nn.Module,
-                ref_features: Mapping[str, list[torch.Tensor]], totals: dict[str, PairStatistics]) -> None:
+                ref_features: Mapping[str, list[_BatchFeatures]], totals: dict[str, PairStatistics]) -> None:
     """Fold one batch of ``model``'s features into ``totals`` (paired with the reference's)."""
     calls = {tap: 0 for tap in taps}
 
-    def fold(tap: str, output: object) -> None:
+    def fold(tap: str, mine: _BatchFeatures) -> None:
         first = taps[tap][0]
-        features = _features(output, first, sizes[first], index)
         if calls[tap] >= len(ref_features[tap]):
             raise StatisticsError(f"model {index}: tap '{tap}' of point '{first}' ran more often "
                                   f"than in the reference", index)
-        pair = PairStatistics.from_features(ref_features[tap][calls[tap]], features)
+        theirs = ref_features[tap][calls[tap]]
         calls[tap] += 1
+        if mine.moments.count != theirs.moments.count:
+            raise StatisticsError(f"model {index}: point '{first}' has {mine.moments.count} samples in a batch, "
+                                  f"the reference {theirs.moments.count}", index)
+        pair = PairStatistics(theirs.moments, mine.moments, _gram(theirs.centred, mine.centred))
         for point in taps[tap]:
             totals[point] = totals[point] + pair if point in totals else pair
 
@@ -352,4 +524,5 @@ def _accumulate(model: nn.Module, index: int, batch: torch.Tensor, taps: Mapping
             for features in outputs:
                 fold(tap, features)
     else:
-        run_with_taps(model, batch, taps, fold)
+        run_with_taps(model, batch, taps, lambda tap, output: fold(
+            tap, _batch_features(_features(output, taps[tap][0], sizes[taps[tap][0]], index), taps[tap][0], index)))

@@ -26,7 +26,8 @@ from fedcca.norm_screen import NORM_CENTERS, screen
 from fedcca.protocol import COMPUTE_STATS_FLAG, ClientUpdate, InvalidReplyError, record_bytes, validate_evaluate_reply, \
     validate_reply
 from fedcca.rounds import RoundRecord
-from fedcca.statistics import StatisticsError, as_batches, collect_statistics
+from fedcca.statistics import Moments, PairStatistics, StatisticsError, as_batches, assemble, collect_moments, \
+    collect_statistics
 
 REFERENCES = ("global", "largest", "first")
 STATISTICS_SOURCES = ("client", "server")
@@ -170,6 +171,7 @@ class CCAMerge(FedAvg):
         self._template = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
         _check_runs(model, self.calibration)
         self._sent: _Round | None = None
+        self._moments: dict[str, Moments] | None = None
 
     @property
     def requests_client_statistics(self) -> bool:
@@ -224,6 +226,7 @@ class CCAMerge(FedAvg):
         ``min_train_nodes`` replies are valid or no merge could be made.
         """
         replies = sorted(replies, key=lambda msg: msg.metadata.src_node_id)
+        self._moments = None  # the global model's own statistics, measured when the first client's arrive
         record = RoundRecord(server_round, num_replies=len(replies),
                              bytes_received={msg.metadata.src_node_id: record_bytes(msg) for msg in replies})
         if self._sent is not None and self._sent.server_round == server_round:
@@ -366,13 +369,15 @@ class CCAMerge(FedAvg):
     def _add(self, merger: Merger, group: list[tuple[ClientUpdate, nn.Module]], record: RoundRecord,
              metrics: list[RecordDict], is_reference: bool = False) -> None:
         """Add a group of replies to the merge; a reply whose data breaks alignment is dropped alone."""
-        statistics = [self._client_statistics(update) for update, _ in group]
-        record.client_statistics += sum(stats is not None for stats in statistics)
+        statistics = [self._client_statistics(merger, update, record) for update, _ in group]
+        record.client_statistics += sum(isinstance(stats, dict) for stats in statistics)
+        sent = [isinstance(stats, StatisticsError) for stats in statistics]  # broken client statistics
         if merger.needs_statistics and not is_reference:
             statistics = self._fill_statistics(merger, group, statistics, record)
-        for (update, model), stats in zip(group, statistics):
+        for (update, model), stats, invalid in zip(group, statistics, sent):
             if isinstance(stats, StatisticsError):
-                _drop(record, update.node_id, f"server-side statistics failed: {stats}")
+                reason = "invalid statistics" if invalid else "server-side statistics failed"
+                _drop(record, update.node_id, f"{reason}: {stats}")
                 continue
             try:
                 merger.add(model, update.num_examples, stats, name=str(update.node_id), is_reference=is_reference)
@@ -409,12 +414,27 @@ class CCAMerge(FedAvg):
         except StatisticsError as err:
             return err
 
-    def _client_statistics(self, update: ClientUpdate) -> Any:
-        return update.statistics if self.requests_client_statistics else None
+    def _client_statistics(self, merger: Merger, update: ClientUpdate,
+                           record: RoundRecord) -> dict[str, PairStatistics] | StatisticsError | None:
+        """A reply's statistics paired with the global model's own moments (measured once per round)."""
+        if not self.requests_client_statistics or update.statistics is None:
+            return None
+        if self._moments is None:
+            started = time.perf_counter()
+            try:
+                self._moments = collect_moments(merger.reference, self.calibration, merger.spec, device=self.device)
+            except StatisticsError as err:
+                raise _SkipRound(f"the global model's statistics failed: {err}") from err
+            finally:
+                record.stats_seconds += time.perf_counter() - started
+        try:
+            return assemble(self._moments, update.statistics)
+        except StatisticsError as err:
+            return err
 
     def _needs_server_statistics(self, update: ClientUpdate) -> bool:
         return self.spec is not None and any(c.needs_statistics for c in self.search.candidates()) \
-            and self._client_statistics(update) is None
+            and (update.statistics is None or not self.requests_client_statistics)
 
     def _drop_missing(self, server_round: int, record: RoundRecord) -> None:
         if self._sent is None or self._sent.server_round != server_round:

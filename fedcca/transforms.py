@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import scipy.linalg
@@ -66,8 +66,30 @@ def identity_transform(n: int) -> Transform:
     return Transform(matrix=eye, inverse=eye.clone())
 
 
+class WhiteningCache:
+    """The reference's whitening per point, reused for every model aligned to one reference.
+
+    Within a merge the reference's covariance is the same for every model, so its
+    eigendecomposition is computed once; an entry is reused only for an identical covariance
+    matrix (compared exactly), never by name alone.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, float, str], tuple[torch.Tensor, np.ndarray, tuple]] = {}
+
+    def get(self, key: tuple[str, float, str], cov: torch.Tensor, dead: np.ndarray,
+            compute: Callable[[], tuple]) -> tuple:
+        """The cached whitening for ``key`` when it was computed from ``cov`` and ``dead``, else ``compute()``."""
+        entry = self._entries.get(key)
+        if entry is not None and torch.equal(entry[0], cov) and np.array_equal(entry[1], dead):
+            return entry[2]
+        value = compute()
+        self._entries[key] = (cov, dead, value)
+        return value
+
+
 def cca_transform(stats: PairStatistics, ridge: float | None = None, *, ridge_mode: str = DEFAULT_RIDGE_MODE,
-                  point: str = "?") -> Transform:
+                  point: str = "?", cache: WhiteningCache | None = None) -> Transform:
     """CCA Merge transform of model B onto reference A at one point.
 
     With ``S`` the ridged own blocks (see :data:`RIDGE_MODES`) and
@@ -84,13 +106,14 @@ def cca_transform(stats: PairStatistics, ridge: float | None = None, *, ridge_mo
         ridge: Ridge ``g >= 0`` (``inf`` allowed in "trace" mode); None: ``DEFAULT_RIDGES[ridge_mode]``.
         ridge_mode: One of :data:`RIDGE_MODES`.
         point: The point's name, for log and error messages.
+        cache: Reuse the reference's whitening across models aligned to one reference.
 
     Raises:
         ValueError: Unknown mode, ``ridge`` < 0, statistics of unequal sizes, or a singular
             covariance with ``ridge == 0`` (e.g. fewer samples than features).
         StatisticsError: Non-finite statistics or no samples.
     """
-    return _cca(stats, ridge, ridge_mode, point)[0]
+    return _cca(stats, ridge, ridge_mode, point, cache)[0]
 
 
 def canonical_correlations(stats: PairStatistics, ridge: float | None = None, *,
@@ -256,7 +279,8 @@ def weight_matching(
 
 # ----------------------------------------------------------------------------- CCA internals
 
-def _cca(stats: PairStatistics, ridge: float | None, mode: str, point: str) -> tuple[Transform, torch.Tensor]:
+def _cca(stats: PairStatistics, ridge: float | None, mode: str, point: str,
+         cache: WhiteningCache | None = None) -> tuple[Transform, torch.Tensor]:
     if mode not in RIDGE_MODES:
         raise ValueError(f"unknown ridge_mode {mode!r}; choose one of {RIDGE_MODES}")
     ridge = DEFAULT_RIDGES[mode] if ridge is None else float(ridge)
@@ -270,7 +294,9 @@ def _cca(stats: PairStatistics, ridge: float | None, mode: str, point: str) -> t
     dead_a, dead_b = _dead_features(stats, c_aa.diagonal(), c_bb.diagonal(), point)
     # numpy/scipy from here: LAPACK via scipy is several times faster than torch's on CPU.
     dead_a, dead_b = dead_a.numpy(), dead_b.numpy()
-    scale_a, root_a, inv_root_a = _whitening(c_aa.numpy(), dead_a, ridge, mode, point, "reference")
+    whiten_a = lambda: _whitening(c_aa.numpy(), dead_a, ridge, mode, point, "reference")  # noqa: E731
+    scale_a, root_a, inv_root_a = whiten_a() if cache is None else cache.get((point, ridge, mode), c_aa, dead_a,
+                                                                             whiten_a)
     scale_b, root_b, inv_root_b = _whitening(c_bb.numpy(), dead_b, ridge, mode, point, "model")
     corr_ab = c_ab.numpy() / np.outer(scale_a, scale_b)
     corr_ab[dead_a, :] = 0.0
@@ -279,13 +305,27 @@ def _cca(stats: PairStatistics, ridge: float | None, mode: str, point: str) -> t
     # polar factor is unique there, and a dead ReLU unit is not mixed into others.
     paired = min(int(dead_a.sum()), int(dead_b.sum()))
     corr_ab[np.flatnonzero(dead_a)[:paired], np.flatnonzero(dead_b)[:paired]] = 1.0
-    u, singular, vh = scipy.linalg.svd(inv_root_a @ corr_ab @ inv_root_b)
+    u, singular, vh = _svd(inv_root_a @ corr_ab @ inv_root_b, point)
     polar = u @ vh
     # S = D R D with D = diag(scale), R a correlation matrix; whitening by (D R^1/2)^-1.
     matrix = (scale_a[:, None] * root_a) @ polar @ (inv_root_b / scale_b[None, :])
     inverse = (scale_b[:, None] * root_b) @ polar.T @ (inv_root_a / scale_a[None, :])
     return (Transform(matrix=torch.from_numpy(matrix), inverse=torch.from_numpy(inverse)),
             torch.from_numpy(singular))
+
+
+def _svd(matrix: np.ndarray, point: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``scipy.linalg.svd`` with the fast divide-and-conquer driver, and the QR driver where it fails.
+
+    LAPACK's ``gesdd`` does not converge on rare, highly degenerate matrices (seen with many
+    canonical correlations equal to 1 and dozens of dead features); ``gesvd`` is slower and
+    robust. The retry is logged at DEBUG.
+    """
+    try:
+        return scipy.linalg.svd(matrix)
+    except np.linalg.LinAlgError:
+        logger.debug("point '%s': gesdd SVD did not converge, using gesvd", point)
+        return scipy.linalg.svd(matrix, lapack_driver="gesvd")
 
 
 def _whitening(cov: np.ndarray, dead: np.ndarray, ridge: float, mode: str, point: str,

@@ -1,27 +1,27 @@
-"""What CCA Merge costs over FedAvg: server aggregation time and memory, client time, bytes sent.
+"""What CCA Merge costs over FedAvg: statistics vs forward passes, aggregation time and memory, bytes.
 
-Server: K "trained-ish" client models (the round's global model plus a few local SGD steps
-each, on different real images) and their statistics against the global model are packed
-once into Flower reply Messages. Every strategy is then configured for the round and its
-``aggregate_train`` is called on the same replies, side by side in one process:
-``fedavg`` (Flower's FedAvg), ``cca`` (CCAMerge, client statistics, reference = global
-model), ``cca:global:server`` (statistics computed by the server on its calibration data)
-and ``permute``. FedAvg and the server-statistics variant get the identical Message objects
-(weights + metrics); the client-statistics variants get the same plus the statistics
-record, which FedAvg would reject. Swept over the number of clients (cnn width 1) and over
-the width (fixed K).
+For each model of ``--models`` (``name:width:K1,K2,...``), in one process, side by side:
 
-Time: the minimum over ``--repeats`` calls of ``time.perf_counter`` around aggregate_train.
-Memory, in one further call: peak resident-set growth above the level before the call,
-sampled every 2 ms from /proc/self/statm (it counts torch's allocations), and the
-``tracemalloc`` peak (Python and numpy allocations only, torch tensors are invisible to it).
+* **statistics / forward passes**: the client's statistics (received and trained model over
+  the calibration set) against the two forward passes they need, and the server's statistics
+  of K models (in the strategy's groups of 8, one reference pass per group) against the K + 1
+  forward passes; minimum over ``--repeats``.
+* **aggregation**: K "trained" client models (the global model plus a few local SGD steps each,
+  on different real images) and their statistics are packed once into Flower replies; every
+  strategy of ``--strategies`` is configured for the round and its ``aggregate_train`` called on
+  the same replies (minimum over ``--repeats``). Peak memory of one further call: resident-set
+  growth above the level before the call, sampled every 2 ms (the replies themselves, Flower's
+  buffers, are allocated before). BatchNorm re-estimation is timed apart (``bn_seconds``:
+  one pass of the merged model over the calibration set per candidate), so that aggregation
+  can be compared without it.
+* **bytes** per client: weights vs statistics records.
+* the client's own timings from one real ClientApp call (one local epoch, then statistics).
 
-Client: one real ClientApp call (``clients/client_app.py``) per width, one local epoch on
-its shard, reporting its own ``train-seconds`` and ``stats-seconds``, and the bytes of the
-weights and statistics records of its reply::
+Strategies are run-config strategies (``fedavg``, ``cca``, ``cca:global:server``,
+``cca+shrinkage='1'+repair=none`` for plain CCA Merge, ...)::
 
-    OPENBLAS_NUM_THREADS=1 python -m simulations.cost --clients 2,4,8,16,32,64 --widths 1,2,4 --width-clients 8 \
-        --out results/cost/cost.json
+    python -m simulations.cost --models cnn:1:2,4,8,16,32,64,128,256 vgg11:0.5:2,4,8,16,32 \\
+        resnet20:1:2,4,8,16,32 --out results/cost/cost.json
 """
 
 from __future__ import annotations
@@ -32,12 +32,10 @@ import ctypes
 import gc
 import os
 import platform
-import resource
 import sys
 import threading
 import time
-import tracemalloc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -50,6 +48,7 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from fedcca.data import Dataset, DeviceLoader, load_dataset
+from fedcca.devices import resolve_device
 from fedcca.federation import calibration_inputs
 from fedcca.local_grid import InProcessGrid
 from fedcca.models import build_model
@@ -63,26 +62,96 @@ from fedcca.protocol import (
     train_instruction,
     train_reply,
 )
-from fedcca.statistics import collect_statistics
-from fedcca.strategy import CCAMerge
+from fedcca.statistics import as_batches, collect_statistics
 from fedcca.task import TaskConfig
 from fedcca.training import TrainingConfig, train
 from server.server_app import build_strategy
 from simulations.harness import (
     BASELINE,
+    Series,
     StrategySpec,
     add_runtime_arguments,
     apply_runtime,
     base_run_config,
-    project_client_app,
+    line_plot,
     markdown_table,
     parse_list,
     parse_strategies,
+    project_client_app,
     write_json,
 )
 
 MIB = 2**20
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+SERVER_GROUP = 8  # CCAMerge's default statistics_group
+
+
+@dataclass(frozen=True)
+class ModelSweep:
+    """One architecture of the benchmark and the numbers of clients it is measured at."""
+
+    name: str
+    width: float
+    clients: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSweep:
+        """``name:width:K1,K2,...``, e.g. ``cnn:1:2,4,8``."""
+        name, width, clients = text.split(":")
+        return cls(name, float(width), tuple(parse_list(clients, int)))
+
+    @property
+    def label(self) -> str:
+        """e.g. ``vgg11x0.5``."""
+        return f"{self.name}x{self.width:g}"
+
+    def build(self, dataset: Dataset) -> nn.Module:
+        """A fresh model for ``dataset``."""
+        return build_model(self.name, dataset.num_classes, dataset.in_channels, self.width,
+                           image_size=int(dataset.train_images.shape[-1]))
+
+
+def _seconds(task: Any, repeats: int) -> float:
+    """Minimum wall time of ``task()`` over ``repeats`` calls."""
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        task()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def _forward(models: Sequence[nn.Module], calibration: list[torch.Tensor], device: torch.device) -> None:
+    with torch.no_grad():
+        for model in models:
+            model.to(device).eval()
+            for batch in calibration:
+                model(batch.to(device))
+
+
+def statistics_vs_forward(models: Sequence[nn.Module], calibration: torch.Tensor, repeats: int,
+                          device: torch.device) -> dict[str, float]:
+    """Client (2 models) and server (K models) statistics time over the forward passes they need.
+
+    Args:
+        models: ``[global model, client 1, ..., client K]``.
+        calibration: The calibration inputs.
+        repeats: Timed repetitions (the minimum is kept).
+        device: Where the models run.
+    """
+    batches = list(as_batches(calibration, 256))
+    reference, clients = models[0], list(models[1:])
+    client_forward = _seconds(lambda: _forward([reference, clients[0]], batches, device), repeats)
+    client_stats = _seconds(lambda: collect_statistics(reference, [clients[0]], batches, reference_moments=False,
+                                                       device=device), repeats)
+    groups = [clients[i:i + SERVER_GROUP] for i in range(0, len(clients), SERVER_GROUP)]
+    server_forward = _seconds(lambda: _forward([reference, *clients], batches, device), repeats)
+    server_stats = _seconds(lambda: [collect_statistics(reference, group, batches, device=device)
+                                     for group in groups], repeats)
+    return {"client_forward_seconds": client_forward, "client_statistics_seconds": client_stats,
+            "client_ratio": client_stats / client_forward, "server_models": len(clients),
+            "server_forward_seconds": server_forward, "server_statistics_seconds": server_stats,
+            "server_ratio": server_stats / server_forward}
 
 
 @dataclass
@@ -90,65 +159,46 @@ class Replies:
     """One round's synthetic client replies, shared by every strategy.
 
     Args:
-        global_arrays: The round's global model.
+        global_model: The round's global model.
+        clients: The K client models.
         weights: Per client, the reply content without statistics (weights + metrics).
         statistics: Per client, the statistics record (client model vs global model).
     """
 
-    global_arrays: ArrayRecord
+    global_model: nn.Module
+    clients: list[nn.Module]
     weights: list[RecordDict]
     statistics: list[ArrayRecord]
 
 
-def make_replies(dataset: Dataset, num_clients: int, width: int, *, local_steps: int,
-                 stats_examples: int, seed: int) -> Replies:
-    """Global model, K locally-updated copies and their statistics, as reply contents.
+def make_replies(dataset: Dataset, sweep: ModelSweep, num_clients: int, calibration: torch.Tensor, *,
+                 local_steps: int, seed: int) -> Replies:
+    """Global model, K locally-updated copies and their statistics on the calibration set, as replies.
 
     Each client takes ``local_steps`` SGD steps (batch 32) from the global model on its own
-    random training images, so the models differ as after a short round. Statistics are
-    computed on the first ``stats_examples`` calibration-like training images: their cost
-    is the clients', and the server's use of them does not depend on that count.
-
-    Args:
-        dataset: Supplies images and labels.
-        num_clients: K.
-        width: cnn width multiplier.
-        local_steps: SGD steps per client.
-        stats_examples: Images the client statistics are computed on.
-        seed: Seeds the global model and the image draws.
+    random training images, so the models differ as after a short round.
     """
     torch.manual_seed(seed)
-    global_model = build_model("cnn", dataset.num_classes, dataset.in_channels, width)
+    global_model = sweep.build(dataset)
     rng = np.random.default_rng(seed)
-    batch = 32
-    probe = DeviceLoader.from_dataset(dataset, np.arange(stats_examples), batch_size=stats_examples,
-                                      train=False, device="cpu")
-    probe_inputs = next(iter(probe))[0]
-    weights, statistics = [], []
+    clients, weights, statistics = [], [], []
     for client in range(num_clients):
-        indices = np.sort(rng.choice(len(dataset.train_labels), size=batch * local_steps, replace=False))
-        loader = DeviceLoader.from_dataset(dataset, indices, batch_size=batch, device="cpu", seed=seed + client)
+        indices = np.sort(rng.choice(len(dataset.train_labels), size=32 * local_steps, replace=False))
+        loader = DeviceLoader.from_dataset(dataset, indices, batch_size=32, device="cpu", seed=seed + client)
         model = copy.deepcopy(global_model)
         train(model, loader, TrainingConfig(epochs=1), device="cpu")
-        stats = collect_statistics(global_model, [model], probe_inputs, device="cpu")[0]
+        stats = collect_statistics(global_model, [model], calibration, device="cpu")[0]
         content = train_reply(model.state_dict(), 100 + client, {"train-loss": 1.0}, stats)
         statistics.append(content.array_records[STATISTICS_KEY])
         del content[STATISTICS_KEY]
         weights.append(content)
-    return Replies(ArrayRecord(global_model.state_dict()), weights, statistics)
+        clients.append(model)
+    return Replies(global_model, clients, weights, statistics)
 
 
-def build_strategies(specs: Sequence[StrategySpec], model_fn: Callable[[], nn.Module],
-                     calibration: torch.Tensor, num_clients: int, **run_config: Any) -> dict[str, FedAvg]:
-    """The strategies exactly as ``server.server_app.build_strategy`` builds them, all K clients per round.
-
-    Args:
-        specs: Which strategies (their run-config overrides apply, e.g. ``merge-guard``).
-        model_fn: Builds the federated architecture.
-        calibration: Server-side calibration inputs (``calibration_inputs`` of the same run config).
-        num_clients: K (``min-nodes``: min_train_nodes and min_available_nodes).
-        **run_config: Further run-config values (``_`` for ``-``), e.g. ``calibration_size``.
-    """
+def build_strategies(specs: Sequence[StrategySpec], model_fn: Any, num_clients: int,
+                     **run_config: Any) -> dict[str, FedAvg]:
+    """The strategies exactly as ``server.server_app.build_strategy`` builds them, all K clients per round."""
     strategies: dict[str, FedAvg] = {}
     for spec in specs:
         task = TaskConfig.from_run_config(base_run_config(**run_config, min_nodes=num_clients, **spec.run_config()))
@@ -156,18 +206,11 @@ def build_strategies(specs: Sequence[StrategySpec], model_fn: Callable[[], nn.Mo
     return strategies
 
 
-def reply_messages(strategy: FedAvg, replies: Replies, grid: InProcessGrid,
-                   cache: dict[bool, list[RecordDict]]) -> list[Message]:
-    """Configure round 1 on ``strategy`` and answer each instruction with the shared content.
-
-    Args:
-        strategy: The strategy (its configure_train state is needed by CCAMerge).
-        replies: The shared reply contents.
-        grid: Supplies the node ids.
-        cache: Content lists per "with statistics" flag, built once so that strategies
-            share the very same RecordDict objects.
-    """
-    instructions = list(strategy.configure_train(1, replies.global_arrays, ConfigRecord(), grid))
+def _messages(strategy: FedAvg, replies: Replies, grid: InProcessGrid,
+              cache: dict[bool, list[RecordDict]]) -> list[Message]:
+    """Configure round 1 on ``strategy`` and answer each instruction with the shared content."""
+    instructions = list(strategy.configure_train(1, ArrayRecord(replies.global_model.state_dict()), ConfigRecord(),
+                                                 grid))
     with_stats = bool(instructions[0].content[CONFIG_KEY].get(COMPUTE_STATS_FLAG, False))
     if with_stats not in cache:
         cache[with_stats] = [
@@ -207,22 +250,30 @@ class PeakRSS:
         self._thread.join()
 
 
+class _BatchNormTimer:
+    """Adds up the time spent re-estimating BatchNorm inside a merge (patched in for one measurement)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, function: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+        return timed
+
+
 def measure_aggregation(strategies: dict[str, FedAvg], replies: Replies, num_clients: int,
                         repeats: int) -> dict[str, dict[str, Any]]:
-    """Time and memory of ``aggregate_train`` of every strategy on the same replies.
-
-    Args:
-        strategies: Label -> strategy.
-        replies: The shared replies.
-        num_clients: K.
-        repeats: Timed calls per strategy (the minimum is reported), interleaved across
-            strategies so that load from other processes hits all of them alike.
-    """
+    """Time, BatchNorm time and memory of ``aggregate_train`` of every strategy on the same replies."""
     grid = InProcessGrid({node: project_client_app() for node in range(1, num_clients + 1)})
     cache: dict[bool, list[RecordDict]] = {}
-    messages = {label: reply_messages(strategy, replies, grid, cache) for label, strategy in strategies.items()}
+    messages = {label: _messages(strategy, replies, grid, cache) for label, strategy in strategies.items()}
     seconds: dict[str, list[float]] = {label: [] for label in strategies}
-    for _ in range(repeats):
+    for _ in range(repeats):  # interleaved: load from other processes hits every strategy alike
         for label, strategy in strategies.items():
             started = time.perf_counter()
             arrays, _ = strategy.aggregate_train(1, messages[label])
@@ -232,14 +283,31 @@ def measure_aggregation(strategies: dict[str, FedAvg], replies: Replies, num_cli
     result = {}
     for label, strategy in strategies.items():
         _release_freed_memory()
-        tracemalloc.start()
-        with PeakRSS() as rss:
+        timer = _BatchNormTimer()
+        with _patched_batchnorm(timer), PeakRSS() as rss:
             strategy.aggregate_train(1, messages[label])
-        _, traced_peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
         result[label] = {"seconds": seconds[label], "min_seconds": min(seconds[label]),
-                         "rss_peak_growth_mib": rss.peak_mib, "tracemalloc_peak_mib": traced_peak / MIB}
+                         "bn_seconds": timer.seconds, "rss_peak_growth_mib": rss.peak_mib}
     return result
+
+
+class _patched_batchnorm:  # pylint: disable=invalid-name
+    """Wrap the merge's BatchNorm re-estimates (``recompute_batchnorm``, ``refit_batchnorm``) in ``timer``."""
+
+    def __init__(self, timer: _BatchNormTimer) -> None:
+        import fedcca.merging  # pylint: disable=import-outside-toplevel
+
+        self.targets = [(fedcca.merging, name) for name in ("recompute_batchnorm", "refit_batchnorm")]
+        self.saved = [getattr(module, name) for module, name in self.targets]
+        self.timer = timer
+
+    def __enter__(self) -> None:
+        for (module, name), function in zip(self.targets, self.saved):
+            setattr(module, name, self.timer.wrap(function))
+
+    def __exit__(self, *exc: object) -> None:
+        for (module, name), function in zip(self.targets, self.saved):
+            setattr(module, name, function)
 
 
 def _release_freed_memory() -> None:
@@ -247,194 +315,142 @@ def _release_freed_memory() -> None:
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the RSS growth is then a lower bound
+    except (OSError, AttributeError):  # not glibc: the RSS growth is then an upper bound
         pass
 
 
-def client_costs(width: int, client_examples: int, calibration_size: int, holdout_size: int, seed: int,
-                 data_dir: str = "") -> dict[str, Any]:
-    """One real ClientApp training round with statistics: its own timings and its reply's bytes.
-
-    Args:
-        width: cnn width.
-        client_examples: Training examples of the client (one epoch).
-        calibration_size: Calibration images the statistics are computed on.
-        seed: Run seed.
-        data_dir: Dataset folder ("" = default).
-    """
-    run_config = base_run_config(partitioning="iid", local_epochs=1, max_examples_per_client=client_examples,
-                                 calibration_size=calibration_size, holdout_size=holdout_size, width=width,
-                                 seed=seed, model="cnn",
-                                 data_dir=data_dir, out_dir="outputs/unused")
+def client_costs(sweep: ModelSweep, client_examples: int, data_config: dict[str, Any]) -> dict[str, Any]:
+    """One real ClientApp training round with statistics: its own timings and its reply's bytes."""
+    run_config = base_run_config(**data_config, partitioning="iid", local_epochs=1,
+                                 max_examples_per_client=client_examples, model=sweep.name, width=sweep.width,
+                                 out_dir="outputs/unused")
     grid = InProcessGrid.of_app(project_client_app(), run_config, 4)
-    torch.manual_seed(seed)
-    model = build_model("cnn", width=width)
+    task = TaskConfig.from_run_config(run_config)
+    calibration_inputs(task)  # load once, outside the timed call
+    torch.manual_seed(0)
+    model = sweep.build(load_dataset(task.dataset, task.data_dir or None))
     instruction = Message(train_instruction(ArrayRecord(model.state_dict()), 1, True), dst_node_id=1,
                           message_type=MessageType.TRAIN)
-    calibration_inputs(TaskConfig.from_run_config(run_config))  # load once, outside the timed call
     reply = grid.send_and_receive([instruction])[0]
     if reply.has_error():
         raise RuntimeError(f"ClientApp failed: {reply.error.reason}")
     metrics = reply.content[METRICS_KEY]
-    train_seconds, stats_seconds = float(metrics["train-seconds"]), float(metrics["stats-seconds"])
-    return {
-        "width": width, "num_examples": int(metrics[NUM_EXAMPLES_KEY]), "calibration_size": calibration_size,
-        "train_seconds": train_seconds, "stats_seconds": stats_seconds,
-        "stats_to_train": stats_seconds / train_seconds,
-        "weights_bytes": reply.content[WEIGHTS_KEY].count_bytes(),
-        "statistics_bytes": reply.content[STATISTICS_KEY].count_bytes(),
-    }
-
-
-def _server_statistics(strategy: FedAvg) -> bool:
-    """Whether ``strategy`` computes alignment statistics itself (forwards every model)."""
-    return (isinstance(strategy, CCAMerge) and any(c.needs_statistics for c in strategy.search.candidates())
-            and not strategy.requests_client_statistics)
-
-
-def _ratios(strategies: dict[str, dict[str, Any]]) -> dict[str, float]:
-    base = strategies[BASELINE]["min_seconds"]
-    return {label: entry["min_seconds"] / base for label, entry in strategies.items() if label != BASELINE}
-
-
-def aggregation_table(rows: list[dict[str, Any]], labels: Sequence[str]) -> str:
-    """Markdown: seconds per strategy and ratio to FedAvg, one row per (K, width)."""
-    others = [label for label in labels if label != BASELINE]
-    headers = ["K", "width", *[f"{label} s" for label in labels], *[f"{label}/fedavg" for label in others],
-               *[f"{label} MiB RSS+/traced" for label in labels]]
-    def pick(row: dict[str, Any], label: str, show: Callable[[dict[str, Any]], str]) -> str:
-        return show(row["strategies"][label]) if label in row["strategies"] else "-"
-
-    body = [[row["num_clients"], row["width"],
-             *[pick(row, label, lambda e: f"{e['min_seconds']:.4g}") for label in labels],
-             *[f"{row['ratio_to_fedavg'][label]:.0f}x" if label in row["ratio_to_fedavg"] else "-"
-               for label in others],
-             *[pick(row, label, lambda e: f"{e['rss_peak_growth_mib']:.1f} / {e['tracemalloc_peak_mib']:.1f}")
-               for label in labels]] for row in rows]
-    return markdown_table(headers, body)
-
-
-def client_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: client training vs statistics time and bytes per width."""
-    headers = ["width", "examples", "train s", "stats s", "stats/train", "weights KiB", "statistics KiB",
-               "statistics/weights"]
-    body = [[row["width"], row["num_examples"], row["train_seconds"], row["stats_seconds"],
-             row["stats_to_train"], row["weights_bytes"] / 1024, row["statistics_bytes"] / 1024,
-             row["statistics_bytes"] / row["weights_bytes"]] for row in rows]
-    return markdown_table(headers, body)
-
-
-def plot_costs(path: Path, payload: dict[str, Any], labels: Sequence[str]) -> None:
-    """Three panels: aggregation time vs K, vs width, and client seconds and bytes per width."""
-    import matplotlib  # pylint: disable=import-outside-toplevel
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, sweep, key, xlabel in ((axes[0], "clients", "num_clients", "clients K (cnn width 1)"),
-                                   (axes[1], "width", "width", f"cnn width (K={payload['config']['width_clients']})")):
-        rows = [row for row in payload["aggregation"] if row["sweep"] == sweep]
-        for label in labels:
-            shown = [row for row in rows if label in row["strategies"]]
-            ax.plot([row[key] for row in shown], [row["strategies"][label]["min_seconds"] for row in shown],
-                    marker="o", label=label)
-        ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="aggregate_train seconds",
-               title="server aggregation time")
-        ax.set_xticks([row[key] for row in rows], [str(row[key]) for row in rows])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # only the measured values
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    client = payload["client"]
-    positions = np.arange(len(client))
-    axes[2].bar(positions - 0.2, [row["train_seconds"] for row in client], 0.4, label="local training (1 epoch)")
-    axes[2].bar(positions + 0.2, [row["stats_seconds"] for row in client], 0.4, label="statistics")
-    axes[2].set_xticks(positions, [f"width {row['width']}\n{row['weights_bytes'] / MIB:.2f} MiB weights\n"
-                                   f"{row['statistics_bytes'] / MIB:.2f} MiB stats" for row in client])
-    axes[2].set(ylabel="client seconds", title="client: training vs statistics")
-    axes[2].legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    return {"num_examples": int(metrics[NUM_EXAMPLES_KEY]), "train_seconds": float(metrics["train-seconds"]),
+            "stats_seconds": float(metrics["stats-seconds"]),
+            "weights_bytes": reply.content[WEIGHTS_KEY].count_bytes(),
+            "statistics_bytes": reply.content[STATISTICS_KEY].count_bytes()}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--clients", default="2,4,8,16,32,64", help="K values of the client sweep (width 1)")
-    parser.add_argument("--widths", default="1,2,4", help="cnn widths of the width sweep")
-    parser.add_argument("--width-clients", type=int, default=8, help="K of the width sweep")
-    parser.add_argument("--strategies", default="fedavg,cca,cca:global:server,permute",
-                        help="fedavg (required, the baseline) and METHOD[:REFERENCE[:STATS]]")
-    parser.add_argument("--max-server-stats-clients", type=int, default=8,
-                        help="measure server-statistics strategies only up to this K (they forward "
-                             "every model over the calibration set: minutes at K=64 on 2 cores)")
-    parser.add_argument("--calibration-size", type=int, default=500, help="server and client calibration")
-    parser.add_argument("--holdout-size", type=int, default=500, help="held-out examples CCAMerge chooses its merge on")
-    parser.add_argument("--stats-examples", type=int, default=100,
-                        help="images the synthetic replies' statistics are computed on")
+    parser.add_argument("--models", nargs="+", default=["cnn:1:2,8,32"], help="name:width:K1,K2,...")
+    parser.add_argument("--strategies", default="fedavg,cca+shrinkage='1'+repair=none,cca,cca:global:server",
+                        help="fedavg (the baseline, required) and run-config strategies")
+    parser.add_argument("--max-server-stats-clients", type=int, default=64,
+                        help="measure server-statistics strategies only up to this K")
+    parser.add_argument("--calibration-size", type=int, default=500)
+    parser.add_argument("--holdout-size", type=int, default=500)
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--client-examples", type=int, default=500, help="client shard for the client timing")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     add_runtime_arguments(parser, Path("results/cost/cost.json"))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the cost measurements described by the command line; write JSON and PNG; return the JSON."""
+    """Run the cost measurements described by the command line; write JSON, PNG and markdown."""
     args = _parser().parse_args(argv)
     blas_threads = apply_runtime(args)
     specs = parse_strategies(args.strategies)
     labels = [spec.label for spec in specs]
     if BASELINE not in labels:
         raise ValueError(f"--strategies must include {BASELINE!r} (the baseline of the ratios)")
+    sweeps = [ModelSweep.parse(text) for text in args.models]
     dataset = load_dataset("fashion-mnist", args.data_dir or None)
-    data_config = {"calibration_size": args.calibration_size, "holdout_size": args.holdout_size, "seed": args.seed,
-                   "data_dir": args.data_dir, "model": "cnn"}
+    data_config = {"calibration_size": args.calibration_size, "holdout_size": args.holdout_size,
+                   "seed": args.seed, "data_dir": args.data_dir}
     calibration = calibration_inputs(TaskConfig.from_run_config(base_run_config(**data_config)))
-    sweeps = [("clients", k, 1) for k in parse_list(args.clients, int)]
-    sweeps += [("width", args.width_clients, w) for w in parse_list(args.widths, int)]
+    device = resolve_device(None)
     payload: dict[str, Any] = {
         "command": "python -m simulations.cost " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "config": {**{key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
-                   "strategies": labels, "platform": platform.platform(), "device": "cpu",
-                   "openblas_threads": blas_threads,
+        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                   "strategies": labels, "platform": platform.platform(), "device": str(device),
+                   "openblas_threads": blas_threads, "torch_threads": torch.get_num_threads(),
                    "time": "min over repeats of aggregate_train wall time",
-                   "memory": "rss_peak_growth_mib: peak RSS above the level before the call (after gc and "
-                             "malloc_trim), sampled every 2 ms from /proc/self/statm; tracemalloc_peak_mib: Python/numpy "
-                             "allocations only"},
-        "aggregation": [], "client": [],
-    }
-    for sweep, num_clients, width in sweeps:
-        replies = make_replies(dataset, num_clients, width, local_steps=args.local_steps,
-                               stats_examples=args.stats_examples, seed=args.seed)
-        model_fn = partial(build_model, "cnn", dataset.num_classes, dataset.in_channels, width)
-        strategies = build_strategies(specs, model_fn, calibration, num_clients, **data_config)
-        if num_clients > args.max_server_stats_clients:
-            strategies = {label: strategy for label, strategy in strategies.items()
-                          if not _server_statistics(strategy)}
-        measured = measure_aggregation(strategies, replies, num_clients, args.repeats)
-        row = {"sweep": sweep, "num_clients": num_clients, "width": width, "strategies": measured,
-               "ratio_to_fedavg": _ratios(measured),
-               "bytes_per_client": {"weights": replies.weights[0][WEIGHTS_KEY].count_bytes(),
-                                    "statistics": replies.statistics[0].count_bytes()}}
-        payload["aggregation"].append(row)
-        print(f"[{sweep}] K={num_clients} width={width}: " + ", ".join(
-            f"{label} {entry['min_seconds']:.3f}s" for label, entry in measured.items()), flush=True)
-    for width in parse_list(args.widths, int):
-        payload["client"].append(client_costs(width, args.client_examples, args.calibration_size,
-                                              args.holdout_size, args.seed, args.data_dir))
-    payload["ru_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    plot = args.out.with_suffix(".png")
-    plot_costs(plot, payload, labels)
-    payload["plot"] = plot.name
-    write_json(args.out, payload)
-    print("\n### Server aggregation (min seconds over repeats; ratio to FedAvg; peak RSS growth)\n")
-    print(aggregation_table(payload["aggregation"], labels))
-    print(f"\n### Client: one local epoch vs statistics ({args.calibration_size} calibration images), bytes sent\n")
-    print(client_table(payload["client"]))
+                   "memory": "peak RSS above the level before the call (after gc and malloc_trim), 2 ms samples"},
+        "models": []}
+    for sweep in sweeps:
+        entry: dict[str, Any] = {"model": sweep.label, "aggregation": []}
+        payload["models"].append(entry)
+        model_fn = partial(sweep.build, dataset)
+        for num_clients in sweep.clients:
+            replies = make_replies(dataset, sweep, num_clients, calibration, local_steps=args.local_steps,
+                                   seed=args.seed)
+            if "statistics" not in entry:  # once per model, at its smallest K (8 models at most)
+                few = [replies.global_model, *replies.clients[:SERVER_GROUP]]
+                entry["statistics"] = statistics_vs_forward(few, calibration, args.repeats, device)
+                entry["bytes_per_client"] = {"weights": replies.weights[0][WEIGHTS_KEY].count_bytes(),
+                                             "statistics": replies.statistics[0].count_bytes()}
+            strategies = build_strategies(specs, model_fn, num_clients, **data_config, model=sweep.name,
+                                          width=sweep.width)
+            if num_clients > args.max_server_stats_clients:
+                strategies = {label: s for label, s in strategies.items() if ":server" not in label}
+            measured = measure_aggregation(strategies, replies, num_clients, args.repeats)
+            base = measured[BASELINE]["min_seconds"]
+            entry["aggregation"].append({"num_clients": num_clients, "strategies": measured,
+                                         "ratio_to_fedavg": {label: m["min_seconds"] / base for label, m in
+                                                             measured.items() if label != BASELINE}})
+            print(f"[{sweep.label}] K={num_clients}: " + ", ".join(
+                f"{label} {m['min_seconds']:.3f}s ({m['rss_peak_growth_mib']:.0f} MiB)"
+                for label, m in measured.items()), flush=True)
+            del replies
+            write_json(args.out, payload)
+        entry["client"] = client_costs(sweep, args.client_examples, data_config)
+        write_json(args.out, payload)
+    _report(payload, labels, args.out)
     return payload
+
+
+def _report(payload: dict[str, Any], labels: Sequence[str], out: Path) -> None:
+    """Markdown tables and one PNG (aggregation seconds and peak memory vs K per model)."""
+    text = ["### Statistics vs the forward passes they need; bytes per client\n",
+            markdown_table(["model", "client stats / 2 forwards", "server stats / (K+1) forwards (K=8)",
+                            "weights KiB", "statistics KiB", "statistics / weights", "client train s",
+                            "client stats s"],
+                           [[e["model"], f"{e['statistics']['client_ratio']:.2f}", f"{e['statistics']['server_ratio']:.2f}",
+                             f"{e['bytes_per_client']['weights'] / 1024:.0f}",
+                             f"{e['bytes_per_client']['statistics'] / 1024:.0f}",
+                             f"{e['bytes_per_client']['statistics'] / e['bytes_per_client']['weights']:.2f}",
+                             f"{e['client']['train_seconds']:.2f}", f"{e['client']['stats_seconds']:.2f}"]
+                            for e in payload["models"]])]
+    series = []
+    for entry in payload["models"]:
+        rows = entry["aggregation"]
+        text.append(f"\n### {entry['model']}: aggregate_train seconds (BatchNorm re-estimate), ratio to FedAvg, "
+                    f"peak MiB\n")
+        body = []
+        for row in rows:
+            cells = [row["num_clients"]]
+            for label in labels:
+                m = row["strategies"].get(label)
+                cells.append("-" if m is None else f"{m['min_seconds']:.3g} ({m['bn_seconds']:.2g})")
+            cells += [f"{row['ratio_to_fedavg'][label]:.1f}x" if label in row["ratio_to_fedavg"] else "-"
+                      for label in labels if label != BASELINE]
+            cells += ["-" if label not in row["strategies"] else f"{row['strategies'][label]['rss_peak_growth_mib']:.0f}"
+                      for label in labels]
+            body.append(cells)
+        text.append(markdown_table(["K", *(f"{label} s" for label in labels),
+                                    *(f"{label}/fedavg" for label in labels if label != BASELINE),
+                                    *(f"{label} MiB" for label in labels)], body))
+        for label in labels:
+            shown = [row for row in rows if label in row["strategies"]]
+            series.append(Series(f"{entry['model']} {label}", [row["num_clients"] for row in shown],
+                                 [row["strategies"][label]["min_seconds"] for row in shown]))
+    line_plot(out.with_suffix(".png"), series, title="server aggregate_train time", xlabel="clients K",
+              ylabel="seconds", log2_x=True)
+    out.with_suffix(".md").write_text("\n".join(text) + "\n")
+    print("\n".join(text), flush=True)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def test_cca_run_writes_history_checkpoints_and_plot(straight_run: tuple[dict[st
         assert not entry["skipped"] and entry["num_replies"] == 2 and entry["num_dropped"] == 0
         assert entry["client_statistics"] == 2  # both clients sent statistics; none computed here
         assert set(entry["bytes_received"]) == {"1", "2"} and min(entry["bytes_received"].values()) > 0
-        assert entry["merge_seconds"] > 0 and entry["stats_seconds"] == 0.0 and entry["client_stats_seconds"] > 0
+        # The server measured only the global model's own moments (one pass), within the merge.
+        assert entry["merge_seconds"] > entry["stats_seconds"] > 0 and entry["client_stats_seconds"] > 0
     # The checkpoint of the last round is the model whose accuracy the history reports.
     task = TaskConfig.from_run_config(config)
     model = make_model(task, load_data(task.dataset, task.data_dir))

@@ -56,7 +56,9 @@ def test_same_start_and_the_product_did_the_work(result: tuple[dict, Path]) -> N
     # Our ClientApp computed statistics only when CCAMerge asked it to (client stats, global
     # reference); otherwise the strategy computed them on the server.
     assert all(s > 0 for s in runs["cca"]["client_stats_seconds"])
-    assert runs["cca"]["server_stats_seconds"] == [0.0, 0.0]
+    # With client statistics the server measures only the global model's moments, once per round.
+    assert all(0 < mine < theirs for mine, theirs in zip(runs["cca"]["server_stats_seconds"],
+                                                          runs["cca:global:server"]["server_stats_seconds"]))
     for label in ("fedavg", "fedprox", "cca:global:server", "permute:largest:server+shrinkage='1'+repair=none"):
         assert runs[label]["client_stats_seconds"] == [0.0, 0.0]
     for label in ("cca:global:server", "permute:largest:server+shrinkage='1'+repair=none"):

@@ -11,21 +11,26 @@ from tests.tiny_models import C1, TinyNet, calibration, make_tiny
 
 from fedcca.alignment import AlignmentPoint, AlignmentSpec
 from fedcca.statistics import (
+    ROW_BLOCK,
+    Moments,
     PairStatistics,
     StatisticsError,
+    _batch_features,
+    _gram,
     as_batches,
+    collect_moments,
     collect_statistics,
-    statistics_from_arrays,
-    statistics_to_arrays,
 )
 
-FIELDS = ("sum_a", "sum_b", "sq_a", "sq_b", "cross")
+
+def _fields(stats: PairStatistics) -> list[torch.Tensor]:
+    return [stats.a.mean, stats.b.mean, stats.a.comoment, stats.b.comoment, stats.cross]
 
 
-def _assert_equal_stats(left: PairStatistics, right: PairStatistics, rtol: float = 1e-12) -> None:
-    assert left.count == right.count
-    for name in FIELDS:
-        torch.testing.assert_close(getattr(left, name), getattr(right, name), rtol=rtol, atol=1e-12)
+def _assert_equal_stats(left: PairStatistics, right: PairStatistics, rtol: float = 1e-9) -> None:
+    assert left.count == right.count == left.a.count == left.b.count
+    for mine, theirs in zip(_fields(left), _fields(right)):
+        torch.testing.assert_close(mine, theirs.double(), rtol=rtol, atol=rtol * max(theirs.abs().max().item(), 1e-30))
 
 
 def _features(model: TinyNet, x: torch.Tensor, tap: str) -> torch.Tensor:
@@ -44,12 +49,45 @@ def test_statistics_equal_the_moments_of_the_features() -> None:
     stats = collect_statistics(a_model, [b_model], x, batch_size=7)[0]
     a, b = _features(a_model, x, "relu2"), _features(b_model, x, "relu2")
     assert stats["conv2"].count == 20 * 6 * 6  # every spatial position is a sample
-    expected = PairStatistics(a.shape[0], a.sum(0), b.sum(0), a.T @ a, b.T @ b, a.T @ b)
-    _assert_equal_stats(stats["conv2"], expected, rtol=1e-10)
+    expected = PairStatistics.from_features(a, b)  # float64 throughout
+    _assert_equal_stats(stats["conv2"], expected, rtol=1e-5)  # float32 products: float32-level agreement
     c_aa, c_bb, c_ab = stats["conv2"].covariances()
     joint = np.cov(np.concatenate([a.numpy(), b.numpy()], axis=1), rowvar=False, bias=True)
-    np.testing.assert_allclose(c_ab.numpy(), joint[:C1, C1:], atol=1e-10)
-    np.testing.assert_allclose(c_aa.numpy(), joint[:C1, :C1], atol=1e-10)
+    np.testing.assert_allclose(c_ab.numpy(), joint[:C1, C1:], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(c_aa.numpy(), joint[:C1, :C1], rtol=1e-5, atol=1e-7)
+
+
+def test_the_float32_kernel_matches_float64_on_many_samples_with_large_means() -> None:
+    """Centring before the float32 product keeps the error at float32 level where raw sums of
+    squares would lose it to cancellation (features with mean 100 and spread 1)."""
+    generator = torch.Generator().manual_seed(0)
+    n, rows = 24, 3 * ROW_BLOCK + 123  # several row blocks
+    a = (torch.randn(rows, n, generator=generator) + 100.0).float()
+    b = (a[:, :n] @ torch.randn(n, n, generator=generator) * 0.1 + torch.randn(rows, n, generator=generator)).float()
+    reference = PairStatistics.from_features(a, b)
+    # Vectors ([N, n, 1]) and conv features ([N, n, S] with S = 64 positions per input).
+    for layout in (a[:, :, None], a[: rows // 64 * 64].reshape(rows // 64, 64, n).transpose(1, 2)):
+        other = b[:, :, None] if layout.shape[2] == 1 else b[: rows // 64 * 64].reshape(rows // 64, 64, n).transpose(1, 2)
+        exact = reference if layout.shape[2] == 1 else PairStatistics.from_features(a[: rows // 64 * 64],
+                                                                                    b[: rows // 64 * 64])
+        ours = _batch_features(layout, "p", 0), _batch_features(other, "p", 1)
+        pair = PairStatistics(ours[0].moments, ours[1].moments, _gram(ours[0].centred, ours[1].centred))
+        assert pair.count == exact.count
+        for mine, want in zip(_fields(pair), _fields(exact)):
+            assert ((mine - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+def test_moments_combine_exactly_in_any_order() -> None:
+    """Chan's update: statistics of 3 chunks, added in any grouping, equal those of the whole."""
+    generator = torch.Generator().manual_seed(1)
+    a, b = torch.randn(90, 5, generator=generator, dtype=torch.float64), torch.randn(90, 3, generator=generator,
+                                                                                     dtype=torch.float64) + 4.0
+    parts = [PairStatistics.from_features(a[i:i + 30], b[i:i + 30]) for i in (0, 30, 60)]
+    whole = PairStatistics.from_features(a, b)
+    _assert_equal_stats((parts[0] + parts[1]) + parts[2], whole, rtol=1e-12)
+    _assert_equal_stats(parts[0] + (parts[1] + parts[2]), whole, rtol=1e-12)
+    empty = Moments(0, torch.zeros(5, dtype=torch.float64), torch.zeros(5, 5, dtype=torch.float64))
+    assert (empty + whole.a).count == whole.a.count
 
 
 def test_statistics_of_a_dataset_are_the_sum_over_its_halves() -> None:
@@ -59,7 +97,7 @@ def test_statistics_of_a_dataset_are_the_sum_over_its_halves() -> None:
     second = collect_statistics(a_model, models, x[16:], batch_size=8)
     for k in range(2):
         for point in whole[k]:
-            _assert_equal_stats(whole[k][point], first[k][point] + second[k][point])
+            _assert_equal_stats(whole[k][point], first[k][point] + second[k][point], rtol=1e-6)
 
 
 def test_several_taps_of_a_point_sum_their_statistics() -> None:
@@ -69,15 +107,30 @@ def test_several_taps_of_a_point_sum_their_statistics() -> None:
                                  AlignmentPoint("one", C1, ("relu1",), ()),
                                  AlignmentPoint("two", C1, ("relu2",), ())))
     stats = collect_statistics(a_model, [b_model], x, spec)[0]
-    _assert_equal_stats(stats["both"], stats["one"] + stats["two"])
+    _assert_equal_stats(stats["both"], stats["one"] + stats["two"], rtol=1e-6)
+
+
+def test_a_client_skips_the_reference_moments_and_keeps_the_rest() -> None:
+    a_model, b_model, x = make_tiny(1), make_tiny(2), calibration(20)
+    full = collect_statistics(a_model, [b_model], x)[0]
+    client = collect_statistics(a_model, [b_model], x, reference_moments=False)[0]
+    for point, pair in client.items():
+        assert pair.a.comoment is None
+        _assert_equal_stats(PairStatistics(full[point].a, pair.b, pair.cross), full[point], rtol=1e-12)
+        with pytest.raises(StatisticsError, match="own second moment"):
+            pair.covariances()
 
 
 def test_the_reference_object_itself_gets_its_own_features() -> None:
     a_model, x = make_tiny(1), calibration(8)
     same, twin = collect_statistics(a_model, [a_model, copy.deepcopy(a_model)], x)
     for point, stats in same.items():
-        torch.testing.assert_close(stats.cross, stats.sq_a)
+        torch.testing.assert_close(stats.cross, stats.a.comoment)
         _assert_equal_stats(stats, twin[point])
+    moments = collect_moments(a_model, x)  # the server's one pass over the global model
+    for point, stats in same.items():
+        torch.testing.assert_close(moments[point].comoment, stats.a.comoment)
+        torch.testing.assert_close(moments[point].mean, stats.a.mean)
 
 
 def test_hooks_removed_and_mode_restored_also_on_error() -> None:
@@ -117,26 +170,3 @@ def test_as_batches_splits_tensors_and_unpacks_pairs() -> None:
     assert sizes == [4, 3, 3] and torch.equal(torch.cat(list(as_batches(x, 4))), x)
     pairs = [(x[:5], torch.zeros(5)), (x[5:], torch.zeros(5))]
     assert [b.tolist() for b in as_batches(pairs)] == [x[:5].tolist(), x[5:].tolist()]
-
-
-def test_arrays_round_trip_and_validation() -> None:
-    model = make_tiny(1)
-    stats = collect_statistics(model, [make_tiny(2)], calibration(8))[0]
-    arrays = statistics_to_arrays(stats)
-    assert all(value.dtype == np.float64 for value in arrays.values())
-    back = statistics_from_arrays(arrays, model.alignment_spec())
-    for point in stats:
-        _assert_equal_stats(back[point], stats[point], rtol=0)
-    spec = model.alignment_spec()
-    broken = {
-        "conv1/cross": dict(arrays, **{"conv1/cross": np.zeros((2, 2))}),
-        "conv2/sq_b": dict(arrays, **{"conv2/sq_b": np.full((C1, C1), np.nan)}),
-        "fc1/count": dict(arrays, **{"fc1/count": np.asarray(0.0)}),
-        "extra/count": dict(arrays, **{"extra/count": np.asarray(1.0)}),
-    }
-    for key, bad in broken.items():
-        with pytest.raises(StatisticsError, match=key):
-            statistics_from_arrays(bad, spec)
-    missing = {k: v for k, v in arrays.items() if k != "fc1/sum_a"}
-    with pytest.raises(StatisticsError, match="fc1/sum_a"):
-        statistics_from_arrays(missing, spec)

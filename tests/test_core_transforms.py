@@ -188,3 +188,41 @@ def test_identity_transform() -> None:
     t = identity_transform(3)
     assert t.matrix.dtype == torch.float64 and torch.equal(t.matrix, torch.eye(3, dtype=torch.float64))
     assert torch.equal(t.inverse, t.matrix)
+
+
+def test_svd_falls_back_to_the_robust_driver(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """gesdd does not converge on rare degenerate matrices: the QR driver takes over, logged at DEBUG."""
+    import fedcca.transforms as transforms
+
+    original = scipy.linalg.svd
+
+    def flaky(matrix, lapack_driver="gesdd", **kwargs):  # noqa: ANN001, ANN003, ANN202
+        if lapack_driver == "gesdd":
+            raise np.linalg.LinAlgError("SVD did not converge")
+        return original(matrix, lapack_driver=lapack_driver, **kwargs)
+
+    a, _ = _synthetic(seed=9)
+    q = _scaled_permutation(5, seed=9)
+    expected = cca_transform(_stats(a, a @ q.T), ridge_mode="relative")
+    monkeypatch.setattr(transforms.scipy.linalg, "svd", flaky)
+    with caplog.at_level(logging.DEBUG, logger="fedcca.transforms"):
+        got = cca_transform(_stats(a, a @ q.T), ridge_mode="relative", point="deep")
+    assert "point 'deep': gesdd SVD did not converge, using gesvd" in caplog.text
+    torch.testing.assert_close(got.matrix, expected.matrix, rtol=1e-9, atol=1e-9)
+
+
+def test_whitening_cache_reuses_only_an_identical_reference() -> None:
+    """One reference, several models: the cached reference whitening gives the uncached transforms;
+    a different reference covariance under the same key is recomputed, not reused."""
+    from fedcca.transforms import WhiteningCache
+
+    a, _ = _synthetic(seed=11)
+    cache = WhiteningCache()
+    for seed in (12, 13):
+        b = a @ _scaled_permutation(5, seed=seed).T + 0.1 * np.random.default_rng(seed).normal(size=a.shape)
+        torch.testing.assert_close(cca_transform(_stats(a, b), point="p", cache=cache).matrix,
+                                   cca_transform(_stats(a, b), point="p").matrix, rtol=0, atol=0)
+    other, _ = _synthetic(seed=14)
+    b = other @ _scaled_permutation(5, seed=15).T
+    torch.testing.assert_close(cca_transform(_stats(other, b), point="p", cache=cache).matrix,
+                               cca_transform(_stats(other, b), point="p").matrix, rtol=0, atol=0)

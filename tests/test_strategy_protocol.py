@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 
 from fedcca.alignment import spec_for
 from fedcca.protocol import (
@@ -16,7 +17,7 @@ from fedcca.protocol import (
     validate_evaluate_reply,
     validate_reply,
 )
-from fedcca.statistics import StatisticsError, collect_statistics
+from fedcca.statistics import StatisticsError, assemble, collect_moments, collect_statistics
 from tests.tiny_clients import (
     CALIBRATION,
     MUTATIONS,
@@ -36,14 +37,68 @@ def _valid_reply(node_id: int = 3) -> tuple[Message, Message]:
     return instruction, run_app(stats_app, instruction)
 
 
-def test_statistics_record_round_trip() -> None:
-    stats = collect_statistics(make_model(1), [make_model(2)], CALIBRATION)[0]
+def test_statistics_record_round_trip_and_the_server_completes_the_pair() -> None:
+    """The client sends its own moments and the cross moment (float32 matrices); with the received
+    model's moments measured on the server, the pair equals what the client computed."""
+    received, trained = make_model(1), make_model(2)
+    stats = collect_statistics(received, [trained], CALIBRATION)[0]
     back = statistics_from_record(statistics_to_record(stats), SPEC)
     assert back.keys() == stats.keys()
+    pairs = assemble(collect_moments(received, CALIBRATION, SPEC), back)
     for point, original in stats.items():
-        assert back[point].count == original.count
-        for field in ("sum_a", "sum_b", "sq_a", "sq_b", "cross"):
-            assert torch.equal(getattr(back[point], field), getattr(original, field).double())
+        got = pairs[point]
+        assert got.count == original.count == back[point].b.count
+        assert torch.equal(got.b.mean, original.b.mean)  # means travel in float64
+        for mine, theirs in ((got.a.mean, original.a.mean), (got.a.comoment, original.a.comoment),
+                             (got.b.comoment, original.b.comoment), (got.cross, original.cross)):
+            torch.testing.assert_close(mine, theirs.double(), rtol=1e-6, atol=1e-6 * theirs.abs().max().item())
+
+
+def test_statistics_record_is_smaller_than_the_full_pair() -> None:
+    """Only the model's triangle and the cross block, in float32: about 1.5 n^2 * 4 bytes per point,
+    against 3 n^2 * 8 bytes for both own blocks and the cross block in float64."""
+    from fedcca.models import build_model
+
+    torch.manual_seed(0)
+    received, trained = build_model("cnn", width=0.5), build_model("cnn", width=0.5)
+    record = statistics_to_record(collect_statistics(received, [trained], torch.randn(8, 1, 28, 28))[0])
+    sizes = [point.size for point in spec_for(received).points]  # 16, 32, 64
+    full = sum(8 * (3 * n * n + 2 * n + 1) for n in sizes)
+    assert record.count_bytes() < 0.3 * full
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("conv1/cross", np.zeros((2, 2), np.float32)),
+    ("conv2/comoment", np.full(10, np.nan, np.float32)),
+    ("fc1/count", np.asarray(0.0)),
+    ("extra/count", np.asarray(1.0)),
+])
+def test_malformed_statistics_arrays_are_named(key: str, value: np.ndarray) -> None:
+    record = statistics_to_record(collect_statistics(make_model(1), [make_model(2)], CALIBRATION)[0])
+    record[key] = Array(value)
+    with pytest.raises(StatisticsError, match=key):
+        statistics_from_record(record, SPEC)
+    del record[key]
+    if not key.startswith("extra"):
+        with pytest.raises(StatisticsError, match=f"'{key}' is missing"):
+            statistics_from_record(record, SPEC)
+
+
+def test_other_statistics_format_versions_are_refused() -> None:
+    record = statistics_to_record(collect_statistics(make_model(1), [make_model(2)], CALIBRATION)[0])
+    record["format"] = Array(np.asarray(1, dtype=np.int64))
+    with pytest.raises(StatisticsError, match="statistics format 1, this server reads format 2"):
+        statistics_from_record(record, SPEC)
+    del record["format"]
+    with pytest.raises(StatisticsError, match="statistics format None"):
+        statistics_from_record(record, SPEC)
+
+
+def test_statistics_from_another_calibration_set_are_refused() -> None:
+    received, trained = make_model(1), make_model(2)
+    stats = collect_statistics(received, [trained], CALIBRATION[:40])[0]
+    with pytest.raises(StatisticsError, match="different calibration data"):
+        assemble(collect_moments(received, CALIBRATION, SPEC), statistics_from_record(statistics_to_record(stats), SPEC))
 
 
 def test_statistics_from_record_rejects_undecodable_array() -> None:

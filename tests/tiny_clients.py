@@ -144,8 +144,8 @@ def _poison_statistics(content: RecordDict) -> None:
 
 def _resize_statistics(content: RecordDict) -> None:
     record = content[STATISTICS_KEY]
-    key = next(key for key in record if key.endswith("/sq_b"))
-    _replace_array(record, key, np.zeros((2, 2)))
+    key = next(key for key in record if key.endswith("/comoment"))
+    _replace_array(record, key, np.zeros(3, dtype=np.float32))
 
 
 _MISSING = object()
