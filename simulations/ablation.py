@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,13 +38,12 @@ from torch import nn
 
 from fedcca.alignment import Transform, apply_transforms, spec_for
 from fedcca.config import MergeConfig, MergeSearch
-from fedcca.data import load_dataset
 from fedcca.merging import merge_with_result
 from fedcca.repair import preactivation_spec, preactivation_statistics
 from fedcca.selection import VARIANTS, get_variant, score
 from fedcca.transforms import canonical_correlations, cca_transform, permute_transform
-from simulations.harness import apply_runtime, parse_list, write_json
-from simulations.oneshot import Evaluator, Group, add_common_arguments, group_statistics, load_group, \
+from simulations.harness import parse_list, write_json
+from simulations.oneshot import Group, add_common_arguments, group_statistics, load_group, \
     markdown_table, parse_common, plot, prepare, run_grid, summarise, zoo_spec
 
 logger = logging.getLogger(__name__)
@@ -237,7 +235,7 @@ def diagnostics_markdown(diag: dict) -> str:
     for name, errs in diag["nonlinearity_error"].items():
         lines.append(f"| {name} | " + " | ".join(f"{errs[p]:.3f}" for p in points)
                      + f" | {100 * diag['aligned_alone_holdout'][name]:.1f} |")
-    lines.append(f"| (unaligned model 1) | " + " | ".join("0" for _ in points)
+    lines.append("| (unaligned model 1) | " + " | ".join("0" for _ in points)
                  + f" | {100 * diag['aligned_alone_holdout']['unaligned']:.1f} |")
     sweep = diag["calibration_sweep"]
     sizes = list(next(iter(sweep.values())))

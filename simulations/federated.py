@@ -43,7 +43,6 @@ from simulations.harness import (
     BASELINE,
     ROOT,
     Series,
-    StrategySpec,
     add_runtime_arguments,
     apply_runtime,
     base_run_config,

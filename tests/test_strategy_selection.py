@@ -11,7 +11,7 @@ from flwr.serverapp.strategy import FedAvg
 
 import fedcca.merging
 import fedcca.selection
-import fedcca.strategy
+import fedcca.aggregation
 from fedcca.config import MergeConfig, MergeSearch
 from fedcca.local_grid import InProcessGrid
 from fedcca.strategy import FEDERATED_SEARCH, CCAMerge
@@ -103,7 +103,7 @@ def test_statistics_read_only_the_calibration_set_and_the_choice_only_the_held_o
         seen["choice"].append(inputs)
         return losses(model, inputs, labels, **kwargs)
 
-    for module in (fedcca.merging, fedcca.strategy):
+    for module in (fedcca.merging, fedcca.aggregation):
         monkeypatch.setattr(module, "collect_statistics", spy_collect)
     monkeypatch.setattr(fedcca.selection, "holdout_losses", spy_losses)
     strategy = CCAMerge(make_model, CALIBRATION, FEDERATED_SEARCH, holdout=HOLDOUT, stats="server", device="cpu")

@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fedcca.strategy as strategy_module
+import fedcca.aggregation as aggregation_module
 from fedcca.merging import MergeResult
 from fedcca.protocol import STATISTICS_KEY
 from fedcca.local_grid import InProcessGrid
@@ -192,7 +192,7 @@ def _failing_merge(self):  # noqa: ANN001, ANN202 - stands in for Merger.finish
                                                     (_failing_merge, "SVD did not converge")])
 def test_a_bad_merge_skips_the_round(fake_finish, words: str,  # noqa: ANN001
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(strategy_module.Merger, "finish", fake_finish)
+    monkeypatch.setattr(aggregation_module.Merger, "finish", fake_finish)
     strategy = _strategy()
     _, result = _run_round(strategy, InProcessGrid({n: stats_app for n in GOOD_NODES}))
     assert result == (None, None)

@@ -1,0 +1,301 @@
+"""One federated round of CCAMerge: replies in, a merged model out (with what happened, recorded).
+
+:class:`RoundAggregation` decodes and validates the replies one at a time
+(:func:`fedcca.protocol.validate_reply`), optionally screens them
+(:mod:`fedcca.norm_screen`), picks the reference, gathers every reply's alignment statistics
+(the client's own, paired with the global model's moments measured once per round; or
+computed here, a group of replies per pass over the calibration data) and feeds a
+:class:`fedcca.merging.Merger`. A reply whose data breaks a step is dropped alone, with one
+reason in the :class:`~fedcca.rounds.RoundRecord`; a round that cannot produce a model raises
+:class:`SkipRound`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from logging import DEBUG, WARNING
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.common.logger import log
+from torch import nn
+
+from fedcca.alignment import AlignmentSpec
+from fedcca.config import MergeSearch
+from fedcca.merging import Merger, MergeResult
+from fedcca.norm_screen import screen
+from fedcca.protocol import ClientUpdate, InvalidReplyError, validate_reply
+from fedcca.rounds import RoundRecord
+from fedcca.statistics import Moments, PairStatistics, StatisticsError, assemble, collect_moments, collect_statistics
+
+# What aligning one reply may raise because of its contents: degenerate statistics, a failed
+# decomposition, non-finite aligned weights (fedcca.merging.MergeError is a ValueError).
+_REPLY_DATA_ERRORS = (ValueError, ArithmeticError, RuntimeError)
+
+
+class SkipRound(Exception):
+    """The round cannot produce a model; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class AggregationSettings:
+    """What a strategy fixed once for every round's aggregation.
+
+    Args:
+        model_fn: Builds a fresh model of the federated architecture.
+        template: A state dict of that model (keys, shapes and dtypes replies must have).
+        spec: Its alignment spec (None when nothing is aligned).
+        search: The merge configuration(s).
+        calibration: Calibration batches.
+        holdout: Labelled held-out data to choose among candidates, or None.
+        reference: "global", "largest" or "first".
+        client_statistics: Use the statistics clients send (they were asked for them).
+        max_norm_ratio: The norm screen's bound, or None.
+        norm_center: "median" or "global".
+        device: Where statistics and merges run.
+        batch_size: Calibration batch size.
+        statistics_group: Replies whose statistics are computed together.
+        weights_key: Record name of the weights in a reply.
+        weighted_by_key: Metric holding the number of examples.
+        min_replies: The fewest valid replies a round needs.
+    """
+
+    model_fn: Callable[[], nn.Module]
+    template: Mapping[str, torch.Tensor]
+    spec: AlignmentSpec | None
+    search: MergeSearch
+    calibration: list[torch.Tensor]
+    holdout: tuple[torch.Tensor, torch.Tensor] | None
+    reference: str
+    client_statistics: bool
+    max_norm_ratio: float | None
+    norm_center: str
+    device: torch.device
+    batch_size: int
+    statistics_group: int
+    weights_key: str
+    weighted_by_key: str
+    min_replies: int
+
+    @property
+    def needs_statistics(self) -> bool:
+        """Whether some candidate aligns with activation statistics."""
+        return self.spec is not None and any(c.needs_statistics for c in self.search.candidates())
+
+
+class RoundAggregation:
+    """The aggregation of one round's replies into a merged model.
+
+    Args:
+        settings: The strategy's settings.
+        record: The round's record, filled in as replies are merged or dropped.
+        global_arrays: The model sent this round (None when configure_train was not called).
+        sent: The nodes the round's instructions went to (None when unknown).
+    """
+
+    def __init__(self, settings: AggregationSettings, record: RoundRecord, global_arrays: ArrayRecord | None,
+                 sent: list[int] | None) -> None:
+        self.settings = settings
+        self.record = record
+        self.global_arrays = global_arrays
+        self.sent = sent
+        self.metrics: list[RecordDict] = []  # of the merged replies
+        self._moments: dict[str, Moments] | None = None  # the global model's, once the first client's arrive
+
+    def run(self, replies: Iterable[Message]) -> MergeResult:
+        """Merge the valid replies; SkipRound when the round cannot produce a model."""
+        settings, record = self.settings, self.record
+        if settings.reference == "global" or (settings.max_norm_ratio is not None and settings.norm_center == "global"):
+            self._global()  # a usage error, raised before anything is merged
+        updates: Iterator[ClientUpdate] = self._updates(replies)
+        if settings.max_norm_ratio is not None or settings.reference != "global":
+            updates = iter(self._screened(list(updates)))
+        started = time.perf_counter()
+        merger: Merger | None = None
+        group: list[tuple[ClientUpdate, nn.Module]] = []
+        try:
+            for update in updates:
+                if merger is None:
+                    merger = self._merger(update)
+                    if settings.reference != "global":  # the reference reply is averaged as it is
+                        self._add(merger, [(update, merger.reference)], is_reference=True)
+                        continue
+                group.append((update, self._model_from(update.state_dict)))
+                if len(group) >= settings.statistics_group or not self._needs_server_statistics(update):
+                    self._add(merger, group)
+                    group = []
+            if merger is not None and group:
+                self._add(merger, group)
+            self._drop_missing()
+            record.num_valid = len(self.metrics)
+            self._require_enough()
+            assert merger is not None
+            return merger.finish()
+        except _REPLY_DATA_ERRORS as err:
+            log(DEBUG, "aggregate_train: merge failed in round %s", record.round, exc_info=True)
+            raise SkipRound(f"merge failed: {type(err).__name__}: {err}") from err
+        finally:
+            record.merge_seconds = time.perf_counter() - started
+            if merger is not None:
+                record.dead_features = {int(name): counts for name, counts in merger.dead_features.items()}
+
+    def _updates(self, replies: Iterable[Message]) -> Iterator[ClientUpdate]:
+        """Valid replies, decoded one at a time (duplicates and invalid ones dropped and logged)."""
+        seen: set[int] = set()
+        for msg in replies:
+            node_id = msg.metadata.src_node_id
+            try:
+                if node_id in seen:
+                    raise InvalidReplyError("duplicate reply from the same node")
+                seen.add(node_id)
+                update = validate_reply(msg, self.settings.template, self.settings.spec,
+                                        weights_key=self.settings.weights_key,
+                                        weighted_by_key=self.settings.weighted_by_key)
+            except InvalidReplyError as err:
+                self._drop(node_id, str(err))
+                continue
+            self.record.statistics_bytes[node_id] = update.statistics_bytes
+            yield update
+
+    def _screened(self, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+        """All valid updates (norm screen applied), the reference reply first for "largest"/"first"."""
+        settings = self.settings
+        if settings.max_norm_ratio is not None:
+            center = self._global().to_torch_state_dict() if settings.norm_center == "global" else None
+            reasons = screen([u.state_dict for u in updates], settings.max_norm_ratio, settings.norm_center, center)
+            for update, reason in zip(updates, reasons):
+                if reason is not None:
+                    self._drop(update.node_id, reason)
+            updates = [u for u, reason in zip(updates, reasons) if reason is None]
+        if settings.reference == "global":
+            return updates
+        while updates:
+            index = max(range(len(updates)), key=lambda i: updates[i].num_examples) \
+                if settings.reference == "largest" else 0
+            updates.insert(0, updates.pop(index))
+            failure = self._reference_failure(updates[0])
+            if failure is None:
+                break
+            self._drop(updates.pop(0).node_id, f"server-side statistics failed: {failure}")
+        return updates
+
+    def _reference_failure(self, update: ClientUpdate) -> StatisticsError | None:
+        """Why a reply cannot be the reference (non-finite features on the calibration data), or None."""
+        if not self.settings.needs_statistics:
+            return None
+        model = self._model_from(update.state_dict)
+        try:
+            collect_moments(model, self.settings.calibration, self.settings.spec, device=self.settings.device)
+        except StatisticsError as err:
+            return err
+        return None
+
+    def _merger(self, first: ClientUpdate) -> Merger:
+        settings = self.settings
+        if settings.reference == "global":
+            self.record.reference = "global"
+            reference = self._model_from(self._global().to_torch_state_dict())
+        else:
+            self.record.reference = first.node_id
+            reference = self._model_from(first.state_dict)
+        return Merger(reference, settings.calibration, settings.search, holdout=settings.holdout, spec=settings.spec,
+                      device=settings.device, batch_size=settings.batch_size)
+
+    def _add(self, merger: Merger, group: list[tuple[ClientUpdate, nn.Module]], is_reference: bool = False) -> None:
+        """Add a group of replies to the merge; a reply whose data breaks alignment is dropped alone."""
+        statistics = [self._client_statistics(merger, update) for update, _ in group]
+        self.record.client_statistics += sum(isinstance(stats, dict) for stats in statistics)
+        sent = [isinstance(stats, StatisticsError) for stats in statistics]  # broken client statistics
+        if merger.needs_statistics and not is_reference:
+            statistics = self._fill_statistics(merger, group, statistics)
+        for (update, model), stats, invalid in zip(group, statistics, sent):
+            if isinstance(stats, StatisticsError):
+                reason = "invalid statistics" if invalid else "server-side statistics failed"
+                self._drop(update.node_id, f"{reason}: {stats}")
+                continue
+            try:
+                merger.add(model, update.num_examples, stats, name=str(update.node_id), is_reference=is_reference)
+            except _REPLY_DATA_ERRORS as err:
+                if is_reference:
+                    raise
+                self._drop(update.node_id, f"alignment failed: {type(err).__name__}: {err}")
+                continue
+            self.metrics.append(RecordDict({"metrics": update.metrics}))
+
+    def _fill_statistics(self, merger: Merger, group: list[tuple[ClientUpdate, nn.Module]], statistics: list) -> list:
+        """Server-side statistics for the replies without usable client ones (a failure marks one reply)."""
+        missing = [i for i, stats in enumerate(statistics) if stats is None]
+        if not missing:
+            return statistics
+        started = time.perf_counter()
+        models = [group[i][1] for i in missing]
+        try:
+            computed: list = collect_statistics(merger.reference, models, self.settings.calibration, merger.spec,
+                                                device=self.settings.device)
+        except StatisticsError as err:
+            if err.model_index == -1:  # the reference's own features are unusable: nothing can be aligned
+                raise SkipRound(f"the reference's statistics failed: {err}") from err
+            computed = [self._one_statistics(merger, model) for model in models]
+        for i, stats in zip(missing, computed):
+            statistics[i] = stats
+        self.record.stats_seconds += time.perf_counter() - started
+        return statistics
+
+    def _one_statistics(self, merger: Merger, model: nn.Module) -> Any:
+        try:
+            return collect_statistics(merger.reference, [model], self.settings.calibration, merger.spec,
+                                      device=self.settings.device)[0]
+        except StatisticsError as err:
+            return err
+
+    def _client_statistics(self, merger: Merger, update: ClientUpdate) -> dict[str, PairStatistics] | StatisticsError | None:
+        """A reply's statistics paired with the global model's own moments (measured once per round)."""
+        if not self.settings.client_statistics or update.statistics is None:
+            return None
+        if self._moments is None:
+            started = time.perf_counter()
+            try:
+                self._moments = collect_moments(merger.reference, self.settings.calibration, merger.spec,
+                                                device=self.settings.device)
+            except StatisticsError as err:
+                raise SkipRound(f"the global model's statistics failed: {err}") from err
+            finally:
+                self.record.stats_seconds += time.perf_counter() - started
+        try:
+            return assemble(self._moments, update.statistics)
+        except StatisticsError as err:
+            return err
+
+    def _needs_server_statistics(self, update: ClientUpdate) -> bool:
+        return self.settings.needs_statistics and (update.statistics is None or not self.settings.client_statistics)
+
+    def _drop_missing(self) -> None:
+        for node_id in self.sent or []:
+            if node_id not in self.record.bytes_received:
+                self.record.bytes_received[node_id] = 0
+                self._drop(node_id, "no reply (dropout or timeout)")
+
+    def _require_enough(self) -> None:
+        needed = max(self.settings.min_replies, 1)
+        if self.record.num_valid < needed:
+            raise SkipRound(f"{self.record.num_valid} valid replies, min_train_nodes is {needed}")
+
+    def _global(self) -> ArrayRecord:
+        if self.global_arrays is None:
+            raise RuntimeError(
+                f"CCAMerge needs the global model of round {self.record.round}: call configure_train "
+                f"for that round before aggregate_train (reference={self.settings.reference!r}, "
+                f"norm_center={self.settings.norm_center!r})")
+        return self.global_arrays
+
+    def _model_from(self, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+        model = self.settings.model_fn()
+        model.load_state_dict(state_dict)
+        return model
+
+    def _drop(self, node_id: int, reason: str) -> None:
+        self.record.drop(node_id, reason)
+        log(WARNING, "aggregate_train: dropped reply from node %s: %s", node_id, reason)
