@@ -87,15 +87,15 @@ class RoundRecord:
         data["candidates"] = [dataclasses.asdict(score) for score in self.candidates]
         data["num_dropped"] = self.num_dropped
         data.update(self.metrics)
-        return _jsonable(data)
+        return jsonable(data)
 
 
-def _jsonable(value: Any) -> Any:
-    """``value`` with dict keys made strings, tuples made lists and inf/NaN written as strings."""
+def jsonable(value: Any) -> Any:
+    """``value`` made standard JSON: dict keys made strings, tuples made lists and inf/NaN written as strings."""
     if isinstance(value, Mapping):
-        return {str(key): _jsonable(item) for key, item in value.items()}
+        return {str(key): jsonable(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
+        return [jsonable(item) for item in value]
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value

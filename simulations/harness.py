@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -24,6 +23,7 @@ import torch
 
 from fedcca.aligners import METHODS
 from fedcca.plotting import atomic_write, figure, save
+from fedcca.rounds import jsonable
 from fedcca.task import FLOWER_STRATEGIES, REFERENCES, STATISTICS_SOURCES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,23 +198,13 @@ def check_blas_threads() -> str | None:
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     """Write ``payload`` as indented JSON (infinities as strings), atomically, creating the folder."""
-    text = json.dumps(_finite(payload), indent=1) + "\n"
+    text = json.dumps(jsonable(payload), indent=1) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
     """The JSON at ``path``, or None when there is none yet."""
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

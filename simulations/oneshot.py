@@ -33,6 +33,7 @@ from torch import nn
 from fedcca.alignment import spec_for
 from fedcca.data import Dataset, DeviceLoader, load_dataset, normalize
 from fedcca.merging import merge_with_result
+from fedcca.rounds import jsonable
 from fedcca.selection import VARIANTS, get_variant
 from fedcca.statistics import PairStatistics, collect_statistics
 from fedcca.transforms import DEFAULT_RIDGES
@@ -178,8 +179,8 @@ def run_method(group: Group, method: str, evaluator: Evaluator,
     chosen = {name: getattr(report.config, name) for name in names}
     scores = [{**dataclasses.asdict(score), **{name: getattr(candidate, name) for name in names}}
               for score, candidate in zip(report.scores, search.candidates())]
-    result = {"accuracy": evaluator.accuracy(evaluator.logits(report.model)), "chosen": _finite(chosen),
-              "holdout_scores": [_finite(score) for score in scores], "seconds": seconds}
+    result = {"accuracy": evaluator.accuracy(evaluator.logits(report.model)), "chosen": jsonable(chosen),
+              "holdout_scores": [jsonable(score) for score in scores], "seconds": seconds}
     if cache is not None:
         stored = json.loads(cache.read_text()) if cache.exists() else {}  # re-read: another run may have written
         stored[key] = result
@@ -188,11 +189,6 @@ def run_method(group: Group, method: str, evaluator: Evaluator,
         tmp.write_text(json.dumps(stored))
         tmp.replace(cache)
     return result
-
-
-def _finite(values: dict) -> dict:
-    """Write inf as "inf", so the JSON stays standard."""
-    return {k: ("inf" if v == float("inf") else v) for k, v in values.items()}
 
 
 def summarise(per_seed: dict[tuple[str, int], list[dict]]) -> list[dict]:
