@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from fedcca.devices import resolve_device
 from fedcca.local_grid import InProcessGrid
@@ -107,7 +108,8 @@ def summarise(runs: list[dict[str, Any]], labels: Sequence[str]) -> dict[str, di
     uses the mean curves; "seed_rounds_to_baseline_final" compares each seed with the
     baseline of the same seed. "paired_difference" is, per round, the mean over seeds of
     (strategy - baseline) accuracy of the same seed, with its standard error;
-    "rounds_significantly_below" counts rounds where mean + 2 SE < 0.
+    "rounds_significantly_below" counts rounds where a two-sided paired t-test at 5% puts the
+    difference below 0 (mean + t(0.975, seeds - 1) SE < 0).
 
     Args:
         runs: Records of :func:`run_one` with "strategy" and "seed" added.
@@ -143,7 +145,9 @@ def summarise(runs: list[dict[str, Any]], labels: Sequence[str]) -> dict[str, di
             se = diff.std(axis=0, ddof=1) / math.sqrt(len(paired)) if len(paired) > 1 else np.zeros(diff.shape[1])
             entry["paired_difference"] = {"mean": diff.mean(axis=0).tolist(), "se": se.tolist(),
                                           "seeds": len(paired)}
-            entry["rounds_significantly_below"] = int(((diff.mean(axis=0) + 2 * se) < 0)[1:].sum()) \
+            critical = float(stats.t.ppf(0.975, len(paired) - 1)) if len(paired) > 1 else math.nan
+            entry["paired_difference"]["t_critical"] = critical
+            entry["rounds_significantly_below"] = int(((diff.mean(axis=0) + critical * se) < 0)[1:].sum()) \
                 if len(paired) > 1 else None
         summary[label] = entry
     return summary
@@ -153,7 +157,7 @@ def setting_table(summary: dict[str, dict[str, Any]], rounds: int) -> str:
     """Markdown table of one setting: accuracy at chosen rounds, best, rounds to the baseline's final, paired gain."""
     shown = sorted({1, max(1, rounds // 4), max(1, rounds // 2), rounds})
     baseline = next(iter(summary.values()))["baseline"]
-    headers = ["strategy", *[f"acc@{r}" for r in shown], "best", f"rounds to {baseline} final",
+    headers = ["strategy", "seeds", *[f"acc@{r}" for r in shown], "best", f"rounds to {baseline} final",
                f"final - {baseline} (paired)", "rounds signif. below"]
     rows = []
     for label, entry in summary.items():
@@ -161,7 +165,7 @@ def setting_table(summary: dict[str, dict[str, Any]], rounds: int) -> str:
         reached = entry.get("rounds_to_baseline_final")
         diff = entry.get("paired_difference")
         gain = "-" if diff is None else f"{100 * diff['mean'][-1]:+.1f} ± {100 * diff['se'][-1]:.1f}"
-        rows.append([label, *cells, f"{100 * entry['best_accuracy']:.1f}",
+        rows.append([label, len(entry["seeds"]), *cells, f"{100 * entry['best_accuracy']:.1f}",
                      "not reached" if reached is None else reached, gain, entry.get("rounds_significantly_below")])
     return markdown_table(headers, rows)
 
@@ -171,8 +175,8 @@ def plot_setting(stem: Path, title: str, summary: dict[str, dict[str, Any]]) -> 
     accuracy = [Series(label, range(len(e["mean_accuracy"])), np.multiply(100, e["mean_accuracy"]),
                        np.multiply(100, e["min_accuracy"]), np.multiply(100, e["max_accuracy"]))
                 for label, e in summary.items()]
-    line_plot(stem.with_suffix(".png"), accuracy, title=title, xlabel="round", ylabel="test accuracy (%)")
-    names = [stem.with_suffix(".png").name]
+    line_plot(stem.with_name(stem.name + ".png"), accuracy, title=title, xlabel="round", ylabel="test accuracy (%)")
+    names = [stem.name + ".png"]
     differences = [Series(label, range(len(e["paired_difference"]["mean"])),
                           np.multiply(100, e["paired_difference"]["mean"]),
                           np.multiply(100, np.subtract(e["paired_difference"]["mean"], e["paired_difference"]["se"])),
@@ -215,6 +219,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="any run-config key, e.g. --set lr=0.02 (repeatable; after the preset)")
     parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="where each run's own outputs go")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: rewrite tables and plots from the runs already in --out")
     add_runtime_arguments(parser, Path("results/federated/federated.json"))
     return parser
 
@@ -252,7 +258,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "command": "python -m simulations.federated " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": config, "settings": []}
-    if previous is not None:
+    if previous is not None and args.report_only:
+        payload.update(command=previous["command"], config=previous["config"])
+        if "earlier_commands" in previous:
+            payload["earlier_commands"] = previous["earlier_commands"]
+    elif previous is not None:
         payload["earlier_commands"] = [*previous.get("earlier_commands", []), previous["command"]]
     report = []
     for epochs in parse_list(args.local_epochs, int):
@@ -270,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if key in done:
                     setting["runs"].append(done[key])
                     continue
+                if args.report_only:
+                    continue
                 out_dir = args.runs_dir / args.out.stem / f"{spec.label}-E{epochs}-s{seed}"
                 run_config = base_run_config(**common, **spec.run_config(), local_epochs=epochs, seed=seed,
                                              out_dir=str(out_dir))
@@ -281,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       + f" ({record['wall_seconds']:.0f} s)", flush=True)
                 _finish_setting(setting, shown, args, title)
                 write_json(args.out, payload)  # after every run: a killed benchmark keeps what it finished
+        setting["runs"].sort(key=lambda run: (run["seed"], shown.index(run["strategy"])))
         _finish_setting(setting, shown, args, title)
         write_json(args.out, payload)
         report.append(f"### {title} (test accuracy %, mean ± std over seeds {sorted({r['seed'] for r in setting['runs']})})\n\n"
@@ -293,7 +306,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _finish_setting(setting: dict[str, Any], labels: Sequence[str], args: argparse.Namespace, title: str) -> None:
     setting["summary"] = summarise(setting["runs"], labels)
-    stem = args.out.with_name(f"{args.out.stem}-E{setting['local_epochs']}")
+    several = len(parse_list(args.local_epochs, int)) > 1  # one plot per setting; else named as --out
+    stem = args.out.with_name(f"{args.out.stem}-E{setting['local_epochs']}" if several else args.out.stem)
     setting["plots"] = plot_setting(stem, title, setting["summary"])
 
 
