@@ -1,7 +1,7 @@
 """Merging models: align each to a reference, then average (CCA Merge and baselines).
 
 One pipeline serves offline merging (:func:`merge`), merging with a choice of
-hyper-parameters (:func:`fedcca.selection.merge_search`) and the Flower strategy: a
+hyper-parameters (a :class:`~fedcca.config.MergeSearch` with labelled ``holdout`` data) and the Flower strategy: a
 :class:`Merger` takes models one at a time (or in small groups), aligns each to the reference
 with the aligner of every candidate :class:`~fedcca.config.MergeConfig`
 (:data:`fedcca.aligners.ALIGNERS`), shrinks the transforms towards the identity by the

@@ -5,7 +5,7 @@ Example::
     python -m simulations.ablation --num-models 2,8 --seeds 0,1,2 --epochs 2 --train-subset 6000 \\
         --out results/ablation/ablation.json
 
-Part 1 (table): every variant of ``--variants`` (names of :data:`fedcca.variants.VARIANTS`)
+Part 1 (table): every variant of ``--variants`` (names of :data:`fedcca.selection.VARIANTS`)
 merged at each K, test accuracy mean +- std over seeds, plus ensemble and base-average.
 Hyper-parameters are chosen on the held-out calibration half only.
 Part 2 (diagnostics, model 1 against reference model 0 of each seed, calibration data only):

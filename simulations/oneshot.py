@@ -10,7 +10,7 @@ Models come from :mod:`simulations.zoo` (trained once, cached under ``outputs/zo
 calibration set (held out of the training split) is cut in two class-mixed halves: the
 *fit* half feeds statistics, repair and BatchNorm; the labelled *held-out* half only chooses
 hyper-parameters (e.g. the CCA ridge). The test split is used for the reported accuracies
-only. Methods are names of :data:`fedcca.variants.VARIANTS`; the references ``ensemble``
+only. Methods are names of :data:`fedcca.selection.VARIANTS`; the references ``ensemble``
 (mean of the K models' logits) and ``base-average`` (mean accuracy of the K models) are
 always reported. Writes ``{"rows": [...], "config": {...}}`` and a PNG beside the JSON.
 """
