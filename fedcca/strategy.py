@@ -262,7 +262,6 @@ class CCAMerge(FedAvg):
         return self.evaluate_metrics_aggr_fn(valid, self.weighted_by_key) if valid else None
 
 
-
 def _checked_holdout(holdout: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Held-out inputs and int64 labels of equal length, or None."""
     if holdout is None:
