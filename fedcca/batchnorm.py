@@ -9,6 +9,9 @@ aligned model is exactly ``T`` times the original one. After averaging,
 :func:`refit_batchnorm` gives every BatchNorm the exact statistics of its inputs on the
 calibration data while keeping the merged function (``gamma = sigma``, ``beta = mu + beta'``).
 :func:`recompute_batchnorm` is the plain re-estimate of running statistics used without folding.
+A merge then sets each refitted BatchNorm's output to the aligned models' average mean and
+spread (:func:`fedcca.repair.restore_norms`): keeping the averaged function exactly would keep
+its collapsed variance, which an unfolded merge's BatchNorm re-estimate undoes.
 """
 
 from __future__ import annotations

@@ -49,10 +49,14 @@ class MergeConfig:
             preserving; keeps aligned merges trainable).
         recompute_bn: Recompute BatchNorm running statistics of the result on the calibration data.
         fold_bn: When aligning a model with BatchNorm, fold each BatchNorm into its producer first
-            (:func:`fedcca.batchnorm.fold_batchnorm`; needs the spec's ``norms``) and re-fit it after
-            averaging (:func:`fedcca.batchnorm.refit_batchnorm`, with ``recompute_bn``): a dense
-            transform then keeps each aligned pre-activation exact. Unaligned candidates
-            (``direct``, shrinkage 0) are averaged unfolded, as FedAvg does.
+            (:func:`fedcca.batchnorm.fold_batchnorm`; needs the spec's ``norms``), and after
+            averaging (with ``recompute_bn``) give each BatchNorm the real statistics of its
+            inputs (:func:`fedcca.batchnorm.refit_batchnorm`) and the aligned models' average
+            output mean and std per channel (:func:`fedcca.repair.restore_norms`; one more
+            forward pass per model): a dense transform then keeps each aligned pre-activation
+            exact, and the average gets back the spread BatchNorm re-estimation gives an
+            unfolded merge. Unaligned candidates (``direct``, shrinkage 0) are averaged
+            unfolded, as FedAvg does.
         points: Align only these points (others are averaged as they are); None: all.
     """
 

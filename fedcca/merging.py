@@ -31,7 +31,8 @@ from fedcca.aligners import ALIGNERS, METHODS, AlignmentJob
 from fedcca.alignment import AlignmentSpec, Transform, apply_transforms, balance_norms, spec_for, zero_features
 from fedcca.batchnorm import fold_batchnorm, folded_spec, recompute_batchnorm, refit_batchnorm, unfolded_points
 from fedcca.config import MergeConfig, MergeSearch
-from fedcca.repair import RepairTargets, preactivation_statistics, repair_to_targets
+from fedcca.repair import (RepairTargets, norm_output_spec, norm_output_statistics, preactivation_statistics,
+                           repair_to_targets, restore_norms)
 from fedcca.selection import CandidateScore, choose
 from fedcca.statistics import PairStatistics, as_batches, collect_statistics
 from fedcca.transforms import WhiteningCache, shrink_transform
@@ -81,6 +82,7 @@ class _Candidate:
     weight: float = 0.0
     moved: set[str] = field(default_factory=set)  # points some transform changed
     repair: RepairTargets = field(default_factory=RepairTargets)
+    norms: RepairTargets = field(default_factory=RepairTargets)  # folded BatchNorms' output targets
     transforms: dict[str, dict[str, Transform]] = field(default_factory=dict)
 
 
@@ -131,6 +133,7 @@ class Merger:
         folding = self.spec is not None and any(self._folds(c.config) for c in self.candidates)
         self.folded_spec = folded_spec(self.spec) if folding else None
         self.folded_template = fold_batchnorm(reference, self.spec) if folding else None
+        self._norm_owners = norm_output_spec(self.spec, reference)[1] if folding else {}
         if folding and unfolded_points(self.spec):
             logger.warning("points %s hold BatchNorms the spec does not pair with their producer (spec.norms): "
                            "their BatchNorm vectors are transformed without folding",
@@ -245,6 +248,7 @@ class Merger:
         zeroed: dict[bool, dict[str, torch.Tensor]] = {}
         base: dict[tuple, dict[str, Transform]] = {}
         endpoints: dict[bool, dict] = {}  # pre-activation statistics, as folded or unfolded merges use them
+        norm_outputs: dict | None = None  # BatchNorm outputs, for folded merges
         additions = []  # computed for every candidate first: a failure adds nothing anywhere
         for candidate in self.candidates:
             config = candidate.config
@@ -274,12 +278,16 @@ class Merger:
                 _check_finite(work, f"{name} after {config.label()} alignment")
             if config.repair != "none" and fold not in endpoints:
                 endpoints[fold] = self._endpoint_statistics(model, fold)
+            if self._restores(config) and norm_outputs is None:
+                norm_outputs = self._norm_statistics(model)
             additions.append((candidate, work, transforms, fold))
         for candidate, work, transforms, fold in additions:
             if transforms and candidate.config.needs_statistics:  # statistics-based transforms rescale features
                 candidate.moved.update(transforms)
             if candidate.config.repair != "none":
                 candidate.repair.add(endpoints[fold], transforms, weight)
+            if self._restores(candidate.config):
+                candidate.norms.add(norm_outputs, self._norm_transforms(transforms), weight)
             _add_weighted(candidate, work, weight)
             if self.keep_transforms:
                 candidate.transforms[name] = transforms
@@ -302,6 +310,19 @@ class Merger:
         """REPAIR's view of one endpoint: BatchNorm as the model has it (folded merges) or recomputed."""
         return preactivation_statistics([model], self.calibration, self.spec, recompute_bn=not fold,
                                         device=self.device)[0]
+
+    def _restores(self, config: MergeConfig) -> bool:
+        """Whether ``config``'s merge restores its folded BatchNorms (real statistics, averaged outputs)."""
+        return config.recompute_bn and self._folds(config)
+
+    def _norm_statistics(self, model: nn.Module) -> dict:
+        """The outputs of ``model``'s BatchNorms: what a folded merge's BatchNorms are restored to."""
+        assert self.spec is not None
+        return norm_output_statistics([model], self.calibration, self.spec, device=self.device)[0]
+
+    def _norm_transforms(self, transforms: Mapping[str, Transform]) -> dict[str, Transform]:
+        """``transforms`` keyed by BatchNorm (each BatchNorm's output lives in its point's coordinates)."""
+        return {norm: transforms[point] for norm, point in self._norm_owners.items() if point in transforms}
 
     def _folds(self, config: MergeConfig) -> bool:
         """Whether ``config``'s models are aligned in BatchNorm-folded form."""
@@ -339,6 +360,7 @@ class Merger:
         state, weight, name = self._pending_reference
         self._pending_reference = None
         endpoints: dict[bool, dict] = {}
+        norm_outputs: dict | None = None
         for candidate in self.candidates:
             fold = self._folds(candidate.config)
             work = self._template(fold) if fold else state
@@ -350,6 +372,10 @@ class Merger:
                 if fold not in endpoints:
                     endpoints[fold] = self._endpoint_statistics(self.reference, fold)
                 candidate.repair.add(endpoints[fold], {}, weight)
+            if self._restores(candidate.config):
+                if norm_outputs is None:
+                    norm_outputs = self._norm_statistics(self.reference)
+                candidate.norms.add(norm_outputs, {}, weight)
             _add_weighted(candidate, work, weight)
             if self.keep_transforms:
                 candidate.transforms[name] = {}
@@ -363,8 +389,10 @@ class Merger:
         _check_finite(averaged, f"the merged model ({config.label()})")
         merged = copy.deepcopy(self.reference)
         merged.load_state_dict(averaged)
-        if config.recompute_bn and self._folds(config):
+        if self._restores(config):
+            assert self.spec is not None
             refit_batchnorm(merged, self.spec, self.calibration, device=self.device)
+            restore_norms(merged, candidate.norms.targets(), self.calibration, self.spec, device=self.device)
         elif config.recompute_bn:
             recompute_batchnorm(merged, self.calibration, device=self.device)
         if config.repair != "none":

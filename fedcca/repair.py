@@ -6,6 +6,12 @@ alignment point's pre-activation, per channel and layer by layer, so that its me
 standard deviation) on calibration data equal the weighted average of the endpoints'
 statistics expressed in the reference's coordinates (``T mu``, ``sqrt(diag(T C T^T))``): REPAIR
 generalised to dense transforms. A merge of symmetric copies is left exactly unchanged.
+
+The same correction, applied at the output of every folded BatchNorm (:func:`restore_norms`),
+is how a BatchNorm-folded merge gets its normalisation back: re-estimating BatchNorm after an
+unfolded merge resets each channel's spread to the averaged ``gamma``; a folded merge has no
+``gamma`` left to average, so each BatchNorm's output is set to the endpoints' average mean
+and standard deviation instead.
 """
 
 from __future__ import annotations
@@ -54,6 +60,34 @@ def preactivation_spec(spec: AlignmentSpec, model: nn.Module) -> tuple[Alignment
         producers[point.name] = producer
         points.append(AlignmentPoint(point.name, point.size, (producer,), point.axes))
     return AlignmentSpec(tuple(points)), producers
+
+
+def norm_output_spec(spec: AlignmentSpec, model: nn.Module) -> tuple[AlignmentSpec, dict[str, str]]:
+    """One point per BatchNorm of ``spec.norms``, tapping its output, and the point each belongs to.
+
+    Residual streams hold several BatchNorms (one per block writing into the stream); each is
+    a point of its own here, named by its module, so each is corrected on its own.
+
+    Args:
+        spec: The model's alignment spec (``spec.norms`` lists the BatchNorms).
+        model: The model (to look modules up).
+
+    Returns:
+        ``(spec of the BatchNorm outputs in forward order, {BatchNorm: alignment point})``.
+
+    Raises:
+        ValueError: A BatchNorm's bias belongs to no alignment point of ``spec``.
+    """
+    modules = dict(model.named_modules())
+    owner = {ax.key[:-len(".bias")]: point.name for point in spec.points for ax in point.axes
+             if ax.key.endswith(".bias")}
+    points, owners = [], {}
+    for _, norm in spec.norms:
+        if norm not in owner:
+            raise ValueError(f"BatchNorm '{norm}' has no alignment point holding its bias")
+        owners[norm] = owner[norm]
+        points.append(AlignmentPoint(norm, modules[norm].num_features, (norm,), ()))
+    return AlignmentSpec(tuple(points)), owners
 
 
 class RepairTargets:
@@ -178,8 +212,44 @@ def repair_to_targets(
     skipped = [p for p in spec.names() if p not in producers]
     if skipped:
         logger.info("repair: points %s have no single pre-activation producer; left uncorrected", skipped)
+    return _correct_in_order(merged, targets, pre_spec, producers, calibration, mode, device, batch_size)
+
+
+def restore_norms(
+    merged: nn.Module,
+    targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    calibration: torch.Tensor | Iterable,
+    spec: AlignmentSpec,
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int = 256,
+) -> nn.Module:
+    """Set each folded BatchNorm's output mean and std to ``targets`` (in place), in forward order.
+
+    Call it after :func:`fedcca.batchnorm.refit_batchnorm`: the BatchNorms then normalise with
+    the real statistics of their inputs, and this sets their affine parameters so every
+    channel's output has the target mean and standard deviation.
+
+    Args:
+        merged: A merge of BatchNorm-folded models, modified in place and returned.
+        targets: ``{BatchNorm: (target mean, target std)}`` (:meth:`RepairTargets.targets` of
+            :func:`norm_output_statistics`).
+        calibration: Inputs.
+        spec: The (unfolded) alignment spec; ``spec.norms`` lists the BatchNorms.
+        device: Where forwards run.
+        batch_size: Batch size when ``calibration`` is a tensor.
+    """
+    outputs, _ = norm_output_spec(spec, merged)
+    producers = {point.name: point.name for point in outputs.points}
+    return _correct_in_order(merged, targets, outputs, producers, calibration, "affine", device, batch_size)
+
+
+def _correct_in_order(merged: nn.Module, targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                      taps: AlignmentSpec, producers: Mapping[str, str], calibration: torch.Tensor | Iterable,
+                      mode: str, device: torch.device | str | None, batch_size: int) -> nn.Module:
+    """Correct each point of ``taps`` through its producer, measuring it after the earlier ones were fixed."""
     calibration = list(as_batches(calibration, batch_size))
-    for point in pre_spec.points:
+    for point in taps.points:
         target_mean, target_std = targets[point.name]
         pair = collect_statistics(merged, [merged], calibration, AlignmentSpec((point,)), device=device)[0][point.name]
         mean = pair.means()[1].double()
@@ -223,14 +293,45 @@ def preactivation_statistics(
     """
     spec = spec_for(models[0]) if spec is None else spec
     pre_spec, _ = preactivation_spec(spec, models[0])
-    if not pre_spec.points:
+    return _output_statistics(models, calibration, pre_spec, recompute_bn, device, batch_size)
+
+
+def norm_output_statistics(
+    models: Sequence[nn.Module],
+    calibration: torch.Tensor | Iterable,
+    spec: AlignmentSpec,
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int = 256,
+) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per model, ``{BatchNorm: (mean, covariance)}`` of the output of every BatchNorm of ``spec.norms``.
+
+    The models are measured as they are (their own running statistics): a folded model
+    computes the same function, so these are the targets of :func:`restore_norms`.
+
+    Args:
+        models: Models of one architecture (unfolded or folded).
+        calibration: Inputs.
+        spec: The (unfolded) alignment spec.
+        device: Where forwards run.
+        batch_size: Batch size when ``calibration`` is a tensor.
+    """
+    outputs, _ = norm_output_spec(spec, models[0])
+    return _output_statistics(models, calibration, outputs, False, device, batch_size)
+
+
+def _output_statistics(models: Sequence[nn.Module], calibration: torch.Tensor | Iterable, taps: AlignmentSpec,
+                       recompute_bn: bool, device: torch.device | str | None,
+                       batch_size: int) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per model, ``{point: (mean, covariance)}`` (float64, CPU) of the outputs ``taps`` names."""
+    if not taps.points:
         return [{} for _ in models]
     out = []
     batches = list(as_batches(calibration, batch_size))
     for model in models:
         if recompute_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             model = recompute_batchnorm(copy.deepcopy(model), batches, device=device)
-        stats = collect_statistics(model, [model], batches, pre_spec, device=device)[0]
+        stats = collect_statistics(model, [model], batches, taps, device=device)[0]
         out.append({name: (pair.means()[1].double(), pair.covariances()[1].double())
                     for name, pair in stats.items()})
     return out

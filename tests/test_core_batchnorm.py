@@ -1,5 +1,6 @@
 """BatchNorm folding: folded models keep their function, dense transforms act exactly on folded
-pre-activations (and not on unfolded ones), re-fitting gives real statistics without changing the function."""
+pre-activations (and not on unfolded ones), re-fitting gives real statistics without changing the function,
+and a folded merge's BatchNorms are restored to the endpoints' average output spread."""
 
 from __future__ import annotations
 
@@ -11,14 +12,17 @@ from torch import nn
 
 from fedcca.alignment import Transform, apply_transforms, spec_for
 from fedcca.batchnorm import fold_batchnorm, folded_spec, refit_batchnorm
+from fedcca.config import MergeConfig
+from fedcca.merging import Merger
 from fedcca.models import build_model
+from fedcca.repair import norm_output_spec, norm_output_statistics, restore_norms
 
 SIDE = 16
 
 
-def _bn_model(name: str) -> nn.Module:
+def _bn_model(name: str, seed: int = 3) -> nn.Module:
     """A small BN model with random affine parameters and running statistics (eval mode)."""
-    torch.manual_seed(3)
+    torch.manual_seed(seed)
     model = build_model(name, num_classes=5, in_channels=3, width=0.25 if name == "vgg11_bn" else 0.5)
     model.train()
     with torch.no_grad():
@@ -92,3 +96,59 @@ def test_refit_gives_real_statistics_and_keeps_the_function() -> None:
     inputs = _outputs_of(folded, "conv1", x).movedim(1, -1).reshape(-1, folded.bn1.num_features)
     torch.testing.assert_close(folded.bn1.running_mean.double(), inputs.mean(0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(folded.bn1.running_var.double(), inputs.var(0), rtol=1e-5, atol=1e-5)
+
+
+def _output_spread(model: nn.Module, norm: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = _outputs_of(model, norm, x).movedim(1, -1).reshape(-1, dict(model.named_modules())[norm].num_features)
+    return out.mean(0), out.std(0, unbiased=False)
+
+
+def test_norm_output_spec_has_every_batchnorm_including_residual_streams() -> None:
+    model = _bn_model("resnet20")
+    spec = spec_for(model)
+    outputs, owners = norm_output_spec(spec, model)
+    assert [p.name for p in outputs.points] == [norm for _, norm in spec.norms]
+    stream = {point.name for point in spec.points if len([n for n, p in owners.items() if p == point.name]) > 1}
+    assert stream  # a residual stream holds several BatchNorms, each corrected on its own
+
+
+def test_restore_sets_every_batchnorm_output_to_its_target() -> None:
+    model = _bn_model("resnet20")
+    spec = spec_for(model)
+    folded = _with(model, fold_batchnorm(model, spec))
+    x = torch.randn(24, 3, SIDE, SIDE)
+    refit_batchnorm(folded, spec, x)
+    generator = torch.Generator().manual_seed(1)
+    modules = dict(folded.named_modules())
+    targets = {norm: (torch.randn(modules[norm].num_features, generator=generator, dtype=torch.float64),
+                      torch.rand(modules[norm].num_features, generator=generator, dtype=torch.float64) + 0.5)
+               for _, norm in spec.norms}
+    restore_norms(folded, targets, x, spec)
+    for _, norm in spec.norms:
+        mean, std = _output_spread(folded, norm, x)
+        torch.testing.assert_close(mean, targets[norm][0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(std, targets[norm][1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["vgg11_bn", "resnet20"])
+def test_a_folded_merge_restores_the_average_output_spread(name: str) -> None:
+    """Permute in folded form: each BatchNorm's output mean and std become the aligned models' average.
+
+    Without the restore, the average of two unrelated models has collapsed spreads (what
+    re-estimating BatchNorm makes up for in an unfolded merge)."""
+    a, b = _bn_model(name, seed=3), _bn_model(name, seed=4)
+    spec = spec_for(a)
+    x = torch.randn(32, 3, SIDE, SIDE)
+    merger = Merger(a, x, MergeConfig("permute", repair="none", balance=False, zero_dead=False), keep_transforms=True)
+    merger.add(a, is_reference=True, name="a")
+    merger.add(b, name="b")
+    result = merger.finish()
+    owners = norm_output_spec(spec, a)[1]
+    ends = dict(zip("ab", norm_output_statistics([a, b], x, spec)))
+    for _, norm in spec.norms:
+        t = result.transforms["b"][owners[norm]].matrix
+        mean_b, cov_b = t @ ends["b"][norm][0], t @ ends["b"][norm][1] @ t.T
+        mean, std = _output_spread(result.model, norm, x)
+        torch.testing.assert_close(mean, (ends["a"][norm][0] + mean_b) / 2, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(std, (ends["a"][norm][1].diagonal().sqrt() + cov_b.diagonal().sqrt()) / 2,
+                                   rtol=1e-4, atol=1e-4)
