@@ -25,6 +25,7 @@ from torch import nn
 
 from fedcca.alignment import AlignmentSpec
 from fedcca.config import MergeSearch
+from fedcca.distillation import DistillConfig, TeacherSum, client_logits
 from fedcca.merging import Merger, MergeResult
 from fedcca.norm_screen import screen
 from fedcca.protocol import ClientUpdate, InvalidReplyError, validate_reply
@@ -34,6 +35,13 @@ from fedcca.statistics import Moments, PairStatistics, StatisticsError, assemble
 # What aligning one reply may raise because of its contents: degenerate statistics, a failed
 # decomposition, non-finite aligned weights (fedcca.merging.MergeError is a ValueError).
 _REPLY_DATA_ERRORS = (ValueError, ArithmeticError, RuntimeError)
+
+
+REFERENCES: tuple[str, ...] = ("auto", "global", "largest", "first")
+"""Reference policies: "auto" (the largest client in round 1, the global model after; see
+:meth:`AggregationSettings.reference_in`), "global", "largest", "first"."""
+STATISTICS_SOURCES: tuple[str, ...] = ("client", "server")
+"""Where alignment statistics are computed."""
 
 
 class SkipRound(Exception):
@@ -51,8 +59,9 @@ class AggregationSettings:
         search: The merge configuration(s).
         calibration: Calibration batches.
         holdout: Labelled held-out data to choose among candidates, or None.
-        reference: "global", "largest" or "first".
-        client_statistics: Use the statistics clients send (they were asked for them).
+        reference: "auto", "global", "largest" or "first" (see :meth:`reference_in`).
+        client_statistics: Clients compute statistics (``stats="client"``) when the reference
+            is the global model (see :meth:`client_statistics_in`).
         max_norm_ratio: The norm screen's bound, or None.
         norm_center: "median" or "global".
         device: Where statistics and merges run.
@@ -61,6 +70,7 @@ class AggregationSettings:
         weights_key: Record name of the weights in a reply.
         weighted_by_key: Metric holding the number of examples.
         min_replies: The fewest valid replies a round needs.
+        distill: Distil the merge toward the clients' ensemble (:mod:`fedcca.distillation`), or None.
     """
 
     model_fn: Callable[[], nn.Module]
@@ -79,6 +89,24 @@ class AggregationSettings:
     weights_key: str
     weighted_by_key: str
     min_replies: int
+    distill: DistillConfig | None = None
+
+    def reference_in(self, server_round: int) -> str:
+        """The reference policy of ``server_round``: "auto" is "largest" in round 1, "global" after.
+
+        In round 1 the global model is the initial model — untrained in one-shot federated
+        learning and whenever training starts from scratch — and aligning to its random
+        features destroys what the clients learned (README, Results); from round 2 it is the
+        previous merge, which every client started from.
+        """
+        if self.reference == "auto":
+            return "largest" if server_round <= 1 else "global"
+        return self.reference
+
+    def client_statistics_in(self, server_round: int) -> bool:
+        """Whether clients are asked for statistics in ``server_round`` (they are taken against
+        the model the clients received, so they fit only when that model is the reference)."""
+        return self.client_statistics and self.reference_in(server_round) == "global"
 
     @property
     def needs_statistics(self) -> bool:
@@ -102,16 +130,20 @@ class RoundAggregation:
         self.record = record
         self.global_arrays = global_arrays
         self.sent = sent
+        self.reference = settings.reference_in(record.round)
+        self.client_statistics = settings.client_statistics_in(record.round)
         self.metrics: list[RecordDict] = []  # of the merged replies
         self._moments: dict[str, Moments] | None = None  # the global model's, once the first client's arrive
+        distill = settings.distill
+        self.teacher = None if distill is None else TeacherSum(distill.teacher, distill.temperatures)
 
     def run(self, replies: Iterable[Message]) -> MergeResult:
         """Merge the valid replies; SkipRound when the round cannot produce a model."""
         settings, record = self.settings, self.record
-        if settings.reference == "global" or (settings.max_norm_ratio is not None and settings.norm_center == "global"):
+        if self.reference == "global" or (settings.max_norm_ratio is not None and settings.norm_center == "global"):
             self._global()  # a usage error, raised before anything is merged
         updates: Iterator[ClientUpdate] = self._updates(replies)
-        if settings.max_norm_ratio is not None or settings.reference != "global":
+        if settings.max_norm_ratio is not None or self.reference != "global":
             updates = iter(self._screened(list(updates)))
         started = time.perf_counter()
         merger: Merger | None = None
@@ -120,7 +152,7 @@ class RoundAggregation:
             for update in updates:
                 if merger is None:
                     merger = self._merger(update)
-                    if settings.reference != "global":  # the reference reply is averaged as it is
+                    if self.reference != "global":  # the reference reply is averaged as it is
                         self._add(merger, [(update, merger.reference)], is_reference=True)
                         continue
                 group.append((update, self._model_from(update.state_dict)))
@@ -170,11 +202,11 @@ class RoundAggregation:
                 if reason is not None:
                     self._drop(update.node_id, reason)
             updates = [u for u, reason in zip(updates, reasons) if reason is None]
-        if settings.reference == "global":
+        if self.reference == "global":
             return updates
         while updates:
             index = max(range(len(updates)), key=lambda i: updates[i].num_examples) \
-                if settings.reference == "largest" else 0
+                if self.reference == "largest" else 0
             updates.insert(0, updates.pop(index))
             failure = self._reference_failure(updates[0])
             if failure is None:
@@ -195,7 +227,7 @@ class RoundAggregation:
 
     def _merger(self, first: ClientUpdate) -> Merger:
         settings = self.settings
-        if settings.reference == "global":
+        if self.reference == "global":
             self.record.reference = "global"
             reference = self._model_from(self._global().to_torch_state_dict())
         else:
@@ -217,12 +249,16 @@ class RoundAggregation:
                 self._drop(update.node_id, f"{reason}: {stats}")
                 continue
             try:
+                logits = None if self.teacher is None else \
+                    _finite_logits(client_logits(model, self.settings.calibration, device=self.settings.device))
                 merger.add(model, update.num_examples, stats, name=str(update.node_id), is_reference=is_reference)
             except _REPLY_DATA_ERRORS as err:
                 if is_reference:
                     raise
                 self._drop(update.node_id, f"alignment failed: {type(err).__name__}: {err}")
                 continue
+            if self.teacher is not None:  # the same weight as in the merge
+                self.teacher.add(logits, update.num_examples)
             self.metrics.append(RecordDict({"metrics": update.metrics}))
 
     def _fill_statistics(self, merger: Merger, group: list[tuple[ClientUpdate, nn.Module]], statistics: list) -> list:
@@ -253,7 +289,7 @@ class RoundAggregation:
 
     def _client_statistics(self, merger: Merger, update: ClientUpdate) -> dict[str, PairStatistics] | StatisticsError | None:
         """A reply's statistics paired with the global model's own moments (measured once per round)."""
-        if not self.settings.client_statistics or update.statistics is None:
+        if not self.client_statistics or update.statistics is None:
             return None
         if self._moments is None:
             started = time.perf_counter()
@@ -270,7 +306,7 @@ class RoundAggregation:
             return err
 
     def _needs_server_statistics(self, update: ClientUpdate) -> bool:
-        return self.settings.needs_statistics and (update.statistics is None or not self.settings.client_statistics)
+        return self.settings.needs_statistics and (update.statistics is None or not self.client_statistics)
 
     def _drop_missing(self) -> None:
         for node_id in self.sent or []:
@@ -287,7 +323,7 @@ class RoundAggregation:
         if self.global_arrays is None:
             raise RuntimeError(
                 f"CCAMerge needs the global model of round {self.record.round}: call configure_train "
-                f"for that round before aggregate_train (reference={self.settings.reference!r}, "
+                f"for that round before aggregate_train (reference={self.reference!r}, "
                 f"norm_center={self.settings.norm_center!r})")
         return self.global_arrays
 
@@ -299,3 +335,9 @@ class RoundAggregation:
     def _drop(self, node_id: int, reason: str) -> None:
         self.record.drop(node_id, reason)
         log(WARNING, "aggregate_train: dropped reply from node %s: %s", node_id, reason)
+
+
+def _finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    if not torch.isfinite(logits).all():
+        raise ValueError("the model's outputs on the calibration data are not finite (distillation teacher)")
+    return logits

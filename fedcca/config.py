@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,10 +189,22 @@ class MergeSearch:
         self.candidates()  # every combination must be a valid MergeConfig
 
     def candidates(self) -> list[MergeConfig]:
-        """Every configuration of the grid, the baseline first (grid order)."""
+        """Every distinct configuration of the grid, the baseline first (grid order).
+
+        Configurations that align nothing (shrinkage 0, or "direct") merge identically
+        whatever their method, ridge or blend: only the first of them is kept.
+        """
         names = [name for name, _ in self.grid]
-        return [self.base.replace(**dict(zip(names, values)))
-                for values in itertools.product(*(values for _, values in self.grid))]
+        seen: set[tuple] = set()
+        out = []
+        for values in itertools.product(*(values for _, values in self.grid)):
+            config = self.base.replace(**dict(zip(names, values)))
+            key = dataclasses.astuple(config if config.aligns else config.replace(
+                method="direct", shrinkage=1.0, ridge=None, blend=0.5, max_scale=DEFAULT_MAX_SCALE, points=None))
+            if key not in seen:
+                seen.add(key)
+                out.append(config)
+        return out
 
     @classmethod
     def of(cls, choices: MergeConfig | MergeSearch | Sequence[MergeConfig] | None) -> MergeSearch:
@@ -204,6 +216,34 @@ class MergeSearch:
         if isinstance(choices, MergeConfig):
             return cls(base=choices)
         raise TypeError(f"expected a MergeConfig or a MergeSearch, got {type(choices).__name__}")
+
+
+def resolve_search(choices: MergeConfig | MergeSearch | str | None = None, *, default: MergeConfig | MergeSearch | None = None,
+                   **options: Any) -> MergeSearch:
+    """The one place that turns a user's "how to merge" into a :class:`MergeSearch`.
+
+    Args:
+        choices: A :class:`MergeConfig`, a :class:`MergeSearch`, a method name, or None (``default``).
+        default: What None means (None: the :class:`MergeConfig` defaults).
+        **options: :class:`MergeConfig` fields. A field the search varies (a grid axis)
+            replaces that axis: ``repair="affine"`` on a search over ``repair`` fixes it to
+            "affine" instead of being overwritten by the grid; every other field replaces the
+            base's.
+
+    Raises:
+        TypeError: An option that is not a :class:`MergeConfig` field.
+        ValueError: An invalid value (naming it).
+    """
+    if choices is None:
+        choices = default
+    if isinstance(choices, str):
+        choices = MergeConfig(method=choices)
+    search = MergeSearch.of(choices)
+    if not options:
+        return search
+    base = MergeConfig.from_options(search.base, **options)
+    grid = tuple((name, values) for name, values in search.grid if name not in options)
+    return MergeSearch(base, grid, search.min_z, search.description)
 
 
 def parse_values(text: str, kind: type = float) -> tuple[Any, ...]:
@@ -235,10 +275,3 @@ def _check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
     choices = tuple(choices)
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
-
-
-def describe(search: MergeSearch) -> Mapping[str, Any]:
-    """A JSON-friendly view of a search (for history files and benchmark records)."""
-    base = {k: (str(v) if isinstance(v, float) and math.isinf(v) else v)
-            for k, v in dataclasses.asdict(search.base).items()}
-    return {"base": base, "grid": {name: list(values) for name, values in search.grid}, "min_z": search.min_z}

@@ -30,7 +30,7 @@ from torch import nn
 from fedcca.aligners import ALIGNERS, METHODS, AlignmentJob
 from fedcca.alignment import AlignmentSpec, Transform, apply_transforms, balance_norms, spec_for, zero_features
 from fedcca.batchnorm import fold_batchnorm, folded_spec, recompute_batchnorm, refit_batchnorm, unfolded_points
-from fedcca.config import MergeConfig, MergeSearch
+from fedcca.config import MergeConfig, MergeSearch, resolve_search
 from fedcca.repair import (RepairTargets, norm_output_spec, norm_output_statistics, preactivation_statistics,
                            repair_to_targets, restore_norms)
 from fedcca.selection import CandidateScore, choose
@@ -115,7 +115,7 @@ class Merger:
         batch_size: int = 256,
         keep_transforms: bool = False,
     ) -> None:
-        self.search = as_search(choices)
+        self.search = resolve_search(choices)
         self.candidates = [_Candidate(config) for config in self.search.candidates()]
         if len(self.candidates) > 1 and holdout is None:
             raise ValueError(f"{len(self.candidates)} candidate merge configurations need a labelled holdout set")
@@ -414,13 +414,6 @@ class Merger:
         return AlignmentSpec(tuple(spec.point(name) for name in self._points(config)))
 
 
-def as_search(choices: MergeChoices) -> MergeSearch:
-    """The :class:`MergeSearch` for any accepted way of saying how to merge (a method name included)."""
-    if isinstance(choices, str):
-        return MergeSearch(MergeConfig(method=choices))
-    return MergeSearch.of(choices)
-
-
 def merge(models: Sequence[nn.Module], calibration: torch.Tensor | Iterable, config: MergeChoices = None,
           **kwargs: Any) -> nn.Module:
     """Align every model to the reference, average them, recompute BatchNorm statistics.
@@ -482,10 +475,7 @@ def merge_with_result(
     """
     if not models:
         raise ValueError("merge: no models given")
-    search = as_search(config)
-    if options:
-        search = MergeSearch(MergeConfig.from_options(search.base, **options), search.grid, search.min_z,
-                             search.description)
+    search = resolve_search(config, **options)
     weights = [1.0] * len(models) if weights is None else list(weights)
     if len(weights) != len(models):
         raise ValueError(f"{len(weights)} weights for {len(models)} models")

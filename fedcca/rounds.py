@@ -40,6 +40,7 @@ class RoundRecord:
         merge_choice: The merge configuration kept (``MergeConfig.label``).
         candidates: Held-out scores of every candidate merge (when there was a choice).
         dead_features: Node id -> ``{point: features exactly 0 on the calibration data}``.
+        distillation: What server-side distillation did (:meth:`fedcca.distillation.DistillResult.to_json`), if on.
         metrics: Anything else the loop records (client metric means, evaluation).
     """
 
@@ -62,6 +63,7 @@ class RoundRecord:
     merge_choice: str | None = None
     candidates: list[CandidateScore] = field(default_factory=list)
     dead_features: dict[int, dict[str, int]] = field(default_factory=dict)
+    distillation: dict[str, Any] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
     @property

@@ -18,28 +18,27 @@ from torch import nn
 
 from fedcca.aligners import ALIGNERS
 from fedcca.alignment import spec_for
-from fedcca.config import MergeConfig, MergeSearch
+from fedcca.config import MergeConfig, MergeSearch, resolve_search
 from fedcca.devices import resolve_device
-from fedcca.aggregation import AggregationSettings, RoundAggregation, SkipRound
+from fedcca.distillation import DistillConfig, TeacherSum, distill
+from fedcca.aggregation import REFERENCES, STATISTICS_SOURCES, AggregationSettings, RoundAggregation, SkipRound
 from fedcca.metrics import average_metrics
 from fedcca.norm_screen import NORM_CENTERS
 from fedcca.protocol import COMPUTE_STATS_FLAG, InvalidReplyError, record_bytes, validate_evaluate_reply
 from fedcca.rounds import RoundRecord
 from fedcca.statistics import as_batches
 
-REFERENCES = ("global", "largest", "first")
-STATISTICS_SOURCES = ("client", "server")
-
 FEDERATED_SEARCH = MergeSearch(
     MergeConfig("cca", zero_dead=False),
-    (("shrinkage", (0.0, 0.25, 0.5, 1.0)), ("repair", ("none", "affine"))),
+    (("method", ("cca", "permute")), ("shrinkage", (0.0, 0.5, 1.0)), ("repair", ("none", "affine"))),
     min_z=2.0,
-    description="CCA shrunk towards FedAvg, with and without REPAIR, chosen on held-out data",
+    description="CCA and Permute, shrunk towards FedAvg, with and without REPAIR, chosen on held-out accuracy",
 )
-"""CCAMerge's default when it has labelled held-out data: the transforms ``T_a = I + a (T - I)``
-for ``a`` in {0, 0.25, 0.5, 1}, each with and without REPAIR; ``a = 0`` without REPAIR (plain
-FedAvg) is kept unless another candidate's held-out loss is lower by more than 2 paired
-standard errors. Measured in README, Federated results."""
+"""CCAMerge's default when it has labelled held-out data: CCA and Permute transforms shrunk
+towards the identity, ``T_a = I + a (T - I)`` for ``a`` in {0, 0.5, 1}, each with and without
+REPAIR (10 distinct candidates); ``a = 0`` without REPAIR (plain FedAvg) is kept unless
+another candidate is more accurate (or better calibrated at no loss of accuracy) by more
+than 2 paired standard errors (:func:`fedcca.selection.choose`). Measured in README, Results."""
 
 UNLABELLED_DEFAULT = MergeConfig("cca", zero_dead=False, shrinkage=0.5)
 """CCAMerge's default without labelled held-out data (nothing to choose with): CCA shrunk
@@ -83,7 +82,8 @@ class CCAMerge(FedAvg):
         config: How to merge: a ``MergeConfig``, a ``MergeSearch`` or None (the defaults above).
         holdout: Labelled public ``(inputs, labels)``, disjoint from ``calibration``; read
             only to choose among a search's candidates.
-        reference: "global" (the round's global model, an alignment target only, not
+        reference: "auto" ("largest" in round 1, whose global model is the initial one,
+            "global" after), "global" (the round's global model, an alignment target only, not
             averaged), "largest" (the reply with most ``num-examples``) or "first" (the
             first valid reply).
         stats: "client" (use statistics sent in replies when they match the reference,
@@ -95,6 +95,10 @@ class CCAMerge(FedAvg):
         batch_size: Calibration batch size.
         statistics_group: Replies whose statistics the server computes together (one pass of
             the reference over the calibration data per group).
+        distill: After each merge, distil it toward the clients' ensemble on the calibration
+            images, early-stopped on ``holdout`` (:mod:`fedcca.distillation`); None: off.
+            ``CCAMerge(model_fn, calibration, "direct", holdout=..., distill=DistillConfig(teacher="logits"))``
+            is FedDF (Lin et al., 2020).
         **kwargs: ``MergeConfig`` fields (``method="permute"``, ``repair="affine"``, ...)
             override ``config``'s; every other keyword goes to ``FedAvg`` (``fraction_train``,
             ``min_train_nodes``, ``min_available_nodes``, ``weighted_by_key``, ...).
@@ -108,13 +112,14 @@ class CCAMerge(FedAvg):
         config: MergeConfig | MergeSearch | None = None,
         *,
         holdout: tuple[torch.Tensor, torch.Tensor] | None = None,
-        reference: str = "global",
+        reference: str = "auto",
         stats: str = "client",
         max_norm_ratio: float | None = None,
         norm_center: str = "median",
         device: torch.device | str | None = None,
         batch_size: int = 256,
         statistics_group: int = 8,
+        distill: DistillConfig | None = None,
         **kwargs: Any,
     ) -> None:
         merge_fields = {f.name for f in dataclasses.fields(MergeConfig)}
@@ -131,11 +136,8 @@ class CCAMerge(FedAvg):
             raise ValueError(f"CCAMerge: max_norm_ratio must be positive, got {max_norm_ratio!r}")
         if statistics_group < 1:
             raise ValueError(f"CCAMerge: statistics_group must be >= 1, got {statistics_group}")
-        if config is None:
-            config = FEDERATED_SEARCH if holdout is not None else UNLABELLED_DEFAULT
-        search = MergeSearch.of(config)
-        if options:
-            search = dataclasses.replace(search, base=MergeConfig.from_options(search.base, **options))
+        search = resolve_search(config, default=FEDERATED_SEARCH if holdout is not None else UNLABELLED_DEFAULT,
+                                **options)
         joint = [c.method for c in search.candidates() if c.aligns and ALIGNERS[c.method].joint]
         if joint:
             raise ValueError(f"CCAMerge: method {joint[0]!r} aligns all client models jointly; a federated round "
@@ -143,6 +145,8 @@ class CCAMerge(FedAvg):
         if len(search.candidates()) > 1 and holdout is None:
             raise ValueError(f"CCAMerge: a search over {len(search.candidates())} candidates needs labelled "
                              "holdout data (holdout=(inputs, labels))")
+        if distill is not None and holdout is None:
+            raise ValueError("CCAMerge: distillation is early-stopped on labelled holdout data (holdout=(inputs, labels))")
         self.search, self.reference, self.stats = search, reference, stats
         self.rounds: list[RoundRecord] = []
         batches = list(as_batches(calibration, batch_size))  # materialised: read every round
@@ -156,16 +160,19 @@ class CCAMerge(FedAvg):
             spec=self.spec, search=search, calibration=batches, holdout=_checked_holdout(holdout), reference=reference,
             client_statistics=self.requests_client_statistics, max_norm_ratio=max_norm_ratio, norm_center=norm_center,
             device=resolve_device(device), batch_size=batch_size, statistics_group=statistics_group,
-            weights_key=self.arrayrecord_key, weighted_by_key=self.weighted_by_key, min_replies=self.min_train_nodes)
+            weights_key=self.arrayrecord_key, weighted_by_key=self.weighted_by_key, min_replies=self.min_train_nodes,
+            distill=distill)
         self._sent: _Round | None = None
 
     @property
     def requests_client_statistics(self) -> bool:
-        """Whether train messages ask clients for statistics (COMPUTE_STATS_FLAG)."""
-        # Client statistics are taken against the model the client received, so they
-        # fit only when that model is the alignment reference.
+        """Whether the strategy asks clients for statistics in rounds whose reference is the global model."""
         needed = any(config.needs_statistics for config in self.search.candidates())
-        return needed and self.stats == "client" and self.reference == "global"
+        return needed and self.stats == "client" and self.reference in ("global", "auto")
+
+    def requests_client_statistics_in(self, server_round: int) -> bool:
+        """Whether ``server_round``'s train messages ask clients for statistics (COMPUTE_STATS_FLAG)."""
+        return self._settings.client_statistics_in(server_round)
 
     @property
     def settings(self) -> AggregationSettings:
@@ -201,7 +208,7 @@ class CCAMerge(FedAvg):
     ) -> Iterable[Message]:
         """Configure the next round of training; tells clients whether to send statistics."""
         config = ConfigRecord(dict(config))  # start() passes the same record every round
-        config[COMPUTE_STATS_FLAG] = self.requests_client_statistics
+        config[COMPUTE_STATS_FLAG] = self.requests_client_statistics_in(server_round)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent = _Round(server_round, arrays, [msg.metadata.dst_node_id for msg in messages])
         return messages
@@ -242,8 +249,23 @@ class CCAMerge(FedAvg):
             return None, None
         record.merge_choice = result.config.label()
         record.candidates = result.scores
+        if self._settings.distill is not None and aggregation.teacher is not None:
+            state = self._distilled(result.model, aggregation.teacher, record)
         _log_round(record)
         return ArrayRecord(state), self.train_metrics_aggr_fn(aggregation.metrics, self.weighted_by_key)
+
+    def _distilled(self, merged: nn.Module, teacher: TeacherSum, record: RoundRecord) -> dict[str, torch.Tensor]:
+        """The merge distilled toward the clients' ensemble on the calibration images (early-stopped on the hold-out set)."""
+        settings = self._settings
+        assert settings.distill is not None and settings.holdout is not None
+        config = dataclasses.replace(settings.distill, seed=settings.distill.seed + record.round)
+        result = distill(merged, torch.cat(settings.calibration), teacher, settings.holdout, config,
+                         device=settings.device)
+        record.distillation = result.to_json()
+        log(INFO, "aggregate_train: distilled toward the clients' %s: hold-out accuracy %.4f -> %.4f in %d steps "
+            "(%.1fs)", settings.distill.teacher, result.holdout_before, result.holdout_after, result.steps,
+            result.seconds)
+        return result.model.state_dict()
 
     def aggregate_evaluate(
         self,

@@ -14,19 +14,20 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fedcca.aggregation import REFERENCES, STATISTICS_SOURCES
 from fedcca.config import MergeConfig, MergeSearch, parse_values
 from fedcca.data import SCHEMES
+from fedcca.distillation import TEACHERS, DistillConfig
 from fedcca.models import MODEL_NAMES
-from fedcca.norm_screen import NORM_CENTERS
 from fedcca.repair import REPAIRS
 from fedcca.training import LR_SCHEDULES, TrainingConfig
 from fedcca.transforms import RIDGE_MODES
 
-STRATEGIES: tuple[str, ...] = ("cca", "permute", "weight-matching", "fedavg", "fedprox")
-"""``cca``/``permute``/``weight-matching``: CCAMerge with that method; ``fedavg``/``fedprox``: Flower's."""
+STRATEGIES: tuple[str, ...] = ("cca", "permute", "weight-matching", "feddf", "fedavg", "fedprox")
+"""``cca``: CCAMerge searching the methods of ``merge-methods``; ``permute``/``weight-matching``:
+CCAMerge with that method only; ``feddf``: the plain average distilled toward the clients'
+ensemble (FedDF, through CCAMerge); ``fedavg``/``fedprox``: Flower's."""
 FLOWER_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
-REFERENCES: tuple[str, ...] = ("global", "largest", "first")
-STATISTICS_SOURCES: tuple[str, ...] = ("client", "server")
 CONFIG_TABLE = "[tool.flwr.app.config] of pyproject.toml"
 
 
@@ -71,17 +72,25 @@ class TaskConfig:
             candidates (0: no choice possible).
         max_test_examples: Evaluate the global model on the first this-many test examples
             (0: the whole test split).
-        reference: CCAMerge reference: "global", "largest" or "first".
+        reference: CCAMerge reference: "auto" (the largest client in round 1, the global
+            model after), "global", "largest" or "first".
         stats: Where alignment statistics are computed: "client" or "server".
         ridge: CCA ridge, read in ``ridge_mode``.
         ridge_mode: How the CCA ridge regularises: "trace", "relative" or "absolute".
+        merge_methods: Comma-separated methods strategy "cca" chooses among, e.g. "cca,permute".
         shrinkage: Comma-separated candidates ``a`` of ``T_a = I + a (T - I)``, e.g.
             ``"0,0.25,0.5,1"`` (0 = FedAvg; the first value is the baseline).
         repair: Comma-separated candidates among "none", "mean", "affine" (the first is the baseline).
         zero_dead: Zero client features that are exactly 0 on the calibration data before aligning.
         balance: Balance each aligned feature's incoming and outgoing weight norms.
-        selection_margin: A candidate replaces the baseline only when its held-out loss is
-            lower by more than this many paired standard errors.
+        selection_margin: A candidate replaces the baseline only when it is more accurate on
+            the held-out set (or better calibrated at equal accuracy) by more than this many
+            paired standard errors.
+        distill: Distil each merge toward the clients' ensemble on the calibration images,
+            early-stopped on the held-out set (always on for "feddf").
+        distill_teacher: "probabilities" (average of the clients' probabilities) or "logits"
+            (average of their logits, as FedDF publishes it).
+        distill_steps: Most distillation steps per round.
         max_norm_ratio: Drop replies farther than this many median distances from the median
             of the replies (0: no screen).
         seed: Seeds the split, the initial model and every round's randomness.
@@ -115,6 +124,7 @@ class TaskConfig:
     max_test_examples: int
     reference: str
     stats: str
+    merge_methods: str
     ridge: float
     ridge_mode: str
     shrinkage: str
@@ -122,6 +132,9 @@ class TaskConfig:
     zero_dead: bool
     balance: bool
     selection_margin: float
+    distill: bool
+    distill_teacher: str
+    distill_steps: int
     max_norm_ratio: float
     seed: int
     out_dir: str
@@ -149,8 +162,16 @@ class TaskConfig:
 
     @property
     def merge_method(self) -> str | None:
-        """The CCAMerge method, or None for Flower's own strategies."""
-        return None if self.strategy in FLOWER_STRATEGIES else self.strategy
+        """The CCAMerge method ("direct" for FedDF), or None for Flower's own strategies."""
+        if self.strategy in FLOWER_STRATEGIES:
+            return None
+        return "direct" if self.strategy == "feddf" else self.strategy
+
+    def distill_config(self) -> DistillConfig | None:
+        """Server-side distillation as these keys describe it (None: off)."""
+        if not (self.distill or self.strategy == "feddf"):
+            return None
+        return DistillConfig(teacher=self.distill_teacher, steps=self.distill_steps, seed=self.seed)
 
     def merge_search(self) -> MergeSearch:
         """The merge configuration (or the candidates to choose from) these keys describe.
@@ -161,12 +182,15 @@ class TaskConfig:
         if self.merge_method is None:
             raise RunConfigError(f"strategy {self.strategy!r} does not merge with CCAMerge")
         try:
+            if self.strategy == "feddf":  # FedAvg's average, then distillation
+                return MergeSearch(MergeConfig("direct", zero_dead=False))
+            methods = parse_values(self.merge_methods, str) if self.strategy == "cca" else (self.merge_method,)
             shrinkages, repairs = parse_values(self.shrinkage, float), parse_values(self.repair, str)
-            base = MergeConfig(self.merge_method, ridge=self.ridge, ridge_mode=self.ridge_mode,
+            base = MergeConfig(methods[0], ridge=self.ridge, ridge_mode=self.ridge_mode,
                                shrinkage=shrinkages[0], repair=repairs[0], zero_dead=self.zero_dead,
                                balance=self.balance)
-            grid = tuple((name, values) for name, values in (("shrinkage", shrinkages), ("repair", repairs))
-                         if len(values) > 1)
+            grid = tuple((name, values) for name, values in (("method", methods), ("shrinkage", shrinkages),
+                                                             ("repair", repairs)) if len(values) > 1)
             search = MergeSearch(base, grid, min_z=self.selection_margin)
         except ValueError as err:
             raise RunConfigError(f"run config merge options: {err}") from err
@@ -196,6 +220,7 @@ class TaskConfig:
         _check_choice("stats", self.stats, STATISTICS_SOURCES)
         _check_choice("ridge-mode", self.ridge_mode, RIDGE_MODES)
         _check_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("distill-teacher", self.distill_teacher, TEACHERS)
         for repair in self.repair.split(","):
             _check_choice("repair", repair.strip(), REPAIRS)
         if ":" not in self.model:
@@ -204,7 +229,7 @@ class TaskConfig:
                     "round-timeout": self.round_timeout, "local-epochs": self.local_epochs,
                     "lr": self.lr, "batch-size": self.batch_size, "width": self.width,
                     "alpha": self.alpha, "calibration-size": self.calibration_size,
-                    "labels-per-client": self.labels_per_client}
+                    "labels-per-client": self.labels_per_client, "distill-steps": self.distill_steps}
         for key, value in positive.items():
             if not value > 0:
                 raise RunConfigError(f"run config '{key}' must be positive, got {value!r}")
@@ -219,14 +244,15 @@ class TaskConfig:
             raise RunConfigError(f"run config 'fraction-train' must be in (0, 1], got {self.fraction_train}")
         if self.merge_method is not None:
             self.merge_search()
+        if self.distill_config() is not None and self.holdout_size == 0:
+            raise RunConfigError("run config 'distill' (or strategy 'feddf') early-stops on the held-out set: "
+                                 "set 'holdout-size' > 0")
 
     @property
     def norm_screen(self) -> float | None:
         """``max-norm-ratio`` as CCAMerge takes it (None: off)."""
         return self.max_norm_ratio or None
 
-
-NORM_CENTER = NORM_CENTERS[0]  # the run config screens around the replies' median
 
 
 def _coerce(key: str, value: Any, kind: Any) -> Any:

@@ -1,6 +1,6 @@
 """fedcca ServerApp: federated training with CCA Merge (or FedAvg/FedProx) and server-side evaluation.
 
-Each round the strategy (``strategy`` in the run config: cca | permute | weight-matching ->
+Each round the strategy (``strategy`` in the run config: cca | permute | weight-matching | feddf ->
 ``CCAMerge``, fedavg / fedprox -> Flower's own) trains on the clients and merges their models;
 the global model is then evaluated on the test split. Under ``out-dir`` the app keeps
 ``history.json`` (one :class:`~fedcca.rounds.RoundRecord` per round), ``checkpoints/round-NNN.pt``
@@ -120,7 +120,7 @@ def build_strategy(task: TaskConfig, model_fn: Callable[[], nn.Module], device: 
         return FedProx(proximal_mu=task.proximal_mu, **common)
     return CCAMerge(model_fn, calibration_inputs(task), task.merge_search(), holdout=holdout_set(task),
                     reference=task.reference, stats=task.stats, max_norm_ratio=task.norm_screen, device=device,
-                    **common)
+                    distill=task.distill_config(), **common)
 
 
 def run_round(

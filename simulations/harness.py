@@ -24,7 +24,8 @@ import torch
 from fedcca.aligners import METHODS
 from fedcca.plotting import atomic_write, figure, save
 from fedcca.rounds import jsonable
-from fedcca.task import FLOWER_STRATEGIES, REFERENCES, STATISTICS_SOURCES
+from fedcca.aggregation import REFERENCES, STATISTICS_SOURCES
+from fedcca.task import FLOWER_STRATEGIES
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "fedavg"
@@ -91,13 +92,13 @@ class StrategySpec:
 
     label: str
     strategy: str
-    reference: str = "global"
+    reference: str = "auto"
     stats: str = "client"
     overrides: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> StrategySpec:
-        """Parse ``fedavg``, ``fedprox`` or ``METHOD[:REFERENCE[:STATS]]``, each with ``[+KEY=VALUE...]``.
+        """Parse ``fedavg``, ``fedprox``, ``feddf`` or ``METHOD[:REFERENCE[:STATS]]``, each with ``[+KEY=VALUE...]``.
 
         Args:
             text: e.g. ``"cca:largest:server"`` or ``"cca+shrinkage=1+repair=none"``.
@@ -110,12 +111,12 @@ class StrategySpec:
             overrides = tuple(parse_override(item) for item in extra)
         except ValueError as err:
             raise ValueError(f"strategy {text!r}: {err}") from None
-        if head in FLOWER_STRATEGIES:
+        if head in FLOWER_STRATEGIES or head == "feddf":
             return cls(text, head, overrides=overrides)
         parts = head.split(":")
         if len(parts) > 3:
             raise ValueError(f"strategy {text!r}: expected METHOD[:REFERENCE[:STATS]]")
-        method, reference, stats = (parts + ["global", "client"][len(parts) - 1:])[:3]
+        method, reference, stats = (parts + ["auto", "client"][len(parts) - 1:])[:3]
         for what, value, choices in (("method", method, METHODS), ("reference", reference, REFERENCES),
                                      ("stats", stats, STATISTICS_SOURCES)):
             if value not in choices:

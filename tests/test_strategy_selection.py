@@ -93,19 +93,19 @@ def test_the_choice_follows_the_held_out_labels(favoured: str) -> None:
 def test_statistics_read_only_the_calibration_set_and_the_choice_only_the_held_out_set(
         monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict[str, list[torch.Tensor]] = {"statistics": [], "choice": []}
-    collect, losses = fedcca.merging.collect_statistics, fedcca.selection.holdout_losses
+    collect, logits = fedcca.merging.collect_statistics, fedcca.selection.holdout_logits
 
     def spy_collect(reference, models, calibration, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         seen["statistics"] += list(calibration)
         return collect(reference, models, calibration, *args, **kwargs)
 
-    def spy_losses(model, inputs, labels, **kwargs):  # noqa: ANN001, ANN003, ANN202
+    def spy_logits(model, inputs, **kwargs):  # noqa: ANN001, ANN003, ANN202
         seen["choice"].append(inputs)
-        return losses(model, inputs, labels, **kwargs)
+        return logits(model, inputs, **kwargs)
 
     for module in (fedcca.merging, fedcca.aggregation):
         monkeypatch.setattr(module, "collect_statistics", spy_collect)
-    monkeypatch.setattr(fedcca.selection, "holdout_losses", spy_losses)
+    monkeypatch.setattr(fedcca.selection, "holdout_logits", spy_logits)
     strategy = CCAMerge(make_model, CALIBRATION, FEDERATED_SEARCH, holdout=HOLDOUT, stats="server", device="cpu")
     _, arrays = _round(strategy)
     assert arrays is not None
