@@ -135,7 +135,7 @@ class RoundAggregation:
         self.metrics: list[RecordDict] = []  # of the merged replies
         self._moments: dict[str, Moments] | None = None  # the global model's, once the first client's arrive
         distill = settings.distill
-        self.teacher = None if distill is None else TeacherSum(distill.teacher, distill.temperatures)
+        self.teacher = None if distill is None else TeacherSum(distill.teachers, distill.temperatures)
 
     def run(self, replies: Iterable[Message]) -> MergeResult:
         """Merge the valid replies; SkipRound when the round cannot produce a model."""

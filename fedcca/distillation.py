@@ -14,7 +14,7 @@ Two teachers:
   ensemble (measured in README, Results).
 - ``"logits"``: the average of the clients' logits, as FedDF (Lin et al., NeurIPS 2020) does.
 
-Steps, learning rate, temperature and augmentation are chosen on the hold-out set: every
+The teacher, steps, learning rate, temperature and augmentation are chosen on the hold-out set: every
 combination of :class:`DistillConfig`'s grids is trained from the same start, evaluated
 every ``eval_every`` steps, and the state with the best hold-out accuracy — the merged
 model itself included, so distillation never makes the hold-out accuracy worse — is kept.
@@ -44,8 +44,8 @@ class DistillConfig:
     """How the merged model is distilled toward the clients' ensemble.
 
     Args:
-        teacher: "probabilities" (average of the clients' softmax outputs) or "logits"
-            (average of their logits: FedDF).
+        teachers: Teachers to try: "probabilities" (average of the clients' softmax
+            outputs) and/or "logits" (average of their logits: FedDF).
         steps: Most optimiser steps per trial.
         lrs: Adam learning rates to try.
         temperatures: Softmax temperatures to try (the loss is ``T^2 KL(teacher_T || student_T)``).
@@ -57,19 +57,21 @@ class DistillConfig:
         seed: Seeds the batch order and augmentation.
     """
 
-    teacher: str = "probabilities"
-    steps: int = 1000
+    teachers: tuple[str, ...] = ("probabilities", "logits")
+    steps: int = 2000
     lrs: tuple[float, ...] = (1e-3,)
     temperatures: tuple[float, ...] = (1.0,)
     augmentations: tuple[str, ...] = ("none",)
     batch_size: int = 64
     eval_every: int = 50
-    patience: int = 6
+    patience: int = 10
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.teacher not in TEACHERS:
-            raise ValueError(f"DistillConfig: teacher must be one of {TEACHERS}, got {self.teacher!r}")
+        teachers = (self.teachers,) if isinstance(self.teachers, str) else tuple(self.teachers)
+        if not teachers or any(t not in TEACHERS for t in teachers):
+            raise ValueError(f"DistillConfig: teachers must be among {TEACHERS}, got {self.teachers!r}")
+        object.__setattr__(self, "teachers", teachers)
         for name in ("steps", "batch_size", "eval_every", "patience"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -86,24 +88,26 @@ class DistillConfig:
 
 
 class TeacherSum:
-    """Running weighted sum of the clients' outputs on the calibration images.
+    """Running weighted sums of the clients' outputs on the calibration images.
 
     Adding clients in any order or grouping gives the same teacher (up to float rounding):
-    the sum is additive, and memory is ``N x C`` per temperature whatever the number of clients.
+    the sums are additive, and memory is ``N x C`` per teacher and temperature whatever the
+    number of clients.
 
     Args:
-        teacher: "probabilities" or "logits".
+        teachers: "probabilities" and/or "logits".
         temperatures: Temperatures the probabilities are kept at (the softmax does not
             commute with the average, so one sum per temperature).
     """
 
-    def __init__(self, teacher: str, temperatures: Sequence[float]) -> None:
-        if teacher not in TEACHERS:
-            raise ValueError(f"teacher must be one of {TEACHERS}, got {teacher!r}")
-        self.teacher = teacher
+    def __init__(self, teachers: Sequence[str], temperatures: Sequence[float]) -> None:
+        teachers = (teachers,) if isinstance(teachers, str) else tuple(teachers)
+        if not teachers or any(t not in TEACHERS for t in teachers):
+            raise ValueError(f"teachers must be among {TEACHERS}, got {teachers!r}")
+        self.teachers = teachers
         self.temperatures = tuple(float(t) for t in temperatures)
         self.weight = 0.0
-        self._sums: dict[float, torch.Tensor] = {}
+        self._sums: dict[tuple[str, float], torch.Tensor] = {}
 
     def add(self, logits: torch.Tensor, weight: float) -> None:
         """Add one client's ``[N, C]`` logits on the calibration images with its merge weight.
@@ -116,8 +120,11 @@ class TeacherSum:
         if logits.dim() != 2 or not torch.isfinite(logits).all():
             raise ValueError(f"teacher: client outputs must be finite [N, C] logits, got shape {tuple(logits.shape)}")
         logits = logits.detach().double().cpu()
-        terms = {1.0: logits} if self.teacher == "logits" else \
-            {t: F.softmax(logits / t, dim=1) for t in self.temperatures}
+        terms: dict[tuple[str, float], torch.Tensor] = {}
+        if "logits" in self.teachers:
+            terms[("logits", 1.0)] = logits
+        if "probabilities" in self.teachers:
+            terms.update({("probabilities", t): F.softmax(logits / t, dim=1) for t in self.temperatures})
         for key, term in terms.items():
             previous = self._sums.get(key)
             if previous is not None and previous.shape != term.shape:
@@ -126,13 +133,13 @@ class TeacherSum:
             self._sums[key] = weight * term if previous is None else previous + weight * term
         self.weight += weight
 
-    def targets(self, temperature: float) -> torch.Tensor:
-        """The teacher's ``[N, C]`` probabilities at ``temperature``."""
+    def targets(self, teacher: str, temperature: float) -> torch.Tensor:
+        """The ``[N, C]`` probabilities of ``teacher`` at ``temperature``."""
         if self.weight <= 0:
             raise ValueError("teacher: no client outputs with a positive weight were added")
-        if self.teacher == "logits":
-            return F.softmax(self._sums[1.0] / self.weight / temperature, dim=1)
-        return self._sums[float(temperature)] / self.weight
+        if teacher == "logits":
+            return F.softmax(self._sums[("logits", 1.0)] / self.weight / temperature, dim=1)
+        return self._sums[("probabilities", float(temperature))] / self.weight
 
 
 @dataclass
@@ -142,17 +149,19 @@ class DistillResult:
     Args:
         model: The distilled model (the start itself when no trial beat it on the hold-out set).
         steps: Optimiser steps of the kept state (0: the start was kept).
+        teacher: Its teacher (None when the start was kept).
         lr: Its learning rate (None when the start was kept).
         temperature: Its temperature (None when the start was kept).
         augmentation: Its augmentation (None when the start was kept).
         holdout_before: Hold-out accuracy of the start.
         holdout_after: Hold-out accuracy of the kept state.
         seconds: Wall time.
-        trials: Per trial: lr, temperature, augmentation, best step, best hold-out accuracy, steps run.
+        trials: Per trial: teacher, lr, temperature, augmentation, best step, best hold-out accuracy, steps run.
     """
 
     model: nn.Module
     steps: int
+    teacher: str | None
     lr: float | None
     temperature: float | None
     augmentation: str | None
@@ -163,7 +172,7 @@ class DistillResult:
 
     def to_json(self) -> dict:
         """A JSON-ready summary (without the model)."""
-        return {"steps": self.steps, "lr": self.lr, "temperature": self.temperature,
+        return {"steps": self.steps, "teacher": self.teacher, "lr": self.lr, "temperature": self.temperature,
                 "augmentation": self.augmentation, "holdout_before": self.holdout_before,
                 "holdout_after": self.holdout_after, "seconds": self.seconds, "trials": self.trials}
 
@@ -205,19 +214,20 @@ def distill(start: nn.Module, inputs: torch.Tensor, teacher: TeacherSum, holdout
     before = _accuracy(start, hx, hy, device)
     best_model, best_acc, best = start, before, None
     trials = []
-    for lr, temperature, augmentation in itertools.product(config.lrs, config.temperatures, config.augmentations):
-        targets = teacher.targets(temperature).float().to(device)
+    for kind, lr, temperature, augmentation in itertools.product(config.teachers, config.lrs, config.temperatures,
+                                                                 config.augmentations):
+        targets = teacher.targets(kind, temperature).float().to(device)
         if targets.shape[0] != len(x):
             raise ValueError(f"distill: teacher targets for {targets.shape[0]} images, {len(x)} calibration images")
         model, acc, step, ran = _trial(start, x, targets, hx, hy, lr, temperature, augmentation, config, device)
-        trials.append({"lr": lr, "temperature": temperature, "augmentation": augmentation, "best_step": step,
-                       "holdout_accuracy": acc, "steps_run": ran})
+        trials.append({"teacher": kind, "lr": lr, "temperature": temperature, "augmentation": augmentation,
+                       "best_step": step, "holdout_accuracy": acc, "steps_run": ran})
         if acc > best_acc:
-            best_model, best_acc, best = model, acc, (step, lr, temperature, augmentation)
+            best_model, best_acc, best = model, acc, (step, kind, lr, temperature, augmentation)
     if best is None:
         best_model = copy.deepcopy(start)
-    step, lr, temperature, augmentation = best if best is not None else (0, None, None, None)
-    return DistillResult(best_model.cpu(), step, lr, temperature, augmentation, before, best_acc,
+    step, kind, lr, temperature, augmentation = best if best is not None else (0, None, None, None, None)
+    return DistillResult(best_model.cpu(), step, kind, lr, temperature, augmentation, before, best_acc,
                          time.perf_counter() - started, trials)
 
 

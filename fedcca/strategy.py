@@ -97,7 +97,7 @@ class CCAMerge(FedAvg):
             the reference over the calibration data per group).
         distill: After each merge, distil it toward the clients' ensemble on the calibration
             images, early-stopped on ``holdout`` (:mod:`fedcca.distillation`); None: off.
-            ``CCAMerge(model_fn, calibration, "direct", holdout=..., distill=DistillConfig(teacher="logits"))``
+            ``CCAMerge(model_fn, calibration, "direct", holdout=..., distill=DistillConfig(teachers=("logits",)))``
             is FedDF (Lin et al., 2020).
         **kwargs: ``MergeConfig`` fields (``method="permute"``, ``repair="affine"``, ...)
             override ``config``'s; every other keyword goes to ``FedAvg`` (``fraction_train``,
@@ -263,8 +263,8 @@ class CCAMerge(FedAvg):
                          device=settings.device)
         record.distillation = result.to_json()
         log(INFO, "aggregate_train: distilled toward the clients' %s: hold-out accuracy %.4f -> %.4f in %d steps "
-            "(%.1fs)", settings.distill.teacher, result.holdout_before, result.holdout_after, result.steps,
-            result.seconds)
+            "(%.1fs)", result.teacher or "ensemble (merge kept)", result.holdout_before, result.holdout_after,
+            result.steps, result.seconds)
         return result.model.state_dict()
 
     def aggregate_evaluate(

@@ -88,8 +88,9 @@ class TaskConfig:
             paired standard errors.
         distill: Distil each merge toward the clients' ensemble on the calibration images,
             early-stopped on the held-out set (always on for "feddf").
-        distill_teacher: "probabilities" (average of the clients' probabilities) or "logits"
-            (average of their logits, as FedDF publishes it).
+        distill_teacher: Comma-separated teachers chosen among on the held-out set:
+            "probabilities" (average of the clients' probabilities), "logits" (average of
+            their logits, as FedDF publishes it).
         distill_steps: Most distillation steps per round.
         max_norm_ratio: Drop replies farther than this many median distances from the median
             of the replies (0: no screen).
@@ -171,7 +172,7 @@ class TaskConfig:
         """Server-side distillation as these keys describe it (None: off)."""
         if not (self.distill or self.strategy == "feddf"):
             return None
-        return DistillConfig(teacher=self.distill_teacher, steps=self.distill_steps, seed=self.seed)
+        return DistillConfig(teachers=parse_values(self.distill_teacher, str), steps=self.distill_steps, seed=self.seed)
 
     def merge_search(self) -> MergeSearch:
         """The merge configuration (or the candidates to choose from) these keys describe.
@@ -220,7 +221,8 @@ class TaskConfig:
         _check_choice("stats", self.stats, STATISTICS_SOURCES)
         _check_choice("ridge-mode", self.ridge_mode, RIDGE_MODES)
         _check_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
-        _check_choice("distill-teacher", self.distill_teacher, TEACHERS)
+        for teacher in self.distill_teacher.split(","):
+            _check_choice("distill-teacher", teacher.strip(), TEACHERS)
         for repair in self.repair.split(","):
             _check_choice("repair", repair.strip(), REPAIRS)
         if ":" not in self.model:

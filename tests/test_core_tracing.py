@@ -547,10 +547,11 @@ def test_a_flower_round_merges_a_user_model_from_fedavg_style_and_statistics_sen
     assert all(STATISTICS_KEY not in reply.content for reply in replies)
     assert server_side.rounds[-1].num_valid == 3 and server_side.rounds[-1].client_statistics == 0
     assert all(torch.isfinite(value).all() for value in merged.values())
-    client_side = CCAMerge(_user_model, CALIBRATION, device="cpu", stats="client")
+    # Client statistics are taken against the received model: "global" reference (round 1 of "auto" uses a client).
+    client_side = CCAMerge(_user_model, CALIBRATION, device="cpu", stats="client", reference="global")
     replies, from_clients = _round(client_side, user_stats_app)
     assert client_side.rounds[-1].client_statistics == 3
-    check = CCAMerge(_user_model, CALIBRATION, device="cpu", stats="server")
+    check = CCAMerge(_user_model, CALIBRATION, device="cpu", stats="server", reference="global")
     check.configure_train(1, ArrayRecord(_user_model(1).state_dict()), ConfigRecord(),
                           InProcessGrid({node: user_stats_app for node in (1, 2, 3)}))
     from_server, _ = check.aggregate_train(1, replies)
