@@ -12,12 +12,14 @@ reason in the :class:`~fedcca.rounds.RoundRecord`; a round that cannot produce a
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from logging import DEBUG, WARNING
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common.logger import log
@@ -33,8 +35,9 @@ from fedcca.rounds import RoundRecord
 from fedcca.statistics import Moments, PairStatistics, StatisticsError, assemble, collect_moments, collect_statistics
 
 # What aligning one reply may raise because of its contents: degenerate statistics, a failed
-# decomposition, non-finite aligned weights (fedcca.merging.MergeError is a ValueError).
-_REPLY_DATA_ERRORS = (ValueError, ArithmeticError, RuntimeError)
+# decomposition, non-finite aligned weights (fedcca.merging.MergeError is a ValueError), or an
+# allocation a forged reply provoked. Such a reply is dropped alone; the round goes on.
+_REPLY_DATA_ERRORS = (ValueError, ArithmeticError, RuntimeError, MemoryError)
 
 
 REFERENCES: tuple[str, ...] = ("auto", "global", "largest", "first")
@@ -71,6 +74,8 @@ class AggregationSettings:
         weighted_by_key: Metric holding the number of examples.
         min_replies: The fewest valid replies a round needs.
         distill: Distil the merge toward the clients' ensemble (:mod:`fedcca.distillation`), or None.
+        max_weight_ratio: A reply's merge weight is at most this many times the median
+            ``num-examples`` claimed in the round (inf: FedAvg's uncapped weights).
     """
 
     model_fn: Callable[[], nn.Module]
@@ -90,6 +95,7 @@ class AggregationSettings:
     weighted_by_key: str
     min_replies: int
     distill: DistillConfig | None = None
+    max_weight_ratio: float = 3.0
 
     def reference_in(self, server_round: int) -> str:
         """The reference policy of ``server_round``: "auto" is "largest" in round 1, "global" after.
@@ -134,6 +140,7 @@ class RoundAggregation:
         self.client_statistics = settings.client_statistics_in(record.round)
         self.metrics: list[RecordDict] = []  # of the merged replies
         self._moments: dict[str, Moments] | None = None  # the global model's, once the first client's arrive
+        self._weight_cap = math.inf  # set from the replies by run()
         distill = settings.distill
         self.teacher = None if distill is None else TeacherSum(distill.teachers, distill.temperatures)
 
@@ -142,6 +149,8 @@ class RoundAggregation:
         settings, record = self.settings, self.record
         if self.reference == "global" or (settings.max_norm_ratio is not None and settings.norm_center == "global"):
             self._global()  # a usage error, raised before anything is merged
+        replies = list(replies)
+        self._weight_cap = self._cap(replies)
         updates: Iterator[ClientUpdate] = self._updates(replies)
         if settings.max_norm_ratio is not None or self.reference != "global":
             updates = iter(self._screened(list(updates)))
@@ -174,6 +183,26 @@ class RoundAggregation:
             if merger is not None:
                 record.dead_features = {int(name): counts for name, counts in merger.dead_features.items()}
 
+    def _cap(self, replies: list[Message]) -> float:
+        """The largest weight a reply may have: ``max_weight_ratio`` x the median claimed ``num-examples``."""
+        claimed = []
+        for msg in replies:
+            if msg.has_error() or not msg.has_content():
+                continue
+            for metrics in msg.content.metric_records.values():
+                value = metrics.get(self.settings.weighted_by_key)
+                if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+                    claimed.append(float(value))
+        return float(np.median(claimed)) * self.settings.max_weight_ratio if claimed else math.inf
+
+    def _weight(self, update: ClientUpdate) -> float:
+        """The reply's merge weight: its ``num-examples``, capped (one client cannot own the average) and
+        divided by the cap, so weighted sums stay far from float64's range whatever a client claims."""
+        weight = min(update.num_examples, self._weight_cap)
+        if weight < update.num_examples:
+            self.record.capped[update.node_id] = update.num_examples
+        return weight / self._weight_cap if math.isfinite(self._weight_cap) else weight
+
     def _updates(self, replies: Iterable[Message]) -> Iterator[ClientUpdate]:
         """Valid replies, decoded one at a time (duplicates and invalid ones dropped and logged)."""
         seen: set[int] = set()
@@ -188,6 +217,9 @@ class RoundAggregation:
                                         weighted_by_key=self.settings.weighted_by_key)
             except InvalidReplyError as err:
                 self._drop(node_id, str(err))
+                continue
+            except Exception as err:  # pylint: disable=broad-except  # a reply must never end the run
+                self._drop(node_id, f"cannot be decoded: {type(err).__name__}: {err}")
                 continue
             self.record.statistics_bytes[node_id] = update.statistics_bytes
             yield update
@@ -205,7 +237,7 @@ class RoundAggregation:
         if self.reference == "global":
             return updates
         while updates:
-            index = max(range(len(updates)), key=lambda i: updates[i].num_examples) \
+            index = max(range(len(updates)), key=lambda i: min(updates[i].num_examples, self._weight_cap)) \
                 if self.reference == "largest" else 0
             updates.insert(0, updates.pop(index))
             failure = self._reference_failure(updates[0])
@@ -251,14 +283,14 @@ class RoundAggregation:
             try:
                 logits = None if self.teacher is None else \
                     _finite_logits(client_logits(model, self.settings.calibration, device=self.settings.device))
-                merger.add(model, update.num_examples, stats, name=str(update.node_id), is_reference=is_reference)
+                merger.add(model, self._weight(update), stats, name=str(update.node_id), is_reference=is_reference)
             except _REPLY_DATA_ERRORS as err:
                 if is_reference:
                     raise
                 self._drop(update.node_id, f"alignment failed: {type(err).__name__}: {err}")
                 continue
             if self.teacher is not None:  # the same weight as in the merge
-                self.teacher.add(logits, update.num_examples)
+                self.teacher.add(logits, self._weight(update))
             self.metrics.append(RecordDict({"metrics": update.metrics}))
 
     def _fill_statistics(self, merger: Merger, group: list[tuple[ClientUpdate, nn.Module]], statistics: list) -> list:

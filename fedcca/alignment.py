@@ -29,9 +29,16 @@ from torch import nn
 Role = Literal["out", "in", "var"]
 ROLES: tuple[str, ...] = get_args(Role)
 
+PRODUCERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
+"""Layers whose output features an alignment point can transform (convs with groups=1)."""
+CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d)
+"""The producers that are convolutions (a grouped one is refused)."""
+NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
+"""Normalisation layers a spec can carry through (per-channel vectors)."""
+
 # Layers whose tensors a spec can describe. Any other layer with float parameters or buffers
 # is refused: a general T cannot be pushed through e.g. LayerNorm or a grouped conv.
-_KNOWN_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
+_KNOWN_LAYERS = PRODUCERS + NORMS
 
 RELU_TAP_SUFFIX = "+relu"
 """A tap ``"<module>+relu"`` is ReLU applied to ``<module>``'s output: the feature after a functional
@@ -218,9 +225,9 @@ def _check_point(p: AlignmentPoint, state: Mapping[str, torch.Tensor], modules: 
 def _check_norm_pair(producer: str, norm: str, modules: Mapping[str, nn.Module]) -> None:
     """``norm`` is a BatchNorm normalising the output of the conv/linear ``producer``."""
     layer, bn = modules.get(producer), modules.get(norm)
-    if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)):
+    if not isinstance(bn, NORMS):
         raise UnsupportedModelError(f"norm pair ({producer!r}, {norm!r}): {norm!r} is not a BatchNorm module")
-    if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+    if not isinstance(layer, PRODUCERS):
         raise UnsupportedModelError(f"norm pair ({producer!r}, {norm!r}): {producer!r} is not a conv/linear module")
     if layer.weight.shape[0] != bn.num_features:
         raise UnsupportedModelError(f"norm pair ({producer!r}, {norm!r}): {layer.weight.shape[0]} outputs "
@@ -255,7 +262,7 @@ def _check_layer_covered(
             f"layer {name!r} ({kind}) has parameters or buffers but fedcca can only align "
             f"{', '.join(t.__name__ for t in _KNOWN_LAYERS)}"
         )
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
+    if isinstance(module, CONVS) and module.groups != 1:
         raise UnsupportedModelError(f"layer {name!r} ({kind}) is a grouped conv (groups={module.groups}); "
                                     "a general transform cannot be applied to it")
     for key in keys:

@@ -177,29 +177,37 @@ def statistics_from_record(record: ArrayRecord, spec: AlignmentSpec) -> dict[str
             wrong shape, non-finite, or a count that is not a positive integer; or another
             format version.
     """
+    fields = {"count": lambda n: (), "mean": lambda n: (n,), "comoment": lambda n: (n * (n + 1) // 2,),
+              "cross": lambda n: (n, n)}
+    shapes = {FORMAT_KEY: ()} | {f"{point.name}/{name}": shape(point.size) for point in spec.points
+                                 for name, shape in fields.items()}
+    unexpected = sorted(set(record) - set(shapes))
+    if unexpected:
+        raise StatisticsError(f"unexpected statistics key '{unexpected[0]}'")
     arrays: dict[str, np.ndarray] = {}
     for key, array in record.items():
+        # Declared shape and dtype first: a 128-byte array may declare 10^12 elements.
+        allowed = _INTEGER if key == FORMAT_KEY else _FLOATS
+        _check_declared(array, key, shapes[key], allowed)
         try:
             arrays[key] = array.numpy()
         except Exception as err:  # corrupt bytes or foreign serialisation from a client
             raise StatisticsError(f"statistics array '{key}' cannot be decoded: {err}") from err
+        if arrays[key].dtype not in allowed or arrays[key].shape != shapes[key]:
+            raise StatisticsError(f"statistics array '{key}' decodes to {arrays[key].dtype} {arrays[key].shape}, "
+                                  f"expected {' or '.join(str(d) for d in allowed)} of shape {shapes[key]}")
     version = arrays.get(FORMAT_KEY)
     if version is None or np.asarray(version).shape != () or int(version) != STATISTICS_FORMAT:
         raise StatisticsError(f"statistics format {None if version is None else np.asarray(version).tolist()}, "
                               f"this server reads format {STATISTICS_FORMAT} (update the client)")
-    fields = {"count": lambda n: (), "mean": lambda n: (n,), "comoment": lambda n: (n * (n + 1) // 2,),
-              "cross": lambda n: (n, n)}
-    expected = {FORMAT_KEY} | {f"{point.name}/{name}" for point in spec.points for name in fields}
-    unexpected = sorted(set(arrays) - expected)
-    if unexpected:
-        raise StatisticsError(f"unexpected statistics key '{unexpected[0]}'")
     result: dict[str, ClientStatistics] = {}
     for point in spec.points:
         n = point.size
         values = {name: _checked_array(arrays, f"{point.name}/{name}", shape(n)) for name, shape in fields.items()}
         count = float(values["count"])
-        if not (count > 0 and count == int(count)):
-            raise StatisticsError(f"statistics key '{point.name}/count' must be a positive integer, got {count}")
+        if not (0 < count <= _MAX_COUNT and count == int(count)):
+            raise StatisticsError(f"statistics key '{point.name}/count' must be a positive integer of at most "
+                                  f"{_MAX_COUNT:.0e}, got {count:.3g}")
         comoment = np.zeros((n, n))
         rows, cols = np.triu_indices(n)
         comoment[rows, cols] = values["comoment"]
@@ -208,6 +216,29 @@ def statistics_from_record(record: ArrayRecord, spec: AlignmentSpec) -> dict[str
             Moments(int(count), torch.from_numpy(values["mean"]), torch.from_numpy(comoment)),
             torch.from_numpy(values["cross"]))
     return result
+
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_INTEGER = (np.dtype(np.int64),)
+_MAX_COUNT = 1e12  # samples behind one point's statistics; far above any calibration set
+
+
+def _check_declared(array: Array, key: str, shape: tuple[int, ...], allowed: tuple[np.dtype, ...],
+                    error: type[ValueError] = StatisticsError, what: str = "statistics array") -> None:
+    """The Array's declared shape, dtype and byte size match what ``key`` must hold, checked before decoding."""
+    try:
+        declared_dtype, declared_shape = np.dtype(array.dtype), tuple(int(d) for d in array.shape)
+    except (TypeError, ValueError) as err:
+        raise error(f"{what} '{key}' declares an unreadable dtype or shape: {err}") from err
+    if declared_dtype not in allowed or declared_shape != shape:
+        raise error(f"{what} '{key}' declares dtype {declared_dtype} and shape {declared_shape}, expected dtype "
+                    f"{' or '.join(str(d) for d in allowed)} and shape {shape}")
+    payload = int(np.prod(shape, dtype=np.int64)) * declared_dtype.itemsize
+    if len(array.data) > payload + _HEADER_SLACK:
+        raise error(f"{what} '{key}' holds {len(array.data)} bytes for {payload} bytes of values")
+
+
+_HEADER_SLACK = 1024  # numpy's .npy header
 
 
 def _checked_array(arrays: Mapping[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -335,12 +366,13 @@ def _decode_weights(
                                 f"unexpected {extra[:3]}")
     state_dict: dict[str, torch.Tensor] = {}
     for key, expected in template.items():
+        expected_dtype = _numpy_dtype(expected.dtype)
+        # The declared dtype/shape/size first (nothing is allocated for a lying header), then the decoded bytes.
+        _check_declared(record[key], key, tuple(expected.shape), (expected_dtype,), InvalidReplyError, "weight")
         try:
-            # decode the bytes, never trust the Array's declared dtype/shape fields
             array = record[key].numpy()
         except Exception as err:  # corrupt bytes or foreign serialisation from a client
             raise InvalidReplyError(f"weight '{key}' cannot be decoded: {err}") from err
-        expected_dtype = _numpy_dtype(expected.dtype)
         if array.dtype != expected_dtype:
             raise InvalidReplyError(f"weight '{key}' has dtype {array.dtype}, expected {expected_dtype}")
         if tuple(array.shape) != tuple(expected.shape):

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from fedcca.alignment import AlignmentPoint, AlignmentSpec, Transform, resolve_tap, spec_for
+from fedcca.alignment import PRODUCERS, AlignmentPoint, AlignmentSpec, Transform, resolve_tap, spec_for
 from fedcca.batchnorm import recompute_batchnorm
 from fedcca.statistics import as_batches, collect_statistics
 
@@ -351,7 +351,7 @@ def _producer(point: AlignmentPoint, modules: Mapping[str, nn.Module]) -> str | 
         (name,) = functional
         module = modules[name]
         if isinstance(module, nn.modules.batchnorm._BatchNorm) or (
-                isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)) and module.bias is not None):
+                isinstance(module, PRODUCERS) and module.bias is not None):
             return name
         return None
     if not point.taps or not all(isinstance(modules.get(t), nn.ReLU) for t in point.taps):
@@ -360,7 +360,7 @@ def _producer(point: AlignmentPoint, modules: Mapping[str, nn.Module]) -> str | 
     norms = [m for m in outs if isinstance(modules.get(m), nn.modules.batchnorm._BatchNorm)]
     if norms:
         return norms[0] if len(norms) == 1 else None
-    layers = [m for m in outs if isinstance(modules.get(m), (nn.Conv2d, nn.Linear))]
+    layers = [m for m in outs if isinstance(modules.get(m), PRODUCERS)]
     if len(layers) == 1 and getattr(modules[layers[0]], "bias", None) is not None:
         return layers[0]
     return None

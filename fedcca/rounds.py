@@ -26,6 +26,7 @@ class RoundRecord:
         num_replies: Replies received (errors included).
         num_valid: Replies merged.
         dropped: Node id -> why its reply was not merged (one reason each).
+        capped: Node id -> the ``num-examples`` it claimed, for replies whose merge weight was capped.
         skipped: No model came out of the round; the global model was kept.
         skip_reason: Why, when skipped.
         reference: "global", or the node id of the reference reply.
@@ -49,6 +50,7 @@ class RoundRecord:
     num_replies: int = 0
     num_valid: int = 0
     dropped: dict[int, str] = field(default_factory=dict)
+    capped: dict[int, float] = field(default_factory=dict)
     skipped: bool = False
     skip_reason: str | None = None
     reference: str | int | None = None

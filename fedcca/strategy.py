@@ -95,6 +95,10 @@ class CCAMerge(FedAvg):
         batch_size: Calibration batch size.
         statistics_group: Replies whose statistics the server computes together (one pass of
             the reference over the calibration data per group).
+        max_weight_ratio: A reply's merge weight (its ``num-examples``) is capped at this many
+            times the round's median claim, so one client claiming 10^12 examples gets at most
+            ``r / (r + K - 1)`` of the average; inf: FedAvg's uncapped weights. Capped replies
+            are listed in the round record.
         distill: After each merge, distil it toward the clients' ensemble on the calibration
             images, early-stopped on ``holdout`` (:mod:`fedcca.distillation`); None: off.
             ``CCAMerge(model_fn, calibration, "direct", holdout=..., distill=DistillConfig(teachers=("logits",)))``
@@ -120,6 +124,7 @@ class CCAMerge(FedAvg):
         batch_size: int = 256,
         statistics_group: int = 8,
         distill: DistillConfig | None = None,
+        max_weight_ratio: float = 3.0,
         **kwargs: Any,
     ) -> None:
         merge_fields = {f.name for f in dataclasses.fields(MergeConfig)}
@@ -134,6 +139,8 @@ class CCAMerge(FedAvg):
                 raise ValueError(f"CCAMerge: {name} must be one of {choices}, got {value!r}")
         if max_norm_ratio is not None and not max_norm_ratio > 0:
             raise ValueError(f"CCAMerge: max_norm_ratio must be positive, got {max_norm_ratio!r}")
+        if not max_weight_ratio >= 1:
+            raise ValueError(f"CCAMerge: max_weight_ratio must be >= 1 (inf: uncapped), got {max_weight_ratio!r}")
         if statistics_group < 1:
             raise ValueError(f"CCAMerge: statistics_group must be >= 1, got {statistics_group}")
         search = resolve_search(config, default=FEDERATED_SEARCH if holdout is not None else UNLABELLED_DEFAULT,
@@ -161,7 +168,7 @@ class CCAMerge(FedAvg):
             client_statistics=self.requests_client_statistics, max_norm_ratio=max_norm_ratio, norm_center=norm_center,
             device=resolve_device(device), batch_size=batch_size, statistics_group=statistics_group,
             weights_key=self.arrayrecord_key, weighted_by_key=self.weighted_by_key, min_replies=self.min_train_nodes,
-            distill=distill)
+            distill=distill, max_weight_ratio=max_weight_ratio)
         self._sent: _Round | None = None
 
     @property

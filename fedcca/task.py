@@ -196,7 +196,7 @@ class TaskConfig:
         except ValueError as err:
             raise RunConfigError(f"run config merge options: {err}") from err
         if len(search.candidates()) > 1 and self.holdout_size == 0:
-            raise RunConfigError(f"run config 'shrinkage'/'repair' list {len(search.candidates())} candidates; "
+            raise RunConfigError(f"run config 'merge-methods'/'shrinkage'/'repair' list {len(search.candidates())} candidates; "
                                  "choosing among them needs 'holdout-size' > 0")
         return search
 

@@ -50,6 +50,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fedcca.alignment import (
+    CONVS,
+    NORMS,
+    PRODUCERS,
     RELU_TAP_SUFFIX,
     AlignmentPoint,
     AlignmentSpec,
@@ -61,8 +64,6 @@ from fedcca.alignment import (
 WHAT_TO_DO = "write an alignment_spec() method returning a fedcca.alignment.AlignmentSpec, or use method='direct'"
 """What a user can do when a model's spec cannot be derived (ends every refusal)."""
 
-_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
                  nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 _PASS_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
@@ -352,7 +353,7 @@ class _Walk:
             return None
         if node.op == "call_module":
             module = self.modules[node.target]
-            if isinstance(module, _PRODUCERS + _NORMS) or _has_own_tensors(module):
+            if isinstance(module, PRODUCERS + NORMS) or _has_own_tensors(module):
                 return self._layer(node, module)
         inputs = self._inputs(node)
         shape = self.shapes.get(node, _Shape(None, False))
@@ -417,21 +418,21 @@ class _Walk:
     def _layer(self, node: fx.Node, module: nn.Module) -> _Value:
         """A module with parameters: a producer, a BatchNorm, or a layer fedcca cannot align."""
         kind = type(module).__name__
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
+        if isinstance(module, CONVS) and module.groups != 1:
             raise self._refuse(node, f"it is a grouped or depthwise conv (groups={module.groups}); a general "
                                      "transform of its input channels cannot be applied to it")
-        if not isinstance(module, _PRODUCERS + _NORMS):
+        if not isinstance(module, PRODUCERS + NORMS):
             raise self._refuse(node, f"fedcca can align only Conv1d/Conv2d (groups=1), Linear and BatchNorm1d/2d "
                                      f"layers, not {kind}")
         source = self._source(node)
         value = self.values[source] if source is not None else _Value(self._new(fixed=True))
-        if isinstance(module, _NORMS):
+        if isinstance(module, NORMS):
             return self._batchnorm(node, module, source, value)
         shape = self._shape(source) if source is not None else None
         if isinstance(module, nn.Linear) and (shape is None or len(shape) != 2):
             raise self._refuse(node, f"a Linear layer on an input of shape {shape} acts on its last dim; fedcca "
                                      "aligns features on dim 1 and needs [N, features] inputs")
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and value.block != 1:
+        if isinstance(module, CONVS) and value.block != 1:
             raise self._refuse(node, "a conv reading flattened features")
         self._claim(node, f"{node.target}.weight", 1, "in", value.block, value.group)
         out = self._new()
@@ -444,7 +445,7 @@ class _Walk:
     def _batchnorm(self, node: fx.Node, module: nn.Module, source: fx.Node | None, value: _Value) -> _Value:
         """A BatchNorm joins its input's group; one not right after a producer is allowed only where fixed."""
         after_producer = (source is not None and source.op == "call_module"
-                          and isinstance(self.modules[source.target], _PRODUCERS))
+                          and isinstance(self.modules[source.target], PRODUCERS))
         if not after_producer:
             self.loose_norms.append((node, value.group))
         path = node.target
@@ -620,7 +621,7 @@ class _Walk:
         """Axes of conv/linear/BatchNorm layers the forward never calls: they do not affect the function."""
         slots = []
         for path, module in self.modules.items():
-            if path in self.called or not isinstance(module, _PRODUCERS + _NORMS):
+            if path in self.called or not isinstance(module, PRODUCERS + NORMS):
                 continue
             for key, tensor in _own_tensors(path, module):
                 if key in self.state_keys:

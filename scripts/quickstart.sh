@@ -94,6 +94,7 @@ run_flwr() {
 
 if [[ $COMPARE == 1 ]]; then
   # Same run config (seed, split, initial model, client randomness); only the aggregation differs.
+  rm -rf outputs/compare/fedavg outputs/compare/cca  # this script's own comparison folders: a new comparison replaces them
   run_flwr "$@" --run-config "strategy='fedavg' out-dir='outputs/compare/fedavg'"
   run_flwr "$@" --run-config "strategy='cca' out-dir='outputs/compare/cca'"
   .venv/bin/python -m simulations.compare outputs/compare/fedavg outputs/compare/cca --out outputs/compare

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,21 @@ class RunDirectory:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    @classmethod
+    def fresh(cls, path: Path) -> RunDirectory:
+        """``path`` if it holds no run yet, else the first free ``path-2``, ``path-3``, ...
+
+        A new run never overwrites or mixes with an earlier run's history and checkpoints
+        (``resume = true`` continues that run instead).
+        """
+        candidate, index = path, 1
+        while (candidate / HISTORY_FILE).exists() or (candidate / CHECKPOINT_DIR).exists():
+            index += 1
+            candidate = path.with_name(f"{path.name}-{index}")
+        if candidate != path:
+            log(WARNING, "[fedcca] %s already holds a run (resume = false): writing this one to %s", path, candidate)
+        return cls(candidate)
 
     @property
     def history_path(self) -> Path:

@@ -71,7 +71,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         run_config: The run config (keys as in ``[tool.flwr.app.config]``).
     """
     task = TaskConfig.from_run_config(run_config)
-    outputs = RunDirectory(task.output_dir(run_config))
+    outputs = RunDirectory(task.output_dir(run_config)) if task.resume else RunDirectory.fresh(task.output_dir(run_config))
     device = resolve_device(None)
     dataset = load_data(task.dataset, task.data_dir)
     model_fn = partial(make_model, task, dataset)

@@ -171,7 +171,8 @@ def test_missing_run_config_key_and_node_config_are_loud(run_config: dict[str, A
 def test_a_choice_of_merges_needs_held_out_examples(run_config: dict[str, Any]) -> None:
     with pytest.raises(RunConfigError, match="needs 'holdout-size' > 0"):
         TaskConfig.from_run_config({**run_config, "holdout-size": 0})
-    single = TaskConfig.from_run_config({**run_config, "holdout-size": 0, "shrinkage": "1", "repair": "none"})
+    single = TaskConfig.from_run_config({**run_config, "holdout-size": 0, "shrinkage": "1", "repair": "none",
+                                         "merge-methods": "cca"})
     assert single.merge_search().candidates() == [single.merge_search().base]
     search = TaskConfig.from_run_config(run_config).merge_search()
     assert [c.label() for c in search.candidates()][:2] == ["direct", "direct +affine"]

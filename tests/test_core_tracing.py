@@ -592,3 +592,27 @@ def test_cli_names_a_user_model_it_cannot_import(tmp_path: Path, capsys: pytest.
                  "--model", "tests.nowhere:Net"])
     err = capsys.readouterr().err
     assert code == 2 and "--model 'tests.nowhere:Net': cannot import" in err and len(err.strip().splitlines()) == 1
+
+
+class Conv1dReluModules(nn.Module):
+    """Conv1d producers with bias, followed by ``nn.ReLU`` modules (REPAIR once skipped these)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.relu1 = nn.Conv1d(2, 6, 3, padding=1), nn.ReLU()
+        self.conv2, self.relu2 = nn.Conv1d(6, 8, 3), nn.ReLU()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+        return self.fc(x.mean(dim=2))
+
+
+def test_repair_corrects_conv1d_producers_behind_relu_modules() -> None:
+    """Every point of a Conv1d net with ReLU modules has a pre-activation REPAIR can correct."""
+    from fedcca.repair import preactivation_spec  # pylint: disable=import-outside-toplevel
+
+    model = Conv1dReluModules()
+    spec = derive_spec(model, _images(8, 2, 16)[:, :, 0])
+    _, producers = preactivation_spec(spec, model)
+    assert sorted(producers.values()) == ["conv1", "conv2"]

@@ -8,6 +8,8 @@ whose labels come from a fixed teacher. Grids: :class:`fedcca.local_grid.InProce
 
 from __future__ import annotations
 
+import io
+
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -148,6 +150,22 @@ def _resize_statistics(content: RecordDict) -> None:
     _replace_array(record, key, np.zeros(3, dtype=np.float32))
 
 
+def _bomb(declared: tuple[int, ...] = (10**12,)) -> Array:
+    """A 128-byte Array whose header declares 10^12 elements of a zero-size dtype (decodes without
+    allocating; converting it to float64 asks for terabytes)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.empty(declared, dtype="V0"), allow_pickle=False)
+    return Array(dtype="|V0", shape=declared, stype="numpy.ndarray", data=buffer.getvalue())
+
+
+def _set_statistics(suffix: str, value: Callable[[np.ndarray], Array]) -> Callable[[RecordDict], None]:
+    def mutate(content: RecordDict) -> None:
+        record = content[STATISTICS_KEY]
+        key = next(key for key in record if key.endswith(suffix))
+        record[key] = value(record[key].numpy())
+    return mutate
+
+
 _MISSING = object()
 
 # name -> (mutation of a valid reply's content, words the rejection reason must contain)
@@ -173,6 +191,14 @@ MUTATIONS: dict[str, tuple[Callable[[RecordDict], None], str]] = {
     "statistics of the wrong size": (_resize_statistics, "invalid statistics"),
     "statistics missing a point": (lambda c: [c[STATISTICS_KEY].__delitem__(k) for k in list(
         c[STATISTICS_KEY]) if k.startswith("fc1/")], "invalid statistics"),
+    "statistics size bomb": (_set_statistics("/cross", lambda a: _bomb()), "declares"),
+    "statistics in bool": (_set_statistics("/cross", lambda a: Array(a.astype(bool))), "declares dtype bool"),
+    "statistics in float16": (_set_statistics("/mean", lambda a: Array(a.astype(np.float16))), "declares dtype float16"),
+    "statistics in complex": (_set_statistics("/cross", lambda a: Array(a.astype(np.complex64))), "declares dtype complex"),
+    "statistics count 1e300": (_set_statistics("/count", lambda a: Array(np.asarray(1e300))), "at most 1e+12, got 1e+300"),
+    "statistics padded with extra bytes": (_set_statistics("/mean", lambda a: Array(
+        dtype="float64", shape=a.shape, stype="numpy.ndarray", data=Array(a).data + bytes(10**6))), "bytes for"),
+    "weight size bomb": (lambda c: c["arrays"].__setitem__("fc1.bias", _bomb()), "declares"),
     "num-examples missing": (_set_num_examples(_MISSING), "lacks 'num-examples'"),
     "num-examples zero": (_set_num_examples(0), "positive"),
     "num-examples negative": (_set_num_examples(-5.0), "positive"),
