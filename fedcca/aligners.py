@@ -63,6 +63,9 @@ class Aligner:
         description: One line for documentation and tables.
         joint: It aligns all models together (:mod:`fedcca.zipit`) rather than each to the
             reference: only :func:`fedcca.merging.merge` can use it, with every model at hand.
+        shrinkable: Its transforms stay invertible when shrunk towards the identity,
+            ``I + a (T - I)`` for ``0 < a < 1`` (dense CCA transforms do; a permutation with a
+            swap does not: ``(I + P) / 2`` has two equal rows).
     """
 
     name: str
@@ -70,6 +73,7 @@ class Aligner:
     transforms: Callable[[AlignmentJob], dict[str, Transform]]
     description: str
     joint: bool = False
+    shrinkable: bool = True
 
 
 def _cca(job: AlignmentJob) -> dict[str, Transform]:
@@ -106,8 +110,9 @@ def _joint(job: AlignmentJob) -> dict[str, Transform]:
 ALIGNERS: dict[str, Aligner] = {
     aligner.name: aligner for aligner in (
         Aligner("cca", True, _cca, "CCA Merge (Horoi et al., 2024): T = S_aa^1/2 U V^T S_bb^-1/2"),
-        Aligner("permute", True, _permute, "rescaled permutation matching features by correlation"),
-        Aligner("weight-matching", False, _weight_matching, "Git Re-Basin weight matching (data free)"),
+        Aligner("permute", True, _permute, "rescaled permutation matching features by correlation", shrinkable=False),
+        Aligner("weight-matching", False, _weight_matching, "Git Re-Basin weight matching (data free)",
+                shrinkable=False),
         Aligner("blend", True, _blend, "(1 - l) Permute + l CCA"),
         Aligner("zipit", False, _joint, "ZipIt! (Stoica et al., 2023): all models' features zipped jointly", joint=True),
         Aligner("direct", False, _direct, "no alignment: the plain (FedAvg) average"),

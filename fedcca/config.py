@@ -192,13 +192,17 @@ class MergeSearch:
         """Every distinct configuration of the grid, the baseline first (grid order).
 
         Configurations that align nothing (shrinkage 0, or "direct") merge identically
-        whatever their method, ridge or blend: only the first of them is kept.
+        whatever their method, ridge or blend: only the first of them is kept. When the grid
+        varies the method, methods whose transforms are permutations (not
+        :attr:`~fedcca.aligners.Aligner.shrinkable`) get no partial shrinkage ``0 < a < 1``.
         """
         names = [name for name, _ in self.grid]
         seen: set[tuple] = set()
         out = []
         for values in itertools.product(*(values for _, values in self.grid)):
             config = self.base.replace(**dict(zip(names, values)))
+            if "method" in names and 0 < config.shrinkage < 1 and not ALIGNERS[config.method].shrinkable:
+                continue
             key = dataclasses.astuple(config if config.aligns else config.replace(
                 method="direct", shrinkage=1.0, ridge=None, blend=0.5, max_scale=DEFAULT_MAX_SCALE, points=None))
             if key not in seen:

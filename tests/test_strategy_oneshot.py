@@ -94,8 +94,8 @@ def test_keywords_naming_a_grid_axis_replace_it() -> None:
 def test_the_default_search_holds_permute_and_no_duplicates() -> None:
     candidates = FEDERATED_SEARCH.candidates()
     labels = [c.label() for c in candidates]
-    assert labels[0] == "direct" and len(labels) == len(set(labels)) == 10
-    assert any(c.method == "permute" and c.aligns for c in candidates)
+    assert labels == ["direct", "direct +affine", "cca a=0.5", "cca a=0.5 +affine", "cca", "cca +affine",
+                      "permute", "permute +affine"]  # no halfway permutation: (I + P) / 2 can be singular
 
 
 def _trained_replies(compute_stats: bool) -> list[Message]:
