@@ -33,8 +33,9 @@ _EXPORTS = {
     "merge_sequential": "fedcca.merging",
     "InProcessGrid": "fedcca.local_grid",
     "recompute_batchnorm": "fedcca.batchnorm",
-    "repair": "fedcca.repair",
     "CCAMerge": "fedcca.strategy",
+    "DistillConfig": "fedcca.distillation",
+    "resolve_search": "fedcca.config",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -38,7 +38,7 @@ from fedcca.statistics import PairStatistics, as_batches, collect_statistics
 from fedcca.transforms import WhiteningCache, shrink_transform
 from fedcca.zipit import zipit_transforms
 
-__all__ = ["METHODS", "MergeError", "MergeResult", "Merger", "align_state_dict", "average_state_dicts",
+__all__ = ["METHODS", "MergeError", "MergeResult", "Merger", "average_state_dicts",
            "merge", "merge_sequential", "recompute_batchnorm"]
 
 logger = logging.getLogger(__name__)
@@ -541,46 +541,6 @@ def merge_sequential(
         running = merge([running, model], calibration, config, weights=[running_weight, weight], **kwargs)
         running_weight += weight
     return running
-
-
-def align_state_dict(
-    state_dict: Mapping[str, torch.Tensor],
-    reference_state: Mapping[str, torch.Tensor],
-    spec: AlignmentSpec,
-    config: MergeConfig | str | None = None,
-    *,
-    statistics: Mapping[str, PairStatistics] | None = None,
-    name: str = "model",
-    **options: Any,
-) -> dict[str, torch.Tensor]:
-    """One model's weights moved into the reference's coordinates (a new dict).
-
-    Args:
-        state_dict: The model's weights.
-        reference_state: The reference's weights (used by "weight-matching").
-        spec: The architecture's alignment spec.
-        config: A :class:`MergeConfig` or a method name (its ``method``, ridge, shrinkage and
-            points are used).
-        statistics: Per-point statistics of this model against the reference.
-        name: How error messages call the model.
-        **options: :class:`MergeConfig` fields overriding ``config``.
-
-    Raises:
-        ValueError: Missing statistics for a point, unknown method or point.
-        MergeError: The aligned weights are not finite.
-    """
-    config = MergeConfig(method=config) if isinstance(config, str) else config
-    config = MergeConfig.from_options(config, **options)
-    if not config.aligns:
-        return {key: value.detach().clone() for key, value in state_dict.items()}
-    points = spec.names() if config.points is None else list(config.points)
-    job = AlignmentJob(AlignmentSpec(tuple(spec.point(p) for p in points)), config, statistics, state_dict,
-                       reference_state, name)
-    transforms = {point: shrink_transform(t, config.shrinkage, point=point)
-                  for point, t in ALIGNERS[config.method].transforms(job).items()}
-    aligned = apply_transforms(state_dict, spec, transforms)
-    _check_finite(aligned, f"{name} after {config.label()} alignment")
-    return aligned
 
 
 def average_state_dicts(

@@ -48,9 +48,6 @@ DEFAULT_RIDGES: dict[str, float] = {"trace": 1.0, "relative": 0.1, "absolute": 1
 """The ridge used when none is given, per mode. The trace value was chosen on held-out
 calibration data (never test data) by ``simulations/ablation.py``; see README, Results."""
 
-DEFAULT_RIDGE = DEFAULT_RIDGES[DEFAULT_RIDGE_MODE]
-"""The default ridge of the default mode."""
-
 # A feature is dead when its variance is below this fraction of its squared mean: it is
 # constant on the calibration data (exact zeros give 0 <= 0). Relative, so scale-free.
 _DEAD_RTOL = 1e-10

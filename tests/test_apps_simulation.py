@@ -121,7 +121,7 @@ def test_flwr_run_simulation_writes_history_and_leaves_pyproject_alone(
     data_dir = write_tiny_fashion_mnist(tmp_path / "data")
     out_dir = tmp_path / "out"
     pyproject = (ROOT / "pyproject.toml").read_bytes()
-    overrides = {"data-dir": f"'{data_dir}'", "out-dir": f"'{out_dir}'", "num-server-rounds": "1",
+    overrides = {"data-dir": f"'{data_dir}'", "out-dir": f"'{out_dir}'", "num-server-rounds": "2",
                  "partitioning": "'iid'", "calibration-size": "40", "holdout-size": "20", "batch-size": "32",
                  "max-examples-per-client": "0", "max-test-examples": "0"}
     command = [str(BIN / "flwr"), "run", str(ROOT), CONNECTION, "--stream",
@@ -137,7 +137,10 @@ def test_flwr_run_simulation_writes_history_and_leaves_pyproject_alone(
     history_file = out_dir / "history.json"
     assert history_file.is_file(), f"no history after {elapsed:.0f} s:\n{log[-4000:]}"
     history = json.loads(history_file.read_text())
-    assert [entry["round"] for entry in history["rounds"]] == [1]
-    assert history["rounds"][0]["num_dropped"] == 0 and history["rounds"][0]["client_statistics"] == 2
-    assert "[fedcca] round 1/1: accuracy" in log  # progress reaches the streamed log
-    assert (out_dir / "checkpoints" / "round-001.pt").is_file() and (out_dir / "accuracy.png").is_file()
+    assert [entry["round"] for entry in history["rounds"]] == [1, 2]
+    first, second = history["rounds"]
+    assert first["num_dropped"] == second["num_dropped"] == 0
+    # Round 1 aligns to a client (server statistics); round 2 to the global model (the clients' statistics).
+    assert first["client_statistics"] == 0 and second["client_statistics"] == 2
+    assert "[fedcca] round 2/2: accuracy" in log  # progress reaches the streamed log
+    assert (out_dir / "checkpoints" / "round-002.pt").is_file() and (out_dir / "accuracy.png").is_file()

@@ -20,6 +20,7 @@ NODES = (1, 2, 3)
 
 
 def _strategy(**kwargs: object) -> CCAMerge:
+    kwargs.setdefault("reference", "global")  # round 1 of "auto" asks for no client statistics
     return CCAMerge(make_model, CALIBRATION, device="cpu", **kwargs)  # type: ignore[arg-type]
 
 

@@ -195,7 +195,7 @@ MUTATIONS: dict[str, tuple[Callable[[RecordDict], None], str]] = {
     "statistics in bool": (_set_statistics("/cross", lambda a: Array(a.astype(bool))), "declares dtype bool"),
     "statistics in float16": (_set_statistics("/mean", lambda a: Array(a.astype(np.float16))), "declares dtype float16"),
     "statistics in complex": (_set_statistics("/cross", lambda a: Array(a.astype(np.complex64))), "declares dtype complex"),
-    "statistics count 1e300": (_set_statistics("/count", lambda a: Array(np.asarray(1e300))), "at most 1e+12, got 1e+300"),
+    "statistics count 1e300": (_set_statistics("/count", lambda a: Array(np.asarray(1e300))), "positive integer of at most"),
     "statistics padded with extra bytes": (_set_statistics("/mean", lambda a: Array(
         dtype="float64", shape=a.shape, stype="numpy.ndarray", data=Array(a).data + bytes(10**6))), "bytes for"),
     "weight size bomb": (lambda c: c["arrays"].__setitem__("fc1.bias", _bomb()), "declares"),
