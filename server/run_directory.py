@@ -68,31 +68,83 @@ class RunDirectory:
             {"round": server_round, "state_dict": arrays.to_torch_state_dict()}, tmp))
         atomic_write(self.history_path, lambda tmp: tmp.write_text(json.dumps(history, indent=2)))
 
-    def load(self, run_config: Mapping[str, Any]) -> tuple[ArrayRecord, dict[str, Any]] | None:
-        """The global model and history after the last recorded round, or None to start afresh.
+    def load(self, run_config: Mapping[str, Any],
+             template: Mapping[str, torch.Tensor]) -> tuple[ArrayRecord, dict[str, Any]] | None:
+        """The global model and history after the newest round whose checkpoint is usable, or None to start afresh.
+
+        A checkpoint is usable when it loads and holds exactly ``template``'s keys and shapes,
+        with finite values. Rounds recorded after the newest usable checkpoint are dropped from
+        the history (logged), so the run continues from a model it can trust.
 
         Args:
             run_config: This run's config; it must match the recorded one except for
                 :data:`RESUMABLE_KEYS`.
+            template: A state dict of the model (``model_fn().state_dict()``).
 
         Raises:
-            ValueError: The recorded run used a different config, or its checkpoint is missing.
+            ValueError: One line naming the file: an unreadable or foreign history, a
+                different run config, or no usable checkpoint for a recorded round.
         """
         if not self.history_path.is_file():
             log(INFO, "[fedcca] resume: no %s yet, starting from round 1", self.history_path)
             return None
-        history = json.loads(self.history_path.read_text())
+        history = self._read_history()
         _check_same_config(history["run_config"], run_config, self.history_path)
         done = len(history["rounds"])
-        if [entry["round"] for entry in history["rounds"]] != list(range(1, done + 1)):
-            raise ValueError(f"{self.history_path}: rounds are not 1..{done}; cannot resume")
+        if [entry.get("round") for entry in history["rounds"]] != list(range(1, done + 1)):
+            raise ValueError(f"{self.history_path}: rounds are not 1..{done}; cannot resume "
+                             "(set resume = false: a new run goes to a fresh folder)")
+        problems = []
+        for server_round in range(done, 0, -1):
+            try:
+                state = self._checkpoint(server_round, template)
+            except ValueError as err:
+                problems.append(str(err))
+                continue
+            if problems:
+                log(WARNING, "[fedcca] resume: %s; resuming after round %d (rounds %d-%d dropped from the history)",
+                    "; ".join(problems), server_round, server_round + 1, done)
+            history["rounds"] = history["rounds"][:server_round]
+            history["run_config"] = dict(run_config)
+            return ArrayRecord(state), history
         if done == 0:
             return None
-        checkpoint = torch.load(self.checkpoint_path(done), map_location="cpu", weights_only=True)
-        if checkpoint["round"] != done:
-            raise ValueError(f"{self.checkpoint_path(done)} holds round {checkpoint['round']}, expected {done}")
-        history["run_config"] = dict(run_config)
-        return ArrayRecord(checkpoint["state_dict"]), history
+        raise ValueError(f"cannot resume from {self.path}: no usable checkpoint ({'; '.join(problems)}); "
+                         "set resume = false to start a new run (it goes to a fresh folder)")
+
+    def _read_history(self) -> dict[str, Any]:
+        try:
+            history = json.loads(self.history_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot resume: {self.history_path} is not readable JSON ({err}); "
+                             "set resume = false to start a new run (it goes to a fresh folder)") from None
+        if not isinstance(history, dict) or not isinstance(history.get("run_config"), dict) \
+                or not isinstance(history.get("rounds"), list) or "initial" not in history:
+            raise ValueError(f"cannot resume: {self.history_path} lacks 'run_config', 'initial' or 'rounds' "
+                             "(not a fedcca history); set resume = false to start a new run")
+        return history
+
+    def _checkpoint(self, server_round: int, template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The state dict of ``server_round``'s checkpoint, checked against ``template`` (ValueError naming the file)."""
+        path = self.checkpoint_path(server_round)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ValueError(f"{path} is missing") from None
+        except Exception as err:  # pylint: disable=broad-except  # truncated, empty, foreign: torch's many errors
+            raise ValueError(f"{path} cannot be loaded ({type(err).__name__})") from None
+        if not isinstance(checkpoint, dict) or checkpoint.get("round") != server_round \
+                or not isinstance(checkpoint.get("state_dict"), dict):
+            raise ValueError(f"{path} is not the checkpoint of round {server_round}")
+        state = checkpoint["state_dict"]
+        if set(state) != set(template):
+            raise ValueError(f"{path} has other keys than the model (e.g. {sorted(set(state) ^ set(template))[:2]})")
+        for key, value in template.items():
+            if not isinstance(state[key], torch.Tensor) or state[key].shape != value.shape:
+                raise ValueError(f"{path}: '{key}' has another shape than the model's {tuple(value.shape)}")
+            if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
+                raise ValueError(f"{path}: '{key}' has non-finite values")
+        return state
 
     def plot(self, history: Mapping[str, Any], title: str) -> None:
         """Write ``accuracy.png``: test accuracy of the global model per round (0 = initial)."""

@@ -77,7 +77,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     model_fn = partial(make_model, task, dataset)
     evaluator = _Evaluator(model_fn, evaluation_loader(task, device), device)
 
-    resumed = outputs.load(run_config) if task.resume else None
+    resumed = outputs.load(run_config, model_fn().state_dict()) if task.resume else None
     if resumed is None:
         seed_everything(derive_seed(task.seed))  # the initial model depends on the seed only
         arrays = ArrayRecord(model_fn().state_dict())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +131,54 @@ def test_resume_refuses_a_different_config(straight_run: tuple[dict[str, Any], P
     config, out, _ = straight_run
     with pytest.raises(ValueError, match=r"differs \(lr: 0.05 -> 0.1"):
         _run({**config, "out-dir": str(out), "num-server-rounds": 3, "resume": True, "lr": 0.1})
+
+
+def test_a_new_run_never_overwrites_an_earlier_one(data_dir: Path, tmp_path: Path) -> None:
+    """resume = false into a folder holding a run: the new run goes to '<out-dir>-2', the old one is untouched."""
+    config = tiny_run_config(data_dir, tmp_path / "run", strategy="fedavg", num_server_rounds=2)
+    _run(config)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    _run({**config, "num-server-rounds": 1})
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    second = json.loads((tmp_path / "run-2" / "history.json").read_text())
+    assert [entry["round"] for entry in second["rounds"]] == [1]
+
+
+def _interrupted_run(data_dir: Path, out: Path) -> dict[str, Any]:
+    config = tiny_run_config(data_dir, out, strategy="fedavg", num_server_rounds=2, resume=True)
+    _run(config)
+    return config
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "missing", "nan", "wrong shape"])
+def test_resume_falls_back_to_the_newest_usable_checkpoint(data_dir: Path, tmp_path: Path, damage: str,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    config = _interrupted_run(data_dir, tmp_path)
+    last = tmp_path / "checkpoints" / "round-002.pt"
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[:100])
+    elif damage == "empty":
+        last.write_bytes(b"")
+    elif damage == "missing":
+        last.unlink()
+    else:
+        checkpoint = torch.load(last, weights_only=True)
+        key = next(k for k, v in checkpoint["state_dict"].items() if v.is_floating_point())
+        value = checkpoint["state_dict"][key]
+        checkpoint["state_dict"][key] = value.fill_(float("nan")) if damage == "nan" else value.reshape(-1)[:1]
+        torch.save(checkpoint, last)
+    with caplog.at_level(logging.WARNING):
+        history, _ = _run({**config, "num-server-rounds": 3})
+    assert [entry["round"] for entry in history["rounds"]] == [1, 2, 3]  # round 2 recomputed from round 1's model
+    assert any("resuming after round 1" in r.getMessage() and "round-002.pt" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize(("content", "words"), [("{not json", "not readable JSON"),
+                                                ('{"rounds": []}', "lacks 'run_config'")])
+def test_resume_names_a_broken_history(data_dir: Path, tmp_path: Path, content: str, words: str) -> None:
+    config = _interrupted_run(data_dir, tmp_path)
+    (tmp_path / "history.json").write_text(content)
+    with pytest.raises(ValueError, match=words) as error:
+        _run({**config, "num-server-rounds": 3})
+    assert "history.json" in str(error.value) and "\n" not in str(error.value)
