@@ -10,6 +10,7 @@ Calibration data is a ``.pt`` tensor [N, C, H, W] or a ``.npy`` array, already n
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import sys
 import time
@@ -23,6 +24,7 @@ import torch
 from fedcca.aligners import METHODS
 from fedcca.config import MergeConfig
 from fedcca.merging import merge
+from fedcca.plotting import atomic_write
 from fedcca.repair import REPAIRS
 from fedcca.statistics import collect_statistics
 from fedcca.transforms import DEFAULT_RIDGE_MODE, DEFAULT_RIDGES, RIDGE_MODES, canonical_correlations
@@ -91,11 +93,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _merge_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    _check_output(args.out, [*args.checkpoints, args.calibration])
     calibration = _load_calibration(args.calibration)
     loaded = [_load_checkpoint(path) for path in args.checkpoints]
     arch = _architecture(args, [meta for meta, _ in loaded], args.checkpoints, calibration)
     if not -len(loaded) <= args.reference < len(loaded):
         raise CliError(f"--reference {args.reference} is not an index into the {len(loaded)} checkpoints")
+    if len(loaded) < 2:
+        raise CliError(f"merging needs at least 2 checkpoints, got {len(loaded)}")
     models = []
     for path, (_, state_dict) in zip(args.checkpoints, loaded):
         model = _build(arch)
@@ -116,8 +121,8 @@ def _merge_command(args: argparse.Namespace) -> int:
                                         device=args.device, batch_size=args.batch_size)
     merged = merge(models, calibration, config, reference=args.reference, statistics=statistics,
                    device=args.device, batch_size=args.batch_size)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({**arch, "method": args.method, "state_dict": merged.state_dict()}, args.out)
+    atomic_write(args.out, lambda tmp: torch.save({**arch, "method": args.method, "state_dict": merged.state_dict()},
+                                                  tmp))
     _print_summary(args, config, len(models), statistics, time.perf_counter() - started)
     return 0
 
@@ -156,11 +161,26 @@ def _print_summary(args: argparse.Namespace, config: MergeConfig, count: int, st
     print(f"wrote {args.out} in {seconds:.2f} s")
 
 
+def _check_output(out: Path, inputs: Sequence[Path]) -> None:
+    """Before any work: ``out`` is none of the inputs and its folder can be written."""
+    for path in inputs:
+        if out.resolve() == path.resolve():
+            raise CliError(f"--out {out} is one of the inputs; choose another output file")
+    folder = out.resolve().parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not (existing.is_dir() and os.access(existing, os.W_OK)) or (out.exists() and not os.access(out, os.W_OK)):
+        raise CliError(f"--out {out}: cannot write there ({existing} is not a writable folder)")
+
+
 def _load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(architecture fields found, state dict) of one checkpoint file."""
     if not path.is_file():
         raise CliError(f"checkpoint {path} does not exist")
-    content = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pylint: disable=broad-except  # empty, truncated, pickled code: torch's many errors
+        raise CliError(f"{path} cannot be read as a checkpoint ({type(err).__name__}); save a state dict with "
+                       "torch.save(model.state_dict(), path)") from None
     if not isinstance(content, dict):
         raise CliError(f"{path} holds a {type(content).__name__}, not a state dict")
     if "state_dict" in content:
@@ -176,17 +196,22 @@ def _load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
 def _load_calibration(path: Path) -> torch.Tensor:
     if not path.is_file():
         raise CliError(f"calibration file {path} does not exist")
-    if path.suffix == ".npy":
-        data = torch.from_numpy(np.load(path, allow_pickle=False))
-    else:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".npy":
+            data = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pylint: disable=broad-except  # empty, truncated, foreign files
+        raise CliError(f"calibration file {path} cannot be read ({type(err).__name__}); save a tensor with "
+                       "torch.save(x, path) or numpy.save") from None
     if not isinstance(data, torch.Tensor) or data.dim() < 2 or len(data) == 0:
         raise CliError(f"calibration file {path} must hold a non-empty tensor [N, C, ...]")
     if not data.is_floating_point():
         raise CliError(f"calibration file {path} holds {data.dtype} values; save normalised floats")
+    data = data.float()  # finiteness after the cast: 1e200 in float64 is inf in float32
     if not torch.isfinite(data).all():
-        raise CliError(f"calibration file {path} has non-finite values")
-    return data.float()
+        raise CliError(f"calibration file {path} has values that are not finite in float32")
+    return data
 
 
 def _architecture(args: argparse.Namespace, metas: list[dict[str, Any]], paths: list[Path],

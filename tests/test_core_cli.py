@@ -96,3 +96,47 @@ def test_bad_options_exit_2(files: dict[str, Path], capsys: pytest.CaptureFixtur
     assert "invalid choice" in capsys.readouterr().err
     code = main(["merge", str(files["a.pt"]), "--calibration", str(files["calib.pt"]), "--reference", "3"])
     _assert_clean_error(code, capsys, "--reference 3")
+
+
+def test_an_output_that_is_an_input_or_unwritable_is_refused_before_any_work(
+        files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = files["a.pt"].read_bytes()
+    for out in (files["a.pt"], files["calib.pt"]):
+        code = main(["merge", str(files["a.pt"]), str(files["b.pt"]), "--calibration", str(files["calib.pt"]),
+                     "--out", str(out)])
+        _assert_clean_error(code, capsys, "is one of the inputs")
+    assert files["a.pt"].read_bytes() == before
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code = main(["merge", str(files["a.pt"]), str(files["b.pt"]), "--calibration", str(files["calib.pt"]),
+                 "--out", str(blocker / "merged.pt")])
+    _assert_clean_error(code, capsys, "cannot write there")
+
+
+@pytest.mark.parametrize(("content", "words"), [(b"", "cannot be read as a checkpoint"),
+                                                (b"hello, not torch", "cannot be read as a checkpoint")])
+def test_unreadable_checkpoints_are_one_line(files: dict[str, Path], tmp_path: Path, content: bytes, words: str,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(content)
+    code = main(["merge", str(files["a.pt"]), str(bad), "--calibration", str(files["calib.pt"])])
+    _assert_clean_error(code, capsys, f"{bad} {words}")
+
+
+def test_a_pickled_module_checkpoint_is_one_line(files: dict[str, Path], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    pickled = tmp_path / "module.pt"
+    torch.save(_cnn(2), pickled)  # the whole module: not loadable with weights_only
+    code = main(["merge", str(files["a.pt"]), str(pickled), "--calibration", str(files["calib.pt"])])
+    _assert_clean_error(code, capsys, "torch.save(model.state_dict(), path)")
+
+
+def test_calibration_that_overflows_float32_and_a_single_checkpoint_are_refused(
+        files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    huge = tmp_path / "huge.pt"
+    torch.save(torch.full((4, 1, 28, 28), 1e200, dtype=torch.float64), huge)
+    code = main(["merge", str(files["a.pt"]), str(files["b.pt"]), "--calibration", str(huge)])
+    _assert_clean_error(code, capsys, "not finite in float32")
+    code = main(["merge", str(files["a.pt"]), "--calibration", str(files["calib.pt"]), "--out", str(tmp_path / "m.pt")])
+    _assert_clean_error(code, capsys, "at least 2 checkpoints")
+    assert not (tmp_path / "m.pt").exists()
