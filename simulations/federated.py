@@ -83,6 +83,9 @@ def run_one(run_config: dict[str, Any], num_clients: int) -> dict[str, Any]:
         "merge_choice": [r.get("merge_choice") for r in rounds],
         "merge_seconds": [r["merge_seconds"] for r in rounds],
         "server_stats_seconds": [r["stats_seconds"] for r in rounds],
+        "distill_seconds": [(r.get("distillation") or {}).get("seconds", 0.0) for r in rounds],
+        "distill_holdout": [[(r.get("distillation") or {}).get(k) for k in ("holdout_before", "holdout_after")]
+                            for r in rounds],
         "client_train_seconds": [r.get("client_train_seconds") for r in rounds],
         "client_stats_seconds": [r.get("client_stats_seconds", 0.0) for r in rounds],
         "bytes_received_mean": [float(np.mean(list(r["bytes_received"].values()))) for r in rounds],
