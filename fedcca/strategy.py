@@ -80,8 +80,9 @@ class CCAMerge(FedAvg):
         calibration: Public calibration inputs for statistics, BatchNorm and REPAIR: a tensor
             or an iterable of batches (or of ``(x, y)`` batches).
         config: How to merge: a ``MergeConfig``, a ``MergeSearch`` or None (the defaults above).
-        holdout: Labelled public ``(inputs, labels)``, disjoint from ``calibration``; read
-            only to choose among a search's candidates.
+        holdout: Labelled public data, disjoint from ``calibration``: ``(inputs, labels)``
+            tensors, or a ``DataLoader`` / ``Dataset`` of ``(x, y)``; read only to choose among
+            a search's candidates and to early-stop distillation.
         reference: "auto" ("largest" in round 1, whose global model is the initial one,
             "global" after), "global" (the round's global model, an alignment target only, not
             averaged), "largest" (the reply with most ``num-examples``) or "first" (the
@@ -115,7 +116,7 @@ class CCAMerge(FedAvg):
         calibration: torch.Tensor | Iterable[Any],
         config: MergeConfig | MergeSearch | None = None,
         *,
-        holdout: tuple[torch.Tensor, torch.Tensor] | None = None,
+        holdout: tuple[torch.Tensor, torch.Tensor] | Iterable[Any] | None = None,
         reference: str = "auto",
         stats: str = "client",
         max_norm_ratio: float | None = None,
@@ -127,6 +128,9 @@ class CCAMerge(FedAvg):
         max_weight_ratio: float = 3.0,
         **kwargs: Any,
     ) -> None:
+        if isinstance(model_fn, nn.Module):
+            raise TypeError(f"CCAMerge: model_fn must build a fresh model (e.g. {type(model_fn).__name__} or "
+                            f"lambda: {type(model_fn).__name__}()), not a model instance")
         merge_fields = {f.name for f in dataclasses.fields(MergeConfig)}
         options = {key: kwargs.pop(key) for key in list(kwargs) if key in merge_fields}
         # Mixed ClientApps report different metrics; FedAvg's default needs equal keys.
@@ -291,21 +295,44 @@ class CCAMerge(FedAvg):
         return self.evaluate_metrics_aggr_fn(valid, self.weighted_by_key) if valid else None
 
 
-def _checked_holdout(holdout: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Held-out inputs and int64 labels of equal length, or None."""
+def _checked_holdout(holdout: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Held-out inputs (finite floats) and int64 labels of equal length, or None.
+
+    ``holdout`` is ``(inputs, labels)``, or anything iterable of ``(x, y)`` batches or
+    examples: a ``DataLoader``, a map-style ``Dataset``.
+    """
     if holdout is None:
         return None
-    inputs, labels = holdout
+    if isinstance(holdout, tuple) and len(holdout) == 2 and isinstance(holdout[0], torch.Tensor):
+        inputs, labels = holdout
+    else:
+        try:
+            pairs = [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in holdout]
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"CCAMerge: holdout must be (inputs, labels) or an iterable of (x, y) batches "
+                             f"(a DataLoader, a Dataset), got {type(holdout).__name__}: {err}") from None
+        batched = bool(pairs) and pairs[0][1].dim() == 1
+        inputs = torch.cat([x for x, _ in pairs]) if batched else torch.stack([x for x, _ in pairs]) if pairs \
+            else torch.empty(0)
+        labels = torch.cat([y for _, y in pairs]) if batched else torch.stack([y for _, y in pairs]) if pairs \
+            else torch.empty(0)
     labels = torch.as_tensor(labels).long()
     if not isinstance(inputs, torch.Tensor) or labels.shape != (len(inputs),) or len(inputs) == 0:
         raise ValueError(f"CCAMerge: holdout must be (inputs tensor [N, ...], labels [N]) with N > 0, got "
                          f"{type(inputs).__name__} and labels of shape {tuple(labels.shape)}")
+    if not inputs.is_floating_point() or not torch.isfinite(inputs).all():
+        raise ValueError("CCAMerge: holdout inputs must be finite floating-point values (normalised as in training)")
     return inputs, labels
 
 
 def _check_runs(model: nn.Module, calibration: list[torch.Tensor]) -> None:
     if not calibration:
         raise ValueError("CCAMerge: the calibration data is empty")
+    bad = [i for i, batch in enumerate(calibration)
+           if not batch.is_floating_point() or not torch.isfinite(batch).all()]
+    if bad:
+        raise ValueError(f"CCAMerge: calibration batch {bad[0]} has non-finite or non-float values; "
+                         "pass finite inputs normalised as in training")
     try:
         with torch.no_grad():
             model.eval()(calibration[0].detach().cpu())

@@ -213,3 +213,24 @@ def test_distillation_needs_held_out_data() -> None:
         CCAMerge(make_model, CALIBRATION, "direct", distill=DistillConfig())
     with pytest.raises(ValueError, match="teachers"):
         DistillConfig(teachers=("soft",))
+
+
+def test_holdout_as_a_dataloader_or_dataset_equals_the_tensors() -> None:
+    from torch.utils.data import DataLoader, TensorDataset  # pylint: disable=import-outside-toplevel
+
+    dataset = TensorDataset(*HOLDOUT)
+    for holdout in (DataLoader(dataset, batch_size=7), dataset):
+        strategy = CCAMerge(make_model, CALIBRATION, holdout=holdout, device="cpu")
+        inputs, labels = strategy.settings.holdout
+        assert torch.equal(inputs, HOLDOUT[0]) and torch.equal(labels, HOLDOUT[1])
+
+
+def test_construction_errors_name_what_to_fix() -> None:
+    with pytest.raises(TypeError, match="not a model instance"):
+        CCAMerge(make_model(), CALIBRATION)
+    bad = CALIBRATION.clone()
+    bad[3, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="calibration batch 0 has non-finite"):
+        CCAMerge(make_model, bad)
+    with pytest.raises(ValueError, match="holdout inputs must be finite"):
+        CCAMerge(make_model, CALIBRATION, holdout=(bad[:10], HOLDOUT[1][:10]))
