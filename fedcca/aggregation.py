@@ -185,15 +185,14 @@ class RoundAggregation:
 
     def _cap(self, replies: list[Message]) -> float:
         """The largest weight a reply may have: ``max_weight_ratio`` x the median claimed ``num-examples``."""
-        claimed = []
+        claimed: dict[int, float] = {}  # one claim per node, from replies with exactly one MetricRecord
         for msg in replies:
-            if msg.has_error() or not msg.has_content():
+            if msg.has_error() or not msg.has_content() or len(msg.content.metric_records) != 1:
                 continue
-            for metrics in msg.content.metric_records.values():
-                value = metrics.get(self.settings.weighted_by_key)
-                if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
-                    claimed.append(float(value))
-        return float(np.median(claimed)) * self.settings.max_weight_ratio if claimed else math.inf
+            value = next(iter(msg.content.metric_records.values())).get(self.settings.weighted_by_key)
+            if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+                claimed.setdefault(msg.metadata.src_node_id, float(value))
+        return float(np.median(list(claimed.values()))) * self.settings.max_weight_ratio if claimed else math.inf
 
     def _weight(self, update: ClientUpdate) -> float:
         """The reply's merge weight: its ``num-examples``, capped (one client cannot own the average) and

@@ -97,9 +97,9 @@ class CCAMerge(FedAvg):
         statistics_group: Replies whose statistics the server computes together (one pass of
             the reference over the calibration data per group).
         max_weight_ratio: A reply's merge weight (its ``num-examples``) is capped at this many
-            times the round's median claim, so one client claiming 10^12 examples gets at most
-            ``r / (r + K - 1)`` of the average; inf: FedAvg's uncapped weights. Capped replies
-            are listed in the round record.
+            times the round's median claim, so one client claiming 10^12 examples weighs at most
+            as much as ``r`` median clients; inf: FedAvg's uncapped weights. Capped replies are
+            listed in the round record.
         distill: After each merge, distil it toward the clients' ensemble on the calibration
             images, early-stopped on ``holdout`` (:mod:`fedcca.distillation`); None: off.
             ``CCAMerge(model_fn, calibration, "direct", holdout=..., distill=DistillConfig(teachers=("logits",)))``

@@ -329,3 +329,31 @@ def test_random_malformed_replies_give_none_or_the_merge_of_the_valid_ones(damag
     assert expected is not None
     for key, value in expected.to_torch_state_dict().items():
         torch.testing.assert_close(merged[key], value, msg=key)
+
+
+def _claiming(count: float):  # noqa: ANN202
+    def app(message: Message, context: Context) -> Message:
+        reply = stats_app(message, context)
+        reply.content["metrics"]["num-examples"] = count
+        return reply
+    return app
+
+
+@pytest.mark.parametrize("claim", [1e12, 1e308])
+def test_one_client_claiming_huge_example_counts_gets_a_capped_weight(claim: float) -> None:
+    """FedAvg would hand the attacker the whole average (1e12) or overflow and skip the round (1e308)."""
+    strategy = _strategy(config="direct", recompute_bn=False)
+    grid = InProcessGrid({**{n: stats_app for n in GOOD_NODES}, BAD_NODE: _claiming(claim)})
+    replies, (arrays, _) = _run_round(strategy, grid)
+    assert arrays is not None and not strategy.rounds[-1].skipped
+    assert strategy.rounds[-1].capped == {BAD_NODE: claim}
+    honest = sorted(float(r.content["metrics"]["num-examples"]) for r in replies if r.metadata.src_node_id != BAD_NODE)
+    cap = 3.0 * float(np.median(honest + [claim]))
+    weights = {r.metadata.src_node_id: min(float(r.content["metrics"]["num-examples"]), cap) for r in replies}
+    total = sum(weights.values())
+    assert weights[BAD_NODE] == cap < claim  # 3x the median claim: no more than three median clients
+    states = {r.metadata.src_node_id: r.content["arrays"].to_torch_state_dict() for r in replies}
+    for key, value in arrays.to_torch_state_dict().items():
+        if value.is_floating_point():
+            expected = sum(w * states[n][key].double() for n, w in weights.items()) / total
+            torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6, msg=key)
