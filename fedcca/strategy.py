@@ -353,5 +353,6 @@ def _log_round(record: RoundRecord) -> None:
         record.num_dropped, record.merge_choice,
         f"; dead features on the calibration set: {dead}" if dead else "")
     for score in record.candidates:
-        log(DEBUG, "  candidate %-22s held-out loss %.4f acc %.4f z %.2f%s", score.label, score.loss,
-            score.accuracy, score.z, " (chosen)" if score.chosen else "")
+        log(DEBUG, "  candidate %-22s held-out acc %.4f (z %.2f), loss %.4f, calibrated loss %.4f (z %.2f)%s",
+            score.label, score.accuracy, score.z, score.loss, score.calibrated_loss, score.z_loss,
+            " (chosen)" if score.chosen else "")
