@@ -99,8 +99,6 @@ def _merge_command(args: argparse.Namespace) -> int:
     arch = _architecture(args, [meta for meta, _ in loaded], args.checkpoints, calibration)
     if not -len(loaded) <= args.reference < len(loaded):
         raise CliError(f"--reference {args.reference} is not an index into the {len(loaded)} checkpoints")
-    if len(loaded) < 2:
-        raise CliError(f"merging needs at least 2 checkpoints, got {len(loaded)}")
     models = []
     for path, (_, state_dict) in zip(args.checkpoints, loaded):
         model = _build(arch)
@@ -113,6 +111,8 @@ def _merge_command(args: argparse.Namespace) -> int:
                            f"{arch['num_classes']} classes, {arch['in_channels']} input channels): "
                            f"{first[0].strip()}") from None
         models.append(model)
+    if len(models) < 2:
+        raise CliError(f"merging needs at least 2 checkpoints, got {len(models)}")
     config = MergeConfig(args.method, ridge=args.ridge, ridge_mode=args.ridge_mode, shrinkage=args.shrinkage,
                          repair=args.repair, recompute_bn=args.recompute_bn)
     statistics = None
