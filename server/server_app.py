@@ -66,6 +66,13 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     This is the round loop of the product: ``flwr run``, the deployment and the federated
     benchmark (``simulations.federated``) all go through it.
 
+    It is not Flower's ``Strategy.start`` because ``start`` always begins at round 1 and keeps
+    its state in memory: resuming after round k needs the loop to start at k + 1 from a
+    checkpoint, with every round's randomness seeded from ``(seed, round)`` so that a resumed
+    run computes what an uninterrupted one would, and history and checkpoint written after
+    every round. The exchange itself is Flower's: the strategy's ``configure_train`` and
+    ``aggregate_train`` and the grid's ``send_and_receive``, for CCAMerge, FedAvg and FedProx alike.
+
     Args:
         grid: Connection to the SuperNodes.
         run_config: The run config (keys as in ``[tool.flwr.app.config]``).
