@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedcca.devices import resolve_device
+from fedcca.selection import holdout_logits
+from fedcca.statistics import running_on
 
 TEACHERS: tuple[str, ...] = ("probabilities", "logits")
 AUGMENTATIONS: tuple[str, ...] = ("none", "shift")
@@ -179,15 +181,9 @@ class DistillResult:
 
 def client_logits(model: nn.Module, batches: Iterable[torch.Tensor], *,
                   device: torch.device | str | None = None) -> torch.Tensor:
-    """``model``'s ``[N, C]`` logits on the calibration batches (eval mode, no gradients, float64 on the CPU)."""
-    device = resolve_device(device)
-    was_training = model.training
-    model.to(device).eval()
-    try:
-        with torch.no_grad():
-            return torch.cat([model(batch.to(device)).double().cpu() for batch in batches])
-    finally:
-        model.train(was_training)
+    """``model``'s ``[N, C]`` logits on the calibration batches (float64 on the CPU; the model's
+    device and mode are restored): :func:`fedcca.selection.holdout_logits` over their concatenation."""
+    return holdout_logits(model, torch.cat(list(batches)), device=device)
 
 
 def distill(start: nn.Module, inputs: torch.Tensor, teacher: TeacherSum, holdout: tuple[torch.Tensor, torch.Tensor],
@@ -281,11 +277,9 @@ def _augment(batch: torch.Tensor, augmentation: str, generator: torch.Generator)
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 512) -> float:
-    was_training = model.training
-    model.to(device).eval()
+    """Hold-out accuracy; the model's device and mode are restored."""
     correct = 0
-    with torch.no_grad():
+    with running_on(model, device, training=False), torch.no_grad():
         for start in range(0, len(x), batch_size):
             correct += (model(x[start:start + batch_size]).argmax(1) == y[start:start + batch_size]).sum().item()
-    model.train(was_training)
     return correct / len(x)
