@@ -44,6 +44,7 @@ from simulations.harness import (
     base_run_config,
     markdown_table,
     parse_list,
+    parse_override,
     parse_strategies,
     project_client_app,
     read_json,
@@ -249,7 +250,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     apply_runtime(args)
     logger.setLevel(logging.INFO)
-    from simulations.harness import parse_override  # pylint: disable=import-outside-toplevel
     extra = {key.replace("-", "_"): value for key, value in (parse_override(item) for item in args.set)}
     if args.data_dir:
         extra["data_dir"] = args.data_dir
