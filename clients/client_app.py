@@ -16,9 +16,7 @@ import time
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedcca.data import DeviceLoader
-from fedcca.devices import resolve_device
-from fedcca.federation import (
+from fedcca.app.federation import (
     calibration_inputs,
     client_indices,
     derive_seed,
@@ -27,9 +25,11 @@ from fedcca.federation import (
     node_partition,
     seed_everything,
 )
-from fedcca.protocol import read_train_instruction, train_reply
+from fedcca.app.task import TaskConfig
+from fedcca.data import DeviceLoader
+from fedcca.devices import resolve_device
+from fedcca.flower.protocol import read_train_instruction, train_reply
 from fedcca.statistics import collect_statistics
-from fedcca.task import TaskConfig
 from fedcca.training import train as train_model
 
 app = ClientApp()
@@ -40,7 +40,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received model locally and reply weights, metrics and (if asked) statistics.
 
     Args:
-        msg: Train instruction (``fedcca.protocol.train_instruction``, or any FedAvg/FedProx message).
+        msg: Train instruction (``fedcca.flower.protocol.train_instruction``, or any FedAvg/FedProx message).
         context: Supplies the run config and the node's ``partition-id``/``num-partitions``.
     """
     task = TaskConfig.from_run_config(context.run_config)

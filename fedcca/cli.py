@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedcca.aligners import METHODS
-from fedcca.config import MergeConfig
-from fedcca.merging import merge
+from fedcca.merging.config import MergeConfig
+from fedcca.merging.merger import merge
+from fedcca.merging.repair import REPAIRS
+from fedcca.methods.cca import canonical_correlations, resolved_ridge
+from fedcca.methods.registry import ALIGNERS, parameters
 from fedcca.plotting import atomic_write
-from fedcca.repair import REPAIRS
 from fedcca.statistics import collect_statistics
-from fedcca.transforms import DEFAULT_RIDGE_MODE, DEFAULT_RIDGES, RIDGE_MODES, canonical_correlations
 
 _ARCH_FIELDS = ("model", "width", "num_classes", "in_channels")
 _DEFAULTS = {"model": "cnn", "width": 1, "num_classes": 10}
@@ -64,12 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("checkpoints", nargs="+", type=Path, metavar="CKPT", help="checkpoint files")
     sub.add_argument("--calibration", type=Path, required=True,
                      help=".pt tensor or .npy array of normalised inputs [N, C, H, W]")
-    sub.add_argument("--method", choices=METHODS, default="cca", help="alignment method (default cca)")
+    sub.add_argument("--method", choices=tuple(ALIGNERS), default="cca", help="alignment method (default cca)")
     sub.add_argument("--reference", type=int, default=0, help="index of the reference checkpoint")
-    sub.add_argument("--ridge", type=float, default=None,
-                     help=f"CCA ridge (default per mode: {DEFAULT_RIDGES})")
-    sub.add_argument("--ridge-mode", choices=RIDGE_MODES, default=DEFAULT_RIDGE_MODE,
-                     help=f"how the CCA ridge regularises (default {DEFAULT_RIDGE_MODE})")
+    for parameter in parameters().values():  # every method's own parameters, as their modules declare them
+        sub.add_argument(f"--{parameter.name.replace('_', '-')}", dest=parameter.name, type=parameter.kind,
+                         default=None, help=f"{parameter.help} (default {parameter.default})")
     sub.add_argument("--shrinkage", type=float, default=1.0,
                      help="apply I + a (T - I) instead of each transform T (1: as is, 0: plain average)")
     sub.add_argument("--repair", choices=REPAIRS, default="affine",
@@ -113,8 +112,12 @@ def _merge_command(args: argparse.Namespace) -> int:
         models.append(model)
     if len(models) < 2:
         raise CliError(f"merging needs at least 2 checkpoints, got {len(models)}")
-    config = MergeConfig(args.method, ridge=args.ridge, ridge_mode=args.ridge_mode, shrinkage=args.shrinkage,
-                         repair=args.repair, recompute_bn=args.recompute_bn)
+    given = {name: getattr(args, name) for name in parameters() if getattr(args, name) is not None}
+    try:
+        config = MergeConfig(args.method, shrinkage=args.shrinkage, repair=args.repair,
+                             recompute_bn=args.recompute_bn, **given)
+    except ValueError as err:
+        raise CliError(str(err)) from None
     statistics = None
     if config.needs_statistics:
         statistics = collect_statistics(models[args.reference], models, calibration,
@@ -135,7 +138,7 @@ def _build(arch: dict[str, Any]) -> torch.nn.Module:
     """A fresh model of the architecture: built-in by name, or the user's ``package.module:Class``."""
     # Deferred imports: argument errors need no model code.
     if _is_user_model(arch):
-        from fedcca.federation import build_user_model
+        from fedcca.app.federation import build_user_model
 
         return build_user_model(arch["model"], arch["num_classes"], arch["in_channels"],
                                 label=f"--model {arch['model']!r}")
@@ -151,13 +154,14 @@ def _print_summary(args: argparse.Namespace, config: MergeConfig, count: int, st
     if statistics is not None:
         points = list(statistics[0])
         print(f"points aligned: {len(points)} ({', '.join(points)})")
-        if args.method == "cca":
+        if config.method == "cca":
             others = [stats for k, stats in enumerate(statistics) if k != args.reference % count]
+            ridge, mode = resolved_ridge(config.method_options()), config.ridge_mode
             for point in points:
-                means = [canonical_correlations(stats[point], config.resolved_ridge, ridge_mode=config.ridge_mode,
-                                                point=point).mean().item() for stats in others]
-                print(f"  {point}: mean canonical correlation {np.mean(means) if means else 1.0:.4f}"
-                      f" (ridge {config.resolved_ridge:g})")
+                means = [canonical_correlations(stats[point], ridge, ridge_mode=mode, point=point).mean().item()
+                         for stats in others]
+                print(f"  {point}: mean regularised canonical correlation {np.mean(means) if means else 1.0:.4f}"
+                      f" (ridge {ridge:g}, {mode} mode)")
     print(f"wrote {args.out} in {seconds:.2f} s")
 
 

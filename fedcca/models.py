@@ -2,7 +2,7 @@
 
 ``build_model(name, num_classes, in_channels, width)`` builds one of :data:`MODEL_NAMES`.
 Every model has an ``alignment_spec()`` method returning an
-:class:`~fedcca.alignment.AlignmentSpec` written as data from the model's own layout. ReLUs
+:class:`~fedcca.spec.alignment.AlignmentSpec` written as data from the model's own layout. ReLUs
 are separate, named, non-inplace modules so that forward hooks can tap the features they
 output.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from fedcca.alignment import AlignmentPoint, AlignmentSpec, ParamAxis
+from fedcca.spec.alignment import AlignmentPoint, AlignmentSpec, ParamAxis
 
 MODEL_NAMES: tuple[str, ...] = ("cnn", "lenet", "vgg11", "vgg11_bn", "resnet20")
 

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedcca.alignment import AlignmentSpec, resolve_tap, spec_for
 from fedcca.devices import resolve_device
+from fedcca.spec.alignment import AlignmentSpec, resolve_tap
+from fedcca.spec.tracing import spec_for
 
 ROW_BLOCK = 32768  # rows per float32 product: bounds its rounding error; the blocks add in float64
 FLOAT64_BELOW = 4096  # a batch with fewer samples at a point is multiplied in float64: cheap at that size
@@ -344,7 +345,7 @@ def run_with_taps(model: nn.Module, batch: torch.Tensor, taps: Mapping[str, list
     """Forward ``batch`` with a hook on every tap calling ``on_output(tap, output)``.
 
     A ``"<module>+relu"`` tap hooks the module and passes ``relu(output)`` (see
-    :func:`fedcca.alignment.resolve_tap`).
+    :func:`fedcca.spec.alignment.resolve_tap`).
     """
     modules = dict(model.named_modules())
     resolved = {tap: resolve_tap(tap, modules) for tap in taps}

@@ -743,18 +743,16 @@ def run_local(app: Path, num_supernodes: int, workdir: Path, run_config: Mapping
 
 def _parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     """``key=value`` pairs (TOML values, e.g. ``strategy='cca' num-server-rounds=3``)."""
-    import tomllib  # pylint: disable=import-outside-toplevel
+    from fedcca.app.task import parse_override  # pylint: disable=import-outside-toplevel
 
     values: dict[str, Any] = {}
     for pair in pairs:
         for item in shlex.split(pair):
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise argparse.ArgumentTypeError(f"run config {item!r}: expected key=value")
             try:
-                values[key] = tomllib.loads(f"v = {value}")["v"]
-            except tomllib.TOMLDecodeError:
-                values[key] = value  # a bare word: take it as a string
+                key, value = parse_override(item)
+                values[key] = value
+            except ValueError as err:
+                raise argparse.ArgumentTypeError(f"run config: {err}") from None
     return values
 
 

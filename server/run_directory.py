@@ -1,4 +1,4 @@
-"""The files of one federated run: ``history.json``, per-round checkpoints and the accuracy plot."""
+"""The files of one federated run: ``history.json`` and per-round checkpoints (the plot: :mod:`fedcca.flower.recording`)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
-from fedcca.plotting import atomic_write, figure, save
+from fedcca.flower.recording import HISTORY_FILE
+from fedcca.plotting import atomic_write
 
-HISTORY_FILE = "history.json"
-PLOT_FILE = "accuracy.png"
 CHECKPOINT_DIR = "checkpoints"
 # Keys that may change between a run and its resumption without changing the results.
 RESUMABLE_KEYS = frozenset({"num-server-rounds", "resume", "round-timeout", "out-dir"})
@@ -145,16 +144,6 @@ class RunDirectory:
             if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
                 raise ValueError(f"{path}: '{key}' has non-finite values")
         return state
-
-    def plot(self, history: Mapping[str, Any], title: str) -> None:
-        """Write ``accuracy.png``: test accuracy of the global model per round (0 = initial)."""
-        rounds = [0] + [entry["round"] for entry in history["rounds"]]
-        accuracy = [history["initial"]["accuracy"]] + [entry["accuracy"] for entry in history["rounds"]]
-        fig, axes = figure(5, 3.5)
-        axes.plot(rounds, [100 * a for a in accuracy], marker="o")
-        axes.set(xlabel="round", ylabel="test accuracy (%)", title=title)
-        axes.grid(alpha=0.3)
-        save(fig, self.path / PLOT_FILE, dpi=120)
 
 
 def _check_same_config(recorded: Mapping[str, Any], current: Mapping[str, Any], where: Path) -> None:

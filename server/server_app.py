@@ -3,7 +3,7 @@
 Each round the strategy (``strategy`` in the run config: cca | permute | weight-matching | feddf ->
 ``CCAMerge``, fedavg / fedprox -> Flower's own) trains on the clients and merges their models;
 the global model is then evaluated on the test split. Under ``out-dir`` the app keeps
-``history.json`` (one :class:`~fedcca.rounds.RoundRecord` per round), ``checkpoints/round-NNN.pt``
+``history.json`` (one :class:`~fedcca.flower.records.RoundRecord` per round), ``checkpoints/round-NNN.pt``
 and ``accuracy.png`` (:mod:`server.run_directory`); with ``resume = true`` it continues from
 the last round recorded there. Every round's randomness is seeded from ``(seed, round)``, so
 a resumed run computes what an uninterrupted one would.
@@ -18,15 +18,13 @@ from logging import INFO
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx
 from torch import nn
 
-from fedcca.data import DeviceLoader
-from fedcca.devices import resolve_device
-from fedcca.federation import (
+from fedcca.app.federation import (
     calibration_inputs,
     derive_seed,
     evaluation_loader,
@@ -35,16 +33,13 @@ from fedcca.federation import (
     make_model,
     seed_everything,
 )
-from fedcca.protocol import record_bytes
-from fedcca.rounds import RoundRecord
-from fedcca.strategy import CCAMerge
-from fedcca.task import TaskConfig
+from fedcca.app.task import TaskConfig
+from fedcca.data import DeviceLoader
+from fedcca.devices import resolve_device
+from fedcca.flower.recording import PLOT_FILE, RecordRounds, plot_rounds
+from fedcca.flower.strategy import CCAMerge
 from fedcca.training import evaluate
 from server.run_directory import RunDirectory
-
-# Client metric -> history key (weighted means over the round's merged replies).
-CLIENT_METRICS = {"train-loss": "train_loss", "train-seconds": "client_train_seconds",
-                  "stats-seconds": "client_stats_seconds"}
 
 app = ServerApp()
 
@@ -95,17 +90,15 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         arrays, history = resumed
         log(INFO, "[fedcca] resuming after round %d from %s", len(history["rounds"]), outputs.path)
 
-    strategy = build_strategy(task, model_fn, device)
+    title = f"{task.strategy}: {task.model} on {task.dataset} ({task.partitioning})"
+    strategy = RecordRounds(build_strategy(task, model_fn, device), title=title, num_rounds=task.num_server_rounds)
     strategy.summary()
-    first = len(history["rounds"]) + 1
-    started = time.perf_counter()
-    for server_round in range(first, task.num_server_rounds + 1):
-        arrays, record = run_round(strategy, grid, server_round, arrays, task)
-        record.metrics.update(evaluator(arrays))
+    for server_round in range(len(history["rounds"]) + 1, task.num_server_rounds + 1):
+        arrays = run_round(strategy, grid, server_round, arrays, task)
+        record = strategy.finish_round(server_round, evaluator(arrays))
         history["rounds"].append(record.to_json())
         outputs.save(server_round, arrays, history)
-        _log_progress(record, task.num_server_rounds, server_round - first + 1, time.perf_counter() - started)
-    outputs.plot(history, task.strategy)
+        plot_rounds(history["initial"], history["rounds"], outputs.path / PLOT_FILE, title)
     log(INFO, "[fedcca] results in %s", outputs.path)
     return history
 
@@ -130,63 +123,26 @@ def build_strategy(task: TaskConfig, model_fn: Callable[[], nn.Module], device: 
                     distill=task.distill_config(), **common)
 
 
-def run_round(
-    strategy: FedAvg, grid: Grid, server_round: int, arrays: ArrayRecord, task: TaskConfig
-) -> tuple[ArrayRecord, RoundRecord]:
-    """One round of federated training; returns the new global model and the round's record.
+def run_round(strategy: RecordRounds, grid: Grid, server_round: int, arrays: ArrayRecord,
+              task: TaskConfig) -> ArrayRecord:
+    """One round of federated training through ``strategy``; returns the new global model.
 
-    Replies are aggregated in node-id order, so the result does not depend on arrival order.
-    When the strategy produces no model (too few valid replies) the old one is kept.
+    The exchange is Flower's (``configure_train``, the grid's ``send_and_receive``,
+    ``aggregate_train``); the wrapper records it. When the strategy produces no model (too few
+    valid replies) the old one is kept.
 
     Args:
-        strategy: FedAvg, FedProx or CCAMerge.
+        strategy: FedAvg, FedProx or CCAMerge, wrapped in :class:`RecordRounds`.
         grid: Connection to the SuperNodes.
         server_round: The round number (1-based).
         arrays: The current global model.
         task: The run config (seed, timeout).
     """
     seed_everything(derive_seed(task.seed, server_round))  # node sampling and server-side draws
-    started = time.perf_counter()
-    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-    replies = sorted(grid.send_and_receive(messages, timeout=task.round_timeout),
-                     key=lambda reply: reply.metadata.src_node_id)
-    aggregate_started = time.perf_counter()
-    new_arrays, metrics = strategy.aggregate_train(server_round, replies)
-    if isinstance(strategy, CCAMerge):
-        record = strategy.rounds[-1]  # its aggregation details: drops, statistics, the merge chosen
-    else:
-        record = RoundRecord(server_round, num_replies=len(replies),
-                             num_valid=sum(not reply.has_error() for reply in replies),
-                             skipped=new_arrays is None, merge_seconds=time.perf_counter() - aggregate_started,
-                             bytes_received={reply.metadata.src_node_id: record_bytes(reply) for reply in replies})
-        record.aggregate_seconds = record.merge_seconds
-    record.num_sent = len(messages)
-    record.bytes_sent = sum(record_bytes(message) for message in messages)
-    record.train_seconds_wall = aggregate_started - started
-    record.metrics.update(_client_metrics(metrics))
-    return (arrays if new_arrays is None else new_arrays), record
-
-
-def _client_metrics(metrics: MetricRecord | None) -> dict[str, float]:
-    if metrics is None:
-        return {}
-    return {name: float(metrics[key]) for key, name in CLIENT_METRICS.items()  # type: ignore[arg-type]
-            if key in metrics}
-
-
-def _log_progress(record: RoundRecord, total: int, done: int, elapsed: float) -> None:
-    """One INFO line per round: round i/N, accuracy, loss, merge choice, elapsed and ETA."""
-    remaining = total - record.round
-    eta = elapsed / done * remaining
-    choice = "skipped: global model kept" if record.skipped else (record.merge_choice or "average")
-    log(INFO, "[fedcca] round %d/%d: accuracy %.4f, loss %.4f, merge %s (%.1fs), %d/%d replies | elapsed %s, ETA %s",
-        record.round, total, record.metrics["accuracy"], record.metrics["loss"], choice, record.merge_seconds,
-        record.num_valid, record.num_sent, _clock(elapsed), _clock(eta))
-
-
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes}:{secs:02d}"
+    messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+    replies = grid.send_and_receive(messages, timeout=task.round_timeout)
+    new_arrays, _ = strategy.aggregate_train(server_round, replies)
+    return arrays if new_arrays is None else new_arrays
 
 
 class _Evaluator:

@@ -5,7 +5,7 @@ Example::
     python -m simulations.ablation --num-models 2,8 --seeds 0,1,2 --epochs 2 --train-subset 6000 \\
         --out results/ablation/ablation.json
 
-Part 1 (table): every variant of ``--variants`` (names of :data:`fedcca.selection.VARIANTS`)
+Part 1 (table): every variant of ``--variants`` (names of :data:`fedcca.merging.selection.VARIANTS`)
 merged at each K, test accuracy mean +- std over seeds, plus ensemble and base-average.
 Hyper-parameters are chosen on the held-out calibration half only.
 Part 2 (diagnostics, model 1 against reference model 0 of each seed, calibration data only):
@@ -36,15 +36,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedcca.alignment import Transform, apply_transforms, spec_for
-from fedcca.config import MergeConfig, MergeSearch
-from fedcca.merging import merge_with_result
-from fedcca.repair import preactivation_spec, preactivation_statistics
-from fedcca.selection import VARIANTS, get_variant, score
-from fedcca.transforms import canonical_correlations, cca_transform, permute_transform
+from fedcca.merging.config import MergeConfig, MergeSearch
+from fedcca.merging.merger import merge_with_result
+from fedcca.merging.repair import preactivation_spec, preactivation_statistics
+from fedcca.merging.selection import VARIANTS, get_variant, score
+from fedcca.methods.cca import canonical_correlations, cca_transform
+from fedcca.methods.permute import permute_transform
+from fedcca.spec.alignment import Transform, apply_transforms
+from fedcca.spec.tracing import spec_for
 from simulations.harness import parse_list, write_json
-from simulations.oneshot import Group, add_common_arguments, group_statistics, load_group, \
-    markdown_table, parse_common, plot, prepare, run_grid, summarise, zoo_spec
+from simulations.oneshot import (
+    Group,
+    add_common_arguments,
+    group_statistics,
+    load_group,
+    markdown_table,
+    parse_common,
+    plot,
+    prepare,
+    run_grid,
+    summarise,
+    zoo_spec,
+)
 
 logger = logging.getLogger(__name__)
 

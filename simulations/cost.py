@@ -47,12 +47,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
+from fedcca.app.federation import calibration_inputs
+from fedcca.app.task import TaskConfig
 from fedcca.data import Dataset, DeviceLoader, load_dataset
 from fedcca.devices import resolve_device
-from fedcca.federation import calibration_inputs
-from fedcca.local_grid import InProcessGrid
-from fedcca.models import build_model
-from fedcca.protocol import (
+from fedcca.flower.local_grid import InProcessGrid
+from fedcca.flower.protocol import (
     COMPUTE_STATS_FLAG,
     CONFIG_KEY,
     METRICS_KEY,
@@ -62,8 +62,8 @@ from fedcca.protocol import (
     train_instruction,
     train_reply,
 )
+from fedcca.models import build_model
 from fedcca.statistics import as_batches, collect_statistics
-from fedcca.task import TaskConfig
 from fedcca.training import TrainingConfig, train
 from server.server_app import build_strategy
 from simulations.harness import (
@@ -295,9 +295,9 @@ class _patched_batchnorm:  # pylint: disable=invalid-name
     """Wrap the merge's BatchNorm re-estimates (``recompute_batchnorm``, ``refit_batchnorm``) in ``timer``."""
 
     def __init__(self, timer: _BatchNormTimer) -> None:
-        import fedcca.merging  # pylint: disable=import-outside-toplevel
+        import fedcca.merging.merger  # pylint: disable=import-outside-toplevel
 
-        self.targets = [(fedcca.merging, name) for name in ("recompute_batchnorm", "refit_batchnorm")]
+        self.targets = [(fedcca.merging.merger, name) for name in ("recompute_batchnorm", "refit_batchnorm")]
         self.saved = [getattr(module, name) for module, name in self.targets]
         self.timer = timer
 

@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from fedcca.app.task import parse_override
 from fedcca.devices import resolve_device
-from fedcca.local_grid import InProcessGrid
+from fedcca.flower.local_grid import InProcessGrid
 from server.server_app import run_federation
 from simulations.harness import (
     BASELINE,
@@ -47,12 +48,11 @@ from simulations.harness import (
     add_runtime_arguments,
     apply_runtime,
     base_run_config,
-    project_client_app,
     line_plot,
     markdown_table,
     parse_list,
-    parse_override,
     parse_strategies,
+    project_client_app,
     read_json,
     write_json,
 )

@@ -1,7 +1,7 @@
 """What every benchmark shares: command-line options, run configs, JSON, markdown tables and plots.
 
 Federated runs go through the product itself: ``server.server_app.run_federation`` (the
-ServerApp's round loop) over a :class:`fedcca.local_grid.InProcessGrid` whose nodes call the
+ServerApp's round loop) over a :class:`fedcca.flower.local_grid.InProcessGrid` whose nodes call the
 real ClientApp, exactly as under ``flwr run`` but without a SuperLink or Ray, whose start-up
 dominates short runs on 2 cores.
 """
@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedcca.aligners import METHODS
+from fedcca.app.task import FLOWER_STRATEGIES, parse_override
+from fedcca.flower.aggregation import REFERENCES, STATISTICS_SOURCES
+from fedcca.flower.records import jsonable
+from fedcca.methods.registry import ALIGNERS
 from fedcca.plotting import atomic_write, figure, save
-from fedcca.rounds import jsonable
-from fedcca.aggregation import REFERENCES, STATISTICS_SOURCES
-from fedcca.task import FLOWER_STRATEGIES
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "fedavg"
@@ -60,22 +60,6 @@ def base_run_config(**overrides: Any) -> dict[str, Any]:
             raise KeyError(f"run config has no key {name!r} (see [tool.flwr.app.config])")
         config[name] = value
     return config
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with VALUE read as TOML (``false``, ``0.5``, ``"affine"``; bare words are strings).
-
-    Raises:
-        ValueError: ``item`` is not ``KEY=VALUE``.
-    """
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise ValueError(f"override {item!r} is not KEY=VALUE")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key, value
 
 
 @dataclass(frozen=True)
@@ -117,7 +101,7 @@ class StrategySpec:
         if len(parts) > 3:
             raise ValueError(f"strategy {text!r}: expected METHOD[:REFERENCE[:STATS]]")
         method, reference, stats = (parts + ["auto", "client"][len(parts) - 1:])[:3]
-        for what, value, choices in (("method", method, METHODS), ("reference", reference, REFERENCES),
+        for what, value, choices in (("method", method, tuple(ALIGNERS)), ("reference", reference, REFERENCES),
                                      ("stats", stats, STATISTICS_SOURCES)):
             if value not in choices:
                 raise ValueError(f"strategy {text!r}: {what} must be one of {choices}, got {value!r}")

@@ -10,7 +10,7 @@ Models come from :mod:`simulations.zoo` (trained once, cached under ``outputs/zo
 calibration set (held out of the training split) is cut in two class-mixed halves: the
 *fit* half feeds statistics, repair and BatchNorm; the labelled *held-out* half only chooses
 hyper-parameters (e.g. the CCA ridge). The test split is used for the reported accuracies
-only. Methods are names of :data:`fedcca.selection.VARIANTS`; the references ``ensemble``
+only. Methods are names of :data:`fedcca.merging.selection.VARIANTS`; the references ``ensemble``
 (mean of the K models' logits) and ``base-average`` (mean accuracy of the K models) are
 always reported. Writes ``{"rows": [...], "config": {...}}`` and a PNG beside the JSON.
 """
@@ -30,15 +30,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedcca.alignment import spec_for
 from fedcca.data import Dataset, DeviceLoader, load_dataset, normalize
-from fedcca.merging import merge_with_result
-from fedcca.rounds import jsonable
-from fedcca.selection import VARIANTS, get_variant
+from fedcca.flower.records import jsonable
+from fedcca.merging.merger import merge_with_result
+from fedcca.merging.selection import VARIANTS, get_variant
+from fedcca.methods.cca import DEFAULT_RIDGES
+from fedcca.spec.tracing import spec_for
 from fedcca.statistics import PairStatistics, collect_statistics
-from fedcca.transforms import DEFAULT_RIDGES
-from simulations.harness import Series, add_runtime_arguments, apply_runtime, line_plot, mean_std, parse_list, \
-    write_json
+from simulations.harness import (
+    Series,
+    add_runtime_arguments,
+    apply_runtime,
+    line_plot,
+    mean_std,
+    parse_list,
+    write_json,
+)
 from simulations.harness import markdown_table as table
 from simulations.zoo import ZOO_DIR, ZooSpec, load_or_train, zoo_data
 

@@ -30,11 +30,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from scipy import stats
 
+from fedcca.app.federation import derive_seed, evaluation_loader, load_data, make_model, seed_everything
+from fedcca.app.task import TaskConfig, parse_override
 from fedcca.devices import resolve_device
-from fedcca.federation import derive_seed, evaluation_loader, load_data, make_model, seed_everything
-from fedcca.local_grid import InProcessGrid
-from fedcca.protocol import METRICS_KEY, NUM_EXAMPLES_KEY, WEIGHTS_KEY
-from fedcca.task import TaskConfig
+from fedcca.flower.local_grid import InProcessGrid
+from fedcca.flower.protocol import METRICS_KEY, NUM_EXAMPLES_KEY, WEIGHTS_KEY
 from fedcca.training import evaluate
 from server.server_app import build_strategy
 from simulations.harness import (
@@ -44,7 +44,6 @@ from simulations.harness import (
     base_run_config,
     markdown_table,
     parse_list,
-    parse_override,
     parse_strategies,
     project_client_app,
     read_json,

@@ -12,13 +12,13 @@ import torch
 from flwr.app import ArrayRecord, Message, MessageType
 
 from clients.client_app import app as client_app
-from fedcca.alignment import spec_for
+from fedcca.app.federation import calibration_inputs, client_indices, holdout_set, load_data, make_model, node_partition
+from fedcca.app.task import RunConfigError, TaskConfig
 from fedcca.data import federated_split, normalize
-from fedcca.federation import calibration_inputs, client_indices, holdout_set, load_data, make_model, node_partition
-from fedcca.local_grid import node_context, set_task_identity
-from fedcca.protocol import STATISTICS_KEY, train_instruction, validate_reply
+from fedcca.flower.local_grid import node_context, set_task_identity
+from fedcca.flower.protocol import STATISTICS_KEY, train_instruction, validate_reply
+from fedcca.spec.tracing import spec_for
 from fedcca.statistics import collect_statistics
-from fedcca.task import RunConfigError, TaskConfig
 from tests.tiny_dataset import tiny_run_config
 
 

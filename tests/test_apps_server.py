@@ -11,14 +11,12 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedProx
 
-from flwr.serverapp.strategy import FedProx
-
-from fedcca.federation import evaluation_loader, load_data, make_model
-from fedcca.local_grid import InProcessGrid
-from fedcca.strategy import CCAMerge
-from fedcca.task import TaskConfig
+from fedcca.app.federation import evaluation_loader, load_data, make_model
+from fedcca.app.task import TaskConfig
+from fedcca.flower.local_grid import InProcessGrid
+from fedcca.flower.strategy import CCAMerge
 from fedcca.training import evaluate
 from server.server_app import app as server_app
 from server.server_app import build_strategy, run_federation

@@ -28,7 +28,8 @@ def test_aggregation_rows(result: tuple[dict, Path]) -> None:
         assert list(row["strategies"]) == STRATEGIES
         for entry in row["strategies"].values():
             assert len(entry["seconds"]) == 1 and entry["min_seconds"] == entry["seconds"][0] > 0
-            assert entry["rss_peak_growth_mib"] >= 0 and entry["bn_seconds"] < 0.01  # the cnn has no BatchNorm
+            # memory in MiB (a unit slip to KiB or bytes would exceed this for any model), BatchNorm time timed apart
+            assert 0 <= entry["rss_peak_growth_mib"] < 1024 and 0 <= entry["bn_seconds"] <= 60
         base = row["strategies"]["fedavg"]["min_seconds"]
         for label, ratio in row["ratio_to_fedavg"].items():
             assert ratio == pytest.approx(row["strategies"][label]["min_seconds"] / base)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from fedcca.alignment import (
+from fedcca.models import build_model
+from fedcca.spec.alignment import (
     AlignmentPoint,
     AlignmentSpec,
     ParamAxis,
@@ -17,9 +18,8 @@ from fedcca.alignment import (
     UnsupportedModelError,
     apply_transforms,
     random_symmetry,
-    spec_for,
 )
-from fedcca.models import build_model
+from fedcca.spec.tracing import spec_for
 
 
 class LinearThenBN(nn.Module):
@@ -289,8 +289,8 @@ def test_validate_names_point_and_key(changes: dict, fixed: tuple | None, messag
 
 @pytest.mark.parametrize("name", ["cnn", "vgg11_bn", "resnet20"])
 def test_balance_norms_keeps_the_function_and_balances(name: str) -> None:
-    from fedcca.alignment import _axis_norms, balance_norms
     from fedcca.models import build_model
+    from fedcca.spec.alignment import _axis_norms, balance_norms
 
     model = build_model(name, num_classes=3, in_channels=1, width=0.25).eval()
     for module in model.modules():  # exact scaling symmetry needs a negligible BatchNorm eps

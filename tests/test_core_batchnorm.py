@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from fedcca.alignment import Transform, apply_transforms, spec_for
-from fedcca.batchnorm import fold_batchnorm, folded_spec, refit_batchnorm
-from fedcca.config import MergeConfig
-from fedcca.merging import Merger
+from fedcca.merging.batchnorm import fold_batchnorm, folded_spec, refit_batchnorm
+from fedcca.merging.config import MergeConfig
+from fedcca.merging.merger import Merger
+from fedcca.merging.repair import norm_output_spec, norm_output_statistics, restore_norms
 from fedcca.models import build_model
-from fedcca.repair import norm_output_spec, norm_output_statistics, restore_norms
+from fedcca.spec.alignment import Transform, apply_transforms
+from fedcca.spec.tracing import spec_for
 
 SIDE = 16
 

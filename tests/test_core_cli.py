@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.tiny_models import outputs, symmetric_copy
 
 from fedcca.cli import main
-from fedcca.merging import recompute_batchnorm
+from fedcca.merging.merger import recompute_batchnorm
+from tests.tiny_models import outputs, symmetric_copy
 
 build_model = pytest.importorskip("fedcca.models").build_model
 ARCH = {"model": "cnn", "width": 1, "num_classes": 10, "in_channels": 1}
@@ -44,7 +44,7 @@ def test_merge_command_recovers_a_symmetric_copy(files: dict[str, Path], tmp_pat
                  "--method", "cca", "--ridge", "0", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "method: cca  models: 2" in printed and "mean canonical correlation 1.0000 (ridge 0)" in printed
+    assert "method: cca  models: 2" in printed and "mean regularised canonical correlation 1.0000 (ridge 0, trace mode)" in printed
     saved = torch.load(out, weights_only=True)
     assert {k: saved[k] for k in ARCH} == ARCH and saved["method"] == "cca"
     merged = _cnn(5)

@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from fedcca.alignment import AlignmentSpec, Transform, apply_transforms, random_symmetry, spec_for
 from fedcca.models import MODEL_NAMES, BasicBlock, build_model
+from fedcca.spec.alignment import AlignmentSpec, Transform, apply_transforms, random_symmetry
+from fedcca.spec.tracing import spec_for
 
 CASES = [(name, channels) for name in MODEL_NAMES for channels in (1, 3)]
 SIDE = 16  # input side: small enough to be fast, large enough for VGG's five pools

@@ -7,9 +7,8 @@ import copy
 import numpy as np
 import pytest
 import torch
-from tests.tiny_models import C1, TinyNet, calibration, make_tiny
 
-from fedcca.alignment import AlignmentPoint, AlignmentSpec
+from fedcca.spec.alignment import AlignmentPoint, AlignmentSpec
 from fedcca.statistics import (
     ROW_BLOCK,
     Moments,
@@ -21,6 +20,7 @@ from fedcca.statistics import (
     collect_moments,
     collect_statistics,
 )
+from tests.tiny_models import C1, TinyNet, calibration, make_tiny
 
 
 def _fields(stats: PairStatistics) -> list[torch.Tensor]:

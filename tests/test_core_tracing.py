@@ -1,4 +1,4 @@
-"""fedcca.tracing: alignment specs derived from torch.fx graphs.
+"""fedcca.spec.tracing: alignment specs derived from torch.fx graphs.
 
 A derived spec is right when it equals the hand-written one of every built-in model, when a
 random symmetry drawn from it (permutation times positive scaling at every point) keeps a
@@ -22,23 +22,22 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from fedcca.alignment import (
+from fedcca.flower.local_grid import InProcessGrid
+from fedcca.flower.protocol import STATISTICS_KEY, read_train_instruction, train_reply
+from fedcca.flower.strategy import CCAMerge
+from fedcca.merging.batchnorm import recompute_batchnorm
+from fedcca.merging.merger import merge
+from fedcca.models import build_model
+from fedcca.spec.alignment import (
     AlignmentSpec,
     ParamAxis,
     Transform,
     UnsupportedModelError,
     apply_transforms,
     random_symmetry,
-    spec_for,
 )
-from fedcca.batchnorm import recompute_batchnorm
-from fedcca.local_grid import InProcessGrid
-from fedcca.merging import merge
-from fedcca.models import build_model
-from fedcca.protocol import STATISTICS_KEY, read_train_instruction, train_reply
+from fedcca.spec.tracing import derive_spec, spec_for
 from fedcca.statistics import collect_statistics, run_with_taps
-from fedcca.strategy import CCAMerge
-from fedcca.tracing import derive_spec, recorded_input_shape
 from tests.tiny_clients import CALIBRATION, shard
 
 # ----------------------------------------------------------------------------- user models
@@ -483,15 +482,14 @@ def test_unsupported_operations_are_refused_naming_the_node(factory: Callable[[]
     assert "alignment_spec() method" in str(caught.value) and "method='direct'" in str(caught.value)
 
 
-def test_without_an_example_input_the_recorded_shape_is_used() -> None:
-    class Fresh(UserNet):
-        """A type no other test derived a spec for."""
-
+def test_without_an_example_input_a_derivation_is_refused_whatever_was_derived_before() -> None:
+    """No process-global state: an earlier derivation for an identical model does not stand in for the example."""
     with pytest.raises(UnsupportedModelError, match="Pass example_input="):
-        spec_for(Fresh())
-    derived = spec_for(Fresh(), CALIBRATION)
-    assert recorded_input_shape(Fresh()) == (2, 6, 6)
-    assert spec_for(Fresh()) == derived  # a new instance, no example: the recorded shape
+        spec_for(UserNet())
+    derived = spec_for(UserNet(), CALIBRATION)
+    assert derived.names()
+    with pytest.raises(UnsupportedModelError, match="Pass example_input="):
+        spec_for(UserNet())
 
 
 # ----------------------------------------------------------------------------- Flower and the CLI
@@ -610,7 +608,7 @@ class Conv1dReluModules(nn.Module):
 
 def test_repair_corrects_conv1d_producers_behind_relu_modules() -> None:
     """Every point of a Conv1d net with ReLU modules has a pre-activation REPAIR can correct."""
-    from fedcca.repair import preactivation_spec  # pylint: disable=import-outside-toplevel
+    from fedcca.merging.repair import preactivation_spec  # pylint: disable=import-outside-toplevel
 
     model = Conv1dReluModules()
     spec = derive_spec(model, _images(8, 2, 16)[:, :, 0])

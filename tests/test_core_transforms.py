@@ -1,4 +1,4 @@
-"""fedcca.transforms: CCA against an independent numpy/scipy reference, Permute, weight matching."""
+"""fedcca.methods (cca, permute, weight_matching, common): CCA against an independent numpy/scipy reference, Permute, weight matching."""
 
 from __future__ import annotations
 
@@ -9,17 +9,13 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from tests.tiny_models import make_tiny, symmetric_copy
 
+from fedcca.methods.cca import DEFAULT_RIDGES, WhiteningCache, canonical_correlations, cca_transform
+from fedcca.methods.common import identity_transform
+from fedcca.methods.permute import permute_transform
+from fedcca.methods.weight_matching import weight_matching
 from fedcca.statistics import PairStatistics
-from fedcca.transforms import (
-    DEFAULT_RIDGES,
-    canonical_correlations,
-    cca_transform,
-    identity_transform,
-    permute_transform,
-    weight_matching,
-)
+from tests.tiny_models import make_tiny, symmetric_copy
 
 
 def _stats(a: np.ndarray, b: np.ndarray) -> PairStatistics:
@@ -145,7 +141,7 @@ def test_dead_features_are_logged_and_paired(mode: str, caplog: pytest.LogCaptur
     a, _ = _synthetic(seed=4)
     a[:, 1] = 0.0                                   # a dead unit (ReLU never active)
     q = _scaled_permutation(5, seed=5)
-    with caplog.at_level(logging.DEBUG, logger="fedcca.transforms"):
+    with caplog.at_level(logging.DEBUG, logger="fedcca.methods"):
         transform = cca_transform(_stats(a, a @ q.T), ridge_mode=mode, point="layer3")
     assert "point 'layer3': 1 dead feature(s) in the reference and 1 in the model" in caplog.text
     matrix = transform.matrix.numpy()
@@ -162,7 +158,7 @@ def test_dead_features_are_logged_and_paired(mode: str, caplog: pytest.LogCaptur
 def test_fewer_samples_than_features(caplog: pytest.LogCaptureFixture) -> None:
     rng = np.random.default_rng(6)
     a, b = rng.normal(size=(4, 8)), rng.normal(size=(4, 8))
-    with caplog.at_level(logging.WARNING, logger="fedcca.transforms"):
+    with caplog.at_level(logging.WARNING, logger="fedcca.methods"):
         transform = cca_transform(_stats(a, b), ridge=0.1, point="fc")
     assert "point 'fc': 4 samples for 8 features" in caplog.text
     assert torch.isfinite(transform.matrix).all() and torch.isfinite(transform.inverse).all()
@@ -176,7 +172,7 @@ def test_weight_matching_recovers_a_pure_permutation() -> None:
     other = symmetric_copy(model, seed=11, scale_range=(1.0, 1.0))
     spec = model.alignment_spec()
     found = weight_matching(model.state_dict(), other.state_dict(), spec)
-    from fedcca.alignment import apply_transforms
+    from fedcca.spec.alignment import apply_transforms
     aligned = apply_transforms(other.state_dict(), spec, found)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(aligned[key], value, rtol=0, atol=0)
@@ -192,7 +188,7 @@ def test_identity_transform() -> None:
 
 def test_svd_falls_back_to_the_robust_driver(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """gesdd does not converge on rare degenerate matrices: the QR driver takes over, logged at DEBUG."""
-    import fedcca.transforms as transforms
+    import fedcca.methods.cca as cca_module
 
     original = scipy.linalg.svd
 
@@ -204,8 +200,8 @@ def test_svd_falls_back_to_the_robust_driver(monkeypatch: pytest.MonkeyPatch, ca
     a, _ = _synthetic(seed=9)
     q = _scaled_permutation(5, seed=9)
     expected = cca_transform(_stats(a, a @ q.T), ridge_mode="relative")
-    monkeypatch.setattr(transforms.scipy.linalg, "svd", flaky)
-    with caplog.at_level(logging.DEBUG, logger="fedcca.transforms"):
+    monkeypatch.setattr(cca_module.scipy.linalg, "svd", flaky)
+    with caplog.at_level(logging.DEBUG, logger="fedcca.methods"):
         got = cca_transform(_stats(a, a @ q.T), ridge_mode="relative", point="deep")
     assert "point 'deep': gesdd SVD did not converge, using gesvd" in caplog.text
     torch.testing.assert_close(got.matrix, expected.matrix, rtol=1e-9, atol=1e-9)
@@ -214,8 +210,6 @@ def test_svd_falls_back_to_the_robust_driver(monkeypatch: pytest.MonkeyPatch, ca
 def test_whitening_cache_reuses_only_an_identical_reference() -> None:
     """One reference, several models: the cached reference whitening gives the uncached transforms;
     a different reference covariance under the same key is recomputed, not reused."""
-    from fedcca.transforms import WhiteningCache
-
     a, _ = _synthetic(seed=11)
     cache = WhiteningCache()
     for seed in (12, 13):

@@ -10,10 +10,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from fedcca.aligners import ALIGNERS, METHODS
-from fedcca.protocol import COMPUTE_STATS_FLAG, STATISTICS_KEY
-from fedcca.local_grid import InProcessGrid
-from fedcca.strategy import CCAMerge
+from fedcca.flower.local_grid import InProcessGrid
+from fedcca.flower.protocol import COMPUTE_STATS_FLAG, STATISTICS_KEY
+from fedcca.flower.strategy import CCAMerge
+from fedcca.methods.registry import ALIGNERS
 from tests.tiny_clients import CALIBRATION, fedavg_app, make_model, stats_app
 
 NODES = (1, 2, 3)
@@ -60,7 +60,7 @@ GLOBAL = ArrayRecord(make_model(seed=1).state_dict())
 BN_BUFFERS = ("bn2.running_mean", "bn2.running_var", "bn2.num_batches_tracked")
 
 
-ROUND_METHODS = [method for method in METHODS if not ALIGNERS[method].joint]  # ZipIt! is offline only
+ROUND_METHODS = [method for method in ALIGNERS if not ALIGNERS[method].joint]  # ZipIt! is offline only
 
 
 def _outputs(state: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -220,7 +220,7 @@ def test_start_returns_the_initial_model_when_every_round_is_skipped() -> None:
 
 
 def test_average_of_list_metrics_and_mismatched_lists() -> None:
-    from fedcca.metrics import average_metrics
+    from fedcca.flower.metrics import average_metrics
 
     records = [RecordDict({"m": MetricRecord({"num-examples": n, "acc": acc})})
                for n, acc in ((1, [1.0, 0.0]), (3, [0.0, 1.0]), (4, [1.0]))]

@@ -10,14 +10,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from torch import nn
 
-import fedcca.distillation
-from fedcca.config import MergeConfig, MergeSearch, resolve_search
-from fedcca.distillation import TEACHERS, DistillConfig, TeacherSum, client_logits, distill
-from fedcca.local_grid import InProcessGrid
-from fedcca.merging import merge_with_result
-from fedcca.protocol import COMPUTE_STATS_FLAG
-from fedcca.selection import calibrated_losses, choose, fit_temperature
-from fedcca.strategy import FEDERATED_SEARCH, CCAMerge
+import fedcca.merging.distillation
+from fedcca.flower.local_grid import InProcessGrid
+from fedcca.flower.protocol import COMPUTE_STATS_FLAG
+from fedcca.flower.strategy import FEDERATED_SEARCH, CCAMerge
+from fedcca.merging.config import MergeConfig, MergeSearch, resolve_search
+from fedcca.merging.distillation import TEACHERS, DistillConfig, TeacherSum, client_logits, distill
+from fedcca.merging.merger import merge_with_result
+from fedcca.merging.selection import calibrated_losses, choose, fit_temperature
 from tests.tiny_clients import CALIBRATION, HELD_OUT, make_model, stats_app, teacher_labels, train_messages
 from tests.tiny_models import CLASSES, calibration
 
@@ -151,13 +151,13 @@ def test_distillation_reads_only_calibration_and_holdout_and_never_gets_worse_on
     teacher = TeacherSum(("probabilities",), (1.0,))
     teacher.add(client_logits(teacher_model, [x], device="cpu"), 1.0)
     seen: list[torch.Tensor] = []
-    accuracy = fedcca.distillation._accuracy
+    accuracy = fedcca.merging.distillation._accuracy
 
     def spy(model, inputs, labels, device, batch_size=512):  # noqa: ANN001, ANN202
         seen.append(inputs)
         return accuracy(model, inputs, labels, device, batch_size)
 
-    monkeypatch.setattr(fedcca.distillation, "_accuracy", spy)
+    monkeypatch.setattr(fedcca.merging.distillation, "_accuracy", spy)
     labels = teacher_labels(HELD_OUT)
     result = distill(student, x, teacher, (HELD_OUT, labels),
                      DistillConfig(teachers=("probabilities",), steps=60, eval_every=20, batch_size=16), device="cpu")
@@ -177,13 +177,13 @@ def test_feddf_matches_its_definition(monkeypatch: pytest.MonkeyPatch, teacher: 
     """FedDF = FedAvg's average as the student, the clients' weighted (logit or probability) average as the teacher."""
     replies = _trained_replies(compute_stats=False)
     captured: dict = {}
-    real = fedcca.strategy.distill
+    real = fedcca.flower.strategy.distill
 
     def spy(start, inputs, teacher_sum, holdout, config, device=None):  # noqa: ANN001, ANN202
         captured.update(start=start, inputs=inputs, teacher=teacher_sum, holdout=holdout)
         return real(start, inputs, teacher_sum, holdout, config, device=device)
 
-    monkeypatch.setattr(fedcca.strategy, "distill", spy)
+    monkeypatch.setattr(fedcca.flower.strategy, "distill", spy)
     strategy = _feddf_strategy(teacher)
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None and strategy.rounds[-1].distillation is not None

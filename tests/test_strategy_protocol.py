@@ -1,4 +1,4 @@
-"""fedcca.protocol: statistics records and reply validation, one reply at a time."""
+"""fedcca.flower.protocol: statistics records and reply validation, one reply at a time."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 
-from fedcca.alignment import spec_for
-from fedcca.protocol import (
+from fedcca.flower.protocol import (
     STATISTICS_KEY,
     InvalidReplyError,
     record_bytes,
@@ -17,6 +16,7 @@ from fedcca.protocol import (
     validate_evaluate_reply,
     validate_reply,
 )
+from fedcca.spec.tracing import spec_for
 from fedcca.statistics import StatisticsError, assemble, collect_moments, collect_statistics
 from tests.tiny_clients import (
     CALIBRATION,

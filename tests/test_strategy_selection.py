@@ -9,14 +9,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp.strategy import FedAvg
 
-import fedcca.merging
-import fedcca.selection
-import fedcca.aggregation
-from fedcca.config import MergeConfig, MergeSearch
-from fedcca.local_grid import InProcessGrid
-from fedcca.strategy import FEDERATED_SEARCH, CCAMerge
-from tests.tiny_clients import CALIBRATION, HELD_OUT, fedavg_app, make_model, stats_app, teacher_labels, \
-    train_messages
+import fedcca.flower.aggregation
+import fedcca.merging.merger
+import fedcca.merging.selection
+from fedcca.flower.local_grid import InProcessGrid
+from fedcca.flower.strategy import FEDERATED_SEARCH, CCAMerge
+from fedcca.merging.config import MergeConfig, MergeSearch
+from tests.tiny_clients import CALIBRATION, HELD_OUT, fedavg_app, make_model, stats_app, teacher_labels, train_messages
 from tests.tiny_models import calibration
 
 NODES = (1, 2, 3)
@@ -93,7 +92,7 @@ def test_the_choice_follows_the_held_out_labels(favoured: str) -> None:
 def test_statistics_read_only_the_calibration_set_and_the_choice_only_the_held_out_set(
         monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict[str, list[torch.Tensor]] = {"statistics": [], "choice": []}
-    collect, logits = fedcca.merging.collect_statistics, fedcca.selection.holdout_logits
+    collect, logits = fedcca.merging.merger.collect_statistics, fedcca.merging.selection.holdout_logits
 
     def spy_collect(reference, models, calibration, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         seen["statistics"] += list(calibration)
@@ -103,9 +102,9 @@ def test_statistics_read_only_the_calibration_set_and_the_choice_only_the_held_o
         seen["choice"].append(inputs)
         return logits(model, inputs, **kwargs)
 
-    for module in (fedcca.merging, fedcca.aggregation):
+    for module in (fedcca.merging.merger, fedcca.flower.aggregation):
         monkeypatch.setattr(module, "collect_statistics", spy_collect)
-    monkeypatch.setattr(fedcca.selection, "holdout_logits", spy_logits)
+    monkeypatch.setattr(fedcca.merging.selection, "holdout_logits", spy_logits)
     strategy = CCAMerge(make_model, CALIBRATION, FEDERATED_SEARCH, holdout=HOLDOUT, stats="server", device="cpu")
     _, arrays = _round(strategy)
     assert arrays is not None

@@ -14,11 +14,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fedcca.aggregation as aggregation_module
-from fedcca.merging import MergeResult
-from fedcca.protocol import STATISTICS_KEY
-from fedcca.local_grid import InProcessGrid
-from fedcca.strategy import CCAMerge
+import fedcca.flower.aggregation as aggregation_module
+from fedcca.flower.local_grid import InProcessGrid
+from fedcca.flower.protocol import STATISTICS_KEY
+from fedcca.flower.strategy import CCAMerge
+from fedcca.merging.merger import MergeResult
 from tests.tiny_clients import (
     CALIBRATION,
     MUTATIONS,

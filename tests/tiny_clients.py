@@ -3,14 +3,13 @@
 ``stats_app`` trains, then sends statistics when the train config asks for them (the fedcca
 protocol); ``fedavg_app`` has the flwr quickstart shape (one ArrayRecord "arrays" + one
 MetricRecord "metrics"). Both train :func:`tests.tiny_models.make_model` on synthetic images
-whose labels come from a fixed teacher. Grids: :class:`fedcca.local_grid.InProcessGrid`.
+whose labels come from a fixed teacher. Grids: :class:`fedcca.flower.local_grid.InProcessGrid`.
 """
 
 from __future__ import annotations
 
 import functools
 import io
-
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -19,8 +18,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from fedcca.local_grid import set_task_identity
-from fedcca.protocol import STATISTICS_KEY, read_train_instruction, train_instruction, train_reply
+from fedcca.flower.local_grid import set_task_identity
+from fedcca.flower.protocol import STATISTICS_KEY, read_train_instruction, train_instruction, train_reply
 from fedcca.statistics import collect_statistics
 from tests.tiny_models import CLASSES, HIDDEN, IN_CHANNELS, TinyNet, calibration, make_model
 

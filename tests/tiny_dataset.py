@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from clients.client_app import app as client_app
-from fedcca.local_grid import InProcessGrid
+from fedcca.flower.local_grid import InProcessGrid
 from simulations.harness import base_run_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from fedcca.alignment import AlignmentPoint, AlignmentSpec, ParamAxis, apply_transforms, random_symmetry
+from fedcca.spec.alignment import AlignmentPoint, AlignmentSpec, ParamAxis, apply_transforms, random_symmetry
 
 IN_CHANNELS, C1, C2, HIDDEN, CLASSES = 2, 4, 4, 6, 3
 

@@ -3,6 +3,7 @@
 Imports only torch and numpy: usable on the server, in clients and in benchmarks alike.
 """
 
+from fedcca.data.cifar import read_cifar
 from fedcca.data.datasets import (
     DATA_DIR_ENV,
     DATASET_NAMES,
@@ -14,7 +15,6 @@ from fedcca.data.datasets import (
 )
 from fedcca.data.errors import DatasetFormatError, DatasetNotFoundError
 from fedcca.data.idx import read_idx
-from fedcca.data.cifar import read_cifar
 from fedcca.data.loader import AUGMENTATIONS, DeviceLoader, crop_batch, flip_batch
 from fedcca.data.partitioning import (
     SCHEMES,

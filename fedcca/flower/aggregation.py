@@ -1,12 +1,12 @@
 """One federated round of CCAMerge: replies in, a merged model out (with what happened, recorded).
 
 :class:`RoundAggregation` decodes and validates the replies one at a time
-(:func:`fedcca.protocol.validate_reply`), optionally screens them
-(:mod:`fedcca.norm_screen`), picks the reference, gathers every reply's alignment statistics
+(:func:`fedcca.flower.protocol.validate_reply`), optionally screens them
+(:mod:`fedcca.flower.screen`), picks the reference, gathers every reply's alignment statistics
 (the client's own, paired with the global model's moments measured once per round; or
 computed here, a group of replies per pass over the calibration data) and feeds a
-:class:`fedcca.merging.Merger`. A reply whose data breaks a step is dropped alone, with one
-reason in the :class:`~fedcca.rounds.RoundRecord`; a round that cannot produce a model raises
+:class:`fedcca.merging.merger.Merger`. A reply whose data breaks a step is dropped alone, with one
+reason in the :class:`~fedcca.flower.records.RoundRecord`; a round that cannot produce a model raises
 :class:`SkipRound`.
 """
 
@@ -25,17 +25,17 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common.logger import log
 from torch import nn
 
-from fedcca.alignment import AlignmentSpec
-from fedcca.config import MergeSearch
-from fedcca.distillation import DistillConfig, TeacherSum, client_logits
-from fedcca.merging import Merger, MergeResult
-from fedcca.norm_screen import screen
-from fedcca.protocol import ClientUpdate, InvalidReplyError, validate_reply
-from fedcca.rounds import RoundRecord
+from fedcca.flower.protocol import ClientUpdate, InvalidReplyError, validate_reply
+from fedcca.flower.records import RoundRecord
+from fedcca.flower.screen import screen
+from fedcca.merging.config import MergeSearch
+from fedcca.merging.distillation import DistillConfig, TeacherSum, client_logits
+from fedcca.merging.merger import Merger, MergeResult
+from fedcca.spec.alignment import AlignmentSpec
 from fedcca.statistics import Moments, PairStatistics, StatisticsError, assemble, collect_moments, collect_statistics
 
 # What aligning one reply may raise because of its contents: degenerate statistics, a failed
-# decomposition, non-finite aligned weights (fedcca.merging.MergeError is a ValueError), or an
+# decomposition, non-finite aligned weights (fedcca.merging.merger.MergeError is a ValueError), or an
 # allocation a forged reply provoked. Such a reply is dropped alone; the round goes on.
 _REPLY_DATA_ERRORS = (ValueError, ArithmeticError, RuntimeError, MemoryError)
 
@@ -73,7 +73,7 @@ class AggregationSettings:
         weights_key: Record name of the weights in a reply.
         weighted_by_key: Metric holding the number of examples.
         min_replies: The fewest valid replies a round needs.
-        distill: Distil the merge toward the clients' ensemble (:mod:`fedcca.distillation`), or None.
+        distill: Distil the merge toward the clients' ensemble (:mod:`fedcca.merging.distillation`), or None.
         max_weight_ratio: A reply's merge weight is at most this many times the median
             ``num-examples`` claimed in the round (inf: FedAvg's uncapped weights).
     """

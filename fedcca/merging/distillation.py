@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedcca.devices import resolve_device
-from fedcca.selection import holdout_logits
+from fedcca.merging.selection import holdout_logits
 from fedcca.statistics import running_on
 
 TEACHERS: tuple[str, ...] = ("probabilities", "logits")
@@ -182,7 +182,7 @@ class DistillResult:
 def client_logits(model: nn.Module, batches: Iterable[torch.Tensor], *,
                   device: torch.device | str | None = None) -> torch.Tensor:
     """``model``'s ``[N, C]`` logits on the calibration batches (float64 on the CPU; the model's
-    device and mode are restored): :func:`fedcca.selection.holdout_logits` over their concatenation."""
+    device and mode are restored): :func:`fedcca.merging.selection.holdout_logits` over their concatenation."""
     return holdout_logits(model, torch.cat(list(batches)), device=device)
 
 

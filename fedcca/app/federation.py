@@ -1,7 +1,7 @@
 """What every process of a federation derives from the run config alone: data, model, seeds.
 
 The ServerApp and each ClientApp compute the same public calibration and held-out sets and
-the same client shards from :class:`~fedcca.task.TaskConfig` (``seed`` fixes every draw), so
+the same client shards from :class:`~fedcca.app.task.TaskConfig` (``seed`` fixes every draw), so
 nothing but weights and statistics ever travels. The dataset and its split are loaded once per
 process and cached.
 """
@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedcca.app.task import RunConfigError, TaskConfig
 from fedcca.data import Dataset, DeviceLoader, calibration_split, federated_split, load_dataset, normalize
 from fedcca.models import build_model
-from fedcca.task import RunConfigError, TaskConfig
 
 MIN_SHARD_SIZE = 10  # smallest client shard federated_split may produce
 

@@ -10,7 +10,7 @@ aligned model is exactly ``T`` times the original one. After averaging,
 calibration data while keeping the merged function (``gamma = sigma``, ``beta = mu + beta'``).
 :func:`recompute_batchnorm` is the plain re-estimate of running statistics used without folding.
 A merge then sets each refitted BatchNorm's output to the aligned models' average mean and
-spread (:func:`fedcca.repair.restore_norms`): keeping the averaged function exactly would keep
+spread (:func:`fedcca.merging.repair.restore_norms`): keeping the averaged function exactly would keep
 its collapsed variance, which an unfolded merge's BatchNorm re-estimate undoes.
 """
 
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedcca.alignment import AlignmentPoint, AlignmentSpec
 from fedcca.devices import resolve_device
+from fedcca.spec.alignment import AlignmentPoint, AlignmentSpec
 from fedcca.statistics import as_batches, running_on
 
 _NORMALISED = ("weight", "running_mean", "running_var")  # what folding fixes; the bias stays aligned

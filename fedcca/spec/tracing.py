@@ -18,7 +18,7 @@ group*: a union-find class standing for the feature on its dim 1.
 
 Any other operation on features between a producer and a consumer (concatenation, a grouped
 conv, LayerNorm, attention, GELU, a slice, ...) is refused with an
-:class:`~fedcca.alignment.UnsupportedModelError` naming the graph node, its op and its module:
+:class:`~fedcca.spec.alignment.UnsupportedModelError` naming the graph node, its op and its module:
 a general transform cannot be pushed through it, and treating it as an identity would merge
 silently wrong. Operations on the raw input before the first layer, or on the logits after the
 last one (e.g. ``log_softmax``), are allowed: those features are fixed anyway.
@@ -30,18 +30,17 @@ outermost module, called once per forward and not a ``Sequential`` container, wh
 that tensor (a block whose forward ends in the ReLU, or an ``nn.ReLU`` module). A functional
 ReLU (``F.relu``, ``torch.relu``, ``x.relu()``, in-place variants) or a ReLU module called more
 than once has no such module; its tap is then ``"<module>+relu"`` (see
-:func:`fedcca.alignment.resolve_tap`): the module producing the ReLU's input is hooked and ReLU
+:func:`fedcca.spec.alignment.resolve_tap`): the module producing the ReLU's input is hooked and ReLU
 is applied to its output.
 
-The example input fixes the flatten block sizes. Without one, the input shape recorded by an
-earlier derivation for an identical model (same type and module tree) is reused.
+The example input (a batch of real inputs) fixes the flatten block sizes; there is no
+derivation without one.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,8 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fedcca.alignment import (
+from fedcca.spec.alignment import (
     CONVS,
+    KNOWN_LAYERS,
     NORMS,
     PRODUCERS,
     RELU_TAP_SUFFIX,
@@ -59,9 +59,10 @@ from fedcca.alignment import (
     ParamAxis,
     Role,
     UnsupportedModelError,
+    own_tensors,
 )
 
-WHAT_TO_DO = "write an alignment_spec() method returning a fedcca.alignment.AlignmentSpec, or use method='direct'"
+WHAT_TO_DO = "write an alignment_spec() method returning a fedcca.spec.alignment.AlignmentSpec, or use method='direct'"
 """What a user can do when a model's spec cannot be derived (ends every refusal)."""
 
 _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
@@ -80,23 +81,17 @@ _PASS_METHODS = frozenset({"contiguous"})
 _RESHAPE_METHODS = frozenset({"view", "reshape", "flatten", "squeeze"})
 _ADD_METHODS = frozenset({"add", "add_"})
 
-# Per-sample input shape of the last successful derivation, by model type and module tree: lets
-# spec_for(model) without an example describe a model built again (e.g. by a strategy's model_fn).
-_RECORDED_INPUTS: dict[tuple[type, str], tuple[tuple[int, ...], torch.dtype]] = {}
-
-
 def derive_spec(model: nn.Module, example_input: torch.Tensor | None = None) -> AlignmentSpec:
-    """Describe ``model`` as an :class:`~fedcca.alignment.AlignmentSpec` by tracing it with ``torch.fx``.
+    """Describe ``model`` as an :class:`~fedcca.spec.alignment.AlignmentSpec` by tracing it with ``torch.fx``.
 
     The spec is of the kind a hand-written ``alignment_spec()`` returns (see the module
-    docstring for the rules); it is not validated here (:func:`fedcca.alignment.spec_for` does).
+    docstring for the rules); it is not validated here (:func:`spec_for` does).
     The model is not modified (its train/eval modes are restored after the shape pass).
 
     Args:
         model: The model to describe.
         example_input: A batch of inputs ``[N, ...]`` (two samples are used) that fixes the
-            tensor shapes, notably the block size of a flatten into a linear layer. None: the
-            shape recorded by an earlier derivation for an identical model.
+            tensor shapes, notably the block size of a flatten into a linear layer.
 
     Raises:
         UnsupportedModelError: naming the graph node, op and module the spec cannot describe,
@@ -114,18 +109,7 @@ def derive_spec(model: nn.Module, example_input: torch.Tensor | None = None) -> 
     module = fx.GraphModule(model, graph, type(model).__name__)
     shapes = _run_shapes(model, module, example)
     spec = _Walk(model, graph, tracer.returns, shapes).spec()
-    _RECORDED_INPUTS[_model_key(model)] = (tuple(example.shape[1:]), example.dtype)
     return spec
-
-
-def recorded_input_shape(model: nn.Module) -> tuple[int, ...] | None:
-    """The per-sample input shape of the last derivation for a model identical to ``model``, or None.
-
-    Args:
-        model: The model (its type and module tree are the key).
-    """
-    entry = _RECORDED_INPUTS.get(_model_key(model))
-    return None if entry is None else entry[0]
 
 
 # ----------------------------------------------------------------------------- tracing and shapes
@@ -207,26 +191,18 @@ def _run_shapes(model: nn.Module, module: fx.GraphModule, example: torch.Tensor)
 
 
 def _example(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
-    """Two input samples on the model's device: from ``example_input``, else the recorded shape."""
+    """Two input samples of ``example_input`` on the model's device."""
     tensors = [*model.parameters(), *model.buffers()]
     device = tensors[0].device if tensors else torch.device("cpu")
     if example_input is None:
-        entry = _RECORDED_INPUTS.get(_model_key(model))
-        if entry is None:
-            raise UnsupportedModelError(
-                f"model type {type(model).__name__} has no alignment spec and no example input was given to derive "
-                f"one from its torch.fx graph: pass example_input= (a batch of inputs), or {WHAT_TO_DO}")
-        shape, dtype = entry
-        return torch.zeros((2, *shape), dtype=dtype, device=device)
+        raise UnsupportedModelError(
+            f"model type {type(model).__name__} has no alignment spec and no example input was given to derive "
+            f"one from its torch.fx graph: pass example_input= (a batch of inputs), or {WHAT_TO_DO}")
     x = torch.as_tensor(example_input)
     if x.dim() < 2 or len(x) == 0:
         raise UnsupportedModelError(f"example_input must be a batch [N, ...] with N > 0, got shape {tuple(x.shape)}")
     # Two samples: a batch dimension of 1 could not be told apart from the others in reshapes.
     return x[:2].expand(2, *x.shape[1:]).to(device) if len(x) == 1 else x[:2].to(device)
-
-
-def _model_key(model: nn.Module) -> tuple[type, str]:
-    return type(model), repr(model)
 
 
 def _first_line(err: BaseException) -> str:
@@ -623,7 +599,7 @@ class _Walk:
         for path, module in self.modules.items():
             if path in self.called or not isinstance(module, PRODUCERS + NORMS):
                 continue
-            for key, tensor in _own_tensors(path, module):
+            for key, tensor in own_tensors(path, module):
                 if key in self.state_keys:
                     slots += [(key, axis) for axis in range(min(tensor.dim(), 2))]
         return slots
@@ -664,11 +640,55 @@ def _target_name(node: fx.Node) -> str:
 
 
 def _has_own_tensors(module: nn.Module) -> bool:
-    return any(True for _ in _own_tensors("", module))
+    return any(True for _ in own_tensors("", module))
 
 
-def _own_tensors(path: str, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(state-dict key, tensor)`` of a module's own floating-point parameters and buffers."""
-    for local, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-        if tensor is not None and tensor.is_floating_point():
-            yield (f"{path}.{local}" if path else local), tensor
+# ----------------------------------------------------------------------------- the spec of a model
+
+def _first_layer_without_description(model: nn.Module) -> str:
+    """The first layer fedcca cannot describe: of an unknown type if any, else the first with tensors."""
+    layers = [(n, m) for n, m in model.named_modules() if _has_own_tensors(m)]
+    unknown = [(n, m) for n, m in layers if not isinstance(m, KNOWN_LAYERS)]
+    if unknown:
+        n, m = unknown[0]
+        return f"layer {n!r} ({type(m).__name__}) is of a type fedcca cannot align"
+    if layers:
+        n, m = layers[0]
+        return (f"layer {n!r} ({type(m).__name__}) is the first layer it cannot describe "
+                "without an example input to trace the model on")
+    return "it has no layers with parameters"
+
+
+def spec_for(model: nn.Module, example_input: torch.Tensor | None = None) -> AlignmentSpec:
+    """Return the validated alignment spec of ``model``.
+
+    A model's own ``alignment_spec()`` method wins (all of :mod:`fedcca.models` have one).
+    Otherwise the spec is derived from the model's ``torch.fx`` graph by
+    :func:`derive_spec`, run on ``example_input``; a model that cannot be traced, or has an
+    operation on its features that a transform cannot be pushed through, is refused naming it.
+
+    Args:
+        model: The model to describe.
+        example_input: A batch of the model's inputs (its shapes fix flatten block sizes);
+            used only when the model has no ``alignment_spec()``.
+
+    Raises:
+        UnsupportedModelError: when no spec can be found or derived, or the spec does not match it.
+    """
+    describe = getattr(model, "alignment_spec", None)
+    if callable(describe):
+        spec = describe()
+        if not isinstance(spec, AlignmentSpec):
+            raise UnsupportedModelError(
+                f"{type(model).__name__}.alignment_spec() returned {type(spec).__name__}, not an AlignmentSpec"
+            )
+    else:
+        if example_input is None:
+            raise UnsupportedModelError(
+                f"model type {type(model).__name__} has no alignment spec; {_first_layer_without_description(model)}. "
+                "Pass example_input= (a batch of inputs) to derive one from its torch.fx graph, or "
+                f"{WHAT_TO_DO}"
+            )
+        spec = derive_spec(model, example_input)
+    spec.validate(model)
+    return spec

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedcca.selection import CandidateScore
+from fedcca.merging.selection import CandidateScore
 
 
 @dataclass
@@ -41,7 +41,7 @@ class RoundRecord:
         merge_choice: The merge configuration kept (``MergeConfig.label``).
         candidates: Held-out scores of every candidate merge (when there was a choice).
         dead_features: Node id -> ``{point: features exactly 0 on the calibration data}``.
-        distillation: What server-side distillation did (:meth:`fedcca.distillation.DistillResult.to_json`), if on.
+        distillation: What server-side distillation did (:meth:`fedcca.merging.distillation.DistillResult.to_json`), if on.
         metrics: Anything else the loop records (client metric means, evaluation).
     """
 

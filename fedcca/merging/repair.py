@@ -23,8 +23,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from fedcca.alignment import PRODUCERS, AlignmentPoint, AlignmentSpec, Transform, resolve_tap, spec_for
-from fedcca.batchnorm import recompute_batchnorm
+from fedcca.merging.batchnorm import recompute_batchnorm
+from fedcca.spec.alignment import PRODUCERS, AlignmentPoint, AlignmentSpec, Transform, resolve_tap
+from fedcca.spec.tracing import spec_for
 from fedcca.statistics import as_batches, collect_statistics
 
 logger = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ def restore_norms(
 ) -> nn.Module:
     """Set each folded BatchNorm's output mean and std to ``targets`` (in place), in forward order.
 
-    Call it after :func:`fedcca.batchnorm.refit_batchnorm`: the BatchNorms then normalise with
+    Call it after :func:`fedcca.merging.batchnorm.refit_batchnorm`: the BatchNorms then normalise with
     the real statistics of their inputs, and this sets their affine parameters so every
     channel's output has the target mean and standard deviation.
 
@@ -279,7 +280,7 @@ def preactivation_statistics(
     Only points qualifying for :func:`preactivation_spec` are present. With ``recompute_bn``,
     models with BatchNorm are measured on a copy whose BatchNorm statistics were recomputed on
     ``calibration``, as an unfolded merge's are; a folded merge keeps the models' own
-    statistics (:func:`fedcca.batchnorm.refit_batchnorm`), so its targets are measured on the
+    statistics (:func:`fedcca.merging.batchnorm.refit_batchnorm`), so its targets are measured on the
     models as they are (``recompute_bn=False``). Either way a merge of identical models is
     left unchanged by :func:`repair`.
 

@@ -8,7 +8,7 @@ group may hold two features of the same model and none of another. Each merged f
 the weighted average of its group's members; each original feature is replaced by its
 group's merged feature in the next layer (the "unmerge").
 
-In fedcca's terms this is, for model k, a :class:`~fedcca.alignment.Transform` whose
+In fedcca's terms this is, for model k, a :class:`~fedcca.spec.alignment.Transform` whose
 ``matrix`` (applied to producers) is ``W / w_k`` times the merge rows of model k's features
 (so that the weighted average over models is the group average) and whose ``inverse``
 (applied to consumers) is the unmerge, which is not an inverse: zipping loses information.
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedcca.alignment import AlignmentSpec, Transform
 from fedcca.devices import resolve_device
+from fedcca.methods.registry import Aligner, AlignmentJob, register
+from fedcca.spec.alignment import AlignmentSpec, Transform
 from fedcca.statistics import StatisticsError, as_batches, run_with_taps, running_on
-
 
 _SIZE_PENALTY = 1e-9
 _CROSS_BONUS = 1e-6  # above float32 noise in correlations of identical features
@@ -134,7 +134,7 @@ def zipit_transforms(models: Sequence[nn.Module], calibration: torch.Tensor | It
                      batch_size: int = 64) -> list[dict[str, Transform]]:
     """ZipIt!'s merge (``matrix``) and unmerge (``inverse``) for every model at every point of ``spec``.
 
-    Averaged with ``weights`` (as :class:`fedcca.merging.Merger` averages), model k's transformed
+    Averaged with ``weights`` (as :class:`fedcca.merging.merger.Merger` averages), model k's transformed
     producers give each merged feature the weighted mean of its group's members.
 
     Args:
@@ -183,3 +183,14 @@ def _tap_features(model: nn.Module, index: int, batch: torch.Tensor, taps: dict[
 
     run_with_taps(model, batch, {tap: [point] for tap, point in taps.items()}, keep)
     return captured
+
+
+# ----------------------------------------------------------------------------- the method
+
+def _one_model(job: AlignmentJob) -> dict[str, Transform]:
+    raise ValueError(f"{job.name}: 'zipit' aligns all models jointly, not one model to a reference; "
+                     "merge the models together with fedcca.merge (CCAMerge cannot use it)")
+
+
+register(Aligner("zipit", False, _one_model, "ZipIt! (Stoica et al., 2023): all models' features zipped jointly",
+                 joint=True))

@@ -1,6 +1,6 @@
 """Choosing among candidate merges on labelled held-out data, and the named merge recipes.
 
-A :class:`~fedcca.config.MergeSearch` yields candidate configurations; the merger builds
+A :class:`~fedcca.merging.config.MergeSearch` yields candidate configurations; the merger builds
 each candidate's model and :func:`choose` keeps one by its accuracy on held-out data that no
 statistic was fitted on (never test data), with a calibrated loss (cross-fitted temperature
 scaling) as the second criterion. The first candidate is the baseline (e.g. shrinkage 0, the
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from scipy import optimize
 from torch import nn
 
-from fedcca.config import MergeConfig, MergeSearch
 from fedcca.devices import resolve_device
+from fedcca.merging.config import MergeConfig, MergeSearch
 from fedcca.statistics import running_on
 
 RELATIVE_RIDGES: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -249,7 +249,7 @@ VARIANTS: dict[str, MergeSearch] = {
     "zipit": _named("ZipIt! (all models zipped jointly, no partial zipping)", MergeConfig("zipit")),
     "zipit-repair": _named("ZipIt! + REPAIR", MergeConfig("zipit", repair="affine")),
 }
-"""Named merge recipes (see :class:`~fedcca.config.MergeSearch`); ``"cca-paper"`` is the paper's transform."""
+"""Named merge recipes (see :class:`~fedcca.merging.config.MergeSearch`); ``"cca-paper"`` is the paper's transform."""
 
 
 def get_variant(name: str | MergeSearch) -> MergeSearch:

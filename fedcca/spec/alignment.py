@@ -8,7 +8,7 @@ feature (``taps``, where statistics are collected) and every parameter axis inde
 transforms, weight matching, applying a transform — work over this description alone, in
 the spirit of Git Re-Basin's ``PermutationSpec``; nothing walks the module graph. A model
 without a hand-written ``alignment_spec()`` gets one derived from its ``torch.fx`` graph
-(:mod:`fedcca.tracing`).
+(:mod:`fedcca.spec.tracing`).
 
 Convention: a :class:`Transform` ``T`` for model B at a point maps B's features into the
 reference's coordinates, ``f_ref ≈ T f_B``. Applying it rewrites B's parameters so that B's
@@ -38,7 +38,7 @@ NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 # Layers whose tensors a spec can describe. Any other layer with float parameters or buffers
 # is refused: a general T cannot be pushed through e.g. LayerNorm or a grouped conv.
-_KNOWN_LAYERS = PRODUCERS + NORMS
+KNOWN_LAYERS = PRODUCERS + NORMS
 
 RELU_TAP_SUFFIX = "+relu"
 """A tap ``"<module>+relu"`` is ReLU applied to ``<module>``'s output: the feature after a functional
@@ -241,26 +241,30 @@ def _claim(owner: dict[tuple[str, int], str], slot: tuple[str, int], who: str) -
     owner[slot] = who
 
 
-def _own_tensors(name: str, module: nn.Module, state: Mapping[str, torch.Tensor]) -> Iterator[str]:
-    """State-dict keys of ``module``'s own floating-point parameters and buffers."""
+def own_tensors(path: str, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(state-dict key, tensor)`` of ``module``'s own floating-point parameters and buffers.
+
+    Args:
+        path: The module's name in its model ("" for the model itself).
+        module: The module.
+    """
     for local, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-        key = f"{name}.{local}" if name else local
-        if key in state and tensor.is_floating_point():
-            yield key
+        if tensor is not None and tensor.is_floating_point():
+            yield (f"{path}.{local}" if path else local), tensor
 
 
 def _check_layer_covered(
     name: str, module: nn.Module, state: Mapping[str, torch.Tensor], owner: Mapping[tuple[str, int], str]
 ) -> None:
     """A layer with float tensors is of a known type and the spec covers all of its feature axes."""
-    keys = list(_own_tensors(name, module, state))
+    keys = [key for key, _ in own_tensors(name, module) if key in state]
     if not keys:
         return
     kind = type(module).__name__
-    if not isinstance(module, _KNOWN_LAYERS):
+    if not isinstance(module, KNOWN_LAYERS):
         raise UnsupportedModelError(
             f"layer {name!r} ({kind}) has parameters or buffers but fedcca can only align "
-            f"{', '.join(t.__name__ for t in _KNOWN_LAYERS)}"
+            f"{', '.join(t.__name__ for t in KNOWN_LAYERS)}"
         )
     if isinstance(module, CONVS) and module.groups != 1:
         raise UnsupportedModelError(f"layer {name!r} ({kind}) is a grouped conv (groups={module.groups}); "
@@ -291,59 +295,6 @@ def resolve_tap(tap: str, modules: Mapping[str, nn.Module]) -> tuple[str, bool] 
     if tap.endswith(RELU_TAP_SUFFIX) and tap[:-len(RELU_TAP_SUFFIX)] in modules:
         return tap[:-len(RELU_TAP_SUFFIX)], True
     return None
-
-
-def _first_layer_without_description(model: nn.Module) -> str:
-    """The first layer fedcca cannot describe: of an unknown type if any, else the first with tensors."""
-    state = model.state_dict()
-    layers = [(n, m) for n, m in model.named_modules() if list(_own_tensors(n, m, state))]
-    unknown = [(n, m) for n, m in layers if not isinstance(m, _KNOWN_LAYERS)]
-    if unknown:
-        n, m = unknown[0]
-        return f"layer {n!r} ({type(m).__name__}) is of a type fedcca cannot align"
-    if layers:
-        n, m = layers[0]
-        return (f"layer {n!r} ({type(m).__name__}) is the first layer it cannot describe "
-                "without an example input to trace the model on")
-    return "it has no layers with parameters"
-
-
-def spec_for(model: nn.Module, example_input: torch.Tensor | None = None) -> AlignmentSpec:
-    """Return the validated alignment spec of ``model``.
-
-    A model's own ``alignment_spec()`` method wins (all of :mod:`fedcca.models` have one).
-    Otherwise the spec is derived from the model's ``torch.fx`` graph by
-    :func:`fedcca.tracing.derive_spec`, run on ``example_input`` (or on the input shape recorded
-    by an earlier derivation for an identical model); a model that cannot be traced, or has an
-    operation on its features that a transform cannot be pushed through, is refused naming it.
-
-    Args:
-        model: The model to describe.
-        example_input: A batch of the model's inputs (its shapes fix flatten block sizes);
-            used only when the model has no ``alignment_spec()``.
-
-    Raises:
-        UnsupportedModelError: when no spec can be found or derived, or the spec does not match it.
-    """
-    describe = getattr(model, "alignment_spec", None)
-    if callable(describe):
-        spec = describe()
-        if not isinstance(spec, AlignmentSpec):
-            raise UnsupportedModelError(
-                f"{type(model).__name__}.alignment_spec() returned {type(spec).__name__}, not an AlignmentSpec"
-            )
-    else:
-        from fedcca import tracing  # deferred: fedcca.tracing builds on this module
-
-        if example_input is None and tracing.recorded_input_shape(model) is None:
-            raise UnsupportedModelError(
-                f"model type {type(model).__name__} has no alignment spec; {_first_layer_without_description(model)}. "
-                "Pass example_input= (a batch of inputs) to derive one from its torch.fx graph, or "
-                f"{tracing.WHAT_TO_DO}"
-            )
-        spec = tracing.derive_spec(model, example_input)
-    spec.validate(model)
-    return spec
 
 
 def _along(tensor: torch.Tensor, matrix: torch.Tensor, axis: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedcca.alignment import AlignmentSpec
+from fedcca.spec.alignment import AlignmentSpec
 from fedcca.statistics import ClientStatistics, Moments, PairStatistics, StatisticsError
 
 WEIGHTS_KEY = "arrays"

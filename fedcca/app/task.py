@@ -2,32 +2,39 @@
 
 Every key of ``[tool.flwr.app.config]`` in pyproject.toml is a field of :class:`TaskConfig`
 (dashes become underscores). The merge options become one
-:class:`~fedcca.config.MergeSearch` (:meth:`TaskConfig.merge_search`), the local training
+:class:`~fedcca.merging.config.MergeSearch` (:meth:`TaskConfig.merge_search`), the local training
 options one :class:`~fedcca.training.TrainingConfig`.
 """
 
 from __future__ import annotations
 
 import math
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fedcca.aggregation import REFERENCES, STATISTICS_SOURCES
-from fedcca.config import MergeConfig, MergeSearch, parse_values
 from fedcca.data import SCHEMES
-from fedcca.distillation import TEACHERS, DistillConfig
+from fedcca.flower.aggregation import REFERENCES, STATISTICS_SOURCES
+from fedcca.merging.config import MergeConfig, MergeSearch, parse_values
+from fedcca.merging.distillation import TEACHERS, DistillConfig
+from fedcca.merging.repair import REPAIRS
+from fedcca.methods.cca import RIDGE_MODES
+from fedcca.methods.registry import ALIGNERS
 from fedcca.models import MODEL_NAMES
-from fedcca.repair import REPAIRS
 from fedcca.training import LR_SCHEDULES, TrainingConfig
-from fedcca.transforms import RIDGE_MODES
 
-STRATEGIES: tuple[str, ...] = ("cca", "permute", "weight-matching", "feddf", "fedavg", "fedprox")
-"""``cca``: CCAMerge searching the methods of ``merge-methods``; ``permute``/``weight-matching``:
-CCAMerge with that method only; ``feddf``: the plain average distilled toward the clients'
-ensemble (FedDF, through CCAMerge); ``fedavg``/``fedprox``: Flower's."""
 FLOWER_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
+
+
+def strategies() -> tuple[str, ...]:
+    """The values of ``strategy``: ``cca`` (CCAMerge searching the methods of ``merge-methods``),
+    every other registered method that aligns one model at a time (CCAMerge with that method
+    only, e.g. ``permute``, ``weight-matching``), ``feddf`` (the plain average distilled toward
+    the clients' ensemble, through CCAMerge) and Flower's ``fedavg`` / ``fedprox``."""
+    own = [name for name, method in ALIGNERS.items() if not method.joint and name not in ("cca", "direct")]
+    return ("cca", *own, "feddf", *FLOWER_STRATEGIES)
 CONFIG_TABLE = "[tool.flwr.app.config] of pyproject.toml"
 
 
@@ -43,7 +50,7 @@ class TaskConfig:
     pyproject.toml, overridable with ``flwr run . --run-config "x-y=..."``).
 
     Args:
-        strategy: One of :data:`STRATEGIES`.
+        strategy: One of :func:`strategies`.
         num_server_rounds: Rounds of federated training.
         fraction_train: Share of the connected nodes sampled for training each round.
         min_nodes: Nodes to wait for, and the fewest valid replies a round needs.
@@ -215,7 +222,7 @@ class TaskConfig:
         return Path(name).expanduser().resolve()
 
     def _validate(self) -> None:
-        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("strategy", self.strategy, strategies())
         _check_choice("partitioning", self.partitioning, SCHEMES)
         _check_choice("reference", self.reference, REFERENCES)
         _check_choice("stats", self.stats, STATISTICS_SOURCES)
@@ -255,6 +262,22 @@ class TaskConfig:
         """``max-norm-ratio`` as CCAMerge takes it (None: off)."""
         return self.max_norm_ratio or None
 
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as TOML (``false``, ``0.5``, ``"affine"``; bare words are strings).
+
+    Raises:
+        ValueError: ``item`` is not ``KEY=VALUE``.
+    """
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {item!r} is not KEY=VALUE")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
 
 
 def _coerce(key: str, value: Any, kind: Any) -> Any:

@@ -1,17 +1,17 @@
 """Merging models: align each to a reference, then average (CCA Merge and baselines).
 
 One pipeline serves offline merging (:func:`merge`), merging with a choice of
-hyper-parameters (a :class:`~fedcca.config.MergeSearch` with labelled ``holdout`` data) and the Flower strategy: a
+hyper-parameters (a :class:`~fedcca.merging.config.MergeSearch` with labelled ``holdout`` data) and the Flower strategy: a
 :class:`Merger` takes models one at a time (or in small groups), aligns each to the reference
-with the aligner of every candidate :class:`~fedcca.config.MergeConfig`
-(:data:`fedcca.aligners.ALIGNERS`), shrinks the transforms towards the identity by the
+with the aligner of every candidate :class:`~fedcca.merging.config.MergeConfig`
+(:data:`fedcca.methods.registry.ALIGNERS`), shrinks the transforms towards the identity by the
 candidate's ``shrinkage`` and adds the aligned weights to that candidate's running weighted
 sum. Memory is the reference plus one running sum per candidate, whatever the number of
 models. :meth:`Merger.finish` turns each sum into a model (BatchNorm recomputed, REPAIR,
 norm balancing) and, with several candidates, keeps the one chosen on labelled held-out data.
 
 With ``zero_dead``, features that are exactly zero on the calibration data (dead ReLU units)
-have their weights zeroed before alignment (:func:`fedcca.alignment.zero_features`,
+have their weights zeroed before alignment (:func:`fedcca.spec.alignment.zero_features`,
 function-preserving on that data), so that their strongly negative biases are neither mixed
 into live units by a dense CCA transform nor averaged into a matched live unit.
 """
@@ -27,18 +27,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedcca.aligners import ALIGNERS, METHODS, AlignmentJob
-from fedcca.alignment import AlignmentSpec, Transform, apply_transforms, balance_norms, spec_for, zero_features
-from fedcca.batchnorm import fold_batchnorm, folded_spec, recompute_batchnorm, refit_batchnorm, unfolded_points
-from fedcca.config import MergeConfig, MergeSearch, resolve_search
-from fedcca.repair import (RepairTargets, norm_output_spec, norm_output_statistics, preactivation_statistics,
-                           repair_to_targets, restore_norms)
-from fedcca.selection import CandidateScore, choose
+from fedcca.merging.batchnorm import fold_batchnorm, folded_spec, recompute_batchnorm, refit_batchnorm, unfolded_points
+from fedcca.merging.config import MergeConfig, MergeSearch, resolve_search
+from fedcca.merging.repair import (
+    RepairTargets,
+    norm_output_spec,
+    norm_output_statistics,
+    preactivation_statistics,
+    repair_to_targets,
+    restore_norms,
+)
+from fedcca.merging.selection import CandidateScore, choose
+from fedcca.methods.common import shrink_transform
+from fedcca.methods.registry import ALIGNERS, AlignmentJob
+from fedcca.methods.zipit import zipit_transforms
+from fedcca.spec.alignment import AlignmentSpec, Transform, apply_transforms, balance_norms, zero_features
+from fedcca.spec.tracing import spec_for
 from fedcca.statistics import PairStatistics, as_batches, collect_statistics
-from fedcca.transforms import WhiteningCache, shrink_transform
-from fedcca.zipit import zipit_transforms
 
-__all__ = ["METHODS", "MergeError", "MergeResult", "Merger", "average_state_dicts",
+__all__ = ["MergeError", "MergeResult", "Merger", "average_state_dicts",
            "merge", "merge_sequential", "recompute_batchnorm"]
 
 logger = logging.getLogger(__name__)
@@ -139,7 +146,7 @@ class Merger:
                            "their BatchNorm vectors are transformed without folding",
                            [p.name for p in unfolded_points(self.spec)])
         self.dead_features: dict[str, dict[str, int]] = {}
-        self._whitening = WhiteningCache()  # the reference's whitening, computed once per point
+        self._cache: dict[str, Any] = {}  # what methods keep per reference (CCA: its whitening per point)
         self._reference_dead: dict[str, torch.Tensor] | None = None
         self._pending_reference: tuple[dict[str, torch.Tensor], float, str] | None = None
         self._count = 0
@@ -184,7 +191,7 @@ class Merger:
             statistics: One entry (or None) per model.
             names: One name per model.
             references: One flag per model (see :meth:`add`).
-            transforms: Transforms computed elsewhere (e.g. jointly, :mod:`fedcca.zipit`), one set
+            transforms: Transforms computed elsewhere (e.g. jointly, :mod:`fedcca.methods.zipit`), one set
                 per model, used instead of the aligner's (single-candidate merges only).
         """
         count = len(models)
@@ -268,8 +275,8 @@ class Merger:
                 key = _aligner_key(config, fold)
                 if key not in base:
                     assert spec is not None
-                    job = AlignmentJob(self._sub_spec(config, spec), config, stats, work, self._template(fold), name,
-                                       self._whitening)
+                    job = AlignmentJob(self._sub_spec(config, spec), config.method_options(), stats, work,
+                                       self._template(fold), name, self._cache)
                     base[key] = ALIGNERS[config.method].transforms(job)
                 transforms = {point: shrink_transform(t, config.shrinkage, point=point)
                               for point, t in base[key].items()}
@@ -283,7 +290,7 @@ class Merger:
             additions.append((candidate, work, transforms, fold))
         for candidate, work, transforms, fold in additions:
             if transforms and candidate.config.needs_statistics:  # statistics-based transforms rescale features
-                candidate.moved.update(transforms)
+                candidate.moved.update(point for point, t in transforms.items() if not _is_identity(t))
             if candidate.config.repair != "none":
                 candidate.repair.add(endpoints[fold], transforms, weight)
             if self._restores(candidate.config):
@@ -421,7 +428,7 @@ def merge(models: Sequence[nn.Module], calibration: torch.Tensor | Iterable, con
     ``merge(models, x)`` is CCA Merge with the defaults; ``merge(models, x, "permute")``,
     ``merge(models, x, method="cca", ridge=0.1, repair="affine")`` or
     ``merge(models, x, MergeConfig(...))`` choose otherwise (keywords are
-    :class:`~fedcca.config.MergeConfig` fields). It is :func:`merge_with_result` (which documents
+    :class:`~fedcca.merging.config.MergeConfig` fields). It is :func:`merge_with_result` (which documents
     every argument: reference, weights, statistics, holdout, device, ...) returning the model alone.
 
     Args:
@@ -453,7 +460,7 @@ def merge_with_result(
     """Merge all-to-one and return the :class:`MergeResult` (model, chosen configuration, held-out scores).
 
     Args:
-        models: Models of one architecture (describable by ``fedcca.alignment.spec_for``
+        models: Models of one architecture (describable by ``fedcca.spec.tracing.spec_for``
             unless nothing is aligned); they are not modified.
         calibration: Inputs for statistics and BatchNorm (see :func:`fedcca.statistics.as_batches`).
         config: A :class:`MergeConfig`, a :class:`MergeSearch`, a method name, or None (the defaults).
@@ -581,8 +588,7 @@ def average_state_dicts(
 
 def _aligner_key(config: MergeConfig, fold: bool) -> tuple:
     """The fields an aligner's transforms depend on (candidates sharing them share transforms)."""
-    return (config.method, config.resolved_ridge, config.ridge_mode, config.blend, config.max_scale, config.points,
-            config.zero_dead, fold)
+    return (config.method, tuple(sorted(config.method_options().items())), config.points, config.zero_dead, fold)
 
 
 def _add_weighted(candidate: _Candidate, state: Mapping[str, torch.Tensor], weight: float) -> None:
@@ -593,6 +599,10 @@ def _add_weighted(candidate: _Candidate, state: Mapping[str, torch.Tensor], weig
         term = weight * value.detach().to(torch.float64).cpu()
         candidate.total[key] = candidate.total[key] + term if key in candidate.total else term
     candidate.weight += weight
+
+
+def _is_identity(transform: Transform) -> bool:
+    return torch.equal(transform.matrix, torch.eye(transform.size, dtype=transform.matrix.dtype))
 
 
 def _checked_weight(weight: Any, name: str) -> float:

@@ -16,16 +16,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from torch import nn
 
-from fedcca.aligners import ALIGNERS
-from fedcca.alignment import spec_for
-from fedcca.config import MergeConfig, MergeSearch, resolve_search
 from fedcca.devices import resolve_device
-from fedcca.distillation import DistillConfig, TeacherSum, distill
-from fedcca.aggregation import REFERENCES, STATISTICS_SOURCES, AggregationSettings, RoundAggregation, SkipRound
-from fedcca.metrics import average_metrics
-from fedcca.norm_screen import NORM_CENTERS
-from fedcca.protocol import COMPUTE_STATS_FLAG, InvalidReplyError, record_bytes, validate_evaluate_reply
-from fedcca.rounds import RoundRecord
+from fedcca.flower.aggregation import REFERENCES, STATISTICS_SOURCES, AggregationSettings, RoundAggregation, SkipRound
+from fedcca.flower.metrics import average_metrics
+from fedcca.flower.protocol import COMPUTE_STATS_FLAG, InvalidReplyError, record_bytes, validate_evaluate_reply
+from fedcca.flower.records import RoundRecord
+from fedcca.flower.screen import NORM_CENTERS
+from fedcca.merging.config import MergeConfig, MergeSearch, merge_keywords, resolve_search
+from fedcca.merging.distillation import DistillConfig, TeacherSum, distill
+from fedcca.methods.registry import ALIGNERS
+from fedcca.spec.tracing import spec_for
 from fedcca.statistics import as_batches
 
 FEDERATED_SEARCH = MergeSearch(
@@ -39,7 +39,7 @@ identity, ``T_a = I + a (T - I)`` for ``a`` in {0, 0.5, 1}, and Permute's (a = 1
 halfway permutation is singular), each with and without REPAIR (8 distinct candidates).
 ``a = 0`` without REPAIR (plain FedAvg) is kept unless another candidate is more accurate (or
 better calibrated at no loss of accuracy) by more than 2 paired standard errors
-(:func:`fedcca.selection.choose`). Measured in README, Results."""
+(:func:`fedcca.merging.selection.choose`). Measured in README, Results."""
 
 UNLABELLED_DEFAULT = MergeConfig("cca", zero_dead=False, shrinkage=0.5)
 """CCAMerge's default without labelled held-out data (nothing to choose with): CCA shrunk
@@ -62,13 +62,13 @@ class CCAMerge(FedAvg):
     round's global model) with transforms computed from activation statistics on public
     calibration data (sent by the client, or computed on the server), the aligned models
     are averaged weighted by ``num-examples``, and BatchNorm statistics are recomputed on the
-    calibration data. With labelled ``holdout`` data, a :class:`~fedcca.config.MergeSearch`
+    calibration data. With labelled ``holdout`` data, a :class:`~fedcca.merging.config.MergeSearch`
     chooses each round among candidate merges (by default :data:`FEDERATED_SEARCH`, whose
     baseline is plain FedAvg). Replies are merged one at a time into running sums, so the
     server holds the reference, one sum per candidate and one client model (reference
     "global", no norm screen). Invalid replies are dropped (one log line each, naming node
     and reason); a round with fewer than ``min_train_nodes`` valid replies keeps the previous
-    global model. Each round's :class:`~fedcca.rounds.RoundRecord` is appended to ``rounds``.
+    global model. Each round's :class:`~fedcca.flower.records.RoundRecord` is appended to ``rounds``.
 
     Swapping strategies changes one line::
 
@@ -76,7 +76,7 @@ class CCAMerge(FedAvg):
         CCAMerge(Net, calibration, fraction_train=0.5, min_available_nodes=4)
 
     Args:
-        model_fn: Builds a fresh model of the federated architecture; ``fedcca.alignment.spec_for``
+        model_fn: Builds a fresh model of the federated architecture; ``fedcca.spec.tracing.spec_for``
             must be able to describe it.
         calibration: Public calibration inputs for statistics, BatchNorm and REPAIR: a tensor
             or an iterable of batches (or of ``(x, y)`` batches).
@@ -102,7 +102,7 @@ class CCAMerge(FedAvg):
             as much as ``r`` median clients; inf: FedAvg's uncapped weights. Capped replies are
             listed in the round record.
         distill: After each merge, distil it toward the clients' ensemble on the calibration
-            images, early-stopped on ``holdout`` (:mod:`fedcca.distillation`); None: off.
+            images, early-stopped on ``holdout`` (:mod:`fedcca.merging.distillation`); None: off.
             ``CCAMerge(model_fn, calibration, "direct", holdout=..., distill=DistillConfig(teachers=("logits",)))``
             is FedDF (Lin et al., 2020).
         **kwargs: ``MergeConfig`` fields (``method="permute"``, ``repair="affine"``, ...)
@@ -132,8 +132,7 @@ class CCAMerge(FedAvg):
         if isinstance(model_fn, nn.Module):
             raise TypeError(f"CCAMerge: model_fn must build a fresh model (e.g. {type(model_fn).__name__} or "
                             f"lambda: {type(model_fn).__name__}()), not a model instance")
-        merge_fields = {f.name for f in dataclasses.fields(MergeConfig)}
-        options = {key: kwargs.pop(key) for key in list(kwargs) if key in merge_fields}
+        options = {key: kwargs.pop(key) for key in list(kwargs) if key in merge_keywords()}
         # Mixed ClientApps report different metrics; FedAvg's default needs equal keys.
         kwargs.setdefault("train_metrics_aggr_fn", average_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", average_metrics)
@@ -236,6 +235,8 @@ class CCAMerge(FedAvg):
         ``min_train_nodes`` replies are valid or no merge could be made.
         """
         replies = sorted(replies, key=lambda msg: msg.metadata.src_node_id)
+        failures = sum(msg.has_error() for msg in replies)
+        log(INFO, "aggregate_train: Received %s results and %s failures", len(replies) - failures, failures)
         record = RoundRecord(server_round, num_replies=len(replies),
                              bytes_received={msg.metadata.src_node_id: record_bytes(msg) for msg in replies})
         sent = self._sent if self._sent is not None and self._sent.server_round == server_round else None
@@ -265,6 +266,13 @@ class CCAMerge(FedAvg):
             state = self._distilled(result.model, aggregation.teacher, record)
         _log_round(record)
         return ArrayRecord(state), self.train_metrics_aggr_fn(aggregation.metrics, self.weighted_by_key)
+
+    def round_record(self, server_round: int) -> RoundRecord | None:
+        """This strategy's record of ``server_round`` (drops, reference, statistics, merge chosen), or None.
+
+        :class:`~fedcca.flower.recording.RecordRounds` completes it with the exchange and the evaluation.
+        """
+        return next((record for record in reversed(self.rounds) if record.round == server_round), None)
 
     def _distilled(self, merged: nn.Module, teacher: TeacherSum, record: RoundRecord) -> dict[str, torch.Tensor]:
         """The merge distilled toward the clients' ensemble on the calibration images (early-stopped on the hold-out set)."""

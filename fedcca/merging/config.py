@@ -12,35 +12,40 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedcca.aligners import ALIGNERS
-from fedcca.repair import REPAIRS
-from fedcca.transforms import DEFAULT_RIDGE_MODE, DEFAULT_RIDGES, RIDGE_MODES
+from fedcca.merging.repair import REPAIRS
+from fedcca.methods.registry import ALIGNERS, aligner, parameters
 
-DEFAULT_MAX_SCALE = 10.0
-"""Default bound on Permute's per-feature rescaling (see :class:`MergeConfig`)."""
+_COMMON = ("method", "shrinkage", "repair", "zero_dead", "balance", "recompute_bn", "fold_bn", "points")
 
 
-@dataclass(frozen=True)
+def merge_keywords() -> tuple[str, ...]:
+    """Every keyword a :class:`MergeConfig` accepts: its fields and the registered methods' parameters."""
+    return (*_COMMON, *parameters())
+
+
+@dataclass(frozen=True, init=False)
 class MergeConfig:
     """How models are aligned to the reference and averaged.
 
+    Besides the fields below, a method's own parameters (declared in its module of
+    :mod:`fedcca.methods`, e.g. CCA's ``ridge`` and ``ridge_mode``, Permute's ``max_scale``,
+    Blend's ``blend``) are keywords too: ``MergeConfig(method="cca", ridge=0.5)``; read them
+    as attributes (``config.ridge``: the given value or the method's default) or all at once
+    with :meth:`method_options`. Parameters the method does not declare are kept (a search
+    over methods shares one base) and ignored by it.
+
     Args:
-        method: Name of an aligner in :data:`fedcca.aligners.ALIGNERS`: "cca" (CCA Merge),
-            "permute", "weight-matching", "blend" or "direct" (no alignment: the plain average).
-        ridge: CCA ridge ``g >= 0`` read in ``ridge_mode`` (``inf`` allowed in "trace" mode);
-            None: ``fedcca.transforms.DEFAULT_RIDGES[ridge_mode]``.
-        ridge_mode: One of :data:`fedcca.transforms.RIDGE_MODES`.
+        method: Name of a registered method (:data:`fedcca.methods.registry.ALIGNERS`): "cca"
+            (CCA Merge), "permute", "weight-matching", "blend", "zipit" or "direct" (no
+            alignment: the plain average).
         shrinkage: ``a`` in ``T_a = I + a (T - I)``: 1 applies the aligner's transforms as they
             are, 0 none (the plain average, i.e. FedAvg), values between shrink every
             transform towards the identity.
-        blend: For "blend": weight ``l`` of CCA in ``(1 - l) P + l C`` (P: Permute's transform).
-        max_scale: Permute's per-feature rescaling ``std_a / std_b`` is clipped to
-            ``[1 / max_scale, max_scale]`` (nearly dead features otherwise get scales of ~1000).
-        repair: One of :data:`fedcca.repair.REPAIRS`: correct the merged pre-activation
+        repair: One of :data:`fedcca.merging.repair.REPAIRS`: correct the merged pre-activation
             statistics towards the aligned models' after averaging ("affine" is REPAIR).
         zero_dead: Zero the weights of features that are exactly 0 on the calibration data
             (dead ReLU units) in every model before aligning (statistics-based methods).
@@ -49,47 +54,54 @@ class MergeConfig:
             preserving; keeps aligned merges trainable).
         recompute_bn: Recompute BatchNorm running statistics of the result on the calibration data.
         fold_bn: When aligning a model with BatchNorm, fold each BatchNorm into its producer first
-            (:func:`fedcca.batchnorm.fold_batchnorm`; needs the spec's ``norms``), and after
+            (:func:`fedcca.merging.batchnorm.fold_batchnorm`; needs the spec's ``norms``), and after
             averaging (with ``recompute_bn``) give each BatchNorm the real statistics of its
-            inputs (:func:`fedcca.batchnorm.refit_batchnorm`) and the aligned models' average
-            output mean and std per channel (:func:`fedcca.repair.restore_norms`; one more
+            inputs (:func:`fedcca.merging.batchnorm.refit_batchnorm`) and the aligned models' average
+            output mean and std per channel (:func:`fedcca.merging.repair.restore_norms`; one more
             forward pass per model): a dense transform then keeps each aligned pre-activation
             exact, and the average gets back the spread BatchNorm re-estimation gives an
             unfolded merge. Unaligned candidates (``direct``, shrinkage 0) are averaged
             unfolded, as FedAvg does.
         points: Align only these points (others are averaged as they are); None: all.
+        options: Method parameters as ``(name, value)`` pairs (what keywords fill in).
+        **parameters: Method parameters by name.
+
+    Raises:
+        TypeError: A keyword no registered method declares.
+        ValueError: An invalid value, naming it.
     """
 
     method: str = "cca"
-    ridge: float | None = None
-    ridge_mode: str = DEFAULT_RIDGE_MODE
     shrinkage: float = 1.0
-    blend: float = 0.5
-    max_scale: float = DEFAULT_MAX_SCALE
     repair: str = "none"
     zero_dead: bool = True
     balance: bool = True
     recompute_bn: bool = True
     fold_bn: bool = True
     points: tuple[str, ...] | None = None
+    options: tuple[tuple[str, Any], ...] = ()
 
-    def __post_init__(self) -> None:
-        _check_choice("method", self.method, tuple(ALIGNERS))
-        _check_choice("ridge_mode", self.ridge_mode, RIDGE_MODES)
-        _check_choice("repair", self.repair, REPAIRS)
-        if self.ridge is not None:
-            ridge = _number("ridge", self.ridge)
-            if not ridge >= 0 or (math.isinf(ridge) and self.ridge_mode != "trace"):
-                raise ValueError(f"MergeConfig: ridge must be >= 0 (inf only in 'trace' mode), got {ridge} "
-                                 f"in mode {self.ridge_mode!r}")
-            object.__setattr__(self, "ridge", ridge)
-        for name in ("shrinkage", "blend"):
-            value = _number(name, getattr(self, name))
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"MergeConfig: {name} must be in [0, 1], got {value}")
+    def __init__(self, method: str = "cca", shrinkage: float = 1.0, repair: str = "none", zero_dead: bool = True,
+                 balance: bool = True, recompute_bn: bool = True, fold_bn: bool = True,
+                 points: Sequence[str] | None = None, options: Iterable[tuple[str, Any]] = (),
+                 **parameters: Any) -> None:
+        for name, value in (("method", method), ("shrinkage", shrinkage), ("repair", repair),
+                            ("zero_dead", zero_dead), ("balance", balance), ("recompute_bn", recompute_bn),
+                            ("fold_bn", fold_bn), ("points", points)):
             object.__setattr__(self, name, value)
-        if not 1.0 <= _number("max_scale", self.max_scale) <= math.inf:
-            raise ValueError(f"MergeConfig: max_scale must be >= 1 (inf: unbounded), got {self.max_scale}")
+        object.__setattr__(self, "options", _checked_options({**dict(options), **parameters}))
+        self._validate()
+
+    def _validate(self) -> None:
+        try:
+            method = aligner(self.method)
+        except ValueError as err:
+            raise ValueError(f"MergeConfig: {err}") from None
+        _check_choice("repair", self.repair, REPAIRS)
+        value = _number("shrinkage", self.shrinkage)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"MergeConfig: shrinkage must be in [0, 1], got {value}")
+        object.__setattr__(self, "shrinkage", value)
         for name in ("zero_dead", "balance", "recompute_bn", "fold_bn"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MergeConfig: {name} must be a bool, got {getattr(self, name)!r}")
@@ -97,11 +109,24 @@ class MergeConfig:
             if isinstance(self.points, str) or not all(isinstance(p, str) for p in self.points):
                 raise ValueError(f"MergeConfig: points must be a sequence of point names, got {self.points!r}")
             object.__setattr__(self, "points", tuple(self.points))
+        if method.check_options is not None:
+            try:
+                method.check_options(self.method_options())
+            except ValueError as err:
+                raise ValueError(f"MergeConfig: {err}") from None
 
-    @property
-    def resolved_ridge(self) -> float:
-        """The CCA ridge in effect: ``ridge``, or the default of ``ridge_mode``."""
-        return DEFAULT_RIDGES[self.ridge_mode] if self.ridge is None else self.ridge
+    def __getattr__(self, name: str) -> Any:
+        # A method parameter read as an attribute: the given value or its declared default.
+        if name.startswith("_") or name == "options":
+            raise AttributeError(name)
+        declared = parameters()
+        if name not in declared:
+            raise AttributeError(f"'MergeConfig' has no field or method parameter {name!r}")
+        return dict(self.options).get(name, declared[name].default)
+
+    def method_options(self) -> dict[str, Any]:
+        """Every parameter of this configuration's method: given, or its default."""
+        return ALIGNERS[self.method].options(dict(self.options))
 
     @property
     def aligns(self) -> bool:
@@ -114,41 +139,47 @@ class MergeConfig:
         return self.aligns and ALIGNERS[self.method].needs_statistics
 
     def replace(self, **changes: Any) -> MergeConfig:
-        """A copy with ``changes`` applied (and validated)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (fields or method parameters) applied and validated."""
+        fields = {name: getattr(self, name) for name in _COMMON}
+        options = dict(self.options)
+        for name, value in changes.items():
+            if name in _COMMON:
+                fields[name] = value
+            elif name == "options":
+                options = dict(value)
+            else:
+                options[name] = value
+        return MergeConfig(**fields, options=tuple(options.items()))
 
     def label(self) -> str:
         """A short description for logs and tables, e.g. ``cca a=0.5 +affine``."""
         if not self.aligns:
             text = "direct"
         else:
-            text = self.method
-            if self.method in ("cca", "blend") and self.ridge is not None:
-                text += f" g={self.ridge:g}"
-            if self.method == "blend":
-                text += f" l={self.blend:g}"
+            text = ALIGNERS[self.method].label(dict(self.options))
             if self.shrinkage != 1.0:
                 text += f" a={self.shrinkage:g}"
         if self.repair != "none":
             text += f" +{self.repair}"
         return text
 
+    def to_json(self) -> dict[str, Any]:
+        """The fields and the method's parameters as one flat dict (for records and tables)."""
+        return {**{name: getattr(self, name) for name in _COMMON}, **self.method_options()}
+
     @classmethod
     def from_options(cls, config: MergeConfig | None = None, **options: Any) -> MergeConfig:
-        """``config`` (default: the defaults) with any field given as a keyword replaced.
+        """``config`` (default: the defaults) with any field or method parameter given as a keyword replaced.
 
         Lets ``merge(models, calibration, method="permute")`` and friends take the fields
         directly without re-declaring them.
 
         Raises:
-            TypeError: A keyword that is not a field of :class:`MergeConfig`.
+            TypeError: A keyword that is neither a field nor a registered method's parameter.
         """
-        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise TypeError(f"unknown merge option(s) {unknown}; MergeConfig has "
-                            f"{[f.name for f in dataclasses.fields(cls)]}")
+        _check_keywords(options)
         base = cls() if config is None else config
-        return dataclasses.replace(base, **options) if options else base
+        return base.replace(**options) if options else base
 
 
 @dataclass(frozen=True)
@@ -158,7 +189,7 @@ class MergeSearch:
     The candidates are ``base`` with every combination of the ``grid`` values. The first
     candidate is the *baseline* (e.g. shrinkage 0 = FedAvg): another one replaces it only when
     its held-out loss is lower by more than ``min_z`` paired standard errors (0: the lowest
-    mean loss wins). See :func:`fedcca.selection.choose`.
+    mean loss wins). See :func:`fedcca.merging.selection.choose`.
 
     Args:
         base: The configuration the grid varies.
@@ -174,11 +205,11 @@ class MergeSearch:
     description: str = ""
 
     def __post_init__(self) -> None:
-        names = {f.name for f in dataclasses.fields(MergeConfig)}
+        names = set(merge_keywords())
         grid = tuple((str(name), tuple(values)) for name, values in self.grid)
         for name, values in grid:
             if name not in names:
-                raise ValueError(f"MergeSearch: {name!r} is not a MergeConfig field")
+                raise ValueError(f"MergeSearch: {name!r} is neither a MergeConfig field nor a method parameter")
             if not values:
                 raise ValueError(f"MergeSearch: no values for {name!r}")
         if len({name for name, _ in grid}) != len(grid):
@@ -194,7 +225,7 @@ class MergeSearch:
         Configurations that align nothing (shrinkage 0, or "direct") merge identically
         whatever their method, ridge or blend: only the first of them is kept. When the grid
         varies the method, methods whose transforms are permutations (not
-        :attr:`~fedcca.aligners.Aligner.shrinkable`) get no partial shrinkage ``0 < a < 1``.
+        :attr:`~fedcca.methods.registry.Aligner.shrinkable`) get no partial shrinkage ``0 < a < 1``.
         """
         names = [name for name, _ in self.grid]
         seen: set[tuple] = set()
@@ -203,8 +234,9 @@ class MergeSearch:
             config = self.base.replace(**dict(zip(names, values)))
             if "method" in names and 0 < config.shrinkage < 1 and not ALIGNERS[config.method].shrinkable:
                 continue
-            key = dataclasses.astuple(config if config.aligns else config.replace(
-                method="direct", shrinkage=1.0, ridge=None, blend=0.5, max_scale=DEFAULT_MAX_SCALE, points=None))
+            same = config if config.aligns else config.replace(method="direct", shrinkage=1.0, options=(), points=None)
+            key = (same.method, same.shrinkage, same.repair, same.zero_dead, same.balance, same.recompute_bn,
+                   same.fold_bn, same.points, tuple(sorted(same.method_options().items())))
             if key not in seen:
                 seen.add(key)
                 out.append(config)
@@ -267,6 +299,27 @@ def parse_values(text: str, kind: type = float) -> tuple[Any, ...]:
         return tuple(kind(item) for item in items)
     except ValueError as err:
         raise ValueError(f"cannot read {text!r} as a list of {kind.__name__}: {err}") from None
+
+
+def _checked_options(values: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """Method parameters validated by their declarations, sorted by name; defaults left out."""
+    _check_keywords(values)
+    declared = parameters()
+    out = []
+    for name in sorted(values):
+        try:
+            value = declared[name].check(values[name])
+        except ValueError as err:
+            raise ValueError(f"MergeConfig: {err}") from None
+        if value != declared[name].default:
+            out.append((name, value))
+    return tuple(out)
+
+
+def _check_keywords(names: Iterable[str]) -> None:
+    unknown = sorted(set(names) - set(merge_keywords()))
+    if unknown:
+        raise TypeError(f"unknown merge option(s) {unknown}; MergeConfig takes {list(merge_keywords())}")
 
 
 def _number(name: str, value: Any) -> float:
