@@ -91,7 +91,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         log(INFO, "[fedcca] resuming after round %d from %s", len(history["rounds"]), outputs.path)
 
     title = f"{task.strategy}: {task.model} on {task.dataset} ({task.partitioning})"
-    strategy = RecordRounds(build_strategy(task, model_fn, device), title=title, num_rounds=task.num_server_rounds)
+    strategy = RecordRounds(task.screen(build_strategy(task, model_fn, device)), title=title,
+                            num_rounds=task.num_server_rounds)
     strategy.summary()
     for server_round in range(len(history["rounds"]) + 1, task.num_server_rounds + 1):
         arrays = run_round(strategy, grid, server_round, arrays, task)
@@ -119,7 +120,7 @@ def build_strategy(task: TaskConfig, model_fn: Callable[[], nn.Module], device: 
     if task.strategy == "fedprox":
         return FedProx(proximal_mu=task.proximal_mu, **common)
     return CCAMerge(model_fn, calibration_inputs(task), task.merge_search(), holdout=holdout_set(task),
-                    reference=task.reference, stats=task.stats, max_norm_ratio=task.norm_screen, device=device,
+                    reference=task.reference, stats=task.stats, device=device,
                     distill=task.distill_config(), **common)
 
 

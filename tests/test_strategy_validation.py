@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fedcca.flower.aggregation as aggregation_module
 from fedcca.flower.local_grid import InProcessGrid
 from fedcca.flower.protocol import STATISTICS_KEY
+from fedcca.flower.screen import ScreenReplies
 from fedcca.flower.strategy import CCAMerge
 from fedcca.merging.merger import MergeResult
 from tests.tiny_clients import (
@@ -133,17 +135,50 @@ def _scaled_app(factor: float):  # noqa: ANN202
     return _mutating_app(scale)
 
 
-@pytest.mark.parametrize("center", ["median", "global"])
-def test_norm_screen_drops_a_far_model(center: str, caplog: pytest.LogCaptureFixture) -> None:
-    options = {"max_norm_ratio": 3.0, "norm_center": center}
-    strategy = _strategy(**options)
+@pytest.mark.parametrize(("factor", "nodes", "words"), [
+    (1e6, (1, BAD_NODE), "the global model's norm"),  # two replies: only the global-centred bound can hold
+    (1e6, (*GOOD_NODES, BAD_NODE), "the global model's norm"),
+    (50.0, (*GOOD_NODES, BAD_NODE), "the median update norm"),
+])
+def test_screen_drops_an_outlying_update_for_ccamerge(factor: float, nodes: tuple, words: str,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    bound = 10.0 if factor > 1e3 else 1e3  # the x50 reply breaks the median bound alone
+    strategy = ScreenReplies(_strategy(min_train_nodes=1), max_update_norm=bound, max_ratio=3.0)
+    grid = InProcessGrid({n: (_scaled_app(factor) if n == BAD_NODE else stats_app) for n in nodes})
     with caplog.at_level(logging.WARNING):
-        replies, result = _run_round(strategy, _grid_with_bad_node(_scaled_app(50.0)))
-    _assert_dropped(strategy, caplog, BAD_NODE, "median distance", result, replies, **options)
-    # Without the screen the same reply is merged.
-    unscreened = _strategy()
-    _run_round(unscreened, _grid_with_bad_node(_scaled_app(50.0)))
+        replies, result = _run_round(strategy, grid)
+    entry = strategy.rounds[-1]
+    assert list(entry.dropped) == [BAD_NODE] and "screen bound" in entry.dropped[BAD_NODE]
+    assert words in entry.dropped[BAD_NODE] and result[0] is not None and not entry.skipped
+    if len(nodes) == 4:
+        expected = _merge_of_good_nodes(replies)
+        for key, value in result[0].to_torch_state_dict().items():
+            torch.testing.assert_close(value, expected[key], msg=key)
+    unscreened = _strategy()  # without the screen the same reply is merged
+    _run_round(unscreened, grid)
     assert unscreened.rounds[-1].dropped == {}
+
+
+def test_screen_wraps_fedavg_too() -> None:
+    """FedAvg gets the dropped reply as a failure: its average is the honest replies' average."""
+    grid = _grid_with_bad_node(_scaled_app(1e6))
+    screened = ScreenReplies(FedAvg(min_available_nodes=4, fraction_evaluate=0.0))
+    messages = screened.configure_train(1, GLOBAL, ConfigRecord(), grid)
+    replies = list(grid.send_and_receive(messages))
+    arrays, _ = screened.aggregate_train(1, replies)
+    honest, _ = FedAvg().aggregate_train(1, [r for r in replies if r.metadata.src_node_id != BAD_NODE])
+    for key, value in honest.to_torch_state_dict().items():
+        torch.testing.assert_close(arrays.to_torch_state_dict()[key], value, msg=key)
+
+
+def test_screen_keeps_honest_replies_and_needs_the_global_model() -> None:
+    strategy = ScreenReplies(_strategy())
+    _run_round(strategy, InProcessGrid({n: stats_app for n in GOOD_NODES}))
+    assert strategy.rounds[-1].dropped == {}
+    with pytest.raises(RuntimeError, match="without its configure_train"):
+        ScreenReplies(FedAvg()).aggregate_train(1, [])
+    with pytest.raises(ValueError, match="max_ratio must be positive"):
+        ScreenReplies(FedAvg(), max_ratio=0.0)
 
 
 @pytest.mark.parametrize("reference", ["global", "largest"])
@@ -201,7 +236,7 @@ def test_a_bad_merge_skips_the_round(fake_finish, words: str,  # noqa: ANN001
 
 
 @pytest.mark.parametrize("options", [{"method": "fedavg"}, {"reference": "best"}, {"stats": "both"},
-                                     {"max_norm_ratio": 0.0}, {"norm_center": "mean"}])
+                                     {"max_weight_ratio": 0.5}])
 def test_bad_configuration_raises(options: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(options))):
         _strategy(**options)

@@ -15,8 +15,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from flwr.serverapp.strategy import Strategy
+
 from fedcca.data import SCHEMES
 from fedcca.flower.aggregation import REFERENCES, STATISTICS_SOURCES
+from fedcca.flower.screen import ScreenReplies
 from fedcca.merging.config import MergeConfig, MergeSearch, parse_values
 from fedcca.merging.distillation import TEACHERS, DistillConfig
 from fedcca.merging.repair import REPAIRS
@@ -99,8 +102,10 @@ class TaskConfig:
             "probabilities" (average of the clients' probabilities), "logits" (average of
             their logits, as FedDF publishes it).
         distill_steps: Most distillation steps per round.
-        max_norm_ratio: Drop replies farther than this many median distances from the median
-            of the replies (0: no screen).
+        max_norm_ratio: Drop a reply whose update ``|w - g|`` exceeds this many median update
+            norms of the round, with three replies or more (0: off; :class:`~fedcca.flower.screen.ScreenReplies`).
+        max_update_norm: Drop a reply whose update ``|w - g|`` exceeds this many times the
+            global model's norm ``|g|`` (0: off; holds at any number of replies).
         seed: Seeds the split, the initial model and every round's randomness.
         out_dir: Folder for history.json, checkpoints and the plot; ``{key}`` placeholders
             are filled from the run config, e.g. ``outputs/{strategy}-seed{seed}``.
@@ -144,6 +149,7 @@ class TaskConfig:
     distill_teacher: str
     distill_steps: int
     max_norm_ratio: float
+    max_update_norm: float
     seed: int
     out_dir: str
     resume: bool
@@ -246,7 +252,8 @@ class TaskConfig:
                            "max-test-examples": self.max_test_examples, "holdout-size": self.holdout_size,
                            "momentum": self.momentum, "weight-decay": self.weight_decay,
                            "proximal-mu": self.proximal_mu, "ridge": self.ridge,
-                           "selection-margin": self.selection_margin, "max-norm-ratio": self.max_norm_ratio}.items():
+                           "selection-margin": self.selection_margin, "max-norm-ratio": self.max_norm_ratio,
+                           "max-update-norm": self.max_update_norm}.items():
             if value < 0:
                 raise RunConfigError(f"run config '{key}' must be >= 0, got {value}")
         if not 0.0 < self.fraction_train <= 1.0:
@@ -257,10 +264,9 @@ class TaskConfig:
             raise RunConfigError("run config 'distill' (or strategy 'feddf') early-stops on the held-out set: "
                                  "set 'holdout-size' > 0")
 
-    @property
-    def norm_screen(self) -> float | None:
-        """``max-norm-ratio`` as CCAMerge takes it (None: off)."""
-        return self.max_norm_ratio or None
+    def screen(self, strategy: Strategy) -> ScreenReplies:
+        """``strategy`` wrapped in the reply screen these keys describe (0: that bound off)."""
+        return ScreenReplies(strategy, max_update_norm=self.max_update_norm or None, max_ratio=self.max_norm_ratio or None)
 
 
 

@@ -1,8 +1,7 @@
 """One federated round of CCAMerge: replies in, a merged model out (with what happened, recorded).
 
 :class:`RoundAggregation` decodes and validates the replies one at a time
-(:func:`fedcca.flower.protocol.validate_reply`), optionally screens them
-(:mod:`fedcca.flower.screen`), picks the reference, gathers every reply's alignment statistics
+(:func:`fedcca.flower.protocol.validate_reply`), picks the reference, gathers every reply's alignment statistics
 (the client's own, paired with the global model's moments measured once per round; or
 computed here, a group of replies per pass over the calibration data) and feeds a
 :class:`fedcca.merging.merger.Merger`. A reply whose data breaks a step is dropped alone, with one
@@ -27,7 +26,6 @@ from torch import nn
 
 from fedcca.flower.protocol import ClientUpdate, InvalidReplyError, validate_reply
 from fedcca.flower.records import RoundRecord
-from fedcca.flower.screen import screen
 from fedcca.merging.config import MergeSearch
 from fedcca.merging.distillation import DistillConfig, TeacherSum, client_logits
 from fedcca.merging.merger import Merger, MergeResult
@@ -65,8 +63,6 @@ class AggregationSettings:
         reference: "auto", "global", "largest" or "first" (see :meth:`reference_in`).
         client_statistics: Clients compute statistics (``stats="client"``) when the reference
             is the global model (see :meth:`client_statistics_in`).
-        max_norm_ratio: The norm screen's bound, or None.
-        norm_center: "median" or "global".
         device: Where statistics and merges run.
         batch_size: Calibration batch size.
         statistics_group: Replies whose statistics are computed together.
@@ -86,8 +82,6 @@ class AggregationSettings:
     holdout: tuple[torch.Tensor, torch.Tensor] | None
     reference: str
     client_statistics: bool
-    max_norm_ratio: float | None
-    norm_center: str
     device: torch.device
     batch_size: int
     statistics_group: int
@@ -147,13 +141,13 @@ class RoundAggregation:
     def run(self, replies: Iterable[Message]) -> MergeResult:
         """Merge the valid replies; SkipRound when the round cannot produce a model."""
         settings, record = self.settings, self.record
-        if self.reference == "global" or (settings.max_norm_ratio is not None and settings.norm_center == "global"):
+        if self.reference == "global":
             self._global()  # a usage error, raised before anything is merged
         replies = list(replies)
         self._weight_cap = self._cap(replies)
         updates: Iterator[ClientUpdate] = self._updates(replies)
-        if settings.max_norm_ratio is not None or self.reference != "global":
-            updates = iter(self._screened(list(updates)))
+        if self.reference != "global":
+            updates = iter(self._reference_first(list(updates)))
         started = time.perf_counter()
         merger: Merger | None = None
         group: list[tuple[ClientUpdate, nn.Module]] = []
@@ -223,18 +217,8 @@ class RoundAggregation:
             self.record.statistics_bytes[node_id] = update.statistics_bytes
             yield update
 
-    def _screened(self, updates: list[ClientUpdate]) -> list[ClientUpdate]:
-        """All valid updates (norm screen applied), the reference reply first for "largest"/"first"."""
-        settings = self.settings
-        if settings.max_norm_ratio is not None:
-            center = self._global().to_torch_state_dict() if settings.norm_center == "global" else None
-            reasons = screen([u.state_dict for u in updates], settings.max_norm_ratio, settings.norm_center, center)
-            for update, reason in zip(updates, reasons):
-                if reason is not None:
-                    self._drop(update.node_id, reason)
-            updates = [u for u, reason in zip(updates, reasons) if reason is None]
-        if self.reference == "global":
-            return updates
+    def _reference_first(self, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+        """The valid updates with the reference reply first ("largest" or "first" reference)."""
         while updates:
             index = max(range(len(updates)), key=lambda i: min(updates[i].num_examples, self._weight_cap)) \
                 if self.reference == "largest" else 0
@@ -354,8 +338,7 @@ class RoundAggregation:
         if self.global_arrays is None:
             raise RuntimeError(
                 f"CCAMerge needs the global model of round {self.record.round}: call configure_train "
-                f"for that round before aggregate_train (reference={self.reference!r}, "
-                f"norm_center={self.settings.norm_center!r})")
+                f"for that round before aggregate_train (reference={self.reference!r})")
         return self.global_arrays
 
     def _model_from(self, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:

@@ -1,57 +1,162 @@
-"""A robust outlier screen on client weights: drop replies far from the bulk before merging.
+"""A reply screen around any Flower strategy: outlying updates are dropped before aggregation.
 
-Each reply's distance from a center (the coordinate-wise median of the replies, or the
-round's global model) is compared with the median distance; a reply farther than
-``max_ratio`` times that is dropped with its ratio as the reason.
+:class:`ScreenReplies` wraps a strategy (FedAvg, FedProx, CCAMerge, ...) the way Flower's
+differential-privacy wrappers do. Every reply's update ``d_k = w_k - g`` (its weights minus
+the global model ``g`` it was sent) is measured, and a reply is dropped when
+
+* ``|d_k| > max_update_norm * |g|`` — a bound centred on the global model, which holds at
+  any number of replies (two included: a median of two is their mean); or
+* at least three replies arrived and ``|d_k| > max_ratio * median_j |d_j|``.
+
+A dropped reply reaches the wrapped strategy as an error reply whose reason says which bound
+it broke and by how much: FedAvg counts it among its failures and logs the reason, CCAMerge
+records it as dropped. Only floating-point entries are measured; a reply without a
+weights record (the wrapped strategy's ``arrayrecord_key``, or the reply's only ``ArrayRecord``)
+with the global model's keys and shapes is passed on unchanged, for the wrapped strategy's own
+validation to reject.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import copy
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from logging import INFO
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
-NORM_CENTERS: tuple[str, ...] = ("median", "global")
+SCREEN_ERROR_CODE = 4000
+"""``Error.code`` of a reply the screen dropped."""
 
+DEFAULT_MAX_UPDATE_NORM = 10.0
+"""Default bound on ``|w_k - g| / |g|``: an honest round of local SGD moves the weights by a
+fraction of their norm to a few times it (measured: README, Reliability)."""
 
-def distance_ratios(states: Sequence[Mapping[str, torch.Tensor]],
-                    center: Mapping[str, torch.Tensor] | None = None) -> list[float]:
-    """Distance of each state dict from ``center`` (default: their coordinate-wise median) over the median distance.
-
-    Args:
-        states: State dicts of one architecture.
-        center: The center's state dict, or None for the coordinate-wise median.
-    """
-    stacked = torch.stack([_flatten(state) for state in states]).numpy()
-    middle = np.median(stacked, axis=0) if center is None else _flatten(center).numpy()
-    distances = np.linalg.norm(stacked - middle, axis=1)
-    typical = float(np.median(distances))
-    if typical == 0.0:  # most replies sit exactly on the center: any other one is an outlier
-        return [0.0 if d == 0.0 else float("inf") for d in distances]
-    return [float(d / typical) for d in distances]
+DEFAULT_MAX_RATIO = 10.0
+"""Default bound on ``|d_k|`` in median update norms (three replies or more)."""
 
 
-def screen(states: Sequence[Mapping[str, torch.Tensor]], max_ratio: float, center_name: str,
-           center: Mapping[str, torch.Tensor] | None = None) -> list[str | None]:
-    """Per state dict: None to keep it, else the reason to drop it.
+class ScreenReplies(Strategy):
+    """Wrap ``strategy`` so that replies with outlying updates are dropped before it aggregates.
 
     Args:
-        states: The replies' weights.
-        max_ratio: Largest allowed distance, in median distances.
-        center_name: "median" or "global", for the reason.
-        center: The global model's weights when ``center_name`` is "global".
+        strategy: The wrapped strategy.
+        max_update_norm: Largest ``|w_k - g| / |g|`` (None: no such bound).
+        max_ratio: Largest ``|w_k - g| / median_j |w_j - g|`` with three replies or more (None: off).
     """
-    if not max_ratio > 0:
-        raise ValueError(f"max_ratio must be positive, got {max_ratio!r}")
-    if not states:
-        return []
-    ratios = distance_ratios(states, center if center_name == "global" else None)
-    return [None if ratio <= max_ratio else
-            f"weights {ratio:.3g}x the median distance from the {center_name} (max_norm_ratio={max_ratio})"
-            for ratio in ratios]
+
+    def __init__(self, strategy: Strategy, *, max_update_norm: float | None = DEFAULT_MAX_UPDATE_NORM,
+                 max_ratio: float | None = DEFAULT_MAX_RATIO) -> None:
+        for name, value in (("max_update_norm", max_update_norm), ("max_ratio", max_ratio)):
+            if value is not None and not value > 0:
+                raise ValueError(f"ScreenReplies: {name} must be positive (None: off), got {value!r}")
+        self.strategy = strategy
+        self.max_update_norm = max_update_norm
+        self.max_ratio = max_ratio
+        self._global: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def __getattr__(self, name: str) -> object:
+        # What the wrapped strategy offers beyond Strategy (e.g. CCAMerge.round_record) stays reachable.
+        if name == "strategy":
+            raise AttributeError(name)
+        return getattr(self.strategy, name)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """The wrapped strategy's instructions; the global model sent is kept as the screen's center."""
+        self._global = (server_round, _floats(arrays.to_torch_state_dict()))
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The wrapped strategy's aggregation of the replies, outliers turned into error replies."""
+        if self._global is None or self._global[0] != server_round:
+            raise RuntimeError(f"ScreenReplies: aggregate_train of round {server_round} without its configure_train "
+                               "(the screen measures updates from the global model that was sent)")
+        return self.strategy.aggregate_train(server_round, self.screen(list(replies), self._global[1]))
+
+    def screen(self, replies: Sequence[Message], center: Mapping[str, torch.Tensor]) -> list[Message]:
+        """``replies`` with every outlier replaced by an error reply naming the bound it broke.
+
+        Args:
+            replies: One round's replies.
+            center: The global model's floating-point entries.
+        """
+        key = getattr(self.strategy, "arrayrecord_key", None)  # Flower strategies name their weights record
+        norms = {index: _update_norm(reply, center, key) for index, reply in enumerate(replies)}
+        measured = {index: norm for index, norm in norms.items() if norm is not None}
+        scale = float(torch.linalg.vector_norm(_flat(center)))
+        typical = float(np.median(list(measured.values()))) if len(measured) >= 3 else None
+        out = list(replies)
+        for index, norm in measured.items():
+            reason = None
+            if self.max_update_norm is not None and not norm <= self.max_update_norm * scale:
+                reason = (f"update norm {norm:.3g} is {norm / scale if scale else math.inf:.3g}x the global model's "
+                          f"norm (screen bound max_update_norm={self.max_update_norm:g})")
+            elif self.max_ratio is not None and typical is not None and not norm <= self.max_ratio * typical:
+                reason = (f"update norm {norm:.3g} is {norm / typical if typical else math.inf:.3g}x the median update "
+                          f"norm {typical:.3g} (screen bound max_ratio={self.max_ratio:g})")
+            if reason is not None:
+                log(INFO, "[fedcca] screen: reply of node %d dropped: %s", replies[index].metadata.src_node_id, reason)
+                # the same sender and ids, an error instead of the content
+                out[index] = Message(error=Error(code=SCREEN_ERROR_CODE, reason=reason),
+                                     metadata=copy.copy(replies[index].metadata))
+        return out
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """The wrapped strategy's evaluation instructions."""
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """The wrapped strategy's aggregation of the evaluation replies."""
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        """The wrapped strategy's summary and the screen's bounds."""
+        self.strategy.summary()
+        log(INFO, "\t├──> Reply screen: |w - g| <= %s x |g|, <= %s x median (3+ replies)",
+            "inf" if self.max_update_norm is None else f"{self.max_update_norm:g}",
+            "inf" if self.max_ratio is None else f"{self.max_ratio:g}")
 
 
-def _flatten(state_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([value.detach().reshape(-1).double().cpu() for value in state_dict.values()
-                      if value.is_floating_point()])
+def _floats(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.detach().double().cpu() for key, value in state.items() if value.is_floating_point()}
+
+
+def _flat(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([value.reshape(-1) for value in state.values()]) if state else torch.zeros(0)
+
+
+def _update_norm(reply: Message, center: Mapping[str, torch.Tensor], key: str | None) -> float | None:
+    """``|w - g|`` over the global model's floating-point keys, or None when the reply cannot be measured.
+
+    The weights are the ``ArrayRecord`` named ``key`` (else the reply's only one).
+    """
+    if reply.has_error() or not reply.has_content():
+        return None
+    records = reply.content.array_records
+    if key is not None and key in records:
+        record = records[key]
+    elif len(records) == 1:
+        record = next(iter(records.values()))
+    else:
+        return None
+    if set(record) != set(center) and not set(center) <= set(record):
+        return None
+    total = 0.0
+    for key, value in center.items():
+        array = record[key]
+        if tuple(array.shape) != tuple(value.shape):
+            return None
+        try:
+            theirs = torch.from_numpy(np.asarray(array.numpy(), dtype=np.float64))
+        except (TypeError, ValueError):
+            return None
+        total += float(torch.sum((theirs - value) ** 2))
+    return math.sqrt(total) if math.isfinite(total) else math.inf

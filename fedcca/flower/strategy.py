@@ -21,7 +21,6 @@ from fedcca.flower.aggregation import REFERENCES, STATISTICS_SOURCES, Aggregatio
 from fedcca.flower.metrics import average_metrics
 from fedcca.flower.protocol import COMPUTE_STATS_FLAG, InvalidReplyError, record_bytes, validate_evaluate_reply
 from fedcca.flower.records import RoundRecord
-from fedcca.flower.screen import NORM_CENTERS
 from fedcca.merging.config import MergeConfig, MergeSearch, merge_keywords, resolve_search
 from fedcca.merging.distillation import DistillConfig, TeacherSum, distill
 from fedcca.methods.registry import ALIGNERS
@@ -66,7 +65,8 @@ class CCAMerge(FedAvg):
     chooses each round among candidate merges (by default :data:`FEDERATED_SEARCH`, whose
     baseline is plain FedAvg). Replies are merged one at a time into running sums, so the
     server holds the reference, one sum per candidate and one client model (reference
-    "global", no norm screen). Invalid replies are dropped (one log line each, naming node
+    "global"). Outlying updates are screened by wrapping the strategy in
+    :class:`~fedcca.flower.screen.ScreenReplies` (as any Flower strategy). Invalid replies are dropped (one log line each, naming node
     and reason); a round with fewer than ``min_train_nodes`` valid replies keeps the previous
     global model. Each round's :class:`~fedcca.flower.records.RoundRecord` is appended to ``rounds``.
 
@@ -90,9 +90,6 @@ class CCAMerge(FedAvg):
             first valid reply).
         stats: "client" (use statistics sent in replies when they match the reference,
             compute the missing ones on the server) or "server" (always on the server).
-        max_norm_ratio: If set, drop a reply whose weights lie farther than this multiple
-            of the median distance from ``norm_center`` (a pass over all replies first).
-        norm_center: "median" (coordinate-wise median of the replies) or "global".
         device: Where statistics and merging run (None: CUDA if available, else CPU).
         batch_size: Calibration batch size.
         statistics_group: Replies whose statistics the server computes together (one pass of
@@ -120,8 +117,6 @@ class CCAMerge(FedAvg):
         holdout: tuple[torch.Tensor, torch.Tensor] | Iterable[Any] | None = None,
         reference: str = "auto",
         stats: str = "client",
-        max_norm_ratio: float | None = None,
-        norm_center: str = "median",
         device: torch.device | str | None = None,
         batch_size: int = 256,
         statistics_group: int = 8,
@@ -137,12 +132,9 @@ class CCAMerge(FedAvg):
         kwargs.setdefault("train_metrics_aggr_fn", average_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", average_metrics)
         super().__init__(**kwargs)
-        for name, value, choices in (("reference", reference, REFERENCES), ("stats", stats, STATISTICS_SOURCES),
-                                     ("norm_center", norm_center, NORM_CENTERS)):
+        for name, value, choices in (("reference", reference, REFERENCES), ("stats", stats, STATISTICS_SOURCES)):
             if value not in choices:
                 raise ValueError(f"CCAMerge: {name} must be one of {choices}, got {value!r}")
-        if max_norm_ratio is not None and not max_norm_ratio > 0:
-            raise ValueError(f"CCAMerge: max_norm_ratio must be positive, got {max_norm_ratio!r}")
         if not max_weight_ratio >= 1:
             raise ValueError(f"CCAMerge: max_weight_ratio must be >= 1 (inf: uncapped), got {max_weight_ratio!r}")
         if statistics_group < 1:
@@ -169,8 +161,7 @@ class CCAMerge(FedAvg):
         self._settings = AggregationSettings(
             model_fn=model_fn, template={key: value.detach().cpu().clone() for key, value in model.state_dict().items()},
             spec=self.spec, search=search, calibration=batches, holdout=_checked_holdout(holdout), reference=reference,
-            client_statistics=self.requests_client_statistics, max_norm_ratio=max_norm_ratio, norm_center=norm_center,
-            device=resolve_device(device), batch_size=batch_size, statistics_group=statistics_group,
+            client_statistics=self.requests_client_statistics, device=resolve_device(device), batch_size=batch_size, statistics_group=statistics_group,
             weights_key=self.arrayrecord_key, weighted_by_key=self.weighted_by_key, min_replies=self.min_train_nodes,
             distill=distill, max_weight_ratio=max_weight_ratio)
         self._sent: _Round | None = None
@@ -199,8 +190,6 @@ class CCAMerge(FedAvg):
                f"{self.search.min_z:g} SE)" if len(candidates) > 1 and settings.holdout else ""))
         log(INFO, "\t│\t├── Reference: %s | statistics: %s | calibration: %d examples",
             self.reference, self.stats, sum(len(batch) for batch in settings.calibration))
-        log(INFO, "\t│\t└── Norm screen: %s", "off" if settings.max_norm_ratio is None
-            else f"{settings.max_norm_ratio} x median distance from {settings.norm_center}")
         super().summary()
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Result:
