@@ -344,7 +344,8 @@ def run_with_taps(model: nn.Module, batch: torch.Tensor, taps: Mapping[str, list
                   on_output: Callable[[str, object], None]) -> None:
     """Forward ``batch`` with a hook on every tap calling ``on_output(tap, output)``.
 
-    A ``"<module>+relu"`` tap hooks the module and passes ``relu(output)`` (see
+    A ``"<module>+relu"`` tap hooks the module and passes ``relu(output)``; a
+    ``"<module>:input"`` tap passes the module's first input (see
     :func:`fedcca.spec.alignment.resolve_tap`).
     """
     modules = dict(model.named_modules())
@@ -353,9 +354,16 @@ def run_with_taps(model: nn.Module, batch: torch.Tensor, taps: Mapping[str, list
     if missing:
         raise StatisticsError(f"model {type(model).__name__} has no module '{missing[0]}' "
                               f"(tap of point '{taps[missing[0]][0]}')")
-    handles = [modules[name].register_forward_hook(
-        lambda _module, _inputs, output, tap=tap, relu=relu: on_output(tap, _relu(output) if relu else output))
-        for tap, (name, relu) in resolved.items()]
+    handles = []
+    for tap, found in resolved.items():
+        module = modules[found.module]
+        if found.input:  # the feature is what the module consumes
+            handles.append(module.register_forward_pre_hook(
+                lambda _module, inputs, tap=tap: on_output(tap, inputs[0] if inputs else None)))
+        else:
+            handles.append(module.register_forward_hook(
+                lambda _module, _inputs, output, tap=tap, relu=found.relu: on_output(tap, _relu(output) if relu
+                                                                                    else output)))
     try:
         model(batch)
     finally:

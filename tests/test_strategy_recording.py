@@ -13,6 +13,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 
 from fedcca.flower.local_grid import InProcessGrid
 from fedcca.flower.recording import RecordRounds
+from fedcca.flower.records import RoundRecord
 from fedcca.flower.strategy import CCAMerge
 from tests.tiny_clients import CALIBRATION, HELD_OUT, fedavg_app, make_model, teacher_labels
 
@@ -68,3 +69,8 @@ def test_files_are_rewritten_after_every_round(tmp_path: Path) -> None:
     recorded.start(InProcessGrid({node: fedavg_app for node in NODES}),
                    ArrayRecord(make_model(seed=1).state_dict()), num_rounds=2, evaluate_fn=evaluate)
     assert seen == [1]
+
+
+def test_dead_features_are_reported_per_client_not_summed() -> None:
+    record = RoundRecord(1, dead_features={1: {"fc1": 3}, 2: {"fc1": 5, "conv1": 1}, 3: {"fc1": 3}})
+    assert record.dead_summary() == {"fc1": "3-5", "conv1": "0-1"}  # 11 summed would read as 11 of fc1's units

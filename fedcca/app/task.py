@@ -93,6 +93,8 @@ class TaskConfig:
         repair: Comma-separated candidates among "none", "mean", "affine" (the first is the baseline).
         zero_dead: Zero client features that are exactly 0 on the calibration data before aligning.
         balance: Balance each aligned feature's incoming and outgoing weight norms.
+        strict: Refuse a model any part of which cannot be aligned (default: partial alignment,
+            those parts averaged as FedAvg does).
         selection_margin: A candidate replaces the baseline only when it is more accurate on
             the held-out set (or better calibrated at equal accuracy) by more than this many
             paired standard errors.
@@ -144,6 +146,7 @@ class TaskConfig:
     repair: str
     zero_dead: bool
     balance: bool
+    strict: bool
     selection_margin: float
     distill: bool
     distill_teacher: str
@@ -202,7 +205,7 @@ class TaskConfig:
             shrinkages, repairs = parse_values(self.shrinkage, float), parse_values(self.repair, str)
             base = MergeConfig(methods[0], ridge=self.ridge, ridge_mode=self.ridge_mode,
                                shrinkage=shrinkages[0], repair=repairs[0], zero_dead=self.zero_dead,
-                               balance=self.balance)
+                               balance=self.balance, strict=self.strict)
             grid = tuple((name, values) for name, values in (("method", methods), ("shrinkage", shrinkages),
                                                              ("repair", repairs)) if len(values) > 1)
             search = MergeSearch(base, grid, min_z=self.selection_margin)

@@ -100,8 +100,11 @@ class RecordRounds(Strategy):
         raise KeyError(f"no record of round {server_round}")
 
     def history(self) -> dict[str, Any]:
-        """``{"strategy", "initial", "rounds"}``, JSON-ready."""
-        return {"strategy": self.title, "initial": self.initial, "rounds": [r.to_json() for r in self.rounds]}
+        """``{"strategy", "alignment", "initial", "rounds"}``, JSON-ready (``alignment``: the wrapped
+        strategy's ``alignment_report()``, when it has one)."""
+        report = getattr(self.strategy, "alignment_report", None)
+        return {"strategy": self.title, "alignment": report() if callable(report) else None,
+                "initial": self.initial, "rounds": [r.to_json() for r in self.rounds]}
 
     def write(self, out_dir: Path) -> None:
         """Write ``history.json`` and (when rounds were evaluated) ``accuracy.png`` into ``out_dir``."""

@@ -77,13 +77,15 @@ class RoundRecord:
         """Record that ``node_id``'s reply is not merged, and why (the first reason wins)."""
         self.dropped.setdefault(node_id, reason)
 
-    def dead_summary(self) -> dict[str, int]:
-        """Point -> dead features summed over the round's clients (for one log line)."""
-        total: dict[str, int] = {}
+    def dead_summary(self) -> dict[str, str]:
+        """Point -> dead features per client, as ``"min-max"`` over the round's clients (for one log line)."""
+        counts: dict[str, list[int]] = {}
         for per_point in self.dead_features.values():
             for point, count in per_point.items():
-                total[point] = total.get(point, 0) + count
-        return total
+                counts.setdefault(point, []).append(count)
+        clients = len(self.dead_features)
+        return {point: (f"{min(c)}-{max(c)}" if min(c) != max(c) else str(c[0])) if len(c) == clients
+                else f"0-{max(c)}" for point, c in counts.items()}
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: node ids as strings, non-finite floats as strings, metrics inline."""

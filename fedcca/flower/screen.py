@@ -92,6 +92,11 @@ class ScreenReplies(Strategy):
         measured = {index: norm for index, norm in norms.items() if norm is not None}
         scale = float(torch.linalg.vector_norm(_flat(center)))
         typical = float(np.median(list(measured.values()))) if len(measured) >= 3 else None
+        if measured and scale > 0:
+            ratios = [norm / scale for norm in measured.values()]
+            spread = f", largest {max(measured.values()) / typical:.3g}x the median" if typical else ""
+            log(INFO, "[fedcca] screen: %d update(s) of %.3g-%.3gx the global model's norm%s", len(ratios),
+                min(ratios), max(ratios), spread)
         out = list(replies)
         for index, norm in measured.items():
             reason = None

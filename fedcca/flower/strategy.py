@@ -24,6 +24,7 @@ from fedcca.flower.records import RoundRecord
 from fedcca.merging.config import MergeConfig, MergeSearch, merge_keywords, resolve_search
 from fedcca.merging.distillation import DistillConfig, TeacherSum, distill
 from fedcca.methods.registry import ALIGNERS
+from fedcca.spec.alignment import describe_left
 from fedcca.spec.tracing import spec_for
 from fedcca.statistics import as_batches
 
@@ -157,7 +158,10 @@ class CCAMerge(FedAvg):
         _check_runs(model, batches)
         needs_spec = any(c.aligns or c.repair != "none" for c in search.candidates())
         # A model without alignment_spec() is traced on a calibration batch (UnsupportedModelError if refused).
-        self.spec = spec_for(model, batches[0]) if needs_spec else None
+        self.spec = spec_for(model, batches[0], strict=search.base.strict) if needs_spec else None
+        if self.spec is not None and self.spec.left:
+            log(INFO, "[fedcca] partial alignment: %d point(s) aligned; left unaligned (averaged as FedAvg "
+                "does): %s", len(self.spec.points), describe_left(self.spec))
         self._settings = AggregationSettings(
             model_fn=model_fn, template={key: value.detach().cpu().clone() for key, value in model.state_dict().items()},
             spec=self.spec, search=search, calibration=batches, holdout=_checked_holdout(holdout), reference=reference,
@@ -256,6 +260,12 @@ class CCAMerge(FedAvg):
         _log_round(record)
         return ArrayRecord(state), self.train_metrics_aggr_fn(aggregation.metrics, self.weighted_by_key)
 
+    def alignment_report(self) -> dict[str, Any]:
+        """What is aligned and what partial alignment left out (and why), for ``history.json``."""
+        if self.spec is None:
+            return {"aligned": [], "left": []}
+        return {"aligned": self.spec.names(), "left": [dataclasses.asdict(entry) for entry in self.spec.left]}
+
     def round_record(self, server_round: int) -> RoundRecord | None:
         """This strategy's record of ``server_round`` (drops, reference, statistics, merge chosen), or None.
 
@@ -348,7 +358,8 @@ def _log_round(record: RoundRecord) -> None:
     dead = record.dead_summary()
     log(INFO, "aggregate_train: round %s merged %d replies (%d dropped) -> %s%s", record.round, record.num_valid,
         record.num_dropped, record.merge_choice,
-        f"; dead features on the calibration set: {dead}" if dead else "")
+        "; dead features per client on the calibration set: " + ", ".join(f"{p} {n}" for p, n in dead.items())
+        if dead else "")
     for score in record.candidates:
         log(DEBUG, "  candidate %-22s held-out acc %.4f (z %.2f), loss %.4f, calibrated loss %.4f (z %.2f)%s",
             score.label, score.accuracy, score.z, score.loss, score.calibrated_loss, score.z_loss,

@@ -19,7 +19,7 @@ from typing import Any
 from fedcca.merging.repair import REPAIRS
 from fedcca.methods.registry import ALIGNERS, aligner, parameters
 
-_COMMON = ("method", "shrinkage", "repair", "zero_dead", "balance", "recompute_bn", "fold_bn", "points")
+_COMMON = ("method", "shrinkage", "repair", "zero_dead", "balance", "recompute_bn", "fold_bn", "points", "strict")
 
 
 def merge_keywords() -> tuple[str, ...]:
@@ -63,6 +63,10 @@ class MergeConfig:
             unfolded merge. Unaligned candidates (``direct``, shrinkage 0) are averaged
             unfolded, as FedAvg does.
         points: Align only these points (others are averaged as they are); None: all.
+        strict: For a model whose spec is derived from its fx graph: refuse it when any part
+            cannot be aligned (an unsupported layer or op, named). Otherwise (partial
+            alignment, the default) those parts are averaged as FedAvg does, logged once and
+            listed in the spec's ``left``.
         options: Method parameters as ``(name, value)`` pairs (what keywords fill in).
         **parameters: Method parameters by name.
 
@@ -79,15 +83,16 @@ class MergeConfig:
     recompute_bn: bool = True
     fold_bn: bool = True
     points: tuple[str, ...] | None = None
+    strict: bool = False
     options: tuple[tuple[str, Any], ...] = ()
 
     def __init__(self, method: str = "cca", shrinkage: float = 1.0, repair: str = "none", zero_dead: bool = True,
                  balance: bool = True, recompute_bn: bool = True, fold_bn: bool = True,
-                 points: Sequence[str] | None = None, options: Iterable[tuple[str, Any]] = (),
-                 **parameters: Any) -> None:
+                 points: Sequence[str] | None = None, strict: bool = False,
+                 options: Iterable[tuple[str, Any]] = (), **parameters: Any) -> None:
         for name, value in (("method", method), ("shrinkage", shrinkage), ("repair", repair),
                             ("zero_dead", zero_dead), ("balance", balance), ("recompute_bn", recompute_bn),
-                            ("fold_bn", fold_bn), ("points", points)):
+                            ("fold_bn", fold_bn), ("points", points), ("strict", strict)):
             object.__setattr__(self, name, value)
         object.__setattr__(self, "options", _checked_options({**dict(options), **parameters}))
         self._validate()
@@ -102,7 +107,7 @@ class MergeConfig:
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"MergeConfig: shrinkage must be in [0, 1], got {value}")
         object.__setattr__(self, "shrinkage", value)
-        for name in ("zero_dead", "balance", "recompute_bn", "fold_bn"):
+        for name in ("zero_dead", "balance", "recompute_bn", "fold_bn", "strict"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MergeConfig: {name} must be a bool, got {getattr(self, name)!r}")
         if self.points is not None:
@@ -236,7 +241,7 @@ class MergeSearch:
                 continue
             same = config if config.aligns else config.replace(method="direct", shrinkage=1.0, options=(), points=None)
             key = (same.method, same.shrinkage, same.repair, same.zero_dead, same.balance, same.recompute_bn,
-                   same.fold_bn, same.points, tuple(sorted(same.method_options().items())))
+                   same.fold_bn, same.points, same.strict, tuple(sorted(same.method_options().items())))
             if key not in seen:
                 seen.add(key)
                 out.append(config)

@@ -41,7 +41,14 @@ from fedcca.merging.selection import CandidateScore, choose
 from fedcca.methods.common import shrink_transform
 from fedcca.methods.registry import ALIGNERS, AlignmentJob
 from fedcca.methods.zipit import zipit_transforms
-from fedcca.spec.alignment import AlignmentSpec, Transform, apply_transforms, balance_norms, zero_features
+from fedcca.spec.alignment import (
+    AlignmentSpec,
+    Transform,
+    apply_transforms,
+    balance_norms,
+    describe_left,
+    zero_features,
+)
 from fedcca.spec.tracing import spec_for
 from fedcca.statistics import PairStatistics, as_batches, collect_statistics
 
@@ -80,13 +87,39 @@ class MergeResult:
     transforms: dict[str, dict[str, Transform]] = field(default_factory=dict)
 
 
+class WeightedSum:
+    """A running weighted sum of state dicts: floating-point entries, in float64 on the CPU."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, torch.Tensor] = {}
+        self.weight = 0.0
+
+    def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
+        """``total += weight * state`` (floating-point entries only)."""
+        for key, value in state.items():
+            if value.is_floating_point():
+                term = weight * value.detach().to(torch.float64).cpu()
+                self.total[key] = self.total[key] + term if key in self.total else term
+        self.weight += weight
+
+    def average(self, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``total / weight`` in the dtypes of ``like``; entries never summed (integer buffers) from ``like``.
+
+        Raises:
+            ValueError: Nothing with a positive weight was added.
+        """
+        if self.weight <= 0:
+            raise ValueError("merge: no model with a positive weight was added")
+        return {key: (self.total[key] / self.weight).to(value.dtype) if key in self.total else value.clone()
+                for key, value in like.items()}
+
+
 @dataclass
 class _Candidate:
     """One candidate's running state inside a :class:`Merger`."""
 
     config: MergeConfig
-    total: dict[str, torch.Tensor] = field(default_factory=dict)
-    weight: float = 0.0
+    sum: WeightedSum = field(default_factory=WeightedSum)
     moved: set[str] = field(default_factory=set)  # points some transform changed
     repair: RepairTargets = field(default_factory=RepairTargets)
     norms: RepairTargets = field(default_factory=RepairTargets)  # folded BatchNorms' output targets
@@ -135,7 +168,11 @@ class Merger:
         self.template = _state_of(reference)
         needs_spec = any(c.config.aligns or c.config.repair != "none" for c in self.candidates)
         example = self.calibration[0] if self.calibration else None  # traces a model without alignment_spec()
-        self.spec = (spec if spec is not None else spec_for(reference, example)) if needs_spec else spec
+        strict = self.search.base.strict
+        self.spec = (spec if spec is not None else spec_for(reference, example, strict=strict)) if needs_spec else spec
+        if self.spec is not None and self.spec.left:
+            logger.info("partial alignment: %d point(s) aligned; left unaligned (averaged as FedAvg does): %s",
+                        len(self.spec.points), describe_left(self.spec))
         self.needs_statistics = any(c.config.needs_statistics for c in self.candidates)
         folding = self.spec is not None and any(self._folds(c.config) for c in self.candidates)
         self.folded_spec = folded_spec(self.spec) if folding else None
@@ -237,7 +274,7 @@ class Merger:
         selected: set[str] = set()
         for candidate in self.candidates:
             if candidate.config.needs_statistics:
-                selected.update(self._points(candidate.config))
+                selected.update(self.points(candidate.config))
         return [name for name in self.spec.names() if name in selected]
 
     def _note_reference_dead(self, stats: Mapping[str, PairStatistics] | None) -> None:
@@ -295,7 +332,7 @@ class Merger:
                 candidate.repair.add(endpoints[fold], transforms, weight)
             if self._restores(candidate.config):
                 candidate.norms.add(norm_outputs, self._norm_transforms(transforms), weight)
-            _add_weighted(candidate, work, weight)
+            candidate.sum.add(work, weight)
             if self.keep_transforms:
                 candidate.transforms[name] = transforms
 
@@ -383,16 +420,13 @@ class Merger:
                 if norm_outputs is None:
                     norm_outputs = self._norm_statistics(self.reference)
                 candidate.norms.add(norm_outputs, {}, weight)
-            _add_weighted(candidate, work, weight)
+            candidate.sum.add(work, weight)
             if self.keep_transforms:
                 candidate.transforms[name] = {}
 
     def _finish_candidate(self, candidate: _Candidate) -> nn.Module:
-        if candidate.weight <= 0:
-            raise ValueError("merge: no model with a positive weight was added")
         config = candidate.config
-        averaged = {key: (candidate.total[key] / candidate.weight).to(value.dtype) if key in candidate.total
-                    else value.clone() for key, value in self.template.items()}
+        averaged = candidate.sum.average(self.template)
         _check_finite(averaged, f"the merged model ({config.label()})")
         merged = copy.deepcopy(self.reference)
         merged.load_state_dict(averaged)
@@ -405,7 +439,7 @@ class Merger:
         if config.repair != "none":
             repair_to_targets(merged, candidate.repair.targets(), self.calibration, mode=config.repair,
                               spec=self.spec, device=self.device)
-        moved = [name for name in self._points(config) if name in candidate.moved] if candidate.moved else []
+        moved = [name for name in self.points(config) if name in candidate.moved] if candidate.moved else []
         if config.balance and moved:
             # Last: a positive rescaling keeps the function, BatchNorm statistics and repair intact.
             assert self.spec is not None
@@ -413,12 +447,13 @@ class Merger:
             merged.load_state_dict(balance_norms(merged.state_dict(), points, like=self.template))
         return merged
 
-    def _points(self, config: MergeConfig) -> list[str]:
+    def points(self, config: MergeConfig) -> list[str]:
+        """The names of the points ``config`` aligns (all of the spec's unless it selects some)."""
         assert self.spec is not None
         return self.spec.names() if config.points is None else list(config.points)
 
     def _sub_spec(self, config: MergeConfig, spec: AlignmentSpec) -> AlignmentSpec:
-        return AlignmentSpec(tuple(spec.point(name) for name in self._points(config)))
+        return AlignmentSpec(tuple(spec.point(name) for name in self.points(config)))
 
 
 def merge(models: Sequence[nn.Module], calibration: torch.Tensor | Iterable, config: MergeChoices = None,
@@ -509,7 +544,7 @@ def _joint_transforms(joint: Sequence[MergeConfig], search: MergeSearch, merger:
     if len(search.candidates()) != 1:
         raise ValueError(f"{joint[0].method!r} aligns all models jointly: a search over it is not supported")
     assert merger.spec is not None
-    points = AlignmentSpec(tuple(merger.spec.point(name) for name in merger._points(joint[0])))
+    points = AlignmentSpec(tuple(merger.spec.point(name) for name in merger.points(joint[0])))
     return zipit_transforms(models, merger.calibration, points, weights, device=merger.device, batch_size=batch_size)
 
 
@@ -574,12 +609,11 @@ def average_state_dicts(
     if sum(weights) <= 0:
         raise ValueError(f"weights must not all be zero, got {weights}")
     first = state_dicts[0]
-    accumulator = _Candidate(MergeConfig(method="direct"))
+    total = WeightedSum()
     for index, (state, weight) in enumerate(zip(state_dicts, weights)):
         _check_same_layout(first, state, f"state_dicts[{index}]")
-        _add_weighted(accumulator, state, weight)
-    averaged = {key: (accumulator.total[key] / accumulator.weight).to(value.dtype) if key in accumulator.total
-                else value.clone() for key, value in first.items()}
+        total.add(state, weight)
+    averaged = total.average(first)
     _check_finite(averaged, "the merged model")
     return averaged
 
@@ -589,16 +623,6 @@ def average_state_dicts(
 def _aligner_key(config: MergeConfig, fold: bool) -> tuple:
     """The fields an aligner's transforms depend on (candidates sharing them share transforms)."""
     return (config.method, tuple(sorted(config.method_options().items())), config.points, config.zero_dead, fold)
-
-
-def _add_weighted(candidate: _Candidate, state: Mapping[str, torch.Tensor], weight: float) -> None:
-    """``candidate.total += weight * state`` over floating-point entries, in float64."""
-    for key, value in state.items():
-        if not value.is_floating_point():
-            continue
-        term = weight * value.detach().to(torch.float64).cpu()
-        candidate.total[key] = candidate.total[key] + term if key in candidate.total else term
-    candidate.weight += weight
 
 
 def _is_identity(transform: Transform) -> bool:

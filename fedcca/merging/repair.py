@@ -347,8 +347,10 @@ def _producer(point: AlignmentPoint, modules: Mapping[str, nn.Module]) -> str | 
     whose module is then the producer itself.
     """
     resolved = [resolve_tap(tap, modules) for tap in point.taps]
-    functional = {found[0] for found in resolved if found is not None and found[1]}
-    if point.taps and all(found is not None and found[1] for found in resolved) and len(functional) == 1:
+    if any(found is None or found.input for found in resolved):
+        return None  # a feature read at a consumer's input has no one module to correct
+    functional = {found.module for found in resolved if found.relu}
+    if point.taps and all(found.relu for found in resolved) and len(functional) == 1:
         (name,) = functional
         module = modules[name]
         if isinstance(module, nn.modules.batchnorm._BatchNorm) or (

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import nn
@@ -43,6 +43,34 @@ KNOWN_LAYERS = PRODUCERS + NORMS
 RELU_TAP_SUFFIX = "+relu"
 """A tap ``"<module>+relu"`` is ReLU applied to ``<module>``'s output: the feature after a functional
 ReLU (``F.relu``, ``x.relu()``, ...), which has no module of its own to hook."""
+
+INPUT_TAP_SUFFIX = ":input"
+"""A tap ``"<module>:input"`` is the first input of ``<module>`` (a forward pre-hook): the feature
+where no module outputs it, e.g. a functional ReLU of a residual sum, read where it is consumed."""
+
+
+class Tap(NamedTuple):
+    """What a tap hooks: ``module``'s output (ReLU applied when ``relu``), or its first input."""
+
+    module: str
+    relu: bool = False
+    input: bool = False
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A feature group the spec leaves unaligned (its parameters are averaged as FedAvg does), and why.
+
+    Args:
+        where: The layer or graph node that prevents aligning it, as error messages name it.
+        reason: Why a transform cannot be pushed through there.
+        layers: The conv/linear layers whose outputs form the group (empty for a layer left
+            out on its own, e.g. a LayerNorm).
+    """
+
+    where: str
+    reason: str
+    layers: tuple[str, ...] = ()
 
 
 class UnsupportedModelError(ValueError):
@@ -151,11 +179,14 @@ class AlignmentSpec:
             of the first layer and the outputs of the classifier.
         norms: ``(producer, batchnorm)`` module-name pairs: each BatchNorm and the conv/linear
             layer whose output it normalises (used to fold BatchNorm before aligning).
+        left: What partial alignment left unaligned and why (:class:`LeftOut`); the axes of
+            those groups and of layers fedcca cannot transform are in ``fixed``.
     """
 
     points: tuple[AlignmentPoint, ...]
     fixed: tuple[tuple[str, int], ...] = ()
     norms: tuple[tuple[str, str], ...] = ()
+    left: tuple[LeftOut, ...] = ()
 
     def __post_init__(self) -> None:
         names = self.names()
@@ -210,7 +241,7 @@ def _check_point(p: AlignmentPoint, state: Mapping[str, torch.Tensor], modules: 
     for tap in p.taps:
         if resolve_tap(tap, modules) is None:
             raise UnsupportedModelError(f"point {p.name!r}: tap {tap!r} is not a module of the model "
-                                        f"(nor '<module>{RELU_TAP_SUFFIX}')")
+                                        f"(nor '<module>{RELU_TAP_SUFFIX}' or '<module>{INPUT_TAP_SUFFIX}')")
     for ax in p.axes:
         if ax.key not in state:
             raise UnsupportedModelError(f"point {p.name!r}: key {ax.key!r} is not in the state dict")
@@ -256,11 +287,18 @@ def own_tensors(path: str, module: nn.Module) -> Iterator[tuple[str, torch.Tenso
 def _check_layer_covered(
     name: str, module: nn.Module, state: Mapping[str, torch.Tensor], owner: Mapping[tuple[str, int], str]
 ) -> None:
-    """A layer with float tensors is of a known type and the spec covers all of its feature axes."""
+    """A layer with float tensors is of a known type and the spec covers all of its feature axes.
+
+    A layer fedcca cannot transform (a LayerNorm, a grouped conv, ...) is allowed when every
+    feature axis of its tensors is fixed: it is then averaged as it is (partial alignment).
+    """
     keys = [key for key, _ in own_tensors(name, module) if key in state]
     if not keys:
         return
     kind = type(module).__name__
+    feature_axes = [(key, axis) for key in keys for axis in range(min(state[key].dim(), 2))]
+    if all(owner.get(slot) == "the fixed axes" for slot in feature_axes):
+        return
     if not isinstance(module, KNOWN_LAYERS):
         raise UnsupportedModelError(
             f"layer {name!r} ({kind}) has parameters or buffers but fedcca can only align "
@@ -280,20 +318,35 @@ def _check_layer_covered(
                 )
 
 
-def resolve_tap(tap: str, modules: Mapping[str, nn.Module]) -> tuple[str, bool] | None:
-    """The module a tap hooks and whether ReLU is applied to its output; None if it names no module.
+def describe_left(spec: AlignmentSpec) -> str:
+    """One line naming what ``spec`` leaves unaligned, grouped by reason, e.g. for a log."""
+    by_reason: dict[str, list[LeftOut]] = {}
+    for entry in spec.left:
+        by_reason.setdefault(entry.reason, []).append(entry)
+    parts = []
+    for reason, entries in by_reason.items():
+        names = [name for entry in entries for name in entry.layers] or [entries[0].where]
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        parts.append(f"{shown} (at {entries[0].where}{' and others' if len(entries) > 1 else ''}: {reason})")
+    return "; ".join(parts) if parts else "nothing"
 
-    A tap is a module name (the module's output is the feature) or ``"<module>+relu"``
-    (:data:`RELU_TAP_SUFFIX`: the feature is ``relu(<module>'s output)``). A module name wins.
+
+def resolve_tap(tap: str, modules: Mapping[str, nn.Module]) -> Tap | None:
+    """What a tap hooks; None if it names no module.
+
+    A tap is a module name (the module's output is the feature), ``"<module>+relu"``
+    (:data:`RELU_TAP_SUFFIX`: the feature is ``relu(<module>'s output)``) or
+    ``"<module>:input"`` (:data:`INPUT_TAP_SUFFIX`: the module's first input). A module name wins.
 
     Args:
         tap: The tap, as in :attr:`AlignmentPoint.taps`.
         modules: ``dict(model.named_modules())``.
     """
     if tap in modules:
-        return tap, False
-    if tap.endswith(RELU_TAP_SUFFIX) and tap[:-len(RELU_TAP_SUFFIX)] in modules:
-        return tap[:-len(RELU_TAP_SUFFIX)], True
+        return Tap(tap)
+    for suffix, kind in ((RELU_TAP_SUFFIX, "relu"), (INPUT_TAP_SUFFIX, "input")):
+        if tap.endswith(suffix) and tap[:-len(suffix)] in modules:
+            return Tap(tap[:-len(suffix)], **{kind: True})
     return None
 
 

@@ -50,12 +50,14 @@ from torch import fx, nn
 
 from fedcca.spec.alignment import (
     CONVS,
+    INPUT_TAP_SUFFIX,
     KNOWN_LAYERS,
     NORMS,
     PRODUCERS,
     RELU_TAP_SUFFIX,
     AlignmentPoint,
     AlignmentSpec,
+    LeftOut,
     ParamAxis,
     Role,
     UnsupportedModelError,
@@ -81,7 +83,7 @@ _PASS_METHODS = frozenset({"contiguous"})
 _RESHAPE_METHODS = frozenset({"view", "reshape", "flatten", "squeeze"})
 _ADD_METHODS = frozenset({"add", "add_"})
 
-def derive_spec(model: nn.Module, example_input: torch.Tensor | None = None) -> AlignmentSpec:
+def derive_spec(model: nn.Module, example_input: torch.Tensor | None = None, *, strict: bool = False) -> AlignmentSpec:
     """Describe ``model`` as an :class:`~fedcca.spec.alignment.AlignmentSpec` by tracing it with ``torch.fx``.
 
     The spec is of the kind a hand-written ``alignment_spec()`` returns (see the module
@@ -92,10 +94,16 @@ def derive_spec(model: nn.Module, example_input: torch.Tensor | None = None) -> 
         model: The model to describe.
         example_input: A batch of inputs ``[N, ...]`` (two samples are used) that fixes the
             tensor shapes, notably the block size of a flatten into a linear layer.
+        strict: Refuse the model at the first operation a transform cannot be pushed through.
+            Otherwise (partial alignment) the feature groups on both sides of such an
+            operation, and layers fedcca cannot transform (LayerNorm, GroupNorm, grouped convs,
+            ...), are left unaligned — their parameters are averaged as FedAvg does — and
+            listed in the spec's ``left``, each with the graph node and the reason.
 
     Raises:
-        UnsupportedModelError: naming the graph node, op and module the spec cannot describe,
-            when tracing or running the example fails, or when there is no example input.
+        UnsupportedModelError: naming the graph node, op and module the spec cannot describe
+            (``strict``), or when tracing or running the example fails, or when there is no
+            example input.
     """
     example = _example(model, example_input)
     tracer = _Tracer()
@@ -108,7 +116,7 @@ def derive_spec(model: nn.Module, example_input: torch.Tensor | None = None) -> 
             f"record prevent deriving one. To merge it, {WHAT_TO_DO}") from err
     module = fx.GraphModule(model, graph, type(model).__name__)
     shapes = _run_shapes(model, module, example)
-    spec = _Walk(model, graph, tracer.returns, shapes).spec()
+    spec = _Walk(model, graph, tracer.returns, shapes, strict).spec()
     return spec
 
 
@@ -241,11 +249,12 @@ class _Group:
 
 @dataclass(frozen=True)
 class _Opaque:
-    """An operation the walk cannot see through: its feature inputs and its (fixed) result."""
+    """An operation the walk cannot see through: its feature inputs, its (fixed) result and why."""
 
     node: fx.Node
     inputs: tuple[int, ...]
     result: int
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -261,8 +270,12 @@ class _Walk:
     """One forward-order pass over a traced graph, then the spec built from the groups."""
 
     def __init__(self, model: nn.Module, graph: fx.Graph, returns: dict[str, list[fx.Node | None]],
-                 shapes: dict[fx.Node, _Shape]) -> None:
+                 shapes: dict[fx.Node, _Shape], strict: bool) -> None:
         self.model_type = type(model).__name__
+        self.strict = strict
+        self.returns = returns
+        self.layer_axes: list[tuple[str, int]] = []  # axes of layers left out whole (partial alignment)
+        self.left: dict[int, LeftOut] = {}  # group element -> why it is left unaligned
         self.modules = dict(model.named_modules())
         self.state_keys = set(model.state_dict())
         self.shapes = shapes
@@ -394,22 +407,24 @@ class _Walk:
     def _layer(self, node: fx.Node, module: nn.Module) -> _Value:
         """A module with parameters: a producer, a BatchNorm, or a layer fedcca cannot align."""
         kind = type(module).__name__
-        if isinstance(module, CONVS) and module.groups != 1:
-            raise self._refuse(node, f"it is a grouped or depthwise conv (groups={module.groups}); a general "
-                                     "transform of its input channels cannot be applied to it")
-        if not isinstance(module, PRODUCERS + NORMS):
-            raise self._refuse(node, f"fedcca can align only Conv1d/Conv2d (groups=1), Linear and BatchNorm1d/2d "
-                                     f"layers, not {kind}")
         source = self._source(node)
+        if isinstance(module, CONVS) and module.groups != 1:
+            return self._left_layer(node, module, source, f"it is a grouped or depthwise conv (groups={module.groups}); "
+                                                          "a general transform of its input channels cannot be applied "
+                                                          "to it")
+        if not isinstance(module, PRODUCERS + NORMS):
+            return self._left_layer(node, module, source, f"fedcca can align only Conv1d/Conv2d (groups=1), Linear and "
+                                                          f"BatchNorm1d/2d layers, not {kind}")
         value = self.values[source] if source is not None else _Value(self._new(fixed=True))
         if isinstance(module, NORMS):
             return self._batchnorm(node, module, source, value)
         shape = self._shape(source) if source is not None else None
         if isinstance(module, nn.Linear) and (shape is None or len(shape) != 2):
-            raise self._refuse(node, f"a Linear layer on an input of shape {shape} acts on its last dim; fedcca "
-                                     "aligns features on dim 1 and needs [N, features] inputs")
+            return self._left_layer(node, module, source, f"a Linear layer on an input of shape {shape} acts on its "
+                                                          "last dim; fedcca aligns features on dim 1 and needs "
+                                                          "[N, features] inputs")
         if isinstance(module, CONVS) and value.block != 1:
-            raise self._refuse(node, "a conv reading flattened features")
+            return self._left_layer(node, module, source, "a conv reading flattened features")
         self._claim(node, f"{node.target}.weight", 1, "in", value.block, value.group)
         out = self._new()
         self._claim(node, f"{node.target}.weight", 0, "out", 1, out)
@@ -483,11 +498,26 @@ class _Walk:
         self.groups[root].sums.append(node)
         return _Value(root, a.block)
 
-    def _opaque(self, node: fx.Node, inputs: list[_Value]) -> _Value:
-        """An op the walk cannot see through; allowed only on features that are fixed anyway."""
+    def _opaque(self, node: fx.Node, inputs: list[_Value], reason: str | None = None) -> _Value:
+        """An op the walk cannot see through; its inputs are aligned only if fixed anyway (else refused,
+        or left unaligned under partial alignment)."""
         result = self._new(fixed=True)
-        self.opaque.append(_Opaque(node, tuple(value.group for value in inputs), result))
+        self.opaque.append(_Opaque(node, tuple(value.group for value in inputs), result, reason))
         return _Value(result)
+
+    def _left_layer(self, node: fx.Node, module: nn.Module, source: fx.Node | None, reason: str) -> _Value:
+        """A layer with parameters fedcca cannot transform: refused (strict) or averaged as it is.
+
+        Its own tensors' feature axes are fixed, and it is an opaque op on its input: the group
+        it reads is left unaligned.
+        """
+        if self.strict:
+            raise self._refuse(node, reason)
+        for key, tensor in own_tensors(str(node.target), module):
+            if key in self.state_keys:
+                self.layer_axes += [(key, axis) for axis in range(min(tensor.dim(), 2))]
+        inputs = [self.values[source]] if source is not None else []
+        return self._opaque(node, inputs, reason)
 
     def _shape(self, node: fx.Node) -> tuple[int, ...] | None:
         entry = self.shapes.get(node)
@@ -505,14 +535,42 @@ class _Walk:
         for root, group in sorted(merged.items(), key=lambda item: self._first(item[1])):
             if root in fixed or not group.producers:
                 continue
+            try:
+                taps = self._taps(group)
+            except UnsupportedModelError as err:
+                if self.strict:
+                    raise
+                fixed.add(root)
+                self._leave(root, group.producers[0], str(err).split(" cannot be aligned: ", 1)[-1].split(". To")[0])
+                continue
             axes = tuple(ParamAxis(key, axis, claim.role, claim.block)
                          for (key, axis), claim in self.claims.items() if self._find(claim.group) == root)
             first = group.producers[0]
-            points.append(AlignmentPoint(str(first.target), self._shape(first)[1], self._taps(group), axes))
+            points.append(AlignmentPoint(str(first.target), self._shape(first)[1], taps, axes))
         fixed_axes = [slot for slot, claim in self.claims.items() if self._find(claim.group) in fixed]
-        fixed_axes += self._unused_layer_axes()
-        norms = tuple(pair for element in sorted(merged) for pair in merged[element].norms)
-        return AlignmentSpec(tuple(points), tuple(fixed_axes), norms)
+        fixed_axes += self._unused_layer_axes() + [slot for slot in self.layer_axes if slot not in fixed_axes]
+        norms = tuple(pair for element in sorted(merged) for pair in merged[element].norms
+                      if self._find(element) not in fixed)
+        return AlignmentSpec(tuple(points), tuple(dict.fromkeys(fixed_axes)), norms, self._left_out(merged))
+
+    def _leave(self, element: int, node: fx.Node, reason: str) -> None:
+        """Record that the group of ``element`` is left unaligned because of ``node`` (the first reason wins)."""
+        self.left.setdefault(self._find(element), LeftOut(self._where(node), reason))
+
+    def _left_out(self, merged: dict[int, _Group]) -> tuple[LeftOut, ...]:
+        """What partial alignment left out: groups with layers (named), and layers left out whole."""
+        out, seen = [], set()
+        for element, entry in self.left.items():
+            root = self._find(element)
+            layers = tuple(str(n.target) for n in merged.get(root, _Group()).producers)
+            if layers and root not in seen:
+                seen.add(root)
+                out.append(LeftOut(entry.where, entry.reason, layers))
+        named = {entry.where for entry in out}
+        for op in self.opaque:  # a layer left out whose input group held no layer (e.g. on the raw input)
+            if op.node.op == "call_module" and op.reason is not None and self._where(op.node) not in named:
+                out.append(LeftOut(self._where(op.node), op.reason))
+        return tuple(dict.fromkeys(out))
 
     def _fixed_roots(self) -> set[int]:
         """Roots of fixed groups; raises for an opaque op or loose BatchNorm between aligned layers."""
@@ -531,14 +589,21 @@ class _Walk:
             # logits): its inputs are then model outputs too, and fixed.
             if self._find(op.result) not in feeding:
                 fixed.update(self._find(e) for e in op.inputs)
-        problems = [(op.node, self._opaque_reason(op.node)) for op in self.opaque
-                    if self._find(op.result) in feeding and any(self._find(e) not in fixed for e in op.inputs)]
+        problems = [(op.node, op.reason or self._opaque_reason(op.node), op.inputs) for op in self.opaque
+                    if (self._find(op.result) in feeding or op.reason is not None)
+                    and any(self._find(e) not in fixed for e in op.inputs)]
         problems += [(node, "a BatchNorm that does not directly follow a conv/linear layer; fedcca aligns "
-                            "BatchNorm only as part of its producer") for node, group in self.loose_norms
+                            "BatchNorm only as part of its producer", (group,)) for node, group in self.loose_norms
                      if self._find(group) not in fixed]
-        if problems:
-            node, reason = min(problems, key=lambda problem: self.order[problem[0]])
+        problems.sort(key=lambda problem: self.order[problem[0]])
+        if problems and self.strict:
+            node, reason, _ = problems[0]
             raise self._refuse(node, reason)
+        for node, reason, groups in problems:  # partial alignment: what feeds the op stays unaligned
+            for element in groups:
+                if self._find(element) not in fixed:
+                    self._leave(element, node, reason)
+                    fixed.add(self._find(element))
         return fixed
 
     def _opaque_reason(self, node: fx.Node) -> str:
@@ -554,7 +619,9 @@ class _Walk:
 
         Candidates come in tiers, the first tier with a hookable tensor wins: the ReLUs after
         the residual sums (or the sums), then every ReLU of the point, then — for a point
-        without ReLU only — its producers' or their BatchNorms' outputs.
+        without ReLU only — its producers' or their BatchNorms' outputs. Only when no module
+        outputs any of them is the feature read at the input of a module consuming it
+        (``"<module>:input"``, e.g. a functional ReLU of a residual sum in the model's forward).
         """
         tiers = []
         if group.sums:
@@ -564,11 +631,13 @@ class _Walk:
         else:
             normed = {node.args[0] for node in group.batchnorms}
             tiers.append([*group.batchnorms, *(node for node in group.producers if node not in normed)])
-        for candidates in tiers:
-            candidates.sort(key=self.order.__getitem__)
-            taps = list(dict.fromkeys(name for name in map(self._tap_name, candidates) if name is not None))
-            if taps:
-                return tuple(taps)
+        for consumers in (False, True):  # a consumer's input only where no module outputs the feature
+            for candidates in tiers:
+                candidates.sort(key=self.order.__getitem__)
+                names = (self._consumer_input(node) if consumers else self._tap_name(node) for node in candidates)
+                taps = list(dict.fromkeys(name for name in names if name is not None))
+                if taps:
+                    return tuple(taps)
         raise self._refuse(tiers[0][0], "no module outputs this feature (fedcca collects statistics with forward "
                                         "hooks on modules): compute it in an nn.ReLU module or apply the ReLU "
                                         "directly to a module's output")
@@ -587,6 +656,29 @@ class _Walk:
             names = self.returned_by.get(source) if source is not None else None
             if names:
                 return min(names, key=self._preference) + RELU_TAP_SUFFIX
+        return None
+
+    def _consumer_input(self, node: fx.Node, depth: int = 0) -> str | None:
+        """``"<module>:input"`` of a module called once whose first input is ``node``'s feature.
+
+        Channel-preserving ops in between (pooling, spatial means, dropout, a flatten of
+        ``[N, C, 1, 1]``) are followed: the feature is then read after them, still channel by
+        channel (e.g. the pooled stream at the classifier).
+        """
+        value = self.values.get(node)
+        if value is None or depth > 4:
+            return None
+        for user in sorted(node.users, key=self.order.__getitem__):
+            if user.op == "call_module" and user.args and user.args[0] is node \
+                    and len(self.returns.get(str(user.target), ())) == 1 and value.block == 1:
+                return f"{user.target}{INPUT_TAP_SUFFIX}"
+        for user in sorted(node.users, key=self.order.__getitem__):
+            after = self.values.get(user)
+            if after is not None and self._find(after.group) == self._find(value.group) and after.block == 1 \
+                    and self._source(user) is node:
+                found = self._consumer_input(user, depth + 1)
+                if found is not None:
+                    return found
         return None
 
     def _preference(self, path: str) -> tuple[bool, int]:
@@ -659,7 +751,7 @@ def _first_layer_without_description(model: nn.Module) -> str:
     return "it has no layers with parameters"
 
 
-def spec_for(model: nn.Module, example_input: torch.Tensor | None = None) -> AlignmentSpec:
+def spec_for(model: nn.Module, example_input: torch.Tensor | None = None, *, strict: bool = False) -> AlignmentSpec:
     """Return the validated alignment spec of ``model``.
 
     A model's own ``alignment_spec()`` method wins (all of :mod:`fedcca.models` have one).
@@ -671,6 +763,7 @@ def spec_for(model: nn.Module, example_input: torch.Tensor | None = None) -> Ali
         model: The model to describe.
         example_input: A batch of the model's inputs (its shapes fix flatten block sizes);
             used only when the model has no ``alignment_spec()``.
+        strict: Refuse a derived spec that leaves anything unaligned (see :func:`derive_spec`).
 
     Raises:
         UnsupportedModelError: when no spec can be found or derived, or the spec does not match it.
@@ -689,6 +782,6 @@ def spec_for(model: nn.Module, example_input: torch.Tensor | None = None) -> Ali
                 "Pass example_input= (a batch of inputs) to derive one from its torch.fx graph, or "
                 f"{WHAT_TO_DO}"
             )
-        spec = derive_spec(model, example_input)
+        spec = derive_spec(model, example_input, strict=strict)
     spec.validate(model)
     return spec
