@@ -36,6 +36,9 @@ _EXPORTS = {
     "CCAMerge": "fedcca.flower.strategy",
     "DistillConfig": "fedcca.merging.distillation",
     "resolve_search": "fedcca.merging.config",
+    "public_split": "fedcca.data.public",
+    "RecordRounds": "fedcca.flower.recording",
+    "ScreenReplies": "fedcca.flower.screen",
 }
 
 __all__ = sorted(_EXPORTS)

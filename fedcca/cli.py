@@ -15,6 +15,7 @@ import pickle
 import sys
 import time
 from collections.abc import Sequence
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedcca", description="CCA Merge for Flower models.")
+    parser.add_argument("--version", action="version", version=f"fedcca {version('fedcca')}")
     commands = parser.add_subparsers(dest="command", required=True)
     sub = commands.add_parser("merge", help="merge checkpoints of one architecture into one model")
     sub.add_argument("checkpoints", nargs="+", type=Path, metavar="CKPT", help="checkpoint files")
@@ -112,6 +114,7 @@ def _merge_command(args: argparse.Namespace) -> int:
         models.append(model)
     if len(models) < 2:
         raise CliError(f"merging needs at least 2 checkpoints, got {len(models)}")
+    _check_fits(models[0], calibration, args.calibration, arch)
     given = {name: getattr(args, name) for name in parameters() if getattr(args, name) is not None}
     try:
         config = MergeConfig(args.method, shrinkage=args.shrinkage, repair=args.repair,
@@ -140,6 +143,8 @@ def _build(arch: dict[str, Any]) -> torch.nn.Module:
     if _is_user_model(arch):
         from fedcca.app.federation import build_user_model
 
+        if os.getcwd() not in sys.path and "" not in sys.path:  # `--model mypkg.task:Net` from the app's folder
+            sys.path.insert(0, os.getcwd())
         return build_user_model(arch["model"], arch["num_classes"], arch["in_channels"],
                                 label=f"--model {arch['model']!r}")
     from fedcca.models import build_model
@@ -194,7 +199,22 @@ def _load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
         meta = {}
     if not content or not all(isinstance(value, torch.Tensor) for value in content.values()):
         raise CliError(f"{path} is not a state dict of tensors")
+    bad = [key for key, value in content.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise CliError(f"{path} has non-finite values in {bad[0]!r}" + (f" and {len(bad) - 1} more" if len(bad) > 1
+                                                                        else ""))
     return meta, dict(content)
+
+
+def _check_fits(model: torch.nn.Module, calibration: torch.Tensor, path: Path, arch: dict[str, Any]) -> None:
+    """Before any work: one calibration sample runs through the model."""
+    try:
+        with torch.no_grad():
+            model.eval()(calibration[:2])
+    except Exception as err:  # pylint: disable=broad-except  # any shape or dtype mismatch
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CliError(f"calibration file {path} (shape {tuple(calibration.shape)}) does not fit --model "
+                       f"{arch['model']}: {first}") from None
 
 
 def _load_calibration(path: Path) -> torch.Tensor:

@@ -140,3 +140,55 @@ def test_calibration_that_overflows_float32_and_a_single_checkpoint_are_refused(
     code = main(["merge", str(files["a.pt"]), "--calibration", str(files["calib.pt"]), "--out", str(tmp_path / "m.pt")])
     _assert_clean_error(code, capsys, "at least 2 checkpoints")
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("fedcca ")
+
+
+def test_calibration_of_the_wrong_shape_and_nan_weights_name_the_file(files: dict[str, Path], tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    wrong = tmp_path / "wrong.pt"
+    torch.save(torch.randn(8, 3, 28, 28), wrong)  # 3 channels for a 1-channel model
+    code = main(["merge", str(files["a.pt"]), str(files["b.pt"]), "--calibration", str(wrong),
+                 "--out", str(tmp_path / "m.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"calibration file {wrong} (shape (8, 3, 28, 28)) does not fit" in err[0]
+    broken = _cnn(3).state_dict()
+    first = next(iter(broken))
+    broken[first].view(-1)[0] = float("nan")
+    bad = tmp_path / "nan.pt"
+    torch.save(broken, bad)
+    code = main(["merge", str(files["a.pt"]), str(bad), "--calibration", str(files["calib.pt"]),
+                 "--out", str(tmp_path / "m.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"{bad} has non-finite values in {first!r}" in err[0]
+
+
+def test_a_user_model_is_found_from_the_working_directory(files: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fedcca merge --model userapp.task:Net` run from the app's own folder (the console script's sys.path
+    does not hold the working directory)."""
+    app = tmp_path / "app"
+    (app / "userapp").mkdir(parents=True)
+    (app / "userapp" / "__init__.py").write_text("")
+    (app / "userapp" / "task.py").write_text(
+        "from torch import nn\n"
+        "class Net(nn.Sequential):\n"
+        "    def __init__(self, num_classes=10, in_channels=1):\n"
+        "        super().__init__(nn.Flatten(), nn.Linear(in_channels * 28 * 28, 16), nn.ReLU(),\n"
+        "                         nn.Linear(16, num_classes))\n")
+    monkeypatch.chdir(app)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(app))])
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 16), torch.nn.ReLU(),
+                                    torch.nn.Linear(16, 10))
+        paths.append(tmp_path / f"user{seed}.pt")
+        torch.save(model.state_dict(), paths[-1])
+    out = tmp_path / "user-merged.pt"
+    assert main(["merge", *map(str, paths), "--calibration", str(files["calib.pt"]), "--model", "userapp.task:Net",
+                 "--out", str(out)]) == 0
+    assert torch.load(out, weights_only=True)["model"] == "userapp.task:Net"

@@ -36,7 +36,7 @@ def test_any_strategy_is_recorded_through_flowers_own_loop(inner: str, tmp_path:
                 "cca": lambda: CCAMerge(make_model, CALIBRATION, reference="global", **common)}[inner]()
     recorded = RecordRounds(strategy, tmp_path / "run", title=f"{inner} on tiny")
     grid = InProcessGrid({node: fedavg_app for node in NODES})
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="flwr"):
         result = recorded.start(grid, ArrayRecord(make_model(seed=1).state_dict()), num_rounds=2,
                                 evaluate_fn=_evaluate)
     assert [r.round for r in recorded.rounds] == [1, 2]

@@ -24,6 +24,7 @@ from fedcca.data.partitioning import (
     federated_split,
     partition,
 )
+from fedcca.data.public import PublicData, public_split
 
 __all__ = [
     "AUGMENTATIONS",
@@ -36,6 +37,7 @@ __all__ = [
     "DatasetNotFoundError",
     "DeviceLoader",
     "FederatedSplit",
+    "PublicData",
     "calibration_split",
     "class_counts",
     "crop_batch",
@@ -44,6 +46,7 @@ __all__ = [
     "load_dataset",
     "normalize",
     "partition",
+    "public_split",
     "read_cifar",
     "read_idx",
     "standardize",

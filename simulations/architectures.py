@@ -1,5 +1,8 @@
 """Architectures from the field, written the way Flower and PyTorch users write them (small widths).
 
+Used by the partial-alignment tests (tests/test_core_architectures.py) and benchmark
+(``python -m simulations.oneshot_fl --set model=simulations.architectures:MobileNetSmall``).
+
 torchvision does not import with the CPU torch of this environment, so these are equivalents:
 a ResNet-18 with GroupNorm (as in federated-learning papers), a ResNet whose blocks apply a
 functional ReLU to the residual sum, a MobileNet-style net with depthwise convs, a VGG with

@@ -1,0 +1,1 @@
+"""ccamerge-app: Flower's PyTorch quickstart, merging with CCAMerge."""
