@@ -206,10 +206,11 @@ def as_batches(calibration: torch.Tensor | Iterable, batch_size: int = 256) -> I
 
     A tensor (or numpy array) is cut along dim 0 into near-equal batches of at most
     ``batch_size`` (near-equal so that no trailing batch of one sample breaks BatchNorm in
-    train mode). An iterable passes through; ``(x, y)`` items yield ``x``.
+    train mode). A map-style ``Dataset`` is batched in order; another iterable (a
+    ``DataLoader``) passes through; ``(x, y)`` items yield ``x``.
 
     Args:
-        calibration: Inputs [N, ...], or an iterable of batches / ``(x, y)`` pairs.
+        calibration: Inputs [N, ...], a ``Dataset``, or an iterable of batches / ``(x, y)`` pairs.
         batch_size: Largest batch cut from a tensor.
     """
     if isinstance(calibration, np.ndarray):
@@ -220,6 +221,9 @@ def as_batches(calibration: torch.Tensor | Iterable, batch_size: int = 256) -> I
         if len(calibration):
             yield from calibration.tensor_split(math.ceil(len(calibration) / batch_size))
         return
+    if isinstance(calibration, torch.utils.data.Dataset) and hasattr(calibration, "__len__"):
+        # a map-style Dataset holds single examples: batch them (in order)
+        calibration = torch.utils.data.DataLoader(calibration, batch_size=batch_size)
     for item in calibration:
         yield item[0] if isinstance(item, (tuple, list)) else item
 

@@ -116,6 +116,7 @@ def train(
                                 weight_decay=config.weight_decay, nesterov=config.nesterov)
     anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu > 0 else None
     total_steps = config.epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: config.factor(step, total_steps))
     start = time.perf_counter()
     loss_sum, examples, step, epoch_loss = 0.0, 0, 0, float("nan")
     for epoch in range(config.epochs):
@@ -123,13 +124,12 @@ def train(
         batch_losses, epoch_examples = [], 0
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * config.factor(step, total_steps)
             loss = F.cross_entropy(model(x), y)
             objective = loss if anchor is None else loss + _proximal(model, anchor, config.proximal_mu)
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
             optimizer.step()
+            schedule.step()
             batch_losses.append(loss.detach() * len(y))
             epoch_examples += len(y)
             step += 1

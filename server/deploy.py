@@ -336,6 +336,25 @@ class FlwrCli:
         """The SuperLink's node list (``flwr supernode ls``), one dict per registered node."""
         return list(self.call_json("supernode", "ls", CONNECTION).get("nodes", []))
 
+    def _stream_log(self, run_id: int, timeout: float) -> str:
+        """``flwr log --stream`` of the run: every line kept, the progress lines (``[fedcca]``) echoed as they come."""
+        command = [_flower_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"]
+        env = flower_env()
+        env["FLWR_HOME"] = str(self.home)
+        lines: list[str] = []
+        deadline = time.monotonic() + timeout
+        with subprocess.Popen(command, cwd=self.home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) as process:
+            assert process.stdout is not None
+            for line in process.stdout:  # ends when the run finishes (or the stream breaks)
+                lines.append(line)
+                if "[fedcca]" in line:
+                    print(line.rstrip(), flush=True)
+                if time.monotonic() > deadline:
+                    process.kill()
+                    break
+        return "".join(lines)  # a broken stream is judged by the run's status
+
     def submit(self, app: Path, run_config: Path | None = None) -> int:
         """Start a run of the Flower app in ``app`` (``flwr run``); return its run id.
 
@@ -373,10 +392,7 @@ class FlwrCli:
             DeployError: The run did not finish in time.
         """
         deadline = time.monotonic() + timeout
-        try:
-            logs = self.call("log", str(run_id), CONNECTION, "--stream", timeout=timeout)
-        except DeployError:
-            logs = ""  # a broken stream is judged by the status below
+        logs = self._stream_log(run_id, timeout)
         if log_file is not None:
             log_file.write_text(logs, encoding="utf-8")
         status = self.status(run_id)
@@ -876,7 +892,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="`flwr run` the app against the SuperLink and wait for it")
     _add_connection_args(run, "CA certificate from `certs`")
-    run.add_argument("--app", type=Path, default=REPO_ROOT, help="folder of the Flower app")
+    run.add_argument("--app", type=Path, default=REPO_ROOT,
+                     help="folder of the Flower app (default: this repository's, where server/ lives)")
     run.add_argument("--run-config", action="append", default=[], help="overrides: \"key=value key2='text'\"")
     run.add_argument("--timeout", type=float, default=3600.0, help="seconds the run may take")
     run.add_argument("--log-file", type=Path, help="write the run's logs here")
@@ -885,7 +902,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     local = sub.add_parser("local", help="SuperLink + N SuperNodes on 127.0.0.1, one run, then stop all")
     local.add_argument("--num-supernodes", type=int, default=2)
-    local.add_argument("--app", type=Path, default=REPO_ROOT)
+    local.add_argument("--app", type=Path, default=REPO_ROOT,
+                       help="folder of the Flower app (default: this repository's, where server/ lives)")
     local.add_argument("--run-config", action="append", default=[], help="overrides: \"key=value key2='text'\"")
     local.add_argument("--gpus", type=int, nargs="+", help="GPU of each SuperNode (cycled)")
     local.add_argument("--workdir", type=Path, help="keep certificates, keys and logs here (default: temporary)")

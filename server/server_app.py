@@ -11,6 +11,7 @@ a resumed run computes what an uninterrupted one would.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
-from flwr.common.logger import log
+from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx
 from torch import nn
@@ -113,16 +114,33 @@ def build_strategy(task: TaskConfig, model_fn: Callable[[], nn.Module], device: 
         model_fn: Builds a fresh model of the federated architecture.
         device: Where CCAMerge computes statistics and merges (None: CUDA if present).
     """
-    # Evaluation is server-side (the test split), so no evaluate round on the clients.
+    # Evaluation is server-side (the test split), so no evaluate round on the clients: FedAvg's warning
+    # about fraction_evaluate = 0 says what this app intends, on every run; it is left out.
     common: dict[str, Any] = {"fraction_train": task.fraction_train, "fraction_evaluate": 0.0,
                               "min_train_nodes": task.min_nodes, "min_available_nodes": task.min_nodes}
-    if task.strategy == "fedavg":
-        return FedAvg(**common)
-    if task.strategy == "fedprox":
-        return FedProx(proximal_mu=task.proximal_mu, **common)
-    return CCAMerge(model_fn, calibration_inputs(task), task.merge_search(), holdout=holdout_set(task),
-                    reference=task.reference, stats=task.stats, device=device,
-                    distill=task.distill_config(), **common)
+    quiet = _DropMessage("fraction_evaluate is set to 0.0")
+    FLOWER_LOGGER.addFilter(quiet)
+    try:
+        if task.strategy == "fedavg":
+            return FedAvg(**common)
+        if task.strategy == "fedprox":
+            return FedProx(proximal_mu=task.proximal_mu, **common)
+        return CCAMerge(model_fn, calibration_inputs(task), task.merge_search(), holdout=holdout_set(task),
+                        reference=task.reference, stats=task.stats, device=device,
+                        distill=task.distill_config(), **common)
+    finally:
+        FLOWER_LOGGER.removeFilter(quiet)
+
+
+class _DropMessage(logging.Filter):
+    """Drops log records whose message contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 def run_round(strategy: RecordRounds, grid: Grid, server_round: int, arrays: ArrayRecord,

@@ -223,6 +223,10 @@ def test_holdout_as_a_dataloader_or_dataset_equals_the_tensors() -> None:
         strategy = CCAMerge(make_model, CALIBRATION, holdout=holdout, device="cpu")
         inputs, labels = strategy.settings.holdout
         assert torch.equal(inputs, HOLDOUT[0]) and torch.equal(labels, HOLDOUT[1])
+    labelled = TensorDataset(CALIBRATION, torch.zeros(len(CALIBRATION), dtype=torch.long))
+    for calibration in (DataLoader(labelled, batch_size=16), labelled):  # calibration too: the inputs, in order
+        strategy = CCAMerge(make_model, calibration, device="cpu")
+        assert torch.equal(torch.cat(strategy.settings.calibration), CALIBRATION)
 
 
 def test_construction_errors_name_what_to_fix() -> None:

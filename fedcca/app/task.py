@@ -23,7 +23,7 @@ from fedcca.flower.screen import ScreenReplies
 from fedcca.merging.config import MergeConfig, MergeSearch, parse_values
 from fedcca.merging.distillation import TEACHERS, DistillConfig
 from fedcca.merging.repair import REPAIRS
-from fedcca.methods.cca import RIDGE_MODES
+from fedcca.methods.cca import DEFAULT_RIDGES, RIDGE_MODES
 from fedcca.methods.registry import ALIGNERS
 from fedcca.models import MODEL_NAMES
 from fedcca.training import LR_SCHEDULES, TrainingConfig
@@ -203,7 +203,8 @@ class TaskConfig:
                 return MergeSearch(MergeConfig("direct", zero_dead=False))
             methods = parse_values(self.merge_methods, str) if self.strategy == "cca" else (self.merge_method,)
             shrinkages, repairs = parse_values(self.shrinkage, float), parse_values(self.repair, str)
-            base = MergeConfig(methods[0], ridge=self.ridge, ridge_mode=self.ridge_mode,
+            ridge = None if self.ridge == DEFAULT_RIDGES[self.ridge_mode] else self.ridge  # labels as the library's
+            base = MergeConfig(methods[0], ridge=ridge, ridge_mode=self.ridge_mode,
                                shrinkage=shrinkages[0], repair=repairs[0], zero_dead=self.zero_dead,
                                balance=self.balance, strict=self.strict)
             grid = tuple((name, values) for name, values in (("method", methods), ("shrinkage", shrinkages),

@@ -192,8 +192,10 @@ class CCAMerge(FedAvg):
         log(INFO, "\t│\t├── Merge: %s", " | ".join(c.label() for c in candidates)
             + (f" (chosen each round on {len(settings.holdout[1])} held-out examples, baseline margin "
                f"{self.search.min_z:g} SE)" if len(candidates) > 1 and settings.holdout else ""))
+        source = ("computed by the clients in rounds aligned to the global model, else by the server"
+                  if self.stats == "client" else "computed by the server")
         log(INFO, "\t│\t├── Reference: %s | statistics: %s | calibration: %d examples",
-            self.reference, self.stats, sum(len(batch) for batch in settings.calibration))
+            self.reference, source, sum(len(batch) for batch in settings.calibration))
         super().summary()
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Result:
