@@ -102,7 +102,7 @@ class KeyPair:
 
 
 def make_certificates(folder: Path, names: Sequence[str] = (), ips: Sequence[str] = (),
-                      days: int = 365) -> TlsFiles:
+                      days: int = 365, *, force: bool = False) -> TlsFiles:
     """Create a CA and a SuperLink server certificate it signs (for a test deployment).
 
     Args:
@@ -110,9 +110,14 @@ def make_certificates(folder: Path, names: Sequence[str] = (), ips: Sequence[str
         names: DNS names the SuperNodes use to reach the SuperLink (localhost is always added).
         ips: IP addresses they use (127.0.0.1 and ::1 are always added).
         days: Validity of both certificates.
+        force: Replace existing files (a new CA invalidates every certificate the old one signed).
+
+    Raises:
+        DeployError: A file exists and ``force`` is not set.
     """
     folder.mkdir(parents=True, exist_ok=True)
     files = TlsFiles.in_folder(folder)
+    _refuse_to_replace([files.ca_cert, folder / CA_KEY, files.server_cert, files.server_key], force)
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedcca deployment CA")])
@@ -138,15 +143,20 @@ def make_certificates(folder: Path, names: Sequence[str] = (), ips: Sequence[str
     return files
 
 
-def make_supernode_keys(folder: Path, count: int, prefix: str = "supernode") -> list[KeyPair]:
+def make_supernode_keys(folder: Path, count: int, prefix: str = "supernode", *, force: bool = False) -> list[KeyPair]:
     """Create ``count`` SuperNode key pairs ``{prefix}-{i}`` / ``{prefix}-{i}.pub`` (EC P-384).
 
     Args:
         folder: Created if missing.
         count: Number of key pairs (one per SuperNode).
         prefix: File name prefix.
+        force: Replace existing key files (registered public keys then no longer match).
+
+    Raises:
+        DeployError: A key file exists and ``force`` is not set.
     """
     folder.mkdir(parents=True, exist_ok=True)
+    _refuse_to_replace([folder / f"{prefix}-{i}{suffix}" for i in range(count) for suffix in ("", ".pub")], force)
     pairs = []
     for index in range(count):
         key = ec.generate_private_key(ec.SECP384R1())
@@ -157,6 +167,13 @@ def make_supernode_keys(folder: Path, count: int, prefix: str = "supernode") -> 
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
         pairs.append(pair)
     return pairs
+
+
+def _refuse_to_replace(paths: Sequence[Path], force: bool) -> None:
+    existing = [str(path) for path in paths if path.exists()]
+    if existing and not force:
+        raise DeployError(f"{existing[0]} exists (and {len(existing) - 1} more); pass --force to replace "
+                          "it — replaced keys or CA invalidate what was registered or signed with them")
 
 
 def _certificate_builder(subject: x509.Name, issuer: x509.Name, public_key: Any,
@@ -779,14 +796,14 @@ def _exec(command: Sequence[str], env: Mapping[str, str]) -> None:
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
-    files = make_certificates(args.out, args.name, args.ip, args.days)
+    files = make_certificates(args.out, args.name, args.ip, args.days, force=args.force)
     print(f"CA certificate (copy to every SuperNode and flwr machine): {files.ca_cert}")
     print(f"server certificate/key (SuperLink only): {files.server_cert} {files.server_key}")
     return 0
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    for pair in make_supernode_keys(args.out, args.count, args.prefix):
+    for pair in make_supernode_keys(args.out, args.count, args.prefix, force=args.force):
         print(f"{pair.private_key} (SuperNode machine)  {pair.public_key} (register)")
     return 0
 
@@ -858,12 +875,14 @@ def _build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--name", action="append", default=[], help="DNS name of the SuperLink (repeatable)")
     certs.add_argument("--ip", action="append", default=[], help="IP address of the SuperLink (repeatable)")
     certs.add_argument("--days", type=int, default=365)
+    certs.add_argument("--force", action="store_true", help="replace an existing CA and certificate")
     certs.set_defaults(handler=_cmd_certs)
 
     keys = sub.add_parser("keys", help="create SuperNode authentication key pairs")
     keys.add_argument("--out", type=Path, default=Path("keys"))
     keys.add_argument("--count", type=int, default=2)
     keys.add_argument("--prefix", default="supernode")
+    keys.add_argument("--force", action="store_true", help="replace existing key files")
     keys.set_defaults(handler=_cmd_keys)
 
     link = sub.add_parser("superlink", help="start flower-superlink (TLS + SuperNode authentication)")

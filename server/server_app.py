@@ -27,6 +27,7 @@ from torch import nn
 
 from fedcca.app.federation import (
     calibration_inputs,
+    check_feasible,
     derive_seed,
     evaluation_loader,
     holdout_set,
@@ -77,6 +78,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     outputs = RunDirectory(task.output_dir(run_config)) if task.resume else RunDirectory.fresh(task.output_dir(run_config))
     device = resolve_device(None)
     dataset = load_data(task.dataset, task.data_dir)
+    check_feasible(task, dataset)
     model_fn = partial(make_model, task, dataset)
     evaluator = _Evaluator(model_fn, evaluation_loader(task, device), device)
 

@@ -148,7 +148,7 @@ def load_or_train(dataset: Dataset, spec: ZooSpec, index: int, data: ZooData | N
     path = directory / f"{spec.key(index)}.pt"
     model = build_model(spec.model, dataset.num_classes, dataset.in_channels, spec.width)
     if path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
         model.load_state_dict(saved["state_dict"])
         return model.eval(), saved["record"]
     data = zoo_data(dataset, spec) if data is None else data

@@ -180,3 +180,18 @@ def test_resume_names_a_broken_history(data_dir: Path, tmp_path: Path, content: 
     with pytest.raises(ValueError, match=words) as error:
         _run({**config, "num-server-rounds": 3})
     assert "history.json" in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    ({"partitioning": "label-quantity", "labels-per-client": 11}, "'labels-per-client' = 11, but fashion-mnist has 10"),
+    ({"holdout-size": 500}, "'calibration-size' = 20 and 'holdout-size' = 500 do not fit"),
+    ({"seed": -1}, "'seed' must be >= 0"),
+])
+def test_an_infeasible_split_is_refused_at_start_naming_the_key(data_dir: Path, tmp_path: Path,
+                                                                 overrides: dict, words: str) -> None:
+    from fedcca.app.task import RunConfigError  # pylint: disable=import-outside-toplevel
+
+    config = tiny_run_config(data_dir, tmp_path / "out", **overrides)
+    with pytest.raises(RunConfigError, match=words.replace("(", r"\(")):
+        run_federation(client_grid(config), config)
+    assert not (tmp_path / "out").exists()  # refused before anything was written

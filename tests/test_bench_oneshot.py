@@ -29,3 +29,25 @@ def test_oneshot_writes_rows_and_plot(tmp_path: Path, tiny_data_dir: Path) -> No
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((tmp_path / "zoo").glob("*.pt"))) == 2  # K checkpoints cached
+
+
+def test_the_zoo_cache_loads_without_unpickling_code(tmp_path: Path, tiny_data_dir: Path) -> None:
+    """A cached model is read with torch.load(weights_only=True): a file holding code is refused."""
+    import pickle  # pylint: disable=import-outside-toplevel
+
+    import pytest  # pylint: disable=import-outside-toplevel
+    import torch  # pylint: disable=import-outside-toplevel
+
+    from fedcca.data import load_dataset  # pylint: disable=import-outside-toplevel
+    from simulations import zoo  # pylint: disable=import-outside-toplevel
+
+    dataset = load_dataset("fashion-mnist", tiny_data_dir)
+    spec = zoo.ZooSpec(model="cnn", width=0.25, num_models=1, epochs=1, train_subset=40, calibration_size=20)
+    model, record = zoo.load_or_train(dataset, spec, 0, directory=tmp_path)
+    again, cached = zoo.load_or_train(dataset, spec, 0, directory=tmp_path)
+    assert cached == record and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                                        again.state_dict().values()))
+    path = next(tmp_path.glob("*.pt"))
+    torch.save({"state_dict": model.state_dict(), "record": record, "code": print}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        zoo.load_or_train(dataset, spec, 0, directory=tmp_path)

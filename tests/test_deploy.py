@@ -105,3 +105,19 @@ def test_supernode_with_unregistered_key_is_refused(deployment: LocalDeployment)
     assert "No SuperNode found with the given public key" in superlink_log
     nodes = deployment.cli.registered_nodes()
     assert [node["status"] for node in nodes] == ["online"]  # the stranger never got a node id
+
+
+def test_keys_and_certificates_are_not_replaced_without_force(tmp_path: Path) -> None:
+    from server.deploy import DeployError, main, make_supernode_keys  # pylint: disable=import-outside-toplevel
+
+    (first,) = make_supernode_keys(tmp_path / "keys", 1)
+    before = first.public_key.read_bytes()
+    with pytest.raises(DeployError, match="exists .*pass --force"):
+        make_supernode_keys(tmp_path / "keys", 1)
+    assert first.public_key.read_bytes() == before  # untouched
+    assert main(["certs", "--out", str(tmp_path / "certs")]) == 0
+    ca = (tmp_path / "certs" / "ca.crt").read_bytes()
+    assert main(["certs", "--out", str(tmp_path / "certs")]) != 0
+    assert (tmp_path / "certs" / "ca.crt").read_bytes() == ca
+    assert main(["certs", "--out", str(tmp_path / "certs"), "--force"]) == 0
+    assert (tmp_path / "certs" / "ca.crt").read_bytes() != ca

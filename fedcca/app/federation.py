@@ -172,6 +172,27 @@ def _public_indices(name: str, data_dir: str, calibration_size: int, holdout_siz
     return public[fit], public[held]
 
 
+def check_feasible(task: TaskConfig, dataset: Dataset) -> None:
+    """Before any round: the split the run config asks for exists in ``dataset`` (else the error names the key).
+
+    Checked on the server at start-up, so that a split every client would fail on is refused
+    once, with the key to change, instead of every round being skipped.
+
+    Raises:
+        RunConfigError: ``labels-per-client`` above the number of classes, or ``calibration-size``
+            and ``holdout-size`` that the training split (class-balanced) cannot supply.
+    """
+    if task.partitioning == "label-quantity" and task.labels_per_client > dataset.num_classes:
+        raise RunConfigError(f"run config 'labels-per-client' = {task.labels_per_client}, but {task.dataset} has "
+                             f"{dataset.num_classes} classes")
+    try:
+        _public_indices(task.dataset, task.data_dir, task.calibration_size, task.holdout_size, task.seed)
+    except ValueError as err:
+        raise RunConfigError(f"run config 'calibration-size' = {task.calibration_size} and 'holdout-size' = "
+                             f"{task.holdout_size} do not fit {task.dataset}'s {len(dataset.train_labels)} training "
+                             f"images ({err})") from None
+
+
 def calibration_inputs(task: TaskConfig) -> torch.Tensor:
     """The public calibration images, normalised (float32 ``[calibration-size, C, H, W]``, CPU).
 

@@ -260,6 +260,8 @@ class TaskConfig:
                            "max-update-norm": self.max_update_norm}.items():
             if value < 0:
                 raise RunConfigError(f"run config '{key}' must be >= 0, got {value}")
+        if self.seed < 0:
+            raise RunConfigError(f"run config 'seed' must be >= 0, got {self.seed}")
         if not 0.0 < self.fraction_train <= 1.0:
             raise RunConfigError(f"run config 'fraction-train' must be in (0, 1], got {self.fraction_train}")
         if self.merge_method is not None:
