@@ -197,8 +197,33 @@ def assemble(reference: Mapping[str, Moments], parts: Mapping[str, ClientStatist
         if part.cross.shape != (own.mean.shape[0], part.b.mean.shape[0]):
             raise StatisticsError(f"point '{point}': cross moment of shape {tuple(part.cross.shape)} for "
                                   f"{own.mean.shape[0]} reference and {part.b.mean.shape[0]} model features")
-        pairs[point] = PairStatistics(own, part.b, part.cross)
+        pair = PairStatistics(own, part.b, part.cross)
+        _check_consistent(pair, point)
+        pairs[point] = pair
     return pairs
+
+
+# Relative slack of the moment checks: float32 transport and summation order, not forgery.
+_MOMENT_TOLERANCE = 1e-3
+
+
+def _check_consistent(pair: PairStatistics, point: str) -> None:
+    """The client's moments could come from real features: variances >= 0, and Cauchy-Schwarz
+    ``C_ab[i, j]^2 <= C_aa[i, i] C_bb[j, j]`` against the reference variances the server measured."""
+    c_aa, c_bb, c_ab = (c.double().cpu() for c in pair.covariances())
+    var_a, var_b = c_aa.diagonal().clamp_min(0), c_bb.diagonal()
+    scale = float(var_b.abs().max()) if var_b.numel() else 0.0
+    if (var_b < -_MOMENT_TOLERANCE * max(scale, 1e-30)).any():
+        raise StatisticsError(f"point '{point}': the client's variances include negative values "
+                              f"(smallest {float(var_b.min()):.3g}): not second moments of real features")
+    bound = torch.outer(var_a, var_b.clamp_min(0)).sqrt()
+    excess = c_ab.abs() - bound * (1 + _MOMENT_TOLERANCE)
+    slack = _MOMENT_TOLERANCE * float(bound.max()) if bound.numel() else 0.0
+    if (excess > slack).any():
+        i, j = divmod(int(excess.argmax()), excess.shape[1])
+        raise StatisticsError(f"point '{point}': cross covariance [{i}, {j}] = {float(c_ab[i, j]):.3g} exceeds "
+                              f"sqrt(var_ref * var_model) = {float(bound[i, j]):.3g} (Cauchy-Schwarz): the client's "
+                              "statistics are not those of its model on the calibration data")
 
 
 def as_batches(calibration: torch.Tensor | Iterable, batch_size: int = 256) -> Iterator[torch.Tensor]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-import torch.nn.functional as F
 from torch import nn
 
 import fedcca

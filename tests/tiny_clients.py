@@ -173,6 +173,18 @@ def _set_statistics(suffix: str, value: Callable[[np.ndarray], Array]) -> Callab
     return mutate
 
 
+def _scale_statistics(factors: dict[str, float]) -> Callable[[RecordDict], None]:
+    """Every statistics array whose key ends with a suffix of ``factors`` multiplied by its factor (forgery)."""
+    def mutate(content: RecordDict) -> None:
+        record = content[STATISTICS_KEY]
+        for key in list(record):
+            for suffix, factor in factors.items():
+                if key.endswith(suffix):
+                    array = record[key].numpy()
+                    record[key] = Array((array * factor).astype(array.dtype))
+    return mutate
+
+
 _MISSING = object()
 
 # name -> (mutation of a valid reply's content, words the rejection reason must contain)
@@ -206,6 +218,10 @@ MUTATIONS: dict[str, tuple[Callable[[RecordDict], None], str]] = {
     "statistics padded with extra bytes": (_set_statistics("/mean", lambda a: Array(
         dtype="float64", shape=a.shape, stype="numpy.ndarray", data=Array(a).data + bytes(10**6))), "bytes for"),
     "weight size bomb": (lambda c: c["arrays"].__setitem__("fc1.bias", _bomb()), "declares"),
+    "cross moment beyond Cauchy-Schwarz": (_scale_statistics({"/cross": 1e3}), "(Cauchy-Schwarz)"),
+    "negative variances": (_scale_statistics({"/comoment": -1.0}), "variances include negative values"),
+    "forged statistics that scale the weights": (_scale_statistics({"/mean": 0.0, "/comoment": 1e-12, "/cross": 1e-12}),
+                                                 "AlignmentBoundError"),
     "num-examples missing": (_set_num_examples(_MISSING), "lacks 'num-examples'"),
     "num-examples zero": (_set_num_examples(0), "positive"),
     "num-examples negative": (_set_num_examples(-5.0), "positive"),

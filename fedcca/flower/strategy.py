@@ -99,6 +99,9 @@ class CCAMerge(FedAvg):
             times the round's median claim, so one client claiming 10^12 examples weighs at most
             as much as ``r`` median clients; inf: FedAvg's uncapped weights. Capped replies are
             listed in the round record.
+        max_norm_growth: A reply whose weights after alignment have more than this many times
+            their own norm (or less than its inverse) is dropped with that reason: honest
+            transforms move features, forged statistics can scale the weights; None: no bound.
         distill: After each merge, distil it toward the clients' ensemble on the calibration
             images, early-stopped on ``holdout`` (:mod:`fedcca.merging.distillation`); None: off.
             ``CCAMerge(model_fn, calibration, "direct", holdout=..., distill=DistillConfig(teachers=("logits",)))``
@@ -123,6 +126,7 @@ class CCAMerge(FedAvg):
         statistics_group: int = 8,
         distill: DistillConfig | None = None,
         max_weight_ratio: float = 3.0,
+        max_norm_growth: float | None = 10.0,
         **kwargs: Any,
     ) -> None:
         if isinstance(model_fn, nn.Module):
@@ -167,7 +171,7 @@ class CCAMerge(FedAvg):
             spec=self.spec, search=search, calibration=batches, holdout=_checked_holdout(holdout), reference=reference,
             client_statistics=self.requests_client_statistics, device=resolve_device(device), batch_size=batch_size, statistics_group=statistics_group,
             weights_key=self.arrayrecord_key, weighted_by_key=self.weighted_by_key, min_replies=self.min_train_nodes,
-            distill=distill, max_weight_ratio=max_weight_ratio)
+            distill=distill, max_weight_ratio=max_weight_ratio, max_norm_growth=max_norm_growth)
         self._sent: _Round | None = None
 
     @property

@@ -66,6 +66,10 @@ class MergeError(ValueError):
     """A merge produced unusable weights (non-finite values), naming the key."""
 
 
+class AlignmentBoundError(MergeError):
+    """A model's aligned weights moved beyond :class:`Merger`'s ``max_norm_growth`` (e.g. forged statistics)."""
+
+
 @dataclass
 class MergeResult:
     """The outcome of a merge.
@@ -141,6 +145,11 @@ class Merger:
         device: Where forwards run (None: CUDA if available, else CPU).
         batch_size: Batch size when ``calibration`` is a tensor.
         keep_transforms: Keep every model's transforms in the result (memory grows with K).
+        max_norm_growth: Refuse a model (:class:`AlignmentBoundError`) whose weights after
+            alignment have more than this many times their norm before it, or less than its
+            inverse: honest transforms move features, not the weights' scale; statistics that
+            do not describe the model (forged, or from another model) can scale them by orders
+            of magnitude. None: no bound (offline merges of trusted models).
     """
 
     def __init__(
@@ -154,7 +163,11 @@ class Merger:
         device: torch.device | str | None = None,
         batch_size: int = 256,
         keep_transforms: bool = False,
+        max_norm_growth: float | None = None,
     ) -> None:
+        if max_norm_growth is not None and not max_norm_growth >= 1:
+            raise ValueError(f"max_norm_growth must be >= 1 (None: no bound), got {max_norm_growth!r}")
+        self.max_norm_growth = max_norm_growth
         self.search = resolve_search(choices)
         self.candidates = [_Candidate(config) for config in self.search.candidates()]
         if len(self.candidates) > 1 and holdout is None:
@@ -318,8 +331,10 @@ class Merger:
                 transforms = {point: shrink_transform(t, config.shrinkage, point=point)
                               for point, t in base[key].items()}
             if transforms:
+                before = work
                 work = apply_transforms(work, spec, transforms)
                 _check_finite(work, f"{name} after {config.label()} alignment")
+                self._check_growth(before, work, name, config)
             if config.repair != "none" and fold not in endpoints:
                 endpoints[fold] = self._endpoint_statistics(model, fold)
             if self._restores(config) and norm_outputs is None:
@@ -335,6 +350,19 @@ class Merger:
             candidate.sum.add(work, weight)
             if self.keep_transforms:
                 candidate.transforms[name] = transforms
+
+    def _check_growth(self, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor], name: str,
+                      config: MergeConfig) -> None:
+        """``max_norm_growth``: the aligned weights' norm stays within a factor of the model's own."""
+        if self.max_norm_growth is None:
+            return
+        old, new = _float_norm(before), _float_norm(after)
+        growth = new / old if old > 0 else (1.0 if new == 0 else float("inf"))
+        if not 1 / self.max_norm_growth <= growth <= self.max_norm_growth:
+            raise AlignmentBoundError(
+                f"{name}: its weights after {config.label()} alignment have {growth:.3g}x the norm they had "
+                f"(bound {self.max_norm_growth:g}x): the statistics do not describe this model, or the alignment "
+                "is degenerate")
 
     def _zero_dead(self, state: dict[str, torch.Tensor], stats: Mapping[str, PairStatistics] | None,
                    spec: AlignmentSpec, side: int, name: str | None = None) -> dict[str, torch.Tensor]:
@@ -623,6 +651,11 @@ def average_state_dicts(
 def _aligner_key(config: MergeConfig, fold: bool) -> tuple:
     """The fields an aligner's transforms depend on (candidates sharing them share transforms)."""
     return (config.method, tuple(sorted(config.method_options().items())), config.points, config.zero_dead, fold)
+
+
+def _float_norm(state: Mapping[str, torch.Tensor]) -> float:
+    return float(sum(float(value.detach().double().square().sum()) for value in state.values()
+                     if value.is_floating_point()) ** 0.5)
 
 
 def _is_identity(transform: Transform) -> bool:
