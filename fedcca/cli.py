@@ -27,6 +27,7 @@ from fedcca.merging.merger import merge
 from fedcca.merging.repair import REPAIRS
 from fedcca.methods.cca import canonical_correlations, resolved_ridge
 from fedcca.methods.registry import ALIGNERS, parameters
+from fedcca.models import is_model_path
 from fedcca.plotting import atomic_write
 from fedcca.statistics import collect_statistics
 
@@ -134,7 +135,7 @@ def _merge_command(args: argparse.Namespace) -> int:
 
 
 def _is_user_model(arch: dict[str, Any]) -> bool:
-    return ":" in str(arch["model"])
+    return is_model_path(arch["model"])
 
 
 def _build(arch: dict[str, Any]) -> torch.nn.Module:

@@ -314,6 +314,11 @@ def _check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def is_model_path(name: str) -> bool:
+    """Whether ``name`` is a user's ``"package.module:Class"`` rather than one of :data:`MODEL_NAMES`."""
+    return ":" in str(name)
+
+
 def build_model(name: str = "cnn", num_classes: int = 10, in_channels: int = 1, width: float = 1,
                 image_size: int = 28) -> nn.Module:
     """Build one of :data:`MODEL_NAMES`.

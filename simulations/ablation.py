@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedcca.flower.records import jsonable
 from fedcca.merging.config import MergeConfig, MergeSearch
 from fedcca.merging.merger import merge_with_result
 from fedcca.merging.repair import preactivation_spec, preactivation_statistics
@@ -218,15 +219,6 @@ def ridge_curve_markdown(curve: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(value: object) -> object:
-    """``value`` with infinities written as the string "inf" (standard JSON has none)."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return "inf" if value == float("inf") else value
-
-
 def _mean_over_seeds(items: list[dict]) -> dict:
     """Element-wise mean of nested dicts of numbers (same structure)."""
     first = items[0]
@@ -296,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         diagnostics.append({"collapse": collapses[seed], **diagnose(group, args.diag_ridge, args.calibration_sizes)})
     rows = summarise(per_seed)
     result: dict = {"rows": rows, "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                    "variants": {v: _json_safe(dataclasses.asdict(VARIANTS[v])) for v in args.variants},
+                    "variants": {v: jsonable(dataclasses.asdict(VARIANTS[v])) for v in args.variants},
                     "ridge_curve": ridge_curve(per_seed, "cca-trace")}
     if diagnostics:
         result["diagnostics_per_seed"] = diagnostics

@@ -151,6 +151,20 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, default_out: Path) ->
     parser.add_argument("--out", type=Path, default=default_out, help="JSON output (PNG and markdown beside it)")
 
 
+def add_overrides_argument(parser: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE`` (repeatable): run-config overrides for every run of a benchmark."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="run-config overrides for every run (e.g. local-epochs=1, calibration-size=250)")
+
+
+def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--set`` items (and ``--data-dir``) as run-config overrides, ``_`` standing for ``-``."""
+    overrides = {key.replace("-", "_"): value for key, value in (parse_override(item) for item in args.set)}
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    return overrides
+
+
 def apply_runtime(args: argparse.Namespace) -> str | None:
     """Set torch's threads, keep Flower's log to warnings, log ours at INFO; return ``$OPENBLAS_NUM_THREADS``.
 

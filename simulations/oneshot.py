@@ -35,6 +35,7 @@ from fedcca.flower.records import jsonable
 from fedcca.merging.merger import merge_with_result
 from fedcca.merging.selection import VARIANTS, get_variant
 from fedcca.methods.cca import DEFAULT_RIDGES
+from fedcca.plotting import atomic_write
 from fedcca.spec.tracing import spec_for
 from fedcca.statistics import PairStatistics, collect_statistics
 from simulations.harness import (
@@ -191,10 +192,7 @@ def run_method(group: Group, method: str, evaluator: Evaluator,
     if cache is not None:
         stored = json.loads(cache.read_text()) if cache.exists() else {}  # re-read: another run may have written
         stored[key] = result
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(stored))
-        tmp.replace(cache)
+        atomic_write(cache, lambda tmp: tmp.write_text(json.dumps(stored)))
     return result
 
 

@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from scipy import stats
 
 from fedcca.app.federation import derive_seed, evaluation_loader, load_data, make_model, seed_everything
-from fedcca.app.task import TaskConfig, parse_override
+from fedcca.app.task import TaskConfig
 from fedcca.devices import resolve_device
 from fedcca.flower.local_grid import InProcessGrid
 from fedcca.flower.protocol import METRICS_KEY, NUM_EXAMPLES_KEY, WEIGHTS_KEY
@@ -39,10 +39,12 @@ from fedcca.training import evaluate
 from server.server_app import build_strategy
 from simulations.harness import (
     ROOT,
+    add_overrides_argument,
     add_runtime_arguments,
     apply_runtime,
     base_run_config,
     markdown_table,
+    overrides_of,
     parse_list,
     parse_strategies,
     project_client_app,
@@ -243,15 +245,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=5)
     parser.add_argument("--max-examples-per-client", type=int, default=4000,
                         help="cap on each client's shard (0: whole shards; 4000 keeps 5 clients within 20,000 images)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="further run-config overrides for every strategy (e.g. calibration-size=250)")
+    add_overrides_argument(parser)
     add_runtime_arguments(parser, ROOT / "results" / "oneshot-fl" / "oneshot-fl.json")
     args = parser.parse_args(argv)
     apply_runtime(args)
     logger.setLevel(logging.INFO)
-    extra = {key.replace("-", "_"): value for key, value in (parse_override(item) for item in args.set)}
-    if args.data_dir:
-        extra["data_dir"] = args.data_dir
+    extra = overrides_of(args)
     specs = parse_strategies(args.strategies)
     labels = [spec.label for spec in specs]
     payload = read_json(args.out) or {}

@@ -28,6 +28,7 @@ from torch import nn
 
 from fedcca.data import Dataset, DeviceLoader, calibration_split, normalize, partition
 from fedcca.models import build_model
+from fedcca.plotting import atomic_write
 from fedcca.training import TrainingConfig, train
 
 logger = logging.getLogger(__name__)
@@ -163,7 +164,6 @@ def load_or_train(dataset: Dataset, spec: ZooSpec, index: int, data: ZooData | N
               "seconds": time.perf_counter() - start}
     logger.info("trained %s in %.1f s (loss %.3f)", path.name, record["seconds"], metrics["loss"])
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": model.state_dict(), "record": record}, tmp)
-    tmp.replace(path)  # atomic: a killed run never leaves a truncated checkpoint
+    # atomic: a killed run never leaves a truncated checkpoint
+    atomic_write(path, lambda tmp: torch.save({"state_dict": model.state_dict(), "record": record}, tmp))
     return model.eval(), record

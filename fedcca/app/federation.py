@@ -20,7 +20,7 @@ from torch import nn
 
 from fedcca.app.task import RunConfigError, TaskConfig
 from fedcca.data import Dataset, DeviceLoader, calibration_split, federated_split, load_dataset, normalize
-from fedcca.models import build_model
+from fedcca.models import build_model, is_model_path
 
 MIN_SHARD_SIZE = 10  # smallest client shard federated_split may produce
 
@@ -85,7 +85,7 @@ def make_model(task: TaskConfig, dataset: Dataset) -> nn.Module:
     Raises:
         RunConfigError: An import path that cannot be imported or does not name an ``nn.Module`` class.
     """
-    if ":" not in task.model:
+    if not is_model_path(task.model):
         return build_model(task.model, num_classes=dataset.num_classes, in_channels=dataset.in_channels,
                            width=task.width, image_size=int(dataset.train_images.shape[-1]))
     return build_user_model(task.model, dataset.num_classes, dataset.in_channels)

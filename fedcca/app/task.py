@@ -25,7 +25,7 @@ from fedcca.merging.distillation import TEACHERS, DistillConfig
 from fedcca.merging.repair import REPAIRS
 from fedcca.methods.cca import DEFAULT_RIDGES, RIDGE_MODES
 from fedcca.methods.registry import ALIGNERS
-from fedcca.models import MODEL_NAMES
+from fedcca.models import MODEL_NAMES, is_model_path
 from fedcca.training import LR_SCHEDULES, TrainingConfig
 
 FLOWER_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
@@ -242,7 +242,7 @@ class TaskConfig:
             _check_choice("distill-teacher", teacher.strip(), TEACHERS)
         for repair in self.repair.split(","):
             _check_choice("repair", repair.strip(), REPAIRS)
-        if ":" not in self.model:
+        if not is_model_path(self.model):
             _check_choice("model", self.model, MODEL_NAMES)
         positive = {"num-server-rounds": self.num_server_rounds, "min-nodes": self.min_nodes,
                     "round-timeout": self.round_timeout, "local-epochs": self.local_epochs,

@@ -92,7 +92,7 @@ class AggregationSettings:
     min_replies: int
     distill: DistillConfig | None = None
     max_weight_ratio: float = 3.0
-    max_norm_growth: float | None = 10.0
+    max_norm_growth: float | None = 100.0
 
     def reference_in(self, server_round: int) -> str:
         """The reference policy of ``server_round``: "auto" is "largest" in round 1, "global" after.
@@ -179,6 +179,7 @@ class RoundAggregation:
             record.merge_seconds = time.perf_counter() - started
             if merger is not None:
                 record.dead_features = {int(name): counts for name, counts in merger.dead_features.items()}
+                record.norm_growth = {int(name): growth for name, growth in merger.norm_growth.items()}
 
     def _cap(self, replies: list[Message]) -> float:
         """The largest weight a reply may have: ``max_weight_ratio`` x the median claimed ``num-examples``."""

@@ -28,13 +28,14 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedcca.flower.protocol import record_bytes
 from fedcca.flower.records import RoundRecord, jsonable
+from fedcca.flower.wrapper import StrategyWrapper
 from fedcca.plotting import atomic_write, figure, save
 
 HISTORY_FILE = "history.json"
 PLOT_FILE = "accuracy.png"
 
 
-class RecordRounds(Strategy):
+class RecordRounds(StrategyWrapper):
     """Wrap ``strategy``: one :class:`RoundRecord` per round, progress lines, history and plot.
 
     Args:
@@ -48,7 +49,7 @@ class RecordRounds(Strategy):
 
     def __init__(self, strategy: Strategy, out_dir: str | Path | None = None, *, title: str | None = None,
                  metric: str = "accuracy", num_rounds: int | None = None) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.title = title or type(strategy).__name__
         self.metric = metric
@@ -145,14 +146,7 @@ class RecordRounds(Strategy):
         self.rounds.append(record)
         return arrays, metrics
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        """The wrapped strategy's evaluation instructions."""
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """The wrapped strategy's aggregation of the evaluation replies."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
         """The wrapped strategy's summary, and where the run files go."""

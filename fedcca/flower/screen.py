@@ -30,6 +30,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedcca.flower.wrapper import StrategyWrapper
+
 SCREEN_ERROR_CODE = 4000
 """``Error.code`` of a reply the screen dropped."""
 
@@ -41,7 +43,7 @@ DEFAULT_MAX_RATIO = 10.0
 """Default bound on ``|d_k|`` in median update norms (three replies or more)."""
 
 
-class ScreenReplies(Strategy):
+class ScreenReplies(StrategyWrapper):
     """Wrap ``strategy`` so that replies with outlying updates are dropped before it aggregates.
 
     Args:
@@ -55,16 +57,10 @@ class ScreenReplies(Strategy):
         for name, value in (("max_update_norm", max_update_norm), ("max_ratio", max_ratio)):
             if value is not None and not value > 0:
                 raise ValueError(f"ScreenReplies: {name} must be positive (None: off), got {value!r}")
-        self.strategy = strategy
+        super().__init__(strategy)
         self.max_update_norm = max_update_norm
         self.max_ratio = max_ratio
         self._global: tuple[int, dict[str, torch.Tensor]] | None = None
-
-    def __getattr__(self, name: str) -> object:
-        # What the wrapped strategy offers beyond Strategy (e.g. CCAMerge.round_record) stays reachable.
-        if name == "strategy":
-            raise AttributeError(name)
-        return getattr(self.strategy, name)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -113,14 +109,7 @@ class ScreenReplies(Strategy):
                                      metadata=copy.copy(replies[index].metadata))
         return out
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        """The wrapped strategy's evaluation instructions."""
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """The wrapped strategy's aggregation of the evaluation replies."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
         """The wrapped strategy's summary and the screen's bounds."""

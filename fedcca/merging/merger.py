@@ -168,6 +168,7 @@ class Merger:
         if max_norm_growth is not None and not max_norm_growth >= 1:
             raise ValueError(f"max_norm_growth must be >= 1 (None: no bound), got {max_norm_growth!r}")
         self.max_norm_growth = max_norm_growth
+        self.norm_growth: dict[str, float] = {}  # per model: the largest factor alignment moved its norm by
         self.search = resolve_search(choices)
         self.candidates = [_Candidate(config) for config in self.search.candidates()]
         if len(self.candidates) > 1 and holdout is None:
@@ -353,11 +354,13 @@ class Merger:
 
     def _check_growth(self, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor], name: str,
                       config: MergeConfig) -> None:
-        """``max_norm_growth``: the aligned weights' norm stays within a factor of the model's own."""
-        if self.max_norm_growth is None:
-            return
+        """Record how alignment changed the weights' norm (``norm_growth``); ``max_norm_growth`` bounds it."""
         old, new = _float_norm(before), _float_norm(after)
         growth = new / old if old > 0 else (1.0 if new == 0 else float("inf"))
+        extreme = max(growth, 1 / growth) if growth > 0 else float("inf")
+        self.norm_growth[name] = max(self.norm_growth.get(name, 1.0), extreme)
+        if self.max_norm_growth is None:
+            return
         if not 1 / self.max_norm_growth <= growth <= self.max_norm_growth:
             raise AlignmentBoundError(
                 f"{name}: its weights after {config.label()} alignment have {growth:.3g}x the norm they had "
