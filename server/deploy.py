@@ -887,7 +887,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     link = sub.add_parser("superlink", help="start flower-superlink (TLS + SuperNode authentication)")
     link.add_argument("--certs", type=Path, default=Path("certs"), help="folder written by `certs`")
-    link.add_argument("--host", default="0.0.0.0", help="interface to listen on")
+    link.add_argument("--host", default="127.0.0.1",
+                      help="interface to listen on (default loopback: register keys first, restrict the port, then "
+                           "0.0.0.0; docs/deployment.md)")
     link.add_argument("--port", type=int, default=SUPERLINK_PORT)
     link.add_argument("--database", type=Path, help="SQLite file: keep registered nodes across restarts")
     link.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication")

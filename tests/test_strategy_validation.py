@@ -24,6 +24,7 @@ from fedcca.merging.merger import MergeResult
 from tests.tiny_clients import (
     CALIBRATION,
     MUTATIONS,
+    ROUND_MUTATIONS,
     fedavg_app,
     make_model,
     stats_app,
@@ -85,11 +86,11 @@ def _grid_with_bad_node(bad_app, **kwargs) -> InProcessGrid:  # noqa: ANN001
     return InProcessGrid({**{n: stats_app for n in GOOD_NODES}, BAD_NODE: bad_app}, **kwargs)
 
 
-@pytest.mark.parametrize("name", sorted(MUTATIONS))
+@pytest.mark.parametrize("name", sorted({**MUTATIONS, **ROUND_MUTATIONS}))
 def test_malformed_reply_is_dropped_and_the_round_goes_on(
     name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    mutate, words = MUTATIONS[name]
+    mutate, words = {**MUTATIONS, **ROUND_MUTATIONS}[name]
     strategy = _strategy()
     with caplog.at_level(logging.WARNING):
         replies, result = _run_round(strategy, _grid_with_bad_node(_mutating_app(mutate)))

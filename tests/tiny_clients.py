@@ -218,14 +218,19 @@ MUTATIONS: dict[str, tuple[Callable[[RecordDict], None], str]] = {
     "statistics padded with extra bytes": (_set_statistics("/mean", lambda a: Array(
         dtype="float64", shape=a.shape, stype="numpy.ndarray", data=Array(a).data + bytes(10**6))), "bytes for"),
     "weight size bomb": (lambda c: c["arrays"].__setitem__("fc1.bias", _bomb()), "declares"),
-    "cross moment beyond Cauchy-Schwarz": (_scale_statistics({"/cross": 1e3}), "(Cauchy-Schwarz)"),
-    "negative variances": (_scale_statistics({"/comoment": -1.0}), "variances include negative values"),
-    "forged statistics that scale the weights": (_scale_statistics({"/mean": 0.0, "/comoment": 1e-12, "/cross": 1e-12}),
-                                                 "AlignmentBoundError"),
     "num-examples missing": (_set_num_examples(_MISSING), "lacks 'num-examples'"),
     "num-examples zero": (_set_num_examples(0), "positive"),
     "num-examples negative": (_set_num_examples(-5.0), "positive"),
     "num-examples NaN": (_set_num_examples(float("nan")), "positive"),
     "num-examples inf": (_set_num_examples(float("inf")), "positive"),
     "num-examples a list": (_set_num_examples([1, 2]), "not a number"),
+}
+
+# Replies that decode but whose statistics cannot be those of the client's model: caught while
+# merging (against what the server measures, or by the aligned-norm bound), not by the protocol.
+ROUND_MUTATIONS: dict[str, tuple[Callable[[RecordDict], None], str]] = {
+    "cross moment beyond Cauchy-Schwarz": (_scale_statistics({"/cross": 1e3}), "(Cauchy-Schwarz)"),
+    "negative variances": (_scale_statistics({"/comoment": -1.0}), "variances include negative values"),
+    "forged statistics that scale the weights": (_scale_statistics({"/mean": 0.0, "/comoment": 1e-12, "/cross": 1e-12}),
+                                                 "AlignmentBoundError"),
 }

@@ -92,7 +92,7 @@ class AggregationSettings:
     min_replies: int
     distill: DistillConfig | None = None
     max_weight_ratio: float = 3.0
-    max_norm_growth: float | None = 100.0
+    max_norm_growth: float | None = 1e4
 
     def reference_in(self, server_round: int) -> str:
         """The reference policy of ``server_round``: "auto" is "largest" in round 1, "global" after.

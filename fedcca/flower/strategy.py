@@ -126,7 +126,7 @@ class CCAMerge(FedAvg):
         statistics_group: int = 8,
         distill: DistillConfig | None = None,
         max_weight_ratio: float = 3.0,
-        max_norm_growth: float | None = 100.0,
+        max_norm_growth: float | None = 1e4,
         **kwargs: Any,
     ) -> None:
         if isinstance(model_fn, nn.Module):
