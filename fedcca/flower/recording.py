@@ -161,11 +161,12 @@ class RecordRounds(StrategyWrapper):
         done = record.round - self.rounds[0].round + 1  # rounds aggregated by this process (a resumed run starts later)
         elapsed = time.perf_counter() - self._started
         eta = elapsed / max(done, 1) * max(total - record.round, 0)
-        value = record.metrics.get(self.metric)
-        shown = "n/a" if value is None else f"{value:.4f}"
+        value, loss = record.metrics.get(self.metric), record.metrics.get("loss")
+        shown = ("n/a" if value is None else f"{value:.4f}") + ("" if loss is None else f", loss {loss:.4f}")
         choice = "skipped: global model kept" if record.skipped else (record.merge_choice or "average")
-        log(INFO, "[fedcca] round %d/%d: %s %s, merge %s, %d/%d replies | elapsed %s, ETA %s", record.round, total,
-            self.metric, shown, choice, record.num_valid, record.num_sent, clock(elapsed), clock(eta))
+        log(INFO, "[fedcca] round %d/%d: %s %s, merge %s (%.1fs), %d/%d replies | elapsed %s, ETA %s", record.round,
+            total, self.metric, shown, choice, record.aggregate_seconds, record.num_valid, record.num_sent,
+            clock(elapsed), clock(eta))
 
 
 def plot_rounds(initial: Mapping[str, float] | None, rounds: list[Mapping[str, Any]], path: Path, title: str,
