@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import fedcca.flower.aggregation as aggregation_module
 from fedcca.flower.local_grid import InProcessGrid
 from fedcca.flower.protocol import STATISTICS_KEY
+from fedcca.flower.recording import RecordRounds
 from fedcca.flower.screen import ScreenReplies
 from fedcca.flower.strategy import CCAMerge
 from fedcca.merging.merger import MergeResult
@@ -170,6 +171,10 @@ def test_screen_wraps_fedavg_too() -> None:
     honest, _ = FedAvg().aggregate_train(1, [r for r in replies if r.metadata.src_node_id != BAD_NODE])
     for key, value in honest.to_torch_state_dict().items():
         torch.testing.assert_close(arrays.to_torch_state_dict()[key], value, msg=key)
+    assert list(screened.screened_out(1)) == [BAD_NODE] and "screen bound" in screened.screened_out(1)[BAD_NODE]
+    recorded = RecordRounds(ScreenReplies(FedAvg(min_available_nodes=4, fraction_evaluate=0.0)))
+    recorded.aggregate_train(1, list(grid.send_and_receive(recorded.configure_train(1, GLOBAL, ConfigRecord(), grid))))
+    assert recorded.rounds[-1].num_valid == 3 and list(recorded.rounds[-1].dropped) == [BAD_NODE]
 
 
 def test_screen_keeps_honest_replies_and_needs_the_global_model() -> None:

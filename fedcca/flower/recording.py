@@ -132,9 +132,11 @@ class RecordRounds(StrategyWrapper):
         own = getattr(self.strategy, "round_record", None)
         record = own(server_round) if callable(own) else None
         if record is None:
-            record = RoundRecord(server_round, num_replies=len(replies),
-                                 num_valid=sum(not reply.has_error() for reply in replies), skipped=arrays is None,
-                                 merge_seconds=seconds, aggregate_seconds=seconds,
+            screened = getattr(self.strategy, "screened_out", None)  # a ScreenReplies inside
+            dropped = screened(server_round) if callable(screened) else {}
+            record = RoundRecord(server_round, num_replies=len(replies), dropped=dropped,
+                                 num_valid=sum(not reply.has_error() for reply in replies) - len(dropped),
+                                 skipped=arrays is None, merge_seconds=seconds, aggregate_seconds=seconds,
                                  bytes_received={r.metadata.src_node_id: record_bytes(r) for r in replies})
         if self._sent is not None and self._sent[0] == server_round:
             _, record.num_sent, record.bytes_sent, sent_at = self._sent

@@ -61,6 +61,7 @@ class ScreenReplies(StrategyWrapper):
         self.max_update_norm = max_update_norm
         self.max_ratio = max_ratio
         self._global: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._dropped: dict[int, dict[int, str]] = {}  # round -> node id -> reason
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -74,7 +75,14 @@ class ScreenReplies(StrategyWrapper):
         if self._global is None or self._global[0] != server_round:
             raise RuntimeError(f"ScreenReplies: aggregate_train of round {server_round} without its configure_train "
                                "(the screen measures updates from the global model that was sent)")
-        return self.strategy.aggregate_train(server_round, self.screen(list(replies), self._global[1]))
+        screened = self.screen(list(replies), self._global[1])
+        self._dropped[server_round] = {reply.metadata.src_node_id: reply.error.reason for reply in screened
+                                       if reply.has_error() and reply.error.code == SCREEN_ERROR_CODE}
+        return self.strategy.aggregate_train(server_round, screened)
+
+    def screened_out(self, server_round: int) -> dict[int, str]:
+        """Node id -> why the screen dropped its reply in ``server_round`` (empty when none was)."""
+        return dict(self._dropped.get(server_round, {}))
 
     def screen(self, replies: Sequence[Message], center: Mapping[str, torch.Tensor]) -> list[Message]:
         """``replies`` with every outlier replaced by an error reply naming the bound it broke.

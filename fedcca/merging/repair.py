@@ -26,7 +26,7 @@ from torch import nn
 from fedcca.merging.batchnorm import recompute_batchnorm
 from fedcca.spec.alignment import PRODUCERS, AlignmentPoint, AlignmentSpec, Transform, resolve_tap
 from fedcca.spec.tracing import spec_for
-from fedcca.statistics import as_batches, collect_statistics
+from fedcca.statistics import as_batches, collect_moments
 
 logger = logging.getLogger(__name__)
 
@@ -252,9 +252,9 @@ def _correct_in_order(merged: nn.Module, targets: Mapping[str, tuple[torch.Tenso
     calibration = list(as_batches(calibration, batch_size))
     for point in taps.points:
         target_mean, target_std = targets[point.name]
-        pair = collect_statistics(merged, [merged], calibration, AlignmentSpec((point,)), device=device)[0][point.name]
-        mean = pair.means()[1].double()
-        std = pair.covariances()[1].diagonal().clamp_min(0).sqrt().double()
+        own = collect_moments(merged, calibration, AlignmentSpec((point,)), device=device)[point.name]
+        mean = own.mean.double().cpu()
+        std = own.covariance().diagonal().clamp_min(0).sqrt().double().cpu()
         scale = torch.ones_like(std)
         if mode == "affine":
             flat = std <= _FLAT_RTOL * target_std.clamp_min(1e-30)
@@ -332,9 +332,9 @@ def _output_statistics(models: Sequence[nn.Module], calibration: torch.Tensor | 
     for model in models:
         if recompute_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             model = recompute_batchnorm(copy.deepcopy(model), batches, device=device)
-        stats = collect_statistics(model, [model], batches, taps, device=device)[0]
-        out.append({name: (pair.means()[1].double(), pair.covariances()[1].double())
-                    for name, pair in stats.items()})
+        # the model's own moments: one Gram per point (a pair with itself would compute three)
+        moments = collect_moments(model, batches, taps, device=device)
+        out.append({name: (own.mean.double().cpu(), own.covariance().double().cpu()) for name, own in moments.items()})
     return out
 
 
