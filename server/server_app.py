@@ -128,7 +128,7 @@ def build_strategy(task: TaskConfig, model_fn: Callable[[], nn.Module], device: 
         if task.strategy == "fedprox":
             return FedProx(proximal_mu=task.proximal_mu, **common)
         return CCAMerge(model_fn, calibration_inputs(task), task.merge_search(), holdout=holdout_set(task),
-                        reference=task.reference, stats=task.stats, device=device,
+                        reference=task.reference, stats=task.stats, device=device, average=task.average,
                         distill=task.distill_config(), **common)
     finally:
         FLOWER_LOGGER.removeFilter(quiet)

@@ -398,3 +398,34 @@ def test_one_client_claiming_huge_example_counts_gets_a_capped_weight(claim: flo
         if value.is_floating_point():
             expected = sum(w * states[n][key].double() for n, w in weights.items()) / total
             torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("average", ["median", "trimmed"])
+def test_a_robust_average_keeps_one_scaled_reply_from_owning_the_model(average: str) -> None:
+    """Without the screen, the x1e6 reply owns the mean; the median / trimmed mean stay near the honest merge."""
+    grid = _grid_with_bad_node(_scaled_app(1e6))
+    largest = {}
+    for name in ("mean", average):
+        strategy = _strategy(average=name, max_norm_growth=None)
+        _, (arrays, _) = _run_round(strategy, grid)
+        largest[name] = max(float(v.abs().max()) for v in arrays.to_torch_state_dict().values() if v.is_floating_point())
+    _, (good, _) = _run_round(_strategy(), InProcessGrid({n: stats_app for n in GOOD_NODES}))
+    reference = max(float(v.abs().max()) for v in good.to_torch_state_dict().values() if v.is_floating_point())
+    assert largest["mean"] > 1e4 * reference  # the attacker owns the plain average
+    assert largest[average] < 3 * reference, (largest, reference)
+
+
+def test_robust_averages_are_the_coordinate_wise_median_and_trimmed_mean() -> None:
+    from fedcca.merging.averages import RobustAverage  # pylint: disable=import-outside-toplevel
+
+    states = [{"w": torch.tensor([float(i), -float(i)]), "n": torch.tensor(i)} for i in (1, 2, 3, 4, 100)]
+    like = {"w": torch.zeros(2), "n": torch.tensor(7)}
+    median, trimmed = RobustAverage("median"), RobustAverage("trimmed")
+    for state in states:
+        median.add(state, 1.0)
+        trimmed.add(state, 5.0)
+    assert torch.equal(median.average(like)["w"], torch.tensor([3.0, -3.0]))
+    assert torch.equal(trimmed.average(like)["w"], torch.tensor([3.0, -3.0]))  # 1 and 100 cut: mean of 2, 3, 4
+    assert int(median.average(like)["n"]) == 7  # integer buffers from ``like``
+    with pytest.raises(ValueError, match="average must be one of"):
+        _strategy(average="mode")

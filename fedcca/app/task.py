@@ -22,6 +22,7 @@ from fedcca.flower.aggregation import REFERENCES, STATISTICS_SOURCES
 from fedcca.flower.screen import ScreenReplies
 from fedcca.merging.config import MergeConfig, MergeSearch, parse_values
 from fedcca.merging.distillation import TEACHERS, DistillConfig
+from fedcca.merging.merger import AVERAGES
 from fedcca.merging.repair import REPAIRS
 from fedcca.methods.cca import DEFAULT_RIDGES, RIDGE_MODES
 from fedcca.methods.registry import ALIGNERS
@@ -108,6 +109,8 @@ class TaskConfig:
             norms of the round, with three replies or more (0: off; :class:`~fedcca.flower.screen.ScreenReplies`).
         max_update_norm: Drop a reply whose update ``|w - g|`` exceeds this many times the
             global model's norm ``|g|`` (0: off; holds at any number of replies).
+        average: How CCAMerge averages the aligned replies: "mean" (weighted by num-examples),
+            "median" or "trimmed" (robust, unweighted; :data:`fedcca.merging.merger.AVERAGES`).
         seed: Seeds the split, the initial model and every round's randomness.
         out_dir: Folder for history.json, checkpoints and the plot; ``{key}`` placeholders
             are filled from the run config, e.g. ``outputs/{strategy}-seed{seed}``.
@@ -153,6 +156,7 @@ class TaskConfig:
     distill_steps: int
     max_norm_ratio: float
     max_update_norm: float
+    average: str
     seed: int
     out_dir: str
     resume: bool
@@ -238,6 +242,7 @@ class TaskConfig:
         _check_choice("stats", self.stats, STATISTICS_SOURCES)
         _check_choice("ridge-mode", self.ridge_mode, RIDGE_MODES)
         _check_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("average", self.average, AVERAGES)
         for teacher in self.distill_teacher.split(","):
             _check_choice("distill-teacher", teacher.strip(), TEACHERS)
         for repair in self.repair.split(","):

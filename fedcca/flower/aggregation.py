@@ -70,6 +70,8 @@ class AggregationSettings:
         weighted_by_key: Metric holding the number of examples.
         min_replies: The fewest valid replies a round needs.
         distill: Distil the merge toward the clients' ensemble (:mod:`fedcca.merging.distillation`), or None.
+        average: "mean" or a robust "median" / "trimmed" mean of the aligned replies
+            (:data:`fedcca.merging.merger.AVERAGES`).
         max_norm_growth: A reply whose aligned weights have more than this many times the norm
             of its own (or less than the inverse) is dropped (:class:`~fedcca.merging.merger.Merger`).
         max_weight_ratio: A reply's merge weight is at most this many times the median
@@ -93,6 +95,7 @@ class AggregationSettings:
     distill: DistillConfig | None = None
     max_weight_ratio: float = 3.0
     max_norm_growth: float | None = 1e4
+    average: str = "mean"
 
     def reference_in(self, server_round: int) -> str:
         """The reference policy of ``server_round``: "auto" is "largest" in round 1, "global" after.
@@ -254,7 +257,7 @@ class RoundAggregation:
             reference = self._model_from(first.state_dict)
         return Merger(reference, settings.calibration, settings.search, holdout=settings.holdout, spec=settings.spec,
                       device=settings.device, batch_size=settings.batch_size,
-                      max_norm_growth=settings.max_norm_growth)
+                      max_norm_growth=settings.max_norm_growth, average=settings.average)
 
     def _add(self, merger: Merger, group: list[tuple[ClientUpdate, nn.Module]], is_reference: bool = False) -> None:
         """Add a group of replies to the merge; a reply whose data breaks alignment is dropped alone."""

@@ -23,6 +23,7 @@ from fedcca.flower.protocol import COMPUTE_STATS_FLAG, InvalidReplyError, record
 from fedcca.flower.records import RoundRecord
 from fedcca.merging.config import MergeConfig, MergeSearch, merge_keywords, resolve_search
 from fedcca.merging.distillation import DistillConfig, TeacherSum, distill
+from fedcca.merging.merger import AVERAGES
 from fedcca.methods.registry import ALIGNERS
 from fedcca.spec.alignment import describe_left
 from fedcca.spec.tracing import spec_for
@@ -102,6 +103,9 @@ class CCAMerge(FedAvg):
         max_norm_growth: A reply whose weights after alignment have more than this many times
             their own norm (or less than its inverse) is dropped with that reason: honest
             transforms move features, forged statistics can scale the weights; None: no bound.
+        average: "mean" (weighted by ``num-examples``, replies streamed into running sums) or a
+            robust coordinate-wise "median" / "trimmed" mean of the aligned replies (unweighted,
+            as Flower's FedMedian / FedTrimmedAvg; every aligned reply is kept until the merge).
         distill: After each merge, distil it toward the clients' ensemble on the calibration
             images, early-stopped on ``holdout`` (:mod:`fedcca.merging.distillation`); None: off.
             ``CCAMerge(model_fn, calibration, "direct", holdout=..., distill=DistillConfig(teachers=("logits",)))``
@@ -127,6 +131,7 @@ class CCAMerge(FedAvg):
         distill: DistillConfig | None = None,
         max_weight_ratio: float = 3.0,
         max_norm_growth: float | None = 1e4,
+        average: str = "mean",
         **kwargs: Any,
     ) -> None:
         if isinstance(model_fn, nn.Module):
@@ -142,6 +147,8 @@ class CCAMerge(FedAvg):
                 raise ValueError(f"CCAMerge: {name} must be one of {choices}, got {value!r}")
         if not max_weight_ratio >= 1:
             raise ValueError(f"CCAMerge: max_weight_ratio must be >= 1 (inf: uncapped), got {max_weight_ratio!r}")
+        if average not in AVERAGES:
+            raise ValueError(f"CCAMerge: average must be one of {AVERAGES}, got {average!r}")
         if statistics_group < 1:
             raise ValueError(f"CCAMerge: statistics_group must be >= 1, got {statistics_group}")
         search = resolve_search(config, default=FEDERATED_SEARCH if holdout is not None else UNLABELLED_DEFAULT,
@@ -171,7 +178,7 @@ class CCAMerge(FedAvg):
             spec=self.spec, search=search, calibration=batches, holdout=_checked_holdout(holdout), reference=reference,
             client_statistics=self.requests_client_statistics, device=resolve_device(device), batch_size=batch_size, statistics_group=statistics_group,
             weights_key=self.arrayrecord_key, weighted_by_key=self.weighted_by_key, min_replies=self.min_train_nodes,
-            distill=distill, max_weight_ratio=max_weight_ratio, max_norm_growth=max_norm_growth)
+            distill=distill, max_weight_ratio=max_weight_ratio, max_norm_growth=max_norm_growth, average=average)
         self._sent: _Round | None = None
 
     @property

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedcca.merging.averages import AVERAGES, RobustAverage, WeightedSum, make_average
 from fedcca.merging.batchnorm import fold_batchnorm, folded_spec, recompute_batchnorm, refit_batchnorm, unfolded_points
 from fedcca.merging.config import MergeConfig, MergeSearch, resolve_search
 from fedcca.merging.repair import (
@@ -52,7 +53,7 @@ from fedcca.spec.alignment import (
 from fedcca.spec.tracing import spec_for
 from fedcca.statistics import PairStatistics, as_batches, collect_statistics
 
-__all__ = ["MergeError", "MergeResult", "Merger", "average_state_dicts",
+__all__ = ["AVERAGES", "MergeError", "MergeResult", "Merger", "average_state_dicts",
            "merge", "merge_sequential", "recompute_batchnorm"]
 
 logger = logging.getLogger(__name__)
@@ -91,39 +92,12 @@ class MergeResult:
     transforms: dict[str, dict[str, Transform]] = field(default_factory=dict)
 
 
-class WeightedSum:
-    """A running weighted sum of state dicts: floating-point entries, in float64 on the CPU."""
-
-    def __init__(self) -> None:
-        self.total: dict[str, torch.Tensor] = {}
-        self.weight = 0.0
-
-    def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
-        """``total += weight * state`` (floating-point entries only)."""
-        for key, value in state.items():
-            if value.is_floating_point():
-                term = weight * value.detach().to(torch.float64).cpu()
-                self.total[key] = self.total[key] + term if key in self.total else term
-        self.weight += weight
-
-    def average(self, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``total / weight`` in the dtypes of ``like``; entries never summed (integer buffers) from ``like``.
-
-        Raises:
-            ValueError: Nothing with a positive weight was added.
-        """
-        if self.weight <= 0:
-            raise ValueError("merge: no model with a positive weight was added")
-        return {key: (self.total[key] / self.weight).to(value.dtype) if key in self.total else value.clone()
-                for key, value in like.items()}
-
-
 @dataclass
 class _Candidate:
     """One candidate's running state inside a :class:`Merger`."""
 
     config: MergeConfig
-    sum: WeightedSum = field(default_factory=WeightedSum)
+    sum: WeightedSum | RobustAverage = field(default_factory=WeightedSum)
     moved: set[str] = field(default_factory=set)  # points some transform changed
     repair: RepairTargets = field(default_factory=RepairTargets)
     norms: RepairTargets = field(default_factory=RepairTargets)  # folded BatchNorms' output targets
@@ -145,6 +119,9 @@ class Merger:
         device: Where forwards run (None: CUDA if available, else CPU).
         batch_size: Batch size when ``calibration`` is a tensor.
         keep_transforms: Keep every model's transforms in the result (memory grows with K).
+        average: One of :data:`AVERAGES`: "mean" (the weighted running sum; memory does not grow
+            with the number of models) or a robust coordinate-wise "median" / "trimmed" mean of
+            the aligned models (unweighted; every aligned model is kept until :meth:`finish`).
         max_norm_growth: Refuse a model (:class:`AlignmentBoundError`) whose weights after
             alignment have more than this many times their norm before it, or less than its
             inverse: honest transforms move features, not the weights' scale; statistics that
@@ -164,13 +141,18 @@ class Merger:
         batch_size: int = 256,
         keep_transforms: bool = False,
         max_norm_growth: float | None = None,
+        average: str = "mean",
     ) -> None:
+        if average not in AVERAGES:
+            raise ValueError(f"unknown average {average!r}; choose one of {', '.join(AVERAGES)}")
         if max_norm_growth is not None and not max_norm_growth >= 1:
             raise ValueError(f"max_norm_growth must be >= 1 (None: no bound), got {max_norm_growth!r}")
         self.max_norm_growth = max_norm_growth
         self.norm_growth: dict[str, float] = {}  # per model: the largest factor alignment moved its norm by
         self.search = resolve_search(choices)
-        self.candidates = [_Candidate(config) for config in self.search.candidates()]
+        self.candidates = [_Candidate(config, make_average(average), repair=RepairTargets(average),
+                                      norms=RepairTargets(average))
+                           for config in self.search.candidates()]
         if len(self.candidates) > 1 and holdout is None:
             raise ValueError(f"{len(self.candidates)} candidate merge configurations need a labelled holdout set")
         self.reference = reference

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from fedcca.merging.averages import make_average
 from fedcca.merging.batchnorm import recompute_batchnorm
 from fedcca.spec.alignment import PRODUCERS, AlignmentPoint, AlignmentSpec, Transform, resolve_tap
 from fedcca.spec.tracing import spec_for
@@ -92,18 +93,22 @@ def norm_output_spec(spec: AlignmentSpec, model: nn.Module) -> tuple[AlignmentSp
 
 
 class RepairTargets:
-    """Running weighted average of the endpoints' pre-activation statistics in reference coordinates.
+    """Average of the endpoints' pre-activation statistics in reference coordinates.
 
-    For endpoint ``k`` with weight ``w_k`` and transform ``T_k`` at a point, it adds
-    ``w_k T_k mu_k`` to the target mean and ``w_k sqrt(diag(T_k C_k T_k^T))`` to the target
-    standard deviation (``mu_k``, ``C_k``: the endpoint's pre-activation mean and covariance).
-    Endpoints can be added one at a time, so a merge never holds them all.
+    For endpoint ``k`` with weight ``w_k`` and transform ``T_k`` at a point, the target mean
+    averages ``T_k mu_k`` and the target standard deviation ``sqrt(diag(T_k C_k T_k^T))``
+    (``mu_k``, ``C_k``: the endpoint's pre-activation mean and covariance), weighted by ``w_k``
+    for the "mean" average (a running sum: a merge never holds the endpoints), or robustly
+    (coordinate-wise median / trimmed mean, :mod:`fedcca.merging.averages`) as the models are.
+
+    Args:
+        average: One of :data:`fedcca.merging.averages.AVERAGES`.
     """
 
-    def __init__(self) -> None:
-        self._mean: dict[str, torch.Tensor] = {}
-        self._std: dict[str, torch.Tensor] = {}
-        self._total = 0.0
+    def __init__(self, average: str = "mean") -> None:
+        self._mean = make_average(average)
+        self._std = make_average(average)
+        self._like: dict[str, torch.Tensor] | None = None
 
     def add(self, statistics: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
             transforms: Mapping[str, Transform], weight: float) -> None:
@@ -114,20 +119,23 @@ class RepairTargets:
             transforms: Its transforms into the reference's coordinates (identity where absent).
             weight: Its averaging weight.
         """
+        means, stds = {}, {}
         for name, (mean, cov) in statistics.items():
             t = transforms.get(name)
             if t is not None:
                 mean, cov = t.matrix @ mean, t.matrix @ cov @ t.matrix.T
-            std = cov.diagonal().clamp_min(0).sqrt()
-            self._mean[name] = self._mean.get(name, 0) + weight * mean
-            self._std[name] = self._std.get(name, 0) + weight * std
-        self._total += weight
+            means[name], stds[name] = mean.double(), cov.diagonal().clamp_min(0).sqrt().double()
+        self._mean.add(means, weight)
+        self._std.add(stds, weight)
+        if self._like is None:
+            self._like = means
 
     def targets(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``{point: (target mean, target std)}``: the weighted averages so far."""
-        if self._total <= 0:
+        """``{point: (target mean, target std)}``: the averages so far."""
+        if self._like is None or self._mean.weight <= 0:
             raise ValueError("RepairTargets: no endpoint with a positive weight was added")
-        return {name: (self._mean[name] / self._total, self._std[name] / self._total) for name in self._mean}
+        means, stds = self._mean.average(self._like), self._std.average(self._like)
+        return {name: (means[name], stds[name]) for name in means}
 
 
 def repair(
