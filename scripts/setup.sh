@@ -36,3 +36,11 @@ else
   echo "[setup]   Install the Debian package 'dataset-fashion-mnist', or put the four IDX .gz files" >&2
   echo "[setup]   in a folder and pass --run-config \"data-dir='/that/folder'\" (or set FEDCCA_DATA_DIR)." >&2
 fi
+
+# nftables: the firewall the deployment docs use; tests/test_deploy_hosts.py runs the recipe
+# across network namespaces with it (and is skipped without it). Best effort, root with apt only.
+if ! command -v nft >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "[setup] installing Debian package nftables (for the multi-host deployment test)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >/dev/null 2>&1 \
+    || echo "[setup] nftables could not be installed: the multi-host deployment test will be skipped" >&2
+fi

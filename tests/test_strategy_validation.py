@@ -279,6 +279,9 @@ def test_bad_evaluate_reply_is_dropped(caplog: pytest.LogCaptureFixture) -> None
 
 _FLOAT_KEYS = [k for k, v in make_model().state_dict().items() if v.is_floating_point()]
 _RECORD_EDITS = ["drop arrays", "drop metrics", "drop statistics", "extra array", "extra metrics"]
+# Edits of the statistics: declared sizes and dtypes, and forgeries only the server's checks catch.
+_STATISTICS_EDITS = {name: mutate for name, (mutate, _) in {**MUTATIONS, **ROUND_MUTATIONS}.items()
+                     if name.startswith("statistics ") or name in ROUND_MUTATIONS}
 
 
 @st.composite
@@ -292,6 +295,7 @@ def _damage(draw: st.DrawFn) -> dict:
                                              st.sampled_from([math.nan, math.inf, -math.inf]))),
         "num_examples": draw(st.none() | st.integers(-3, 100) | st.floats(allow_nan=True)
                              | st.lists(st.integers(1, 5), min_size=1, max_size=2)),
+        "statistics": draw(st.none() | st.sampled_from(sorted(_STATISTICS_EDITS))),
     }
 
 
@@ -318,6 +322,8 @@ def _apply(content: RecordDict, damage: dict) -> None:
         content["arrays"] = ArrayRecord(state)
     if "metrics" in content and damage["num_examples"] is not None:
         content["metrics"]["num-examples"] = damage["num_examples"]
+    if STATISTICS_KEY in content and damage["statistics"] is not None:
+        _STATISTICS_EDITS[damage["statistics"]](content)
 
 
 def _is_valid(damage: dict) -> bool:
@@ -329,7 +335,8 @@ def _is_valid(damage: dict) -> bool:
     template = make_model().state_dict()
     reshaped = damage["reshape"] is not None and tuple(damage["reshape"][1]) != tuple(
         template[damage["reshape"][0]].shape)
-    return (good_weight and not reshaped and damage["poison"] is None
+    forged = damage["statistics"] is not None and "drop statistics" not in records
+    return (good_weight and not reshaped and damage["poison"] is None and not forged
             and (swapped or not records - {"drop statistics"}))
 
 
