@@ -280,7 +280,8 @@ class Merger:
 
     def _accumulate(self, model: nn.Module, state: dict[str, torch.Tensor], weight: float,
                     stats: Mapping[str, PairStatistics] | None, name: str,
-                    given: Mapping[str, Transform] | None = None) -> None:
+                    given: Mapping[str, Transform] | None = None, is_reference: bool = False) -> None:
+        """Add one model to every candidate (the reference itself: ``given={}``, its own dead units zeroed)."""
         if stats is not None:
             dead = {point: int(pair.zero_features()[1].sum()) for point, pair in stats.items()}
             self.dead_features[name] = {point: count for point, count in dead.items() if count}
@@ -294,12 +295,14 @@ class Merger:
             config = candidate.config
             fold = self._folds(config)
             if fold not in forms:
-                forms[fold] = fold_batchnorm(model, self.spec)
+                forms[fold] = self._template(fold) if is_reference else fold_batchnorm(model, self.spec)
             work, spec = forms[fold], self._spec(fold)
-            if config.zero_dead and config.needs_statistics and stats is not None:
+            dead_known = self._reference_dead is not None if is_reference else stats is not None
+            if config.zero_dead and config.needs_statistics and dead_known:
                 if fold not in zeroed:
                     assert spec is not None
-                    zeroed[fold] = self._zero_dead(work, stats, spec, side=1)
+                    zeroed[fold] = (self._zero_dead(work, None, spec, side=0, name=name) if is_reference
+                                    else self._zero_dead(work, stats, spec, side=1))
                 work = zeroed[fold]
             transforms: dict[str, Transform] = {}
             if given is not None:
@@ -416,26 +419,7 @@ class Merger:
             return
         state, weight, name = self._pending_reference
         self._pending_reference = None
-        endpoints: dict[bool, dict] = {}
-        norm_outputs: dict | None = None
-        for candidate in self.candidates:
-            fold = self._folds(candidate.config)
-            work = self._template(fold) if fold else state
-            spec = self._spec(fold)
-            if candidate.config.zero_dead and candidate.config.needs_statistics and self._reference_dead is not None:
-                assert spec is not None
-                work = self._zero_dead(work, None, spec, side=0, name=name)
-            if candidate.config.repair != "none":
-                if fold not in endpoints:
-                    endpoints[fold] = self._endpoint_statistics(self.reference, fold)
-                candidate.repair.add(endpoints[fold], {}, weight)
-            if self._restores(candidate.config):
-                if norm_outputs is None:
-                    norm_outputs = self._norm_statistics(self.reference)
-                candidate.norms.add(norm_outputs, {}, weight)
-            candidate.sum.add(work, weight)
-            if self.keep_transforms:
-                candidate.transforms[name] = {}
+        self._accumulate(self.reference, state, weight, None, name, given={}, is_reference=True)
 
     def _finish_candidate(self, candidate: _Candidate) -> nn.Module:
         config = candidate.config
