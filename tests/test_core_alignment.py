@@ -238,7 +238,8 @@ class WithExtraLayer(LinearThenBN):
     [
         (nn.Linear(2, 2), r"layer 'extra' \(Linear\): axis 0 of 'extra.weight'"),
         (nn.BatchNorm2d(4, affine=False), r"layer 'extra' \(BatchNorm2d\): axis 0 of 'extra.running_mean'"),
-        (nn.GroupNorm(2, 4), r"layer 'extra' \(GroupNorm\).*can only align"),
+        (nn.GroupNorm(2, 4), r"layer 'extra' \(GroupNorm\): axis 0 of 'extra.weight'"),
+        (nn.InstanceNorm2d(4, affine=True), r"layer 'extra' \(InstanceNorm2d\).*can only align"),
         (nn.Conv2d(4, 4, 3, groups=2), r"layer 'extra' \(Conv2d\) is a grouped conv"),
     ],
 )

@@ -25,14 +25,15 @@ from simulations.architectures import ARCHITECTURES, images
 
 # name -> (aligned points, layers left unaligned, what strict names)
 EXPECTED: dict[str, tuple[list[str], set[str], str | None]] = {
-    "resnet18-gn": ([], {"conv1", "layer1.0.conv1", "layer4.1.conv2", "layer2.0.shortcut.0"},
-                    r"layer 'gn1' \(GroupNorm\)"),
+    "resnet18-gn": (["conv1", "layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.0.conv2",
+                     "layer2.1.conv1", "layer3.0.conv1", "layer3.0.conv2", "layer3.1.conv1", "layer4.0.conv1",
+                     "layer4.0.conv2", "layer4.1.conv1"], set(), None),
     "resnet-functional-relu": (["stem", "conv1", "down", "conv3"], set(), None),
     "mobilenet-depthwise": (["blocks.15"], {"stem.0", "blocks.3", "blocks.9"},
                             r"layer 'blocks.0' \(Conv2d\) .* depthwise conv \(groups=8\)"),
     "vgg-bn": (["features.0", "features.4", "features.8", "features.11", "classifier.1"], set(), None),
     "mlp": (["net.1", "net.3", "net.5"], set(), None),
-    "gelu-layernorm": (["conv1", "conv2", "fc2"], {"fc1"}, r"layer 'norm' \(LayerNorm\)"),
+    "gelu-layernorm": (["conv1", "conv2", "fc2"], {"fc1"}, r"graph node 'gelu' \(torch\._C\._nn\.gelu\)"),
     "concat": (["stem", "mix"], {"left", "right"}, r"graph node 'cat' \(torch\.cat\)"),
 }
 
@@ -83,22 +84,40 @@ def test_symmetries_of_the_aligned_points_keep_the_function(name: str) -> None:
         assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), moved.state_dict().values()))
 
 
+@pytest.mark.parametrize("method", ["cca", "permute"])
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_the_merge_is_the_plain_average_wherever_nothing_is_aligned(name: str) -> None:
+def test_the_merge_is_the_plain_average_wherever_nothing_is_aligned(name: str, method: str) -> None:
+    """Points normalised in groups (GroupNorm, LayerNorm) are aligned by Permute only; CCA averages them."""
     a, b = _randomised(_model(name, 0), 1), _randomised(_model(name, 5), 6)
     spec = spec_for(a, images(4))
-    touched = {axis.key for point in spec.points for axis in point.axes}
-    merged = fedcca.merge([a, b], images(64), "cca", zero_dead=False, recompute_bn=False, balance=False,
+    aligned = [p for p in spec.points if method == "permute" or p.groups is None]
+    touched = {axis.key for point in aligned for axis in point.axes}
+    merged = fedcca.merge([a, b], images(64), method, zero_dead=False, recompute_bn=False, balance=False,
                           fold_bn=False).state_dict()
     untouched = [key for key, value in a.state_dict().items() if value.is_floating_point() and key not in touched]
     assert untouched  # the classifier's bias at least
     for key in untouched:
         expected = 0.5 * (a.state_dict()[key].double() + b.state_dict()[key].double())
         torch.testing.assert_close(merged[key].double(), expected, rtol=1e-6, atol=1e-7, msg=key)
-    if spec.points:
+    if aligned:
         assert any(not torch.allclose(merged[key].double(), 0.5 * (a.state_dict()[key].double()
                                                                   + b.state_dict()[key].double()))
                    for key in touched)
+
+
+def test_permute_recovers_a_group_norm_model_from_its_permuted_copy() -> None:
+    """A ResNet-18 with GroupNorm and a copy permuted within every GroupNorm's groups merge back into it."""
+    model = _randomised(_model("resnet18-gn", 0), 1)
+    spec = spec_for(model, images(4))
+    assert {p.groups for p in spec.points} == {2}
+    copy = _model("resnet18-gn", 0)
+    copy.load_state_dict(apply_transforms(model.state_dict(), spec,
+                                          random_symmetry(spec, torch.Generator().manual_seed(3))))
+    merged = fedcca.merge([model, copy], images(128), "permute", zero_dead=False, recompute_bn=False)
+    x = images(6, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(x), model(x), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(fedcca.merge([model, copy], images(128), "direct").eval()(x), model(x), atol=1e-2)
 
 
 def _client(name: str) -> ClientApp:

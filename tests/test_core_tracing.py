@@ -466,8 +466,8 @@ REFUSED = [
     (functools.partial(Gelu, False), r"graph node 'gelu' \(torch\._C\._nn\.gelu\)"),
     (functools.partial(Gelu, True), r"layer 'act' \(GELU\) at graph node 'act'"),
     (Squashed, r"graph node 'sigmoid' \(torch\.sigmoid\)"),
-    (lambda: nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 2)),
-     r"layer '2' \(LayerNorm\) at graph node '_2' cannot be aligned: fedcca can align only"),
+    (lambda: nn.Sequential(nn.Conv2d(1, 4, 1), nn.ReLU(), nn.LayerNorm([2, 2]), nn.Conv2d(4, 2, 1), nn.Flatten()),
+     r"layer '2' \(LayerNorm\) at graph node '_2' cannot be aligned: fedcca can align only"),  # over H, W
     (lambda: nn.Sequential(nn.Conv2d(1, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1, groups=2), nn.Flatten()),
      r"layer '2' \(Conv2d\) .* grouped or depthwise conv"),
     (lambda: nn.Sequential(nn.Conv2d(1, 4, 1), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)),

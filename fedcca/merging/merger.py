@@ -359,6 +359,8 @@ class Merger:
             masks = dict(self._reference_dead or {})
         else:
             masks = {point: pair.zero_features()[side] for point, pair in (stats or {}).items()}
+        # zeroing a unit before a GroupNorm/LayerNorm changes its group's statistics: not there
+        masks = {point: mask for point, mask in masks.items() if point in spec.names() and spec.point(point).groups is None}
         masks = {point: mask for point, mask in masks.items() if mask.any()}
         if side == 0 and name is not None:
             self.dead_features[name] = {point: int(mask.sum()) for point, mask in masks.items()}
@@ -436,7 +438,8 @@ class Merger:
         if config.repair != "none":
             repair_to_targets(merged, candidate.repair.targets(), self.calibration, mode=config.repair,
                               spec=self.spec, device=self.device)
-        moved = [name for name in self.points(config) if name in candidate.moved] if candidate.moved else []
+        moved = [name for name in self.points(config) if name in candidate.moved
+                 and self.spec.point(name).groups is None] if candidate.moved else []  # rescaling breaks group norms
         if config.balance and moved:
             # Last: a positive rescaling keeps the function, BatchNorm statistics and repair intact.
             assert self.spec is not None
@@ -450,7 +453,11 @@ class Merger:
         return self.spec.names() if config.points is None else list(config.points)
 
     def _sub_spec(self, config: MergeConfig, spec: AlignmentSpec) -> AlignmentSpec:
-        return AlignmentSpec(tuple(spec.point(name) for name in self.points(config)))
+        """The points ``config`` aligns; points normalised in groups only for permutation methods
+        (a dense transform does not pass a GroupNorm/LayerNorm: those points are averaged as they are)."""
+        permutes = ALIGNERS[config.method].permutation
+        return AlignmentSpec(tuple(spec.point(name) for name in self.points(config)
+                                   if permutes or spec.point(name).groups is None))
 
 
 def merge(models: Sequence[nn.Module], calibration: torch.Tensor | Iterable, config: MergeChoices = None,
@@ -541,7 +548,8 @@ def _joint_transforms(joint: Sequence[MergeConfig], search: MergeSearch, merger:
     if len(search.candidates()) != 1:
         raise ValueError(f"{joint[0].method!r} aligns all models jointly: a search over it is not supported")
     assert merger.spec is not None
-    points = AlignmentSpec(tuple(merger.spec.point(name) for name in merger.points(joint[0])))
+    points = AlignmentSpec(tuple(merger.spec.point(name) for name in merger.points(joint[0])
+                                 if merger.spec.point(name).groups is None))  # ZipIt! is a dense transform
     return zipit_transforms(models, merger.calibration, points, weights, device=merger.device, batch_size=batch_size)
 
 

@@ -24,6 +24,12 @@ logger = logging.getLogger(__name__)
 _DEAD_RTOL = 1e-10
 
 
+def block_mask(size: int, groups: int) -> torch.Tensor:
+    """``[size, size]`` bool: True where row and column fall in the same of ``groups`` contiguous groups."""
+    group = torch.arange(size) // (size // groups)
+    return group[:, None] == group[None, :]
+
+
 def identity_transform(n: int) -> Transform:
     """The identity transform of size ``n`` (leaves a point unchanged).
 

@@ -11,7 +11,7 @@ import math
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from fedcca.methods.common import checked_covariances, dead_features, scaled_permutation
+from fedcca.methods.common import block_mask, checked_covariances, dead_features, scaled_permutation
 from fedcca.methods.registry import Aligner, AlignmentJob, Parameter, number, register
 from fedcca.spec.alignment import Transform
 from fedcca.statistics import PairStatistics
@@ -22,7 +22,7 @@ DEFAULT_MAX_SCALE = 10.0
 """Default bound on the per-feature rescaling (nearly dead features otherwise get scales of ~1000)."""
 
 def permute_transform(stats: PairStatistics, rescale: bool = True, *, max_scale: float = math.inf,
-                      point: str = "?") -> Transform:
+                      point: str = "?", groups: int | None = None) -> Transform:
     """Permutation matching each reference feature with the model feature most correlated to it.
 
     The assignment maximises the summed Pearson correlation (Hungarian algorithm,
@@ -37,6 +37,7 @@ def permute_transform(stats: PairStatistics, rescale: bool = True, *, max_scale:
             a nearly dead feature matched with a live one otherwise gets a scale of ~1000,
             which the average then carries into every later layer.
         point: The point's name, for log messages.
+        groups: Match features only within each of these contiguous groups (a GroupNorm's).
     """
     c_aa, c_bb, c_ab = checked_covariances(stats, point)
     var_a, var_b = c_aa.diagonal(), c_bb.diagonal()
@@ -46,6 +47,8 @@ def permute_transform(stats: PairStatistics, rescale: bool = True, *, max_scale:
     corr = c_ab / torch.outer(std_a, std_b)
     corr[dead_a, :] = 0.0
     corr[:, dead_b] = 0.0
+    if groups is not None:  # no match across groups
+        corr[~block_mask(len(corr), groups)] = -1e9
     rows, cols = linear_sum_assignment(corr.numpy(), maximize=True)
     scale = std_a[rows] / std_b[cols] if rescale else torch.ones(len(rows), dtype=torch.float64)
     scale[dead_a[rows] | dead_b[cols]] = 1.0
@@ -67,9 +70,10 @@ MAX_SCALE = Parameter("max_scale", DEFAULT_MAX_SCALE, number("max_scale", 1.0),
 
 def transforms(job: AlignmentJob) -> dict[str, Transform]:
     """Permute's transform at every point of ``job.spec``."""
-    return {p.name: permute_transform(job.pair(p.name), max_scale=job.options["max_scale"], point=p.name)
+    return {p.name: permute_transform(job.pair(p.name), rescale=p.groups is None, max_scale=job.options["max_scale"],
+                                      point=p.name, groups=p.groups)
             for p in job.spec.points}
 
 
 register(Aligner("permute", True, transforms, "rescaled permutation matching features by correlation",
-                 parameters=(MAX_SCALE,), shrinkable=False))
+                 parameters=(MAX_SCALE,), shrinkable=False, permutation=True))

@@ -92,6 +92,10 @@ class Aligner:
             swap does not: ``(I + P) / 2`` has two equal rows).
         check_options: ``options -> None``, raising ValueError for a combination of valid
             values that is not (e.g. an infinite ridge outside "trace" mode).
+        permutation: Its transforms are permutations and it honours
+            :attr:`~fedcca.spec.alignment.AlignmentPoint.groups` (permutations within groups, no
+            rescaling): it may align points normalised by a GroupNorm/LayerNorm; other methods
+            leave them averaged as they are.
     """
 
     name: str
@@ -102,6 +106,7 @@ class Aligner:
     joint: bool = False
     shrinkable: bool = True
     check_options: Callable[[Mapping[str, Any]], None] | None = None
+    permutation: bool = False
 
     def options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Every parameter of this method: the value in ``given`` or its default."""

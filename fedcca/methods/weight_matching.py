@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from fedcca.methods.common import scaled_permutation
+from fedcca.methods.common import block_mask, scaled_permutation
 from fedcca.methods.registry import Aligner, AlignmentJob, register
 from fedcca.spec.alignment import AlignmentSpec, ParamAxis, Transform
 
@@ -56,6 +56,8 @@ def weight_matching(
                 mine = axis.rows(ref[axis.key])
                 theirs = _permuted(other[axis.key], axes_of[axis.key], perms, skip=point.name)
                 cost += mine @ axis.rows(theirs).T
+            if point.groups is not None:  # permutations within a GroupNorm's groups only
+                cost[~block_mask(point.size, point.groups)] = -1e12
             _, cols = linear_sum_assignment(cost.numpy(), maximize=True)
             new = torch.from_numpy(cols)
             rows = torch.arange(point.size)
@@ -100,4 +102,5 @@ def transforms(job: AlignmentJob) -> dict[str, Transform]:
     return weight_matching(job.reference_state, job.state, job.spec)
 
 
-register(Aligner("weight-matching", False, transforms, "Git Re-Basin weight matching (data free)", shrinkable=False))
+register(Aligner("weight-matching", False, transforms, "Git Re-Basin weight matching (data free)", shrinkable=False,
+                 permutation=True))

@@ -40,6 +40,10 @@ NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 # is refused: a general T cannot be pushed through e.g. LayerNorm or a grouped conv.
 KNOWN_LAYERS = PRODUCERS + NORMS
 
+GROUP_NORMS: tuple[type[nn.Module], ...] = (nn.GroupNorm, nn.LayerNorm)
+"""Normalisations over groups of features: their points are aligned by permutations within groups
+(:attr:`AlignmentPoint.groups`); their weight and bias vectors are indexed by the point."""
+
 RELU_TAP_SUFFIX = "+relu"
 """A tap ``"<module>+relu"`` is ReLU applied to ``<module>``'s output: the feature after a functional
 ReLU (``F.relu``, ``x.relu()``, ...), which has no module of its own to hook."""
@@ -161,12 +165,17 @@ class AlignmentPoint:
             to that module's output (see :func:`resolve_tap`); with several taps their
             statistics are summed.
         axes: Every parameter axis indexed by the point.
+        groups: The features are normalised in ``groups`` contiguous groups (a GroupNorm, or a
+            LayerNorm with ``groups = 1``): only permutations within each group keep the
+            function, without rescaling. None: any invertible transform that commutes with the
+            point's activation (dense CCA transforms included).
     """
 
     name: str
     size: int
     taps: tuple[str, ...]
     axes: tuple[ParamAxis, ...]
+    groups: int | None = None
 
 
 @dataclass(frozen=True)
@@ -238,6 +247,8 @@ def _check_point(p: AlignmentPoint, state: Mapping[str, torch.Tensor], modules: 
     """Taps and keys of one point exist and every axis has the point's size."""
     if not p.taps or not p.axes:
         raise UnsupportedModelError(f"point {p.name!r} needs at least one tap and one axis")
+    if p.groups is not None and not (p.groups >= 1 and p.size % p.groups == 0):
+        raise UnsupportedModelError(f"point {p.name!r}: {p.groups} groups do not divide its {p.size} features")
     for tap in p.taps:
         if resolve_tap(tap, modules) is None:
             raise UnsupportedModelError(f"point {p.name!r}: tap {tap!r} is not a module of the model "
@@ -299,10 +310,10 @@ def _check_layer_covered(
     feature_axes = [(key, axis) for key in keys for axis in range(min(state[key].dim(), 2))]
     if all(owner.get(slot) == "the fixed axes" for slot in feature_axes):
         return
-    if not isinstance(module, KNOWN_LAYERS):
+    if not isinstance(module, KNOWN_LAYERS + GROUP_NORMS):
         raise UnsupportedModelError(
             f"layer {name!r} ({kind}) has parameters or buffers but fedcca can only align "
-            f"{', '.join(t.__name__ for t in KNOWN_LAYERS)}"
+            f"{', '.join(t.__name__ for t in KNOWN_LAYERS + GROUP_NORMS)}"
         )
     if isinstance(module, CONVS) and module.groups != 1:
         raise UnsupportedModelError(f"layer {name!r} ({kind}) is a grouped conv (groups={module.groups}); "
@@ -522,7 +533,8 @@ def random_symmetry(
     """Draw a random positive scaled permutation ``T = D P`` for every point.
 
     Such transforms commute with ReLU, so applying them keeps the network's function; tests
-    use them to build models whose exact alignment is known.
+    use them to build models whose exact alignment is known. At a point normalised in groups
+    (:attr:`AlignmentPoint.groups`) ``T`` is a permutation within each group, unscaled.
 
     Args:
         spec: The model's alignment spec.
@@ -534,8 +546,14 @@ def random_symmetry(
         raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
     out: dict[str, Transform] = {}
     for p in spec.points:
-        perm = torch.eye(p.size, dtype=torch.float64)[torch.randperm(p.size, generator=generator)]
-        scale = low + (high - low) * torch.rand(p.size, generator=generator, dtype=torch.float64)
+        if p.groups is None:
+            order = torch.randperm(p.size, generator=generator)
+            scale = low + (high - low) * torch.rand(p.size, generator=generator, dtype=torch.float64)
+        else:  # normalised in groups: a permutation within each group, no scale
+            width = p.size // p.groups
+            order = torch.cat([g * width + torch.randperm(width, generator=generator) for g in range(p.groups)])
+            scale = torch.ones(p.size, dtype=torch.float64)
+        perm = torch.eye(p.size, dtype=torch.float64)[order]
         # (D P)^-1 = P^T D^-1: columns of P^T divided by the scales.
         out[p.name] = Transform(matrix=scale[:, None] * perm, inverse=perm.T / scale[None, :])
     return out

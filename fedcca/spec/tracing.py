@@ -239,10 +239,12 @@ class _Group:
     relus: list[fx.Node] = field(default_factory=list)
     sums: list[fx.Node] = field(default_factory=list)
     norms: list[tuple[str, str]] = field(default_factory=list)
+    norm_groups: list[int] = field(default_factory=list)  # GroupNorm / LayerNorm group counts on these features
 
     def absorb(self, other: _Group) -> None:
         """Add ``other``'s records to this one's."""
         self.fixed = self.fixed or other.fixed
+        self.norm_groups.extend(other.norm_groups)
         for name in ("producers", "batchnorms", "relus", "sums", "norms"):
             getattr(self, name).extend(getattr(other, name))
 
@@ -412,9 +414,14 @@ class _Walk:
             return self._left_layer(node, module, source, f"it is a grouped or depthwise conv (groups={module.groups}); "
                                                           "a general transform of its input channels cannot be applied "
                                                           "to it")
+        if isinstance(module, (nn.GroupNorm, nn.LayerNorm)) and source is not None:
+            groups = self._norm_groups(module, source)
+            if groups is not None:
+                return self._group_norm(node, module, self.values[source], groups)
         if not isinstance(module, PRODUCERS + NORMS):
             return self._left_layer(node, module, source, f"fedcca can align only Conv1d/Conv2d (groups=1), Linear and "
-                                                          f"BatchNorm1d/2d layers, not {kind}")
+                                                          f"BatchNorm1d/2d layers (and GroupNorm/LayerNorm over the "
+                                                          f"channels, by permutation), not {kind}")
         value = self.values[source] if source is not None else _Value(self._new(fixed=True))
         if isinstance(module, NORMS):
             return self._batchnorm(node, module, source, value)
@@ -432,6 +439,26 @@ class _Walk:
             self._claim(node, f"{node.target}.bias", 0, "out", 1, out)
         self.groups[out].producers.append(node)
         return _Value(out)
+
+    def _norm_groups(self, module: nn.Module, source: fx.Node) -> int | None:
+        """Groups of a GroupNorm over the channels (or a LayerNorm over the features of ``[N, C]``), else None."""
+        value, shape = self.values.get(source), self._shape(source)
+        if value is None or value.block != 1 or shape is None or len(shape) < 2:
+            return None
+        if isinstance(module, nn.GroupNorm) and module.num_channels == shape[1]:
+            return int(module.num_groups)
+        if isinstance(module, nn.LayerNorm) and len(shape) == 2 and tuple(module.normalized_shape) == (shape[1],):
+            return 1
+        return None
+
+    def _group_norm(self, node: fx.Node, module: nn.Module, value: _Value, groups: int) -> _Value:
+        """A GroupNorm / LayerNorm over the features: they stay in their group, aligned by permutations
+        within its ``groups`` groups (no dense transform, no rescaling passes through it)."""
+        for name in ("weight", "bias"):
+            if getattr(module, name, None) is not None:
+                self._claim(node, f"{node.target}.{name}", 0, "out", 1, value.group)
+        self.groups[value.group].norm_groups.append(groups)
+        return value
 
     def _batchnorm(self, node: fx.Node, module: nn.Module, source: fx.Node | None, value: _Value) -> _Value:
         """A BatchNorm joins its input's group; one not right after a producer is allowed only where fixed."""
@@ -546,7 +573,8 @@ class _Walk:
             axes = tuple(ParamAxis(key, axis, claim.role, claim.block)
                          for (key, axis), claim in self.claims.items() if self._find(claim.group) == root)
             first = group.producers[0]
-            points.append(AlignmentPoint(str(first.target), self._shape(first)[1], taps, axes))
+            size = self._shape(first)[1]
+            points.append(AlignmentPoint(str(first.target), size, taps, axes, _common_groups(size, group.norm_groups)))
         fixed_axes = [slot for slot, claim in self.claims.items() if self._find(claim.group) in fixed]
         fixed_axes += self._unused_layer_axes() + [slot for slot in self.layer_axes if slot not in fixed_axes]
         norms = tuple(pair for element in sorted(merged) for pair in merged[element].norms
@@ -710,6 +738,14 @@ class _Walk:
             path, kind = list(stack.values())[-1]
             inside = f" in module {path!r} ({getattr(kind, '__name__', kind)})"
         return f"graph node {node.name!r} ({_target_name(node)}){inside}"
+
+
+def _common_groups(size: int, counts: list[int]) -> int | None:
+    """The finest partition into contiguous groups that refines every normalisation's (None: none)."""
+    if not counts:
+        return None
+    width = math.gcd(*(size // count for count in counts))
+    return size // width
 
 
 def _is_in(target: Any, functions: frozenset) -> bool:
