@@ -77,7 +77,10 @@ class RecordRounds(StrategyWrapper):
                 self.finish_round(server_round, values)
             return metrics
 
-        return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate)
+        result = super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate)
+        if not result.arrays:  # no round produced a model: the initial one stands (Flower leaves it empty)
+            result.arrays = initial_arrays
+        return result
 
     def finish_round(self, server_round: int, metrics: Mapping[str, float]) -> RoundRecord:
         """Add the evaluation of round ``server_round``; log progress and rewrite the run files.
