@@ -74,3 +74,16 @@ def test_files_are_rewritten_after_every_round(tmp_path: Path) -> None:
 def test_dead_features_are_reported_per_client_not_summed() -> None:
     record = RoundRecord(1, dead_features={1: {"fc1": 3}, 2: {"fc1": 5, "conv1": 1}, 3: {"fc1": 3}})
     assert record.dead_summary() == {"fc1": "3-5", "conv1": "0-1"}  # 11 summed would read as 11 of fc1's units
+
+
+def test_a_run_where_no_round_produced_a_model_reports_the_initial_one(tmp_path: Path) -> None:
+    def crashing(message, context):  # noqa: ANN001, ANN202
+        raise RuntimeError("client down")
+
+    initial = ArrayRecord(make_model(seed=1).state_dict())
+    recorded = RecordRounds(FedAvg(fraction_evaluate=0.0, min_train_nodes=3, min_available_nodes=3), tmp_path)
+    result = recorded.start(InProcessGrid({node: crashing for node in NODES}), initial, num_rounds=1,
+                            evaluate_fn=_evaluate)
+    assert recorded.rounds[-1].skipped and recorded.rounds[-1].num_valid == 0
+    for key, value in initial.to_torch_state_dict().items():
+        assert torch.equal(result.arrays.to_torch_state_dict()[key], value)
