@@ -96,7 +96,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     title = f"{task.strategy}: {task.model} on {task.dataset} ({task.partitioning})"
     strategy = RecordRounds(task.screen(build_strategy(task, model_fn, device)), title=title,
                             num_rounds=task.num_server_rounds)
-    history["alignment"] = strategy.history()["alignment"]
+    history["alignment"] = strategy.alignment()
     strategy.summary()
     for server_round in range(len(history["rounds"]) + 1, task.num_server_rounds + 1):
         arrays = run_round(strategy, grid, server_round, arrays, task)

@@ -103,12 +103,15 @@ class RecordRounds(StrategyWrapper):
                 return record
         raise KeyError(f"no record of round {server_round}")
 
-    def history(self) -> dict[str, Any]:
-        """``{"strategy", "alignment", "initial", "rounds"}``, JSON-ready (``alignment``: the wrapped
-        strategy's ``alignment_report()``, when it has one)."""
+    def alignment(self) -> dict[str, Any] | None:
+        """The wrapped strategy's ``alignment_report()`` (what is aligned, what was left out), or None."""
         report = getattr(self.strategy, "alignment_report", None)
-        return {"strategy": self.title, "alignment": report() if callable(report) else None,
-                "initial": self.initial, "rounds": [r.to_json() for r in self.rounds]}
+        return report() if callable(report) else None
+
+    def history(self) -> dict[str, Any]:
+        """``{"strategy", "alignment", "initial", "rounds"}``, JSON-ready."""
+        return {"strategy": self.title, "alignment": self.alignment(), "initial": self.initial,
+                "rounds": [r.to_json() for r in self.rounds]}
 
     def write(self, out_dir: Path) -> None:
         """Write ``history.json`` and (when rounds were evaluated) ``accuracy.png`` into ``out_dir``."""

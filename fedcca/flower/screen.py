@@ -149,7 +149,7 @@ def _update_norm(reply: Message, center: Mapping[str, torch.Tensor], key: str | 
         record = next(iter(records.values()))
     else:
         return None
-    if set(record) != set(center) and not set(center) <= set(record):
+    if not set(center) <= set(record):
         return None
     total = 0.0
     for key, value in center.items():
