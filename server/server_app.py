@@ -40,6 +40,7 @@ from fedcca.data import DeviceLoader
 from fedcca.devices import resolve_device
 from fedcca.flower.recording import PLOT_FILE, RecordRounds, plot_rounds
 from fedcca.flower.strategy import CCAMerge
+from fedcca.flower.streaming import stream_replies
 from fedcca.training import evaluate
 from server.run_directory import RunDirectory
 
@@ -68,7 +69,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     checkpoint, with every round's randomness seeded from ``(seed, round)`` so that a resumed
     run computes what an uninterrupted one would, and history and checkpoint written after
     every round. The exchange itself is Flower's: the strategy's ``configure_train`` and
-    ``aggregate_train`` and the grid's ``send_and_receive``, for CCAMerge, FedAvg and FedProx alike.
+    ``aggregate_train`` and the grid's push and pull, for CCAMerge, FedAvg and FedProx alike.
 
     Args:
         grid: Connection to the SuperNodes.
@@ -149,9 +150,12 @@ def run_round(strategy: RecordRounds, grid: Grid, server_round: int, arrays: Arr
               task: TaskConfig) -> ArrayRecord:
     """One round of federated training through ``strategy``; returns the new global model.
 
-    The exchange is Flower's (``configure_train``, the grid's ``send_and_receive``,
-    ``aggregate_train``); the wrapper records it. When the strategy produces no model (too few
-    valid replies) the old one is kept.
+    The exchange is Flower's (``configure_train``, the grid's ``push_messages`` /
+    ``pull_messages``, ``aggregate_train``) with one difference from ``send_and_receive``: the
+    replies reach ``aggregate_train`` as they arrive (:func:`fedcca.flower.streaming.stream_replies`,
+    same timeout rule), so CCAMerge merges each while the other clients still train and holds
+    one at a time; FedAvg and FedProx read them all, as before. The wrapper records it. When the
+    strategy produces no model (too few valid replies) the old one is kept.
 
     Args:
         strategy: FedAvg, FedProx or CCAMerge, wrapped in :class:`RecordRounds`.
@@ -162,7 +166,7 @@ def run_round(strategy: RecordRounds, grid: Grid, server_round: int, arrays: Arr
     """
     seed_everything(derive_seed(task.seed, server_round))  # node sampling and server-side draws
     messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-    replies = grid.send_and_receive(messages, timeout=task.round_timeout)
+    replies = stream_replies(grid, messages, timeout=task.round_timeout)
     new_arrays, _ = strategy.aggregate_train(server_round, replies)
     return arrays if new_arrays is None else new_arrays
 

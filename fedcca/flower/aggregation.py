@@ -26,6 +26,7 @@ from torch import nn
 
 from fedcca.flower.protocol import ClientUpdate, InvalidReplyError, validate_reply
 from fedcca.flower.records import RoundRecord
+from fedcca.flower.streaming import RunningMedian
 from fedcca.merging.config import MergeSearch
 from fedcca.merging.distillation import DistillConfig, TeacherSum, client_logits
 from fedcca.merging.merger import Merger, MergeResult
@@ -141,30 +142,50 @@ class RoundAggregation:
         self.metrics: list[RecordDict] = []  # of the merged replies
         self._moments: dict[str, Moments] | None = None  # the global model's, once the first client's arrive
         self._weight_cap = math.inf  # set from the replies by run()
+        self._scale: float | None = None  # what streamed weights are divided by (the first cap)
+        self._replied: set[int] = set()  # nodes whose reply was read
         distill = settings.distill
         self.teacher = None if distill is None else TeacherSum(distill.teachers, distill.temperatures)
 
+    @property
+    def streams(self) -> bool:
+        """Whether replies are merged as they are read: the reference is the global model (known
+        before any reply) and the average is the weighted mean (nothing kept per reply)."""
+        return self.reference == "global" and self.settings.average == "mean"
+
     def run(self, replies: Iterable[Message]) -> MergeResult:
-        """Merge the valid replies; SkipRound when the round cannot produce a model."""
+        """Merge the valid replies; SkipRound when the round cannot produce a model.
+
+        When :attr:`streams`, ``replies`` is read lazily (a stream merges while other clients
+        train) and each weight is capped by the median claim so far (:meth:`_capped`); otherwise
+        every reply is read first, the weights are capped by the round's median claim and the
+        reference reply is picked among them.
+        """
         settings, record = self.settings, self.record
         if self.reference == "global":
             self._global()  # a usage error, raised before anything is merged
-        replies = list(replies)
-        self._weight_cap = self._cap(replies)
-        updates: Iterator[ClientUpdate] = self._updates(replies)
-        if self.reference != "global":
-            updates = iter(self._reference_first(list(updates)))
         started = time.perf_counter()
+        updates: Iterator[tuple[ClientUpdate, float]]
+        if self.streams:
+            updates = self._capped(self._updates(replies))
+        else:
+            replies = list(replies)
+            started = time.perf_counter()  # reading a list (or waiting for a stream) is not merging
+            self._weight_cap = self._cap(replies)
+            valid = list(self._updates(replies))
+            if self.reference != "global":
+                valid = self._reference_first(valid)
+            updates = iter([(update, self._weight(update)) for update in valid])
         merger: Merger | None = None
-        group: list[tuple[ClientUpdate, nn.Module]] = []
+        group: list[tuple[ClientUpdate, float, nn.Module]] = []
         try:
-            for update in updates:
+            for update, weight in updates:
                 if merger is None:
                     merger = self._merger(update)
                     if self.reference != "global":  # the reference reply is averaged as it is
-                        self._add(merger, [(update, merger.reference)], is_reference=True)
+                        self._add(merger, [(update, weight, merger.reference)], is_reference=True)
                         continue
-                group.append((update, self._model_from(update.state_dict)))
+                group.append((update, weight, self._model_from(update.state_dict)))
                 if len(group) >= settings.statistics_group or not self._needs_server_statistics(update):
                     self._add(merger, group)
                     group = []
@@ -203,15 +224,36 @@ class RoundAggregation:
             self.record.capped[update.node_id] = update.num_examples
         return weight / self._weight_cap if math.isfinite(self._weight_cap) else weight
 
+    def _capped(self, updates: Iterator[ClientUpdate]) -> Iterator[tuple[ClientUpdate, float]]:
+        """Valid updates as they come, each with its weight capped at ``max_weight_ratio`` x the median
+        valid claim so far (its own included; the first three wait for each other, fewer than three
+        are not capped). Every weight is divided by the first cap (a fixed scale, far from float64's
+        range whatever a client claims)."""
+        medians: RunningMedian[ClientUpdate] = RunningMedian(warmup=3)
+        for update in updates:
+            for decided, median in medians.push(update, update.num_examples):
+                yield decided, self._scaled_weight(decided, median)
+        for decided, _ in medians.flush():
+            yield decided, self._scaled_weight(decided, None)
+
+    def _scaled_weight(self, update: ClientUpdate, median: float | None) -> float:
+        if median is not None:
+            self._weight_cap = median * self.settings.max_weight_ratio
+            if self._scale is None:
+                self._scale = self._weight_cap
+        weight = update.num_examples if median is None else min(update.num_examples, self._weight_cap)
+        if weight < update.num_examples:
+            self.record.capped[update.node_id] = update.num_examples
+        return weight / self._scale if self._scale is not None else weight
+
     def _updates(self, replies: Iterable[Message]) -> Iterator[ClientUpdate]:
         """Valid replies, decoded one at a time (duplicates and invalid ones dropped and logged)."""
-        seen: set[int] = set()
         for msg in replies:
             node_id = msg.metadata.src_node_id
             try:
-                if node_id in seen:
+                if node_id in self._replied:
                     raise InvalidReplyError("duplicate reply from the same node")
-                seen.add(node_id)
+                self._replied.add(node_id)
                 update = validate_reply(msg, self.settings.template, self.settings.spec,
                                         weights_key=self.settings.weights_key,
                                         weighted_by_key=self.settings.weighted_by_key)
@@ -259,14 +301,15 @@ class RoundAggregation:
                       device=settings.device, batch_size=settings.batch_size,
                       max_norm_growth=settings.max_norm_growth, average=settings.average)
 
-    def _add(self, merger: Merger, group: list[tuple[ClientUpdate, nn.Module]], is_reference: bool = False) -> None:
+    def _add(self, merger: Merger, group: list[tuple[ClientUpdate, float, nn.Module]],
+             is_reference: bool = False) -> None:
         """Add a group of replies to the merge; a reply whose data breaks alignment is dropped alone."""
-        statistics = [self._client_statistics(merger, update) for update, _ in group]
+        statistics = [self._client_statistics(merger, update) for update, _, _ in group]
         self.record.client_statistics += sum(isinstance(stats, dict) for stats in statistics)
         sent = [isinstance(stats, StatisticsError) for stats in statistics]  # broken client statistics
         if merger.needs_statistics and not is_reference:
             statistics = self._fill_statistics(merger, group, statistics)
-        for (update, model), stats, invalid in zip(group, statistics, sent):
+        for (update, weight, model), stats, invalid in zip(group, statistics, sent):
             if isinstance(stats, StatisticsError):
                 reason = "invalid statistics" if invalid else "server-side statistics failed"
                 self._drop(update.node_id, f"{reason}: {stats}")
@@ -274,23 +317,24 @@ class RoundAggregation:
             try:
                 logits = None if self.teacher is None else \
                     _finite_logits(client_logits(model, self.settings.calibration, device=self.settings.device))
-                merger.add(model, self._weight(update), stats, name=str(update.node_id), is_reference=is_reference)
+                merger.add(model, weight, stats, name=str(update.node_id), is_reference=is_reference)
             except _REPLY_DATA_ERRORS as err:
                 if is_reference:
                     raise
                 self._drop(update.node_id, f"alignment failed: {type(err).__name__}: {err}")
                 continue
             if self.teacher is not None:  # the same weight as in the merge
-                self.teacher.add(logits, self._weight(update))
+                self.teacher.add(logits, weight)
             self.metrics.append(RecordDict({"metrics": update.metrics}))
 
-    def _fill_statistics(self, merger: Merger, group: list[tuple[ClientUpdate, nn.Module]], statistics: list) -> list:
+    def _fill_statistics(self, merger: Merger, group: list[tuple[ClientUpdate, float, nn.Module]],
+                         statistics: list) -> list:
         """Server-side statistics for the replies without usable client ones (a failure marks one reply)."""
         missing = [i for i, stats in enumerate(statistics) if stats is None]
         if not missing:
             return statistics
         started = time.perf_counter()
-        models = [group[i][1] for i in missing]
+        models = [group[i][2] for i in missing]
         try:
             computed: list = collect_statistics(merger.reference, models, self.settings.calibration, merger.spec,
                                                 device=self.settings.device)
@@ -333,7 +377,7 @@ class RoundAggregation:
 
     def _drop_missing(self) -> None:
         for node_id in self.sent or []:
-            if node_id not in self.record.bytes_received:
+            if node_id not in self._replied:
                 self.record.bytes_received[node_id] = 0
                 self._drop(node_id, "no reply (dropout or timeout)")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
@@ -39,7 +40,11 @@ def set_task_identity() -> None:
 
 
 class InProcessGrid(Grid):
-    """A Grid whose ``send_and_receive`` runs each addressed node's ClientApp in this process.
+    """A Grid whose nodes' ClientApps run in this process, when their replies are asked for.
+
+    ``send_and_receive`` runs them all; ``pull_messages`` runs one per call (after
+    ``push_messages``), so :func:`fedcca.flower.streaming.stream_replies` sees replies arrive
+    one at a time.
 
     Replies come back sorted by node id (as the ServerApp sorts them), so aggregation does not
     depend on sampling order. A ClientApp exception becomes an error reply, as a SuperNode
@@ -58,6 +63,8 @@ class InProcessGrid(Grid):
         self.contexts = dict(contexts or {})
         self.silent = set(silent)
         self.sent: list[Message] = []
+        self.pull_interval = 0.01  # replies are computed when pulled; only silent nodes are waited for
+        self._pending: dict[str, Message] = {}
 
     @classmethod
     def of_app(cls, app: ClientFn, run_config: Mapping[str, Any], num_partitions: int) -> InProcessGrid:
@@ -77,20 +84,48 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         """Run the ClientApp of every addressed node, in node-id order; return the replies."""
-        replies = []
+        return [self._reply(message) for message in sorted(messages, key=lambda msg: msg.metadata.dst_node_id)
+                if not self._record(message)]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Queue the instructions (ids assigned as a SuperLink does); their ClientApps run when pulled."""
+        ids = []
         for message in sorted(messages, key=lambda msg: msg.metadata.dst_node_id):
-            self.sent.append(message)
-            node_id = message.metadata.dst_node_id
-            if node_id in self.silent:
+            message.metadata.__dict__["_message_id"] = str(uuid4())  # what Flower's own grids do on push
+            self._pending[message.metadata.message_id] = message
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The reply to the first requested instruction still queued (node-id order), computed now.
+
+        One reply per pull, so a loop over pulls sees replies arrive one at a time; a silent
+        node's instruction stays queued and never brings a reply.
+        """
+        wanted = set(message_ids)
+        for message_id, message in list(self._pending.items()):  # pushed in node-id order
+            if message_id not in wanted or message.metadata.dst_node_id in self.silent:
                 continue
-            context = self.contexts.get(node_id) or Context(run_id=1, node_id=node_id, node_config={},
-                                                            state=RecordDict(), run_config={})
-            try:
-                replies.append(self.nodes[node_id](message, context))
-            except Exception as err:  # pylint: disable=broad-except  # a crashed ClientApp
-                logger.error("node %s failed: %r", node_id, err)
-                replies.append(Message(Error(code=1, reason=repr(err)), reply_to=message))
-        return replies
+            del self._pending[message_id]
+            self._record(message)
+            return [self._reply(message)]
+        return []
+
+    def _record(self, message: Message) -> bool:
+        """Keep ``message`` in ``sent``; whether its node is silent."""
+        self.sent.append(message)
+        return message.metadata.dst_node_id in self.silent
+
+    def _reply(self, message: Message) -> Message:
+        """The node's ClientApp's reply to ``message`` (an error reply if it raises)."""
+        node_id = message.metadata.dst_node_id
+        context = self.contexts.get(node_id) or Context(run_id=1, node_id=node_id, node_config={},
+                                                        state=RecordDict(), run_config={})
+        try:
+            return self.nodes[node_id](message, context)
+        except Exception as err:  # pylint: disable=broad-except  # a crashed ClientApp
+            logger.error("node %s failed: %r", node_id, err)
+            return Message(Error(code=1, reason=repr(err)), reply_to=message)
 
     def set_run(self, run_id: int) -> None:  # type: ignore[override]
         """Unused: there is no SuperLink run."""
@@ -105,10 +140,3 @@ class InProcessGrid(Grid):
         """Create an instruction message for ``dst_node_id``."""
         return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Unused: see ``send_and_receive``."""
-        raise NotImplementedError(f"{type(self).__name__} only supports send_and_receive")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Unused: see ``send_and_receive``."""
-        raise NotImplementedError(f"{type(self).__name__} only supports send_and_receive")

@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedcca.flower.protocol import record_bytes
 from fedcca.flower.records import RoundRecord, jsonable
+from fedcca.flower.streaming import ReplyTally
 from fedcca.flower.wrapper import StrategyWrapper
 from fedcca.plotting import atomic_write, figure, save
 
@@ -130,31 +131,38 @@ class RecordRounds(StrategyWrapper):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The wrapped strategy's aggregation of the replies in node-id order (arrival order does not matter)."""
-        replies = sorted(replies, key=lambda reply: reply.metadata.src_node_id)
+        """The wrapped strategy's aggregation of the replies, read as the wrapped strategy reads them.
+
+        A list is handed on in node-id order; any other iterable (a stream of replies as they
+        arrive, :func:`~fedcca.flower.streaming.stream_replies`) in arrival order, lazily.
+        """
+        if isinstance(replies, (list, tuple)):
+            replies = sorted(replies, key=lambda reply: reply.metadata.src_node_id)
+        tally = ReplyTally(replies)
         started = time.perf_counter()
-        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        seconds = time.perf_counter() - started
+        arrays, metrics = self.strategy.aggregate_train(server_round, tally)
+        ended = time.perf_counter()
+        seconds = ended - started - tally.waited
         own = getattr(self.strategy, "round_record", None)
         record = own(server_round) if callable(own) else None
         if record is None:
             screened = getattr(self.strategy, "screened_out", None)  # a ScreenReplies inside
             dropped = screened(server_round) if callable(screened) else {}
-            record = RoundRecord(server_round, num_replies=len(replies), dropped=dropped,
-                                 num_valid=sum(not reply.has_error() for reply in replies) - len(dropped),
-                                 skipped=arrays is None, merge_seconds=seconds, aggregate_seconds=seconds,
-                                 bytes_received={r.metadata.src_node_id: record_bytes(r) for r in replies})
+            record = RoundRecord(server_round, num_replies=tally.count, dropped=dropped,
+                                 num_valid=tally.count - tally.errors - len(dropped),
+                                 skipped=arrays is None, merge_seconds=seconds,
+                                 bytes_received=dict(tally.bytes_received))
+        record.aggregate_seconds = seconds
+        record.finish_seconds = ended - (tally.ended if tally.ended is not None else started)
         if self._sent is not None and self._sent[0] == server_round:
             _, record.num_sent, record.bytes_sent, sent_at = self._sent
-            record.train_seconds_wall = started - sent_at
+            record.train_seconds_wall = (tally.last_arrival if tally.last_arrival is not None else started) - sent_at
         if metrics is not None:
             # the clients' metrics (weighted means), e.g. "train-loss" -> "client_train_loss"
             record.metrics.update({"client_" + key.replace("-", "_"): float(value) for key, value in metrics.items()
                                    if isinstance(value, (int, float))})
         self.rounds.append(record)
         return arrays, metrics
-
-
 
     def summary(self) -> None:
         """The wrapped strategy's summary, and where the run files go."""

@@ -33,8 +33,11 @@ class RoundRecord:
         client_statistics: Replies whose alignment statistics the client sent.
         stats_seconds: Server time spent computing alignment statistics.
         merge_seconds: Server time of the merge (statistics included).
-        aggregate_seconds: Server time of the whole aggregation (validation included).
+        aggregate_seconds: Server time of the whole aggregation (validation included; time
+            spent waiting for streamed replies excluded).
         train_seconds_wall: Wall time from sending the instructions to the last reply.
+        finish_seconds: Wall time from the end of the replies (the last one in, or the timeout) to
+            the new global model; with streamed replies most of the merge happened before.
         bytes_sent: Payload bytes of the train instructions.
         bytes_received: Node id -> payload bytes of its reply (0: no reply).
         statistics_bytes: Node id -> bytes of the statistics it sent.
@@ -61,6 +64,7 @@ class RoundRecord:
     merge_seconds: float = 0.0
     aggregate_seconds: float = 0.0
     train_seconds_wall: float = 0.0
+    finish_seconds: float = 0.0
     bytes_sent: int = 0
     bytes_received: dict[int, int] = field(default_factory=dict)
     statistics_bytes: dict[int, int] = field(default_factory=dict)

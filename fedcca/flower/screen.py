@@ -6,7 +6,9 @@ the global model ``g`` it was sent) is measured, and a reply is dropped when
 
 * ``|d_k| > max_update_norm * |g|`` — a bound centred on the global model, which holds at
   any number of replies (two included: a median of two is their mean); or
-* at least three replies arrived and ``|d_k| > max_ratio * median_j |d_j|``.
+* at least three replies arrived and ``|d_k| > max_ratio * median_j |d_j|``, the median of the
+  updates measured so far (replies are screened as they arrive; the first three wait for each
+  other).
 
 A dropped reply reaches the wrapped strategy as an error reply whose reason says which bound
 it broke and by how much: FedAvg counts it among its failures and logs the reason, CCAMerge
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from logging import INFO
 
 import numpy as np
@@ -30,6 +32,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedcca.flower.streaming import RunningMedian
 from fedcca.flower.wrapper import StrategyWrapper
 
 SCREEN_ERROR_CODE = 4000
@@ -71,53 +74,73 @@ class ScreenReplies(StrategyWrapper):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The wrapped strategy's aggregation of the replies, outliers turned into error replies."""
+        """The wrapped strategy's aggregation of the replies, outliers turned into error replies.
+
+        ``replies`` is read lazily (it may be :func:`~fedcca.flower.streaming.stream_replies`):
+        a reply is passed on as soon as it is decided, at most two wait for the median.
+        """
         if self._global is None or self._global[0] != server_round:
             raise RuntimeError(f"ScreenReplies: aggregate_train of round {server_round} without its configure_train "
                                "(the screen measures updates from the global model that was sent)")
-        screened = self.screen(list(replies), self._global[1])
-        self._dropped[server_round] = {reply.metadata.src_node_id: reply.error.reason for reply in screened
-                                       if reply.has_error() and reply.error.code == SCREEN_ERROR_CODE}
-        return self.strategy.aggregate_train(server_round, screened)
+        dropped: dict[int, str] = {}
+        self._dropped[server_round] = dropped
+        center = self._global[1]
+
+        def screened() -> Iterator[Message]:
+            for reply in self.screen(replies, center):
+                if reply.has_error() and reply.error.code == SCREEN_ERROR_CODE:
+                    dropped[reply.metadata.src_node_id] = reply.error.reason
+                yield reply
+
+        return self.strategy.aggregate_train(server_round, screened())
 
     def screened_out(self, server_round: int) -> dict[int, str]:
         """Node id -> why the screen dropped its reply in ``server_round`` (empty when none was)."""
         return dict(self._dropped.get(server_round, {}))
 
-    def screen(self, replies: Sequence[Message], center: Mapping[str, torch.Tensor]) -> list[Message]:
-        """``replies`` with every outlier replaced by an error reply naming the bound it broke.
+    def screen(self, replies: Iterable[Message], center: Mapping[str, torch.Tensor]) -> Iterator[Message]:
+        """``replies`` with every outlier replaced by an error reply naming the bound it broke, lazily.
+
+        The median bound is causal (:class:`~fedcca.flower.streaming.RunningMedian`): the first
+        three measured replies wait and are judged against their median, every later one against
+        the median of all measured so far, its own included; with fewer than three, no median.
 
         Args:
-            replies: One round's replies.
+            replies: One round's replies (any iterable, read once).
             center: The global model's floating-point entries.
         """
         key = getattr(self.strategy, "arrayrecord_key", None)  # Flower strategies name their weights record
-        norms = {index: _update_norm(reply, center, key) for index, reply in enumerate(replies)}
-        measured = {index: norm for index, norm in norms.items() if norm is not None}
         scale = float(torch.linalg.vector_norm(_flat(center)))
-        typical = float(np.median(list(measured.values()))) if len(measured) >= 3 else None
-        if measured and scale > 0:
-            ratios = [norm / scale for norm in measured.values()]
-            spread = f", largest {max(measured.values()) / typical:.3g}x the median" if typical else ""
+        medians: RunningMedian[tuple[Message, float | None]] = RunningMedian(warmup=3)
+        for reply in replies:
+            norm = _update_norm(reply, center, key)
+            for (decided, measured), typical in medians.push((reply, norm), norm):
+                yield self._judged(decided, measured, scale, typical)
+        for (decided, measured), _ in medians.flush():
+            yield self._judged(decided, measured, scale, None)
+        if medians.values and scale > 0:
+            ratios = [norm / scale for norm in medians.values]
+            typical = medians.median
+            spread = f", largest {max(medians.values) / typical:.3g}x the median" if typical else ""
             log(INFO, "[fedcca] screen: %d update(s) of %.3g-%.3gx the global model's norm%s", len(ratios),
                 min(ratios), max(ratios), spread)
-        out = list(replies)
-        for index, norm in measured.items():
-            reason = None
-            if self.max_update_norm is not None and not norm <= self.max_update_norm * scale:
-                reason = (f"update norm {norm:.3g} is {norm / scale if scale else math.inf:.3g}x the global model's "
-                          f"norm (screen bound max_update_norm={self.max_update_norm:g})")
-            elif self.max_ratio is not None and typical is not None and not norm <= self.max_ratio * typical:
-                reason = (f"update norm {norm:.3g} is {norm / typical if typical else math.inf:.3g}x the median update "
-                          f"norm {typical:.3g} (screen bound max_ratio={self.max_ratio:g})")
-            if reason is not None:
-                log(INFO, "[fedcca] screen: reply of node %d dropped: %s", replies[index].metadata.src_node_id, reason)
-                # the same sender and ids, an error instead of the content
-                out[index] = Message(error=Error(code=SCREEN_ERROR_CODE, reason=reason),
-                                     metadata=copy.copy(replies[index].metadata))
-        return out
 
-
+    def _judged(self, reply: Message, norm: float | None, scale: float, typical: float | None) -> Message:
+        """``reply``, or an error reply in its place when ``norm`` breaks a bound."""
+        if norm is None:
+            return reply
+        reason = None
+        if self.max_update_norm is not None and not norm <= self.max_update_norm * scale:
+            reason = (f"update norm {norm:.3g} is {norm / scale if scale else math.inf:.3g}x the global model's "
+                      f"norm (screen bound max_update_norm={self.max_update_norm:g})")
+        elif self.max_ratio is not None and typical is not None and not norm <= self.max_ratio * typical:
+            reason = (f"update norm {norm:.3g} is {norm / typical if typical else math.inf:.3g}x the median update "
+                      f"norm {typical:.3g} (screen bound max_ratio={self.max_ratio:g})")
+        if reason is None:
+            return reply
+        log(INFO, "[fedcca] screen: reply of node %d dropped: %s", reply.metadata.src_node_id, reason)
+        # the same sender and ids, an error instead of the content
+        return Message(error=Error(code=SCREEN_ERROR_CODE, reason=reason), metadata=copy.copy(reply.metadata))
 
     def summary(self) -> None:
         """The wrapped strategy's summary and the screen's bounds."""

@@ -19,8 +19,9 @@ from torch import nn
 from fedcca.devices import resolve_device
 from fedcca.flower.aggregation import REFERENCES, STATISTICS_SOURCES, AggregationSettings, RoundAggregation, SkipRound
 from fedcca.flower.metrics import average_metrics
-from fedcca.flower.protocol import COMPUTE_STATS_FLAG, InvalidReplyError, record_bytes, validate_evaluate_reply
+from fedcca.flower.protocol import COMPUTE_STATS_FLAG, InvalidReplyError, validate_evaluate_reply
 from fedcca.flower.records import RoundRecord
+from fedcca.flower.streaming import ReplyTally
 from fedcca.merging.config import MergeConfig, MergeSearch, merge_keywords, resolve_search
 from fedcca.merging.distillation import DistillConfig, TeacherSum, distill
 from fedcca.merging.merger import AVERAGES
@@ -237,14 +238,19 @@ class CCAMerge(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate the replies, merge the valid ones with CCA Merge and average metrics.
 
+        ``replies`` may be a list (Flower's ``send_and_receive``) or a stream of replies as they
+        arrive (:func:`fedcca.flower.streaming.stream_replies`): with the "global" reference and
+        the weighted mean, each reply is merged as it is read, so the merge overlaps the other
+        clients' training and one reply is held at a time (a round whose reference is a reply,
+        and the robust averages, read them all first). A list is merged in node-id order.
+
         Returns ``(None, None)`` (the previous global model is kept) when fewer than
         ``min_train_nodes`` replies are valid or no merge could be made.
         """
-        replies = sorted(replies, key=lambda msg: msg.metadata.src_node_id)
-        failures = sum(msg.has_error() for msg in replies)
-        log(INFO, "aggregate_train: Received %s results and %s failures", len(replies) - failures, failures)
-        record = RoundRecord(server_round, num_replies=len(replies),
-                             bytes_received={msg.metadata.src_node_id: record_bytes(msg) for msg in replies})
+        if isinstance(replies, (list, tuple)):
+            replies = sorted(replies, key=lambda msg: msg.metadata.src_node_id)
+        record = RoundRecord(server_round)
+        tally = ReplyTally(replies)
         sent = self._sent if self._sent is not None and self._sent.server_round == server_round else None
         if sent is not None:
             record.num_sent = len(sent.node_ids)
@@ -252,13 +258,17 @@ class CCAMerge(FedAvg):
         started = time.perf_counter()
         aggregation = RoundAggregation(self._settings, record, sent and sent.arrays, sent and sent.node_ids)
         try:
-            result = aggregation.run(replies)
+            result = aggregation.run(tally)
         except SkipRound as skip:
             log(WARNING, "aggregate_train: round %s skipped, global model unchanged: %s", server_round, skip)
             record.skipped, record.skip_reason = True, str(skip)
             return None, None
         finally:
-            record.aggregate_seconds = time.perf_counter() - started
+            record.num_replies = tally.count
+            record.bytes_received = {**dict.fromkeys(record.bytes_received, 0), **tally.bytes_received}
+            record.aggregate_seconds = time.perf_counter() - started - tally.waited
+            record.merge_seconds = max(0.0, record.merge_seconds - tally.waited)
+            log(INFO, "aggregate_train: Received %s results and %s failures", tally.count - tally.errors, tally.errors)
         state = result.model.state_dict()
         bad = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
         if bad:

@@ -1,0 +1,143 @@
+"""Replies as they arrive: Flower's ``send_and_receive``, one reply at a time.
+
+``Grid.send_and_receive`` returns when every reply (or the timeout) is in and holds all of
+them, so aggregation cannot start before the slowest client and the server's memory grows with
+the number of clients. :func:`stream_replies` pushes the same instructions and yields each
+reply as a pull brings it, with the same timeout rule, so a strategy that consumes its
+``replies`` iterable lazily (:class:`~fedcca.flower.strategy.CCAMerge` with the "global"
+reference, :class:`~fedcca.flower.screen.ScreenReplies`,
+:class:`~fedcca.flower.recording.RecordRounds`) merges while other clients still train.
+
+:class:`RunningMedian` is the causal rule the lazy consumers bound replies with: the median of
+the values seen so far, undecided until ``warmup`` values are in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import Generic, TypeVar
+
+import numpy as np
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from fedcca.flower.protocol import record_bytes
+
+DEFAULT_PULL_INTERVAL = 0.1
+"""Seconds between pulls while no reply arrives, for grids that do not set ``pull_interval``."""
+
+T = TypeVar("T")
+
+
+def stream_replies(grid: Grid, messages: Iterable[Message], *, timeout: float | None = None,
+                   pull_interval: float | None = None) -> Iterator[Message]:
+    """Push ``messages`` and yield their replies as pulls bring them.
+
+    The rule of ``Grid.send_and_receive``: pull until every instruction has a reply or
+    ``timeout`` seconds (wall clock, from the push) have passed; None waits for all. Time the
+    consumer spends on a reply counts towards the timeout, as it would while waiting.
+
+    Args:
+        grid: Any Flower grid (``push_messages`` / ``pull_messages``).
+        messages: The instructions.
+        timeout: Seconds to wait for replies (None: until all are in).
+        pull_interval: Seconds between pulls that bring nothing (default: the grid's
+            ``pull_interval``, else :data:`DEFAULT_PULL_INTERVAL`).
+    """
+    pending = set(grid.push_messages(messages))
+    del messages
+    interval = pull_interval if pull_interval is not None else getattr(grid, "pull_interval", DEFAULT_PULL_INTERVAL)
+    deadline = None if timeout is None else time.time() + timeout
+    while pending and (deadline is None or time.time() < deadline):
+        arrived = list(grid.pull_messages(pending))
+        while arrived:  # popped, so a reply is released once its consumer is done with it
+            reply = arrived.pop(0)
+            pending.discard(reply.metadata.reply_to_message_id)
+            yield reply
+        if pending:
+            time.sleep(interval)
+
+
+class RunningMedian(Generic[T]):
+    """Decide items against the median of the values seen so far, once ``warmup`` values are in.
+
+    Items arrive with a value (or None: not measured, decided at once). The first ones wait
+    until ``warmup`` values are known and are then decided against their median; later ones
+    against the median of every value so far, their own included. With ``warmup`` or fewer
+    items in all, :meth:`flush` decides the waiting ones without a median (None), as a
+    whole-round median of so few values would not bound anything either.
+
+    Args:
+        warmup: Values needed before a median is used.
+    """
+
+    def __init__(self, warmup: int = 3) -> None:
+        if warmup < 1:
+            raise ValueError(f"RunningMedian: warmup must be >= 1, got {warmup}")
+        self.warmup = warmup
+        self.values: list[float] = []
+        self._waiting: list[T] = []
+
+    @property
+    def median(self) -> float | None:
+        """The median of the values so far (None before ``warmup`` values)."""
+        return float(np.median(self.values)) if len(self.values) >= self.warmup else None
+
+    def push(self, item: T, value: float | None) -> list[tuple[T, float | None]]:
+        """Add ``item``; return the items decided now, each with the median to decide it by."""
+        if value is None:
+            return [(item, self.median)]
+        self.values.append(value)
+        if len(self.values) < self.warmup:
+            self._waiting.append(item)
+            return []
+        median = self.median
+        decided, self._waiting = [(waiting, median) for waiting in self._waiting], []
+        return decided + [(item, median)]
+
+    def flush(self) -> list[tuple[T, float | None]]:
+        """The items still waiting (fewer than ``warmup`` values arrived), with no median."""
+        decided, self._waiting = [(waiting, None) for waiting in self._waiting], []
+        return decided
+
+
+class ReplyTally:
+    """Wraps one round's replies (read once, lazily) and notes what the round record needs.
+
+    Attributes:
+        bytes_received: Node id -> payload bytes of its reply, in arrival order.
+        count: Replies read so far (duplicates from one node included).
+        errors: Replies that carried an error.
+        waited: Seconds spent waiting for the next reply (client training, for a stream).
+        last_arrival: ``time.perf_counter()`` when the last reply was handed on (None before).
+        ended: ``time.perf_counter()`` when the replies ran out: all in, or the timeout passed
+            (None before).
+    """
+
+    def __init__(self, replies: Iterable[Message]) -> None:
+        self._source = replies
+        self.bytes_received: dict[int, int] = {}
+        self.count = 0
+        self.errors = 0
+        self.waited = 0.0
+        self.last_arrival: float | None = None
+        self.ended: float | None = None
+
+    def __iter__(self) -> Iterator[Message]:
+        iterator = iter(self._source)
+        while True:
+            asked = time.perf_counter()
+            try:
+                reply = next(iterator)
+            except StopIteration:
+                self.ended = time.perf_counter()
+                self.waited += self.ended - asked
+                return
+            self.last_arrival = time.perf_counter()
+            self.waited += self.last_arrival - asked
+            self.bytes_received[reply.metadata.src_node_id] = record_bytes(reply)
+            self.count += 1
+            self.errors += reply.has_error()
+            yield reply
+
