@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
@@ -52,6 +52,7 @@ from fedcca.app.task import TaskConfig
 from fedcca.data import Dataset, DeviceLoader, load_dataset
 from fedcca.devices import resolve_device
 from fedcca.flower.local_grid import InProcessGrid
+from fedcca.flower.streaming import ReplyTally, stream_replies
 from fedcca.flower.protocol import (
     COMPUTE_STATS_FLAG,
     CONFIG_KEY,
@@ -206,17 +207,31 @@ def build_strategies(specs: Sequence[StrategySpec], model_fn: Any, num_clients: 
     return strategies
 
 
-def _messages(strategy: FedAvg, replies: Replies, grid: InProcessGrid,
-              cache: dict[bool, list[RecordDict]]) -> list[Message]:
-    """Configure round 1 on ``strategy`` and answer each instruction with the shared content."""
-    instructions = list(strategy.configure_train(1, ArrayRecord(replies.global_model.state_dict()), ConfigRecord(),
-                                                 grid))
-    with_stats = bool(instructions[0].content[CONFIG_KEY].get(COMPUTE_STATS_FLAG, False))
-    if with_stats not in cache:
-        cache[with_stats] = [
-            RecordDict({**dict(content), STATISTICS_KEY: stats}) if with_stats else content
-            for content, stats in zip(replies.weights, replies.statistics, strict=True)]
-    return [Message(cache[with_stats][msg.metadata.dst_node_id - 1], reply_to=msg) for msg in instructions]
+class _ReplayClients:
+    """The nodes of an :class:`InProcessGrid` answering every instruction with a fresh copy of the
+    prepared reply (with statistics when the instruction asks for them), so that replies cost
+    their real memory from the moment they are received: all at once with ``send_and_receive``,
+    one per pull with a stream."""
+
+    def __init__(self, replies: Replies) -> None:
+        self.replies = replies
+        self._contents: dict[bool, list[RecordDict]] = {}
+
+    def grid(self) -> InProcessGrid:
+        return InProcessGrid({node: self._answer for node in range(1, len(self.replies.weights) + 1)})
+
+    def _answer(self, message: Message, context: Context) -> Message:
+        with_stats = bool(message.content[CONFIG_KEY].get(COMPUTE_STATS_FLAG, False))
+        if with_stats not in self._contents:
+            self._contents[with_stats] = [
+                RecordDict({**dict(content), STATISTICS_KEY: stats}) if with_stats else content
+                for content, stats in zip(self.replies.weights, self.replies.statistics, strict=True)]
+        return Message(copy.deepcopy(self._contents[with_stats][message.metadata.dst_node_id - 1]), reply_to=message)
+
+
+def _instructions(strategy: FedAvg, replies: Replies, grid: InProcessGrid, server_round: int) -> list[Message]:
+    return list(strategy.configure_train(server_round, ArrayRecord(replies.global_model.state_dict()), ConfigRecord(),
+                                         grid))
 
 
 class PeakRSS:
@@ -266,28 +281,54 @@ class _BatchNormTimer:
         return timed
 
 
-def measure_aggregation(strategies: dict[str, FedAvg], replies: Replies, num_clients: int,
-                        repeats: int) -> dict[str, dict[str, Any]]:
-    """Time, BatchNorm time and memory of ``aggregate_train`` of every strategy on the same replies."""
-    grid = InProcessGrid({node: project_client_app() for node in range(1, num_clients + 1)})
-    cache: dict[bool, list[RecordDict]] = {}
-    messages = {label: _messages(strategy, replies, grid, cache) for label, strategy in strategies.items()}
+def measure_aggregation(strategies: dict[str, FedAvg], replies: Replies, repeats: int,
+                        server_round: int = 2) -> dict[str, dict[str, Any]]:
+    """Time, BatchNorm time and memory of ``aggregate_train`` of every strategy on the same replies.
+
+    Two ways of receiving the round's replies: all at once (``send_and_receive``: every reply
+    held, then ``aggregate_train``) and streamed (:func:`fedcca.flower.streaming.stream_replies`:
+    replies handed over as pulled). ``seconds``: all-at-once aggregation; ``stream_seconds``: the
+    streamed aggregation's own time (waiting for pulls excluded); ``finish_seconds``: from the
+    last streamed reply to the new model. Peak memory of each way counts the replies received.
+    """
+    clients = _ReplayClients(replies)
     seconds: dict[str, list[float]] = {label: [] for label in strategies}
+    streamed: dict[str, list[float]] = {label: [] for label in strategies}
+    finish: dict[str, list[float]] = {label: [] for label in strategies}
     for _ in range(repeats):  # interleaved: load from other processes hits every strategy alike
         for label, strategy in strategies.items():
+            grid = clients.grid()
+            received = grid.send_and_receive(_instructions(strategy, replies, grid, server_round))
             started = time.perf_counter()
-            arrays, _ = strategy.aggregate_train(1, messages[label])
+            arrays, _ = strategy.aggregate_train(server_round, received)
             seconds[label].append(time.perf_counter() - started)
+            del received
             if arrays is None:
-                raise RuntimeError(f"{label}: aggregate_train produced no model for {num_clients} clients")
+                raise RuntimeError(f"{label}: aggregate_train produced no model for {len(replies.weights)} clients")
+            grid = clients.grid()
+            tally = ReplyTally(stream_replies(grid, _instructions(strategy, replies, grid, server_round)))
+            started = time.perf_counter()
+            strategy.aggregate_train(server_round, tally)
+            ended = time.perf_counter()
+            streamed[label].append(ended - started - tally.waited)
+            finish[label].append(ended - (tally.ended or started))
     result = {}
     for label, strategy in strategies.items():
         _release_freed_memory()
         timer = _BatchNormTimer()
+        grid = clients.grid()
+        instructions = _instructions(strategy, replies, grid, server_round)
         with _patched_batchnorm(timer), PeakRSS() as rss:
-            strategy.aggregate_train(1, messages[label])
+            strategy.aggregate_train(server_round, grid.send_and_receive(instructions))
+        _release_freed_memory()
+        grid = clients.grid()
+        instructions = _instructions(strategy, replies, grid, server_round)
+        with PeakRSS() as stream_rss:
+            strategy.aggregate_train(server_round, stream_replies(grid, instructions))
         result[label] = {"seconds": seconds[label], "min_seconds": min(seconds[label]),
-                         "bn_seconds": timer.seconds, "rss_peak_growth_mib": rss.peak_mib}
+                         "stream_seconds": min(streamed[label]), "finish_seconds": min(finish[label]),
+                         "bn_seconds": timer.seconds, "rss_peak_growth_mib": rss.peak_mib,
+                         "stream_rss_peak_growth_mib": stream_rss.peak_mib}
     return result
 
 
@@ -353,6 +394,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--client-examples", type=int, default=500, help="client shard for the client timing")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--round", type=int, default=2,
+                        help="the round configured: 2 (default) is the steady state (the global model as reference, "
+                             "client statistics); 1 aligns to the largest reply with server-side statistics")
     parser.add_argument("--seed", type=int, default=0)
     add_runtime_arguments(parser, Path("results/cost/cost.json"))
     return parser
@@ -396,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                           width=sweep.width)
             if num_clients > args.max_server_stats_clients:
                 strategies = {label: s for label, s in strategies.items() if ":server" not in label}
-            measured = measure_aggregation(strategies, replies, num_clients, args.repeats)
+            measured = measure_aggregation(strategies, replies, args.repeats, args.round)
             base = measured[BASELINE]["min_seconds"]
             entry["aggregation"].append({"num_clients": num_clients, "strategies": measured,
                                          "ratio_to_fedavg": {label: m["min_seconds"] / base for label, m in
@@ -425,10 +469,11 @@ def _report(payload: dict[str, Any], labels: Sequence[str], out: Path) -> None:
                              f"{e['client']['train_seconds']:.2f}", f"{e['client']['stats_seconds']:.2f}"]
                             for e in payload["models"]])]
     series = []
+    round_ = payload["config"].get("round", 1)
     for entry in payload["models"]:
         rows = entry["aggregation"]
-        text.append(f"\n### {entry['model']}: aggregate_train seconds (BatchNorm re-estimate), ratio to FedAvg, "
-                    f"peak MiB\n")
+        text.append(f"\n### {entry['model']}, round {round_}: aggregate_train seconds with all replies at once "
+                    f"(BatchNorm re-estimate), ratio to FedAvg; streamed: own seconds / last reply to model\n")
         body = []
         for row in rows:
             cells = [row["num_clients"]]
@@ -437,12 +482,20 @@ def _report(payload: dict[str, Any], labels: Sequence[str], out: Path) -> None:
                 cells.append("-" if m is None else f"{m['min_seconds']:.3g} ({m['bn_seconds']:.2g})")
             cells += [f"{row['ratio_to_fedavg'][label]:.1f}x" if label in row["ratio_to_fedavg"] else "-"
                       for label in labels if label != BASELINE]
-            cells += ["-" if label not in row["strategies"] else f"{row['strategies'][label]['rss_peak_growth_mib']:.0f}"
-                      for label in labels]
+            cells += ["-" if label not in row["strategies"] else
+                      f"{row['strategies'][label].get('stream_seconds', float('nan')):.3g} / "
+                      f"{row['strategies'][label].get('finish_seconds', float('nan')):.3g}" for label in labels]
             body.append(cells)
         text.append(markdown_table(["K", *(f"{label} s" for label in labels),
                                     *(f"{label}/fedavg" for label in labels if label != BASELINE),
-                                    *(f"{label} MiB" for label in labels)], body))
+                                    *(f"{label} streamed s" for label in labels)], body))
+        text.append(f"\n### {entry['model']}, round {round_}: peak memory growth (MiB) counting the replies received, "
+                    "all at once / streamed\n")
+        text.append(markdown_table(["K", *labels], [
+            [row["num_clients"], *("-" if label not in row["strategies"] else
+                                   f"{row['strategies'][label]['rss_peak_growth_mib']:.0f} / "
+                                   f"{row['strategies'][label].get('stream_rss_peak_growth_mib', float('nan')):.0f}"
+                                   for label in labels)] for row in rows]))
         for label in labels:
             shown = [row for row in rows if label in row["strategies"]]
             series.append(Series(f"{entry['model']} {label}", [row["num_clients"] for row in shown],

@@ -30,6 +30,9 @@ def test_aggregation_rows(result: tuple[dict, Path]) -> None:
             assert len(entry["seconds"]) == 1 and entry["min_seconds"] == entry["seconds"][0] > 0
             # memory in MiB (a unit slip to KiB or bytes would exceed this for any model), BatchNorm time timed apart
             assert 0 <= entry["rss_peak_growth_mib"] < 1024 and 0 <= entry["bn_seconds"] <= 60
+            assert 0 <= entry["stream_rss_peak_growth_mib"] < 1024
+            # the time after the last streamed reply is part of the streamed aggregation's own time
+            assert 0 < entry["finish_seconds"] <= entry["stream_seconds"] + 1e-3
         base = row["strategies"]["fedavg"]["min_seconds"]
         for label, ratio in row["ratio_to_fedavg"].items():
             assert ratio == pytest.approx(row["strategies"][label]["min_seconds"] / base)
