@@ -5,7 +5,8 @@ shard (``partition-id`` of ``num-partitions``, from the node config), with FedPr
 term when the strategy sends ``proximal-mu``, and, when the config sets
 ``fedcca.compute-statistics``, computes the statistics of its trained model (B) against the
 model it received (the reference A) on the public calibration set, so the server can align
-without running either model. CUDA is used when present.
+without running either model; with ``fedcca.preactivation-moments`` also its model's
+pre-activation moments (REPAIR's targets). CUDA is used when present.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from fedcca.app.task import TaskConfig
 from fedcca.data import DeviceLoader
 from fedcca.devices import resolve_device
 from fedcca.flower.protocol import read_train_instruction, train_reply
+from fedcca.merging.repair import preactivation_statistics
+from fedcca.spec.tracing import spec_for
 from fedcca.statistics import collect_statistics
 from fedcca.training import train as train_model
 
@@ -61,12 +64,16 @@ def train(msg: Message, context: Context) -> Message:
                                        batch_size=task.batch_size, device=device, seed=round_seed)
     result = train_model(model, loader, task.training(instruction.proximal_mu), device=device)
 
-    statistics, stats_seconds = None, 0.0
+    statistics, preactivation, stats_seconds = None, None, 0.0
     if instruction.compute_statistics:
         started = time.perf_counter()
+        calibration = calibration_inputs(task)
         # Only our model's moments and the cross moment travel: the server measures the received model's.
-        statistics = collect_statistics(reference, [model], calibration_inputs(task), reference_moments=False,
-                                        device=device)[0]
+        statistics = collect_statistics(reference, [model], calibration, reference_moments=False, device=device)[0]
+        if instruction.send_preactivation:  # REPAIR's endpoint statistics: the server need not run our model
+            spec = spec_for(model, calibration[:1])
+            preactivation = preactivation_statistics([model], calibration, spec, recompute_bn=False, device=device)[0]
         stats_seconds = time.perf_counter() - started
     metrics = {"train-loss": result["loss"], "train-seconds": result["seconds"], "stats-seconds": stats_seconds}
-    return Message(train_reply(model.state_dict(), loader.num_examples, metrics, statistics), reply_to=msg)
+    return Message(train_reply(model.state_dict(), loader.num_examples, metrics, statistics, preactivation),
+                   reply_to=msg)

@@ -52,7 +52,6 @@ from fedcca.app.task import TaskConfig
 from fedcca.data import Dataset, DeviceLoader, load_dataset
 from fedcca.devices import resolve_device
 from fedcca.flower.local_grid import InProcessGrid
-from fedcca.flower.streaming import ReplyTally, stream_replies
 from fedcca.flower.protocol import (
     COMPUTE_STATS_FLAG,
     CONFIG_KEY,
@@ -63,6 +62,7 @@ from fedcca.flower.protocol import (
     train_instruction,
     train_reply,
 )
+from fedcca.flower.streaming import ReplyTally, stream_replies
 from fedcca.models import build_model
 from fedcca.statistics import as_batches, collect_statistics
 from fedcca.training import TrainingConfig, train

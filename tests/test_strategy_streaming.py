@@ -92,9 +92,9 @@ def test_replies_are_merged_while_later_clients_train_and_the_slowest_still_coun
     events: list[str] = []
     original = merger_module.Merger.add
 
-    def add(self, model, weight=1.0, statistics=None, *, name=None, is_reference=False):  # noqa: ANN001, ANN202
+    def add(self, model, weight=1.0, statistics=None, *, name=None, **kwargs):  # noqa: ANN001, ANN003, ANN202
         events.append(f"merged {name}")
-        return original(self, model, weight, statistics, name=name, is_reference=is_reference)
+        return original(self, model, weight, statistics, name=name, **kwargs)
 
     monkeypatch.setattr(merger_module.Merger, "add", add)
     grid = InProcessGrid({n: _logging_app(events) for n in NODES})

@@ -20,6 +20,7 @@ from torch import nn
 
 from fedcca.flower.local_grid import set_task_identity
 from fedcca.flower.protocol import STATISTICS_KEY, read_train_instruction, train_instruction, train_reply
+from fedcca.merging.repair import preactivation_statistics
 from fedcca.statistics import collect_statistics
 from tests.tiny_models import CLASSES, HIDDEN, IN_CHANNELS, TinyNet, calibration, make_model
 
@@ -61,11 +62,12 @@ def _node_id(message: Message) -> int:
 
 
 def _train_reply(message: Message, loss_key: str,
-                 with_statistics: bool = False) -> RecordDict:
-    """Train locally; the reply content (weights, metrics and, if asked for, statistics)."""
+                 with_statistics: bool = False, with_preactivation: bool = False) -> RecordDict:
+    """Train locally; the reply content (weights, metrics and, if asked for, statistics and pre-activation moments)."""
     received, trained, loss = train_locally(message, _node_id(message))
     statistics = collect_statistics(received, [trained], CALIBRATION)[0] if with_statistics else None
-    return train_reply(trained.state_dict(), len(shard(_node_id(message))[0]), {loss_key: loss}, statistics)
+    pre = preactivation_statistics([trained], CALIBRATION, recompute_bn=False)[0] if with_preactivation else None
+    return train_reply(trained.state_dict(), len(shard(_node_id(message))[0]), {loss_key: loss}, statistics, pre)
 
 
 fedavg_app = ClientApp()
@@ -80,8 +82,9 @@ def _fedavg_train(message: Message, context: Context) -> Message:
 
 @stats_app.train()
 def _stats_train(message: Message, context: Context) -> Message:
-    asked = read_train_instruction(message).compute_statistics
-    return Message(_train_reply(message, "train-loss", with_statistics=asked), reply_to=message)
+    instruction = read_train_instruction(message)
+    return Message(_train_reply(message, "train-loss", with_statistics=instruction.compute_statistics,
+                                with_preactivation=instruction.send_preactivation), reply_to=message)
 
 
 @fedavg_app.evaluate()

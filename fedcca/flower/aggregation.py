@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import DEBUG, WARNING
 from typing import Any
 
@@ -30,8 +30,15 @@ from fedcca.flower.streaming import RunningMedian
 from fedcca.merging.config import MergeSearch
 from fedcca.merging.distillation import DistillConfig, TeacherSum, client_logits
 from fedcca.merging.merger import Merger, MergeResult
+from fedcca.merging.repair import preactivation_statistics
 from fedcca.spec.alignment import AlignmentSpec
 from fedcca.statistics import Moments, PairStatistics, StatisticsError, assemble, collect_moments, collect_statistics
+
+MAX_PREACTIVATION_RATIO = 10.0
+"""A client's pre-activation moments (REPAIR's targets) are used when, at every point, the root
+mean square of its pre-activations is within this factor of the global model's (measured on the
+server once per round); otherwise the server measures that client's model itself and logs why:
+forged targets would rescale the merged model's layers."""
 
 # What aligning one reply may raise because of its contents: degenerate statistics, a failed
 # decomposition, non-finite aligned weights (fedcca.merging.merger.MergeError is a ValueError), or an
@@ -77,6 +84,8 @@ class AggregationSettings:
             of its own (or less than the inverse) is dropped (:class:`~fedcca.merging.merger.Merger`).
         max_weight_ratio: A reply's merge weight is at most this many times the median
             ``num-examples`` claimed in the round (inf: FedAvg's uncapped weights).
+        preactivation_sizes: ``{point: features}`` of the points REPAIR corrects, whose
+            pre-activation moments clients send when asked (:meth:`client_preactivation_in`).
     """
 
     model_fn: Callable[[], nn.Module]
@@ -97,6 +106,7 @@ class AggregationSettings:
     max_weight_ratio: float = 3.0
     max_norm_growth: float | None = 1e4
     average: str = "mean"
+    preactivation_sizes: Mapping[str, int] = field(default_factory=dict)
 
     def reference_in(self, server_round: int) -> str:
         """The reference policy of ``server_round``: "auto" is "largest" in round 1, "global" after.
@@ -114,6 +124,12 @@ class AggregationSettings:
         """Whether clients are asked for statistics in ``server_round`` (they are taken against
         the model the clients received, so they fit only when that model is the reference)."""
         return self.client_statistics and self.reference_in(server_round) == "global"
+
+    def client_preactivation_in(self, server_round: int) -> bool:
+        """Whether clients are asked for their pre-activation moments in ``server_round``: with their
+        statistics, when some candidate repairs (the server then runs no client model)."""
+        return (self.client_statistics_in(server_round) and bool(self.preactivation_sizes)
+                and any(c.repair != "none" for c in self.search.candidates()))
 
     @property
     def needs_statistics(self) -> bool:
@@ -144,6 +160,7 @@ class RoundAggregation:
         self._weight_cap = math.inf  # set from the replies by run()
         self._scale: float | None = None  # what streamed weights are divided by (the first cap)
         self._replied: set[int] = set()  # nodes whose reply was read
+        self._global_preactivation: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         distill = settings.distill
         self.teacher = None if distill is None else TeacherSum(distill.teachers, distill.temperatures)
 
@@ -256,7 +273,8 @@ class RoundAggregation:
                 self._replied.add(node_id)
                 update = validate_reply(msg, self.settings.template, self.settings.spec,
                                         weights_key=self.settings.weights_key,
-                                        weighted_by_key=self.settings.weighted_by_key)
+                                        weighted_by_key=self.settings.weighted_by_key,
+                                        preactivation_sizes=self.settings.preactivation_sizes)
             except InvalidReplyError as err:
                 self._drop(node_id, str(err))
                 continue
@@ -317,7 +335,9 @@ class RoundAggregation:
             try:
                 logits = None if self.teacher is None else \
                     _finite_logits(client_logits(model, self.settings.calibration, device=self.settings.device))
-                merger.add(model, weight, stats, name=str(update.node_id), is_reference=is_reference)
+                preactivation = None if is_reference else self._preactivation(merger, update)
+                merger.add(model, weight, stats, name=str(update.node_id), is_reference=is_reference,
+                           preactivation=preactivation)
             except _REPLY_DATA_ERRORS as err:
                 if is_reference:
                     raise
@@ -372,6 +392,28 @@ class RoundAggregation:
         except StatisticsError as err:
             return err
 
+    def _preactivation(self, merger: Merger, update: ClientUpdate) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """The reply's pre-activation moments if sent and within :data:`MAX_PREACTIVATION_RATIO` of the
+        global model's at every point; None (the merger measures the model) otherwise, logged."""
+        sent = update.preactivation
+        if sent is None or not self.client_statistics or merger.spec is None:
+            return None
+        if self._global_preactivation is None:
+            started = time.perf_counter()
+            self._global_preactivation = preactivation_statistics(
+                [merger.reference], self.settings.calibration, merger.spec, recompute_bn=False,
+                device=self.settings.device)[0]
+            self.record.stats_seconds += time.perf_counter() - started
+        for point, (mean, covariance) in sent.items():
+            ours, theirs = _rms(*self._global_preactivation[point]), _rms(mean, covariance)
+            ratio = theirs / ours if ours > 0 else (1.0 if theirs == 0 else math.inf)
+            if not 1 / MAX_PREACTIVATION_RATIO <= ratio <= MAX_PREACTIVATION_RATIO:
+                log(WARNING, "aggregate_train: node %s sent pre-activation moments at '%s' of %.3gx the global "
+                    "model's RMS (bound %gx): its REPAIR targets are measured on the server instead",
+                    update.node_id, point, ratio, MAX_PREACTIVATION_RATIO)
+                return None
+        return sent
+
     def _needs_server_statistics(self, update: ClientUpdate) -> bool:
         return self.settings.needs_statistics and (update.statistics is None or not self.client_statistics)
 
@@ -401,6 +443,11 @@ class RoundAggregation:
     def _drop(self, node_id: int, reason: str) -> None:
         self.record.drop(node_id, reason)
         log(WARNING, "aggregate_train: dropped reply from node %s: %s", node_id, reason)
+
+
+def _rms(mean: torch.Tensor, covariance: torch.Tensor) -> float:
+    """Root mean square of features with this mean and covariance."""
+    return float((mean.double().square() + covariance.double().diagonal().clamp_min(0)).mean().sqrt())
 
 
 def _finite_logits(logits: torch.Tensor) -> torch.Tensor:

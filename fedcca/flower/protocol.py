@@ -3,7 +3,9 @@
 A train message carries the global model (``ArrayRecord`` under :data:`WEIGHTS_KEY`) and a
 ``ConfigRecord`` under :data:`CONFIG_KEY`; when :data:`COMPUTE_STATS_FLAG` is true in it,
 the client also sends the alignment statistics of its trained model (B) against the
-received global model (A) as a second ``ArrayRecord`` under :data:`STATISTICS_KEY`.
+received global model (A) as a second ``ArrayRecord`` under :data:`STATISTICS_KEY`; when
+:data:`PREACTIVATION_FLAG` is true as well, that record also holds its model's pre-activation
+moments (REPAIR's endpoint statistics), so the server runs no client model at all.
 A reply from a plain FedAvg-style ClientApp (weights + one ``MetricRecord`` with
 ``num-examples``) is valid too; the server then computes the statistics itself.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +35,11 @@ METRICS_KEY = "metrics"
 STATISTICS_KEY = "fedcca.statistics"
 COMPUTE_STATS_FLAG = "fedcca.compute-statistics"
 NUM_EXAMPLES_KEY = "num-examples"
-STATISTICS_FORMAT = 2
+STATISTICS_FORMAT = 3
+"""Written by :func:`statistics_to_record`; format 2 (no pre-activation moments) is read too."""
+READABLE_FORMATS = (2, 3)
+PREACTIVATION_FLAG = "fedcca.preactivation-moments"
+PREACTIVATION_PREFIX = "preactivation/"
 """Version of the statistics wire format; a reply of another version is refused, naming both."""
 FORMAT_KEY = "format"
 SERVER_ROUND_KEY = "server-round"
@@ -47,6 +54,7 @@ class TrainInstruction:
         arrays: The global model.
         server_round: The round (0 when the strategy did not say).
         compute_statistics: Send alignment statistics of the trained model against ``arrays``.
+        send_preactivation: With them, the trained model's pre-activation moments.
         proximal_mu: FedProx's proximal weight ``mu`` (0: plain local training).
         config: The whole ``ConfigRecord``.
     """
@@ -54,6 +62,7 @@ class TrainInstruction:
     arrays: ArrayRecord
     server_round: int
     compute_statistics: bool
+    send_preactivation: bool
     proximal_mu: float
     config: ConfigRecord
 
@@ -86,13 +95,15 @@ def read_train_instruction(message: Message) -> TrainInstruction:
     mu = float(config.get(PROXIMAL_MU_KEY, 0.0))  # type: ignore[arg-type]
     if not (math.isfinite(mu) and mu >= 0):
         raise InvalidReplyError(f"'{PROXIMAL_MU_KEY}' must be finite and >= 0, got {mu!r}")
+    compute = bool(config.get(COMPUTE_STATS_FLAG, False))
     return TrainInstruction(content.array_records[WEIGHTS_KEY], int(config.get(SERVER_ROUND_KEY, 0)),  # type: ignore[arg-type]
-                            bool(config.get(COMPUTE_STATS_FLAG, False)), mu, config)
+                            compute, compute and bool(config.get(PREACTIVATION_FLAG, False)), mu, config)
 
 
 def train_reply(state_dict: Mapping[str, torch.Tensor], num_examples: int | float,
                 metrics: Mapping[str, int | float] | None = None,
-                statistics: Mapping[str, PairStatistics] | None = None) -> RecordDict:
+                statistics: Mapping[str, PairStatistics] | None = None,
+                preactivation: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> RecordDict:
     """The content of a train reply: weights, metrics with ``num-examples``, optional statistics.
 
     Args:
@@ -100,13 +111,16 @@ def train_reply(state_dict: Mapping[str, torch.Tensor], num_examples: int | floa
         num_examples: The reply's weight in the average.
         metrics: Further metrics.
         statistics: Alignment statistics of the trained model (B) against the received one (A).
+        preactivation: The trained model's pre-activation ``{point: (mean, covariance)}``
+            (:func:`fedcca.merging.repair.preactivation_statistics`, BatchNorm as the model has it);
+            sent with ``statistics`` only.
     """
     content = RecordDict({
         WEIGHTS_KEY: ArrayRecord({key: value.detach().cpu() for key, value in state_dict.items()}),
         METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: num_examples, **(metrics or {})}),
     })
     if statistics is not None:
-        content[STATISTICS_KEY] = statistics_to_record(statistics)
+        content[STATISTICS_KEY] = statistics_to_record(statistics, preactivation)
     return content
 
 
@@ -125,6 +139,8 @@ class ClientUpdate:
         statistics: What the client sent of its alignment statistics (trained model = B,
             against the received model = A), or ``None`` when the reply carries none; the server
             pairs them with the received model's own moments (:func:`fedcca.statistics.assemble`).
+        preactivation: The trained model's pre-activation ``{point: (mean, covariance)}`` when
+            the client sent them (validated for shape, finiteness and non-negative variances).
         metrics: The reply's ``MetricRecord``.
         num_bytes: Payload size of the reply (all records).
         statistics_bytes: Payload size of the statistics record (0 without one).
@@ -137,11 +153,13 @@ class ClientUpdate:
     metrics: MetricRecord
     num_bytes: int
     statistics_bytes: int
+    preactivation: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 
 
-def statistics_to_record(stats: Mapping[str, PairStatistics]) -> ArrayRecord:
+def statistics_to_record(stats: Mapping[str, PairStatistics],
+                         preactivation: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> ArrayRecord:
     """Pack what a client sends of its statistics (format :data:`STATISTICS_FORMAT`) into an ``ArrayRecord``.
 
     Per point: ``count``, the model's ``mean`` (float64), its centred second moment as the packed
@@ -149,9 +167,13 @@ def statistics_to_record(stats: Mapping[str, PairStatistics]) -> ArrayRecord:
     received model (float32). The received model's own moments are not sent: the server
     measures them once per round (:func:`fedcca.statistics.collect_moments`).
 
+    With ``preactivation``, per REPAIR point also ``preactivation/<point>/mean`` (float64) and its
+    covariance's packed upper triangle (``preactivation/<point>/covariance``, float32).
+
     Args:
         stats: Statistics per alignment point, as returned by ``collect_statistics`` for the
             (received model, trained model) pair.
+        preactivation: The trained model's pre-activation ``{point: (mean, covariance)}``.
     """
     arrays = {FORMAT_KEY: np.asarray(STATISTICS_FORMAT, dtype=np.int64)}
     for point, pair in stats.items():
@@ -162,44 +184,76 @@ def statistics_to_record(stats: Mapping[str, PairStatistics]) -> ArrayRecord:
         arrays[f"{point}/mean"] = part.b.mean.detach().cpu().double().numpy()
         arrays[f"{point}/comoment"] = part.b.comoment.detach().cpu().numpy()[rows, cols].astype(np.float32)
         arrays[f"{point}/cross"] = part.cross.detach().cpu().numpy().astype(np.float32)
+    for point, (mean, covariance) in (preactivation or {}).items():
+        rows, cols = np.triu_indices(mean.shape[0])
+        arrays[f"{PREACTIVATION_PREFIX}{point}/mean"] = mean.detach().cpu().double().numpy()
+        arrays[f"{PREACTIVATION_PREFIX}{point}/covariance"] = \
+            covariance.detach().cpu().double().numpy()[rows, cols].astype(np.float32)
     return ArrayRecord({key: Array(value) for key, value in arrays.items()})
 
 
 def statistics_from_record(record: ArrayRecord, spec: AlignmentSpec) -> dict[str, ClientStatistics]:
-    """Unpack and validate the statistics a client sent.
+    """Unpack and validate the statistics a client sent (:func:`decode_statistics` without pre-activation sizes).
 
     Args:
         record: The ``ArrayRecord`` stored under :data:`STATISTICS_KEY`.
         spec: The model's alignment spec; every point must be present with matching sizes.
 
     Raises:
+        StatisticsError: See :func:`decode_statistics`.
+    """
+    return decode_statistics(record, spec)[0]
+
+
+Preactivation = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""``{point: (mean, covariance)}`` of a model's pre-activations (REPAIR's endpoint statistics)."""
+
+
+def decode_statistics(record: ArrayRecord, spec: AlignmentSpec, preactivation_sizes: Mapping[str, int] | None = None
+                      ) -> tuple[dict[str, ClientStatistics], Preactivation | None]:
+    """Unpack and validate a client's statistics record: alignment statistics and pre-activation moments.
+
+    Args:
+        record: The ``ArrayRecord`` stored under :data:`STATISTICS_KEY`.
+        spec: The model's alignment spec; every point must be present with matching sizes.
+        preactivation_sizes: ``{point: features}`` of the points whose pre-activation moments
+            may be sent (all of them or none); None: none may be.
+
+    Returns:
+        ``(statistics per point, pre-activation moments or None when not sent)``.
+
+    Raises:
         StatisticsError: Naming the key that cannot be decoded, is missing, unexpected, of the
-            wrong shape, non-finite, or a count that is not a positive integer; or another
-            format version.
+            wrong shape, non-finite, a count that is not a positive integer, a negative
+            pre-activation variance; or a format this server does not read.
     """
     fields = {"count": lambda n: (), "mean": lambda n: (n,), "comoment": lambda n: (n * (n + 1) // 2,),
               "cross": lambda n: (n, n)}
+    pre_fields = {"mean": lambda n: (n,), "covariance": lambda n: (n * (n + 1) // 2,)}
     shapes = {FORMAT_KEY: ()} | {f"{point.name}/{name}": shape(point.size) for point in spec.points
                                  for name, shape in fields.items()}
-    unexpected = sorted(set(record) - set(shapes))
+    pre_shapes = {f"{PREACTIVATION_PREFIX}{point}/{name}": shape(size) for point, size in
+                  (preactivation_sizes or {}).items() for name, shape in pre_fields.items()}
+    unexpected = sorted(set(record) - set(shapes) - set(pre_shapes))
     if unexpected:
         raise StatisticsError(f"unexpected statistics key '{unexpected[0]}'")
     arrays: dict[str, np.ndarray] = {}
     for key, array in record.items():
         # Declared shape and dtype first: a 128-byte array may declare 10^12 elements.
         allowed = _INTEGER if key == FORMAT_KEY else _FLOATS
-        _check_declared(array, key, shapes[key], allowed)
+        _check_declared(array, key, shapes.get(key, pre_shapes.get(key, ())), allowed)
         try:
             arrays[key] = array.numpy()
         except Exception as err:  # corrupt bytes or foreign serialisation from a client
             raise StatisticsError(f"statistics array '{key}' cannot be decoded: {err}") from err
-        if arrays[key].dtype not in allowed or arrays[key].shape != shapes[key]:
+        expected = shapes.get(key, pre_shapes.get(key, ()))
+        if arrays[key].dtype not in allowed or arrays[key].shape != expected:
             raise StatisticsError(f"statistics array '{key}' decodes to {arrays[key].dtype} {arrays[key].shape}, "
-                                  f"expected {' or '.join(str(d) for d in allowed)} of shape {shapes[key]}")
+                                  f"expected {' or '.join(str(d) for d in allowed)} of shape {expected}")
     version = arrays.get(FORMAT_KEY)
-    if version is None or np.asarray(version).shape != () or int(version) != STATISTICS_FORMAT:
+    if version is None or np.asarray(version).shape != () or int(version) not in READABLE_FORMATS:
         raise StatisticsError(f"statistics format {None if version is None else np.asarray(version).tolist()}, "
-                              f"this server reads format {STATISTICS_FORMAT} (update the client)")
+                              f"this server reads formats {', '.join(map(str, READABLE_FORMATS))} (update the client)")
     result: dict[str, ClientStatistics] = {}
     for point in spec.points:
         n = point.size
@@ -208,14 +262,36 @@ def statistics_from_record(record: ArrayRecord, spec: AlignmentSpec) -> dict[str
         if not (0 < count <= _MAX_COUNT and count == int(count)):
             raise StatisticsError(f"statistics key '{point.name}/count' must be a positive integer of at most "
                                   f"{_MAX_COUNT:.0e}, got {count:.3g}")
-        comoment = np.zeros((n, n))
-        rows, cols = np.triu_indices(n)
-        comoment[rows, cols] = values["comoment"]
-        comoment[cols, rows] = values["comoment"]
         result[point.name] = ClientStatistics(
-            Moments(int(count), torch.from_numpy(values["mean"]), torch.from_numpy(comoment)),
+            Moments(int(count), torch.from_numpy(values["mean"]), torch.from_numpy(_unpacked(values["comoment"], n))),
             torch.from_numpy(values["cross"]))
-    return result
+    return result, _preactivation(arrays, preactivation_sizes or {}, pre_fields)
+
+
+def _preactivation(arrays: Mapping[str, np.ndarray], sizes: Mapping[str, int],
+                   fields: Mapping[str, Any]) -> Preactivation | None:
+    """The pre-activation moments in ``arrays`` (all points of ``sizes`` or none), validated."""
+    sent = [key for key in arrays if key.startswith(PREACTIVATION_PREFIX)]
+    if not sent:
+        return None
+    moments: Preactivation = {}
+    for point, n in sizes.items():
+        values = {name: _checked_array(arrays, f"{PREACTIVATION_PREFIX}{point}/{name}", shape(n))
+                  for name, shape in fields.items()}
+        covariance = _unpacked(values["covariance"], n)
+        if (np.diagonal(covariance) < 0).any():
+            raise StatisticsError(f"statistics key '{PREACTIVATION_PREFIX}{point}/covariance' has a negative variance")
+        moments[point] = (torch.from_numpy(values["mean"]), torch.from_numpy(covariance))
+    return moments
+
+
+def _unpacked(upper: np.ndarray, n: int) -> np.ndarray:
+    """The symmetric ``n x n`` matrix whose upper triangle (row-major) is ``upper``."""
+    matrix = np.zeros((n, n))
+    rows, cols = np.triu_indices(n)
+    matrix[rows, cols] = upper
+    matrix[cols, rows] = upper
+    return matrix
 
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -274,6 +350,7 @@ def validate_reply(
     *,
     weights_key: str = WEIGHTS_KEY,
     weighted_by_key: str = NUM_EXAMPLES_KEY,
+    preactivation_sizes: Mapping[str, int] | None = None,
 ) -> ClientUpdate:
     """Check one training reply and decode it.
 
@@ -289,6 +366,8 @@ def validate_reply(
             read; a merge that aligns nothing has no use for them).
         weights_key: Record name of the weights (the strategy's ``arrayrecord_key``).
         weighted_by_key: Metric holding the number of training examples.
+        preactivation_sizes: ``{point: features}`` whose pre-activation moments a reply may carry
+            (:func:`decode_statistics`).
 
     Raises:
         InvalidReplyError: With the reason, when the reply cannot be merged.
@@ -298,12 +377,12 @@ def validate_reply(
     _check_record_names(content, weights_key)
     metrics = next(iter(content.metric_records.values()))
     state_dict = _decode_weights(content.array_records[weights_key], template)
-    statistics, statistics_bytes = None, 0
+    statistics, preactivation, statistics_bytes = None, None, 0
     if STATISTICS_KEY in content.array_records:
         stats_record = content.array_records[STATISTICS_KEY]
         if spec is not None:
             try:
-                statistics = statistics_from_record(stats_record, spec)
+                statistics, preactivation = decode_statistics(stats_record, spec, preactivation_sizes)
             except StatisticsError as err:
                 raise InvalidReplyError(f"invalid statistics: {err}") from err
         statistics_bytes = stats_record.count_bytes()
@@ -315,6 +394,7 @@ def validate_reply(
         metrics=metrics,
         num_bytes=record_bytes(message),
         statistics_bytes=statistics_bytes,
+        preactivation=preactivation,
     )
 
 

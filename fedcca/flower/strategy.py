@@ -19,12 +19,13 @@ from torch import nn
 from fedcca.devices import resolve_device
 from fedcca.flower.aggregation import REFERENCES, STATISTICS_SOURCES, AggregationSettings, RoundAggregation, SkipRound
 from fedcca.flower.metrics import average_metrics
-from fedcca.flower.protocol import COMPUTE_STATS_FLAG, InvalidReplyError, validate_evaluate_reply
+from fedcca.flower.protocol import COMPUTE_STATS_FLAG, PREACTIVATION_FLAG, InvalidReplyError, validate_evaluate_reply
 from fedcca.flower.records import RoundRecord
 from fedcca.flower.streaming import ReplyTally
 from fedcca.merging.config import MergeConfig, MergeSearch, merge_keywords, resolve_search
 from fedcca.merging.distillation import DistillConfig, TeacherSum, distill
 from fedcca.merging.merger import AVERAGES
+from fedcca.merging.repair import preactivation_spec
 from fedcca.methods.registry import ALIGNERS
 from fedcca.spec.alignment import describe_left
 from fedcca.spec.tracing import spec_for
@@ -179,7 +180,9 @@ class CCAMerge(FedAvg):
             spec=self.spec, search=search, calibration=batches, holdout=_checked_holdout(holdout), reference=reference,
             client_statistics=self.requests_client_statistics, device=resolve_device(device), batch_size=batch_size, statistics_group=statistics_group,
             weights_key=self.arrayrecord_key, weighted_by_key=self.weighted_by_key, min_replies=self.min_train_nodes,
-            distill=distill, max_weight_ratio=max_weight_ratio, max_norm_growth=max_norm_growth, average=average)
+            distill=distill, max_weight_ratio=max_weight_ratio, max_norm_growth=max_norm_growth, average=average,
+            preactivation_sizes={} if self.spec is None else
+            {point.name: point.size for point in preactivation_spec(self.spec, model)[0].points})
         self._sent: _Round | None = None
 
     @property
@@ -227,6 +230,7 @@ class CCAMerge(FedAvg):
         """Configure the next round of training; tells clients whether to send statistics."""
         config = ConfigRecord(dict(config))  # start() passes the same record every round
         config[COMPUTE_STATS_FLAG] = self.requests_client_statistics_in(server_round)
+        config[PREACTIVATION_FLAG] = self._settings.client_preactivation_in(server_round)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent = _Round(server_round, arrays, [msg.metadata.dst_node_id for msg in messages])
         return messages

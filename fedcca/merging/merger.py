@@ -178,6 +178,7 @@ class Merger:
             logger.warning("points %s hold BatchNorms the spec does not pair with their producer (spec.norms): "
                            "their BatchNorm vectors are transformed without folding",
                            [p.name for p in unfolded_points(self.spec)])
+        self._has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in reference.modules())
         self.dead_features: dict[str, dict[str, int]] = {}
         self._cache: dict[str, Any] = {}  # what methods keep per reference (CCA: its whitening per point)
         self._reference_dead: dict[str, torch.Tensor] | None = None
@@ -187,7 +188,8 @@ class Merger:
     # ------------------------------------------------------------------ adding models
 
     def add(self, model: nn.Module, weight: float = 1.0, statistics: Mapping[str, PairStatistics] | None = None,
-            *, name: str | None = None, is_reference: bool = False) -> None:
+            *, name: str | None = None, is_reference: bool = False,
+            preactivation: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         """Align ``model`` and add it to every candidate's running average.
 
         Args:
@@ -197,6 +199,11 @@ class Merger:
                 client); computed here when needed and not given.
             name: How messages and the result call it (default ``models[i]``).
             is_reference: It is the reference itself (averaged without a transform).
+            preactivation: Its pre-activation ``{point: (mean, covariance)}`` measured with its
+                BatchNorms as they are (e.g. sent by a client,
+                :func:`fedcca.merging.repair.preactivation_statistics` with ``recompute_bn=False``):
+                REPAIR's targets without a pass of the model here, for candidates whose merge
+                measures endpoints that way (BatchNorm-folded ones, or any without BatchNorm).
 
         Raises:
             ValueError: A layout that differs from the reference's, a bad weight, missing statistics.
@@ -204,7 +211,7 @@ class Merger:
             MergeError: Its aligned weights are not finite.
         """
         self.add_many([model], [weight], [statistics], names=None if name is None else [name],
-                      references=[is_reference])
+                      references=[is_reference], preactivation=[preactivation])
 
     def add_many(
         self,
@@ -215,6 +222,7 @@ class Merger:
         names: Sequence[str] | None = None,
         references: Sequence[bool] | None = None,
         transforms: Sequence[Mapping[str, Transform]] | None = None,
+        preactivation: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None] | None = None,
     ) -> None:
         """:meth:`add` for a group: missing statistics are computed in one pass over the calibration data.
 
@@ -226,6 +234,7 @@ class Merger:
             references: One flag per model (see :meth:`add`).
             transforms: Transforms computed elsewhere (e.g. jointly, :mod:`fedcca.methods.zipit`), one set
                 per model, used instead of the aligner's (single-candidate merges only).
+            preactivation: One entry (or None) per model (see :meth:`add`).
         """
         count = len(models)
         statistics = [None] * count if statistics is None else list(statistics)
@@ -243,14 +252,17 @@ class Merger:
                              f"and {len(self.candidates)} candidates (one candidate only)")
         statistics = self._filled_statistics(models, statistics, references)
         given = [None] * count if transforms is None else list(transforms)
-        for model, state, weight, stats, name, is_reference, fixed in zip(
-                models, states, weights, statistics, names, references, given):
+        measured = [None] * count if preactivation is None else list(preactivation)
+        if len(measured) != count:
+            raise ValueError(f"add_many: {len(measured)} pre-activation entries for {count} models")
+        for model, state, weight, stats, name, is_reference, fixed, pre in zip(
+                models, states, weights, statistics, names, references, given, measured):
             self._count += 1
             if is_reference:
                 self._pending_reference = (state, weight, name)  # zeroed once the reference's dead units are known
                 continue
             self._note_reference_dead(stats)
-            self._accumulate(model, state, weight, stats, name, fixed)
+            self._accumulate(model, state, weight, stats, name, fixed, preactivation=pre)
 
     def _filled_statistics(self, models: Sequence[nn.Module], given: list[Mapping[str, PairStatistics] | None],
                            references: Sequence[bool]) -> list[Mapping[str, PairStatistics] | None]:
@@ -280,7 +292,8 @@ class Merger:
 
     def _accumulate(self, model: nn.Module, state: dict[str, torch.Tensor], weight: float,
                     stats: Mapping[str, PairStatistics] | None, name: str,
-                    given: Mapping[str, Transform] | None = None, is_reference: bool = False) -> None:
+                    given: Mapping[str, Transform] | None = None, is_reference: bool = False,
+                    preactivation: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         """Add one model to every candidate (the reference itself: ``given={}``, its own dead units zeroed)."""
         if stats is not None:
             dead = {point: int(pair.zero_features()[1].sum()) for point, pair in stats.items()}
@@ -322,7 +335,8 @@ class Merger:
                 _check_finite(work, f"{name} after {config.label()} alignment")
                 self._check_growth(before, work, name, config)
             if config.repair != "none" and fold not in endpoints:
-                endpoints[fold] = self._endpoint_statistics(model, fold)
+                endpoints[fold] = dict(preactivation) if preactivation is not None and self._as_measured(fold) \
+                    else self._endpoint_statistics(model, fold)
             if self._restores(config) and norm_outputs is None:
                 norm_outputs = self._norm_statistics(model)
             additions.append((candidate, work, transforms, fold))
@@ -367,6 +381,11 @@ class Merger:
         if not masks:
             return state
         return zero_features(state, spec, masks)
+
+    def _as_measured(self, fold: bool) -> bool:
+        """Whether endpoints measured with their BatchNorms as they are serve a ``fold`` merge (whose
+        targets are measured so) — always, for a model without BatchNorm."""
+        return fold or not self._has_batchnorm
 
     def _endpoint_statistics(self, model: nn.Module, fold: bool) -> dict:
         """REPAIR's view of one endpoint: BatchNorm as the model has it (folded merges) or recomputed."""
