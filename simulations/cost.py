@@ -53,17 +53,20 @@ from fedcca.data import Dataset, DeviceLoader, load_dataset
 from fedcca.devices import resolve_device
 from fedcca.flower.local_grid import InProcessGrid
 from fedcca.flower.protocol import (
-    COMPUTE_STATS_FLAG,
-    CONFIG_KEY,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
+    PREACTIVATION_FLAG,
     STATISTICS_KEY,
     WEIGHTS_KEY,
+    read_train_instruction,
+    statistics_to_record,
     train_instruction,
     train_reply,
 )
 from fedcca.flower.streaming import ReplyTally, stream_replies
+from fedcca.merging.repair import preactivation_statistics
 from fedcca.models import build_model
+from fedcca.spec.tracing import spec_for
 from fedcca.statistics import as_batches, collect_statistics
 from fedcca.training import TrainingConfig, train
 from server.server_app import build_strategy
@@ -164,12 +167,14 @@ class Replies:
         clients: The K client models.
         weights: Per client, the reply content without statistics (weights + metrics).
         statistics: Per client, the statistics record (client model vs global model).
+        with_preactivation: The same records with the client model's pre-activation moments.
     """
 
     global_model: nn.Module
     clients: list[nn.Module]
     weights: list[RecordDict]
     statistics: list[ArrayRecord]
+    with_preactivation: list[ArrayRecord]
 
 
 def make_replies(dataset: Dataset, sweep: ModelSweep, num_clients: int, calibration: torch.Tensor, *,
@@ -182,7 +187,8 @@ def make_replies(dataset: Dataset, sweep: ModelSweep, num_clients: int, calibrat
     torch.manual_seed(seed)
     global_model = sweep.build(dataset)
     rng = np.random.default_rng(seed)
-    clients, weights, statistics = [], [], []
+    clients, weights, statistics, with_preactivation = [], [], [], []
+    spec = spec_for(global_model, calibration[:1])
     for client in range(num_clients):
         indices = np.sort(rng.choice(len(dataset.train_labels), size=32 * local_steps, replace=False))
         loader = DeviceLoader.from_dataset(dataset, indices, batch_size=32, device="cpu", seed=seed + client)
@@ -191,10 +197,12 @@ def make_replies(dataset: Dataset, sweep: ModelSweep, num_clients: int, calibrat
         stats = collect_statistics(global_model, [model], calibration, device="cpu")[0]
         content = train_reply(model.state_dict(), 100 + client, {"train-loss": 1.0}, stats)
         statistics.append(content.array_records[STATISTICS_KEY])
+        with_preactivation.append(statistics_to_record(stats, preactivation_statistics(
+            [model], calibration, spec, recompute_bn=False, device="cpu")[0]))
         del content[STATISTICS_KEY]
         weights.append(content)
         clients.append(model)
-    return Replies(global_model, clients, weights, statistics)
+    return Replies(global_model, clients, weights, statistics, with_preactivation)
 
 
 def build_strategies(specs: Sequence[StrategySpec], model_fn: Any, num_clients: int,
@@ -215,18 +223,20 @@ class _ReplayClients:
 
     def __init__(self, replies: Replies) -> None:
         self.replies = replies
-        self._contents: dict[bool, list[RecordDict]] = {}
+        self._contents: dict[tuple[bool, bool], list[RecordDict]] = {}
 
     def grid(self) -> InProcessGrid:
         return InProcessGrid({node: self._answer for node in range(1, len(self.replies.weights) + 1)})
 
     def _answer(self, message: Message, context: Context) -> Message:
-        with_stats = bool(message.content[CONFIG_KEY].get(COMPUTE_STATS_FLAG, False))
-        if with_stats not in self._contents:
-            self._contents[with_stats] = [
-                RecordDict({**dict(content), STATISTICS_KEY: stats}) if with_stats else content
-                for content, stats in zip(self.replies.weights, self.replies.statistics, strict=True)]
-        return Message(copy.deepcopy(self._contents[with_stats][message.metadata.dst_node_id - 1]), reply_to=message)
+        instruction = read_train_instruction(message)
+        asked = (instruction.compute_statistics, instruction.send_preactivation)
+        if asked not in self._contents:
+            records = self.replies.with_preactivation if asked[1] else self.replies.statistics
+            self._contents[asked] = [
+                RecordDict({**dict(content), STATISTICS_KEY: stats}) if asked[0] else content
+                for content, stats in zip(self.replies.weights, records, strict=True)]
+        return Message(copy.deepcopy(self._contents[asked][message.metadata.dst_node_id - 1]), reply_to=message)
 
 
 def _instructions(strategy: FedAvg, replies: Replies, grid: InProcessGrid, server_round: int) -> list[Message]:
@@ -361,7 +371,8 @@ def _release_freed_memory() -> None:
 
 
 def client_costs(sweep: ModelSweep, client_examples: int, data_config: dict[str, Any]) -> dict[str, Any]:
-    """One real ClientApp training round with statistics: its own timings and its reply's bytes."""
+    """One real ClientApp training round with statistics and pre-activation moments (what the default
+    search asks for): its own timings and its reply's bytes."""
     run_config = base_run_config(**data_config, partitioning="iid", local_epochs=1,
                                  max_examples_per_client=client_examples, model=sweep.name, width=sweep.width,
                                  out_dir="outputs/unused")
@@ -370,7 +381,8 @@ def client_costs(sweep: ModelSweep, client_examples: int, data_config: dict[str,
     calibration_inputs(task)  # load once, outside the timed call
     torch.manual_seed(0)
     model = sweep.build(load_dataset(task.dataset, task.data_dir or None))
-    instruction = Message(train_instruction(ArrayRecord(model.state_dict()), 1, True), dst_node_id=1,
+    instruction = Message(train_instruction(ArrayRecord(model.state_dict()), 2, True, **{PREACTIVATION_FLAG: True}),
+                          dst_node_id=1,
                           message_type=MessageType.TRAIN)
     reply = grid.send_and_receive([instruction])[0]
     if reply.has_error():
@@ -435,7 +447,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 few = [replies.global_model, *replies.clients[:SERVER_GROUP]]
                 entry["statistics"] = statistics_vs_forward(few, calibration, args.repeats, device)
                 entry["bytes_per_client"] = {"weights": replies.weights[0][WEIGHTS_KEY].count_bytes(),
-                                             "statistics": replies.statistics[0].count_bytes()}
+                                             "statistics": replies.statistics[0].count_bytes(),
+                                             "with_preactivation": replies.with_preactivation[0].count_bytes()}
             strategies = build_strategies(specs, model_fn, num_clients, **data_config, model=sweep.name,
                                           width=sweep.width)
             if num_clients > args.max_server_stats_clients:
@@ -460,11 +473,13 @@ def _report(payload: dict[str, Any], labels: Sequence[str], out: Path) -> None:
     """Markdown tables and one PNG (aggregation seconds and peak memory vs K per model)."""
     text = ["### Statistics vs the forward passes they need; bytes per client\n",
             markdown_table(["model", "client stats / 2 forwards", "server stats / (K+1) forwards (K=8)",
-                            "weights KiB", "statistics KiB", "statistics / weights", "client train s",
+                            "weights KiB", "statistics KiB", "+ pre-activation KiB", "statistics / weights",
+                            "client train s",
                             "client stats s"],
                            [[e["model"], f"{e['statistics']['client_ratio']:.2f}", f"{e['statistics']['server_ratio']:.2f}",
                              f"{e['bytes_per_client']['weights'] / 1024:.0f}",
                              f"{e['bytes_per_client']['statistics'] / 1024:.0f}",
+                             f"{e['bytes_per_client'].get('with_preactivation', 0) / 1024:.0f}",
                              f"{e['bytes_per_client']['statistics'] / e['bytes_per_client']['weights']:.2f}",
                              f"{e['client']['train_seconds']:.2f}", f"{e['client']['stats_seconds']:.2f}"]
                             for e in payload["models"]])]

@@ -19,6 +19,7 @@ from fedcca.statistics import (
     as_batches,
     collect_moments,
     collect_statistics,
+    feature_moments,
 )
 from tests.tiny_models import C1, TinyNet, calibration, make_tiny
 
@@ -170,3 +171,39 @@ def test_as_batches_splits_tensors_and_unpacks_pairs() -> None:
     assert sizes == [4, 3, 3] and torch.equal(torch.cat(list(as_batches(x, 4))), x)
     pairs = [(x[:5], torch.zeros(5)), (x[5:], torch.zeros(5))]
     assert [b.tolist() for b in as_batches(pairs)] == [x[:5].tolist(), x[5:].tolist()]
+
+
+class _Twice(torch.nn.Module):
+    """A layer run twice in one forward, then a layer after it (which an early stop skips)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = torch.nn.Linear(4, 4)
+        self.after = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.after(self.shared(torch.relu(self.shared(x))))
+
+
+def test_feature_moments_equal_the_covariance_diagonal_and_stop_after_the_point() -> None:
+    model, x = make_tiny(seed=3), calibration(100, seed=5)
+    spec = model.alignment_spec()
+    moments = collect_moments(model, x, spec, batch_size=32)
+    for point in spec.points:
+        mean, variance = feature_moments(model, x, point, batch_size=32)
+        torch.testing.assert_close(mean, moments[point.name].mean.double(), rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(variance, moments[point.name].covariance().diagonal(), rtol=1e-5, atol=1e-7)
+    twice, data = _Twice(), torch.randn(90, 4)
+    point = AlignmentPoint("shared", 4, ("shared",), ())
+    mean, variance = feature_moments(twice, data, point, batch_size=30)
+    both = torch.cat([twice.shared(data), twice.shared(torch.relu(twice.shared(data)))]).detach().double()
+    torch.testing.assert_close(mean, both.mean(0))
+    torch.testing.assert_close(variance, both.var(0, unbiased=False))
+    # both outputs of the shared layer counted; batches after the first stopped before the layer after it
+    calls: list[int] = []
+    handle = twice.after.register_forward_hook(lambda *_: calls.append(1))
+    feature_moments(twice, data, point, batch_size=30)
+    handle.remove()
+    assert len(calls) == 1
+    with pytest.raises(StatisticsError, match="non-finite features at point 'shared'"):
+        feature_moments(twice, torch.full((4, 4), float("nan")), point)

@@ -27,7 +27,7 @@ from fedcca.merging.averages import make_average
 from fedcca.merging.batchnorm import recompute_batchnorm
 from fedcca.spec.alignment import PRODUCERS, AlignmentPoint, AlignmentSpec, Transform, resolve_tap
 from fedcca.spec.tracing import spec_for
-from fedcca.statistics import as_batches, collect_moments
+from fedcca.statistics import as_batches, collect_moments, feature_moments
 
 logger = logging.getLogger(__name__)
 
@@ -260,9 +260,8 @@ def _correct_in_order(merged: nn.Module, targets: Mapping[str, tuple[torch.Tenso
     calibration = list(as_batches(calibration, batch_size))
     for point in taps.points:
         target_mean, target_std = targets[point.name]
-        own = collect_moments(merged, calibration, AlignmentSpec((point,)), device=device)[point.name]
-        mean = own.mean.double().cpu()
-        std = own.covariance().diagonal().clamp_min(0).sqrt().double().cpu()
+        mean, variance = feature_moments(merged, calibration, point, device=device)  # stops at the point
+        std = variance.clamp_min(0).sqrt()
         scale = torch.ones_like(std)
         if mode == "affine":
             flat = std <= _FLAT_RTOL * target_std.clamp_min(1e-30)
