@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
@@ -236,7 +236,21 @@ class _ReplayClients:
             self._contents[asked] = [
                 RecordDict({**dict(content), STATISTICS_KEY: stats}) if asked[0] else content
                 for content, stats in zip(self.replies.weights, records, strict=True)]
-        return Message(copy.deepcopy(self._contents[asked][message.metadata.dst_node_id - 1]), reply_to=message)
+        return Message(_fresh_copy(self._contents[asked][message.metadata.dst_node_id - 1]), reply_to=message)
+
+
+def _fresh_copy(content: RecordDict) -> RecordDict:
+    """``content`` with its own copy of every array's bytes (``copy.deepcopy`` shares immutable ``bytes``),
+    as a reply received from the network holds."""
+    copied = RecordDict()
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            record = ArrayRecord({key: Array(dtype=array.dtype, shape=tuple(array.shape), stype=array.stype,
+                                             data=bytes(bytearray(array.data))) for key, array in record.items()})
+        else:
+            record = copy.deepcopy(record)
+        copied[name] = record
+    return copied
 
 
 def _instructions(strategy: FedAvg, replies: Replies, grid: InProcessGrid, server_round: int) -> list[Message]:
