@@ -212,3 +212,22 @@ def test_running_median_waits_for_its_warmup() -> None:
     assert short.flush() == [("a", None)]
     with pytest.raises(ValueError, match="warmup"):
         RunningMedian(warmup=0)
+
+
+def test_flowers_own_loop_streams_through_record_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``RecordRounds.start`` (Flower's ``Strategy.start``) hands replies over as they arrive."""
+    events: list[str] = []
+    original = merger_module.Merger.add
+
+    def add(self, model, weight=1.0, statistics=None, *, name=None, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        events.append(f"merged {name}")
+        return original(self, model, weight, statistics, name=name, **kwargs)
+
+    monkeypatch.setattr(merger_module.Merger, "add", add)
+    grid = InProcessGrid({n: _logging_app(events) for n in NODES})
+    strategy = RecordRounds(ScreenReplies(CCAMerge(make_model, CALIBRATION, config="cca", device="cpu",
+                                                   fraction_evaluate=0.0, min_available_nodes=1)))
+    result = strategy.start(grid, GLOBAL, num_rounds=2)
+    assert result.arrays and [r.num_valid for r in strategy.rounds] == [len(NODES)] * 2
+    second = events[events.index("train 1", events.index(f"train {max(NODES)}") + 1):]  # round 2 ("global" reference)
+    assert second.index("merged 1") < second.index(f"train {max(NODES)}")

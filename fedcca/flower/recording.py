@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedcca.flower.protocol import record_bytes
 from fedcca.flower.records import RoundRecord, jsonable
-from fedcca.flower.streaming import ReplyTally
+from fedcca.flower.streaming import ReplyTally, StreamingGrid
 from fedcca.flower.wrapper import StrategyWrapper
 from fedcca.plotting import atomic_write, figure, save
 
@@ -65,7 +65,8 @@ class RecordRounds(StrategyWrapper):
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
-        """Flower's ``Strategy.start`` with every round recorded; arguments as there."""
+        """Flower's ``Strategy.start`` with every round recorded and replies handed over as they arrive
+        (:class:`~fedcca.flower.streaming.StreamingGrid`); arguments as there."""
         self._total_rounds, self._started = num_rounds, time.perf_counter()
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -78,7 +79,8 @@ class RecordRounds(StrategyWrapper):
                 self.finish_round(server_round, values)
             return metrics
 
-        result = super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate)
+        result = super().start(StreamingGrid(grid), initial_arrays, num_rounds, timeout, train_config, evaluate_config,
+                               evaluate)
         if not result.arrays:  # no round produced a model: the initial one stands (Flower leaves it empty)
             result.arrays = initial_arrays
         return result

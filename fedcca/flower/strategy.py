@@ -21,7 +21,7 @@ from fedcca.flower.aggregation import REFERENCES, STATISTICS_SOURCES, Aggregatio
 from fedcca.flower.metrics import average_metrics
 from fedcca.flower.protocol import COMPUTE_STATS_FLAG, PREACTIVATION_FLAG, InvalidReplyError, validate_evaluate_reply
 from fedcca.flower.records import RoundRecord
-from fedcca.flower.streaming import ReplyTally
+from fedcca.flower.streaming import ReplyTally, StreamingGrid
 from fedcca.merging.config import MergeConfig, MergeSearch, merge_keywords, resolve_search
 from fedcca.merging.distillation import DistillConfig, TeacherSum, distill
 from fedcca.merging.merger import AVERAGES
@@ -214,12 +214,15 @@ class CCAMerge(FedAvg):
         super().summary()
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Result:
-        """Run ``Strategy.start``; if no round produced a model, report ``initial_arrays``.
+        """Run ``Strategy.start`` with replies merged as they arrive; if no round produced a model,
+        report ``initial_arrays``.
 
-        ``Strategy.start`` keeps the previous global model when ``aggregate_train`` returns
-        ``None`` arrays, but leaves ``Result.arrays`` empty when that happens in every round.
+        The grid is wrapped in :class:`~fedcca.flower.streaming.StreamingGrid`, so Flower's loop
+        hands ``aggregate_train`` each reply as it arrives. ``Strategy.start`` keeps the previous
+        global model when ``aggregate_train`` returns ``None`` arrays, but leaves ``Result.arrays``
+        empty when that happens in every round.
         """
-        result = super().start(grid, initial_arrays, *args, **kwargs)
+        result = super().start(StreamingGrid(grid), initial_arrays, *args, **kwargs)
         if not result.arrays:
             result.arrays = initial_arrays
         return result

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedcca.flower.protocol import record_bytes
@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 def stream_replies(grid: Grid, messages: Iterable[Message], *, timeout: float | None = None,
                    pull_interval: float | None = None) -> Iterator[Message]:
-    """Push ``messages`` and yield their replies as pulls bring them.
+    """Push ``messages`` now and return an iterator over their replies as pulls bring them.
 
     The rule of ``Grid.send_and_receive``: pull until every instruction has a reply or
     ``timeout`` seconds (wall clock, from the push) have passed; None waits for all. Time the
@@ -46,9 +46,12 @@ def stream_replies(grid: Grid, messages: Iterable[Message], *, timeout: float | 
             ``pull_interval``, else :data:`DEFAULT_PULL_INTERVAL`).
     """
     pending = set(grid.push_messages(messages))
-    del messages
     interval = pull_interval if pull_interval is not None else getattr(grid, "pull_interval", DEFAULT_PULL_INTERVAL)
     deadline = None if timeout is None else time.time() + timeout
+    return _pulled(grid, pending, deadline, interval)
+
+
+def _pulled(grid: Grid, pending: set[str], deadline: float | None, interval: float) -> Iterator[Message]:
     while pending and (deadline is None or time.time() < deadline):
         arrived = list(grid.pull_messages(pending))
         while arrived:  # popped, so a reply is released once its consumer is done with it
@@ -57,6 +60,53 @@ def stream_replies(grid: Grid, messages: Iterable[Message], *, timeout: float | 
             yield reply
         if pending:
             time.sleep(interval)
+
+
+class StreamingGrid(Grid):
+    """A grid whose ``send_and_receive`` returns :func:`stream_replies`: Flower's own
+    ``Strategy.start`` loop then hands each strategy its replies as they arrive.
+
+    Everything else is the wrapped grid's. ``RecordRounds.start`` and ``CCAMerge.start`` use it.
+
+    Args:
+        grid: The grid to wrap.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """The replies as they arrive (an iterator, read once), instead of a list after the last."""
+        return stream_replies(self.grid, messages, timeout=timeout)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """The wrapped grid's."""
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The wrapped grid's."""
+        return self.grid.pull_messages(message_ids)
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        """The wrapped grid's."""
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """The wrapped grid's."""
+        return self.grid.get_node_ids()
+
+    def set_run(self, run: Any) -> None:
+        """The wrapped grid's."""
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        """The wrapped grid's."""
+        return self.grid.run
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["grid"], name)  # e.g. pull_interval
 
 
 class RunningMedian(Generic[T]):
