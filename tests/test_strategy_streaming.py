@@ -18,7 +18,7 @@ from fedcca.flower.recording import RecordRounds
 from fedcca.flower.screen import ScreenReplies
 from fedcca.flower.strategy import CCAMerge
 from fedcca.flower.streaming import RunningMedian, stream_replies
-from tests.tiny_clients import CALIBRATION, make_model, stats_app
+from tests.tiny_clients import CALIBRATION, claiming_app, make_model, stats_app
 
 GLOBAL = ArrayRecord(make_model(seed=1).state_dict())
 NODES = (1, 2, 3, 4, 5)
@@ -34,6 +34,19 @@ def _logging_app(events: list[str], app: Callable[[Message, Context], Message] =
         events.append(f"train {message.metadata.dst_node_id}")
         return app(message, context)
     return logged
+
+
+def _log_merges(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A list that gets "merged <name>" whenever a Merger adds a model."""
+    events: list[str] = []
+    original = merger_module.Merger.add
+
+    def add(self, model, weight=1.0, statistics=None, *, name=None, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        events.append(f"merged {name}")
+        return original(self, model, weight, statistics, name=name, **kwargs)
+
+    monkeypatch.setattr(merger_module.Merger, "add", add)
+    return events
 
 
 def _crashing_app(message: Message, context: Context) -> Message:
@@ -89,14 +102,7 @@ def test_a_streamed_round_equals_the_all_at_once_round(wrapped: bool) -> None:
 
 def test_replies_are_merged_while_later_clients_train_and_the_slowest_still_counts(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    events: list[str] = []
-    original = merger_module.Merger.add
-
-    def add(self, model, weight=1.0, statistics=None, *, name=None, **kwargs):  # noqa: ANN001, ANN003, ANN202
-        events.append(f"merged {name}")
-        return original(self, model, weight, statistics, name=name, **kwargs)
-
-    monkeypatch.setattr(merger_module.Merger, "add", add)
+    events = _log_merges(monkeypatch)
     grid = InProcessGrid({n: _logging_app(events) for n in NODES})
     strategy = RecordRounds(ScreenReplies(_strategy(config="cca")))
     messages = strategy.configure_train(2, GLOBAL, ConfigRecord(), grid)
@@ -166,18 +172,10 @@ def test_fedavg_reads_a_stream_like_a_list() -> None:
     _states_close(*results)
 
 
-def _claiming(count: float):  # noqa: ANN202
-    def app(message: Message, context: Context) -> Message:
-        reply = stats_app(message, context)
-        reply.content["metrics"]["num-examples"] = count
-        return reply
-    return app
-
-
 def test_a_huge_claim_arriving_first_is_still_capped() -> None:
     """The first three claims wait for their median: an attacker first in line gets 3x it."""
     claim = 1e12
-    grid = InProcessGrid({1: _claiming(claim), **{n: stats_app for n in (2, 3, 4)}})
+    grid = InProcessGrid({1: claiming_app(claim), **{n: stats_app for n in (2, 3, 4)}})
     strategy = _strategy(config="direct", recompute_bn=False)
     messages = strategy.configure_train(2, GLOBAL, ConfigRecord(), grid)
     arrays, _ = strategy.aggregate_train(2, stream_replies(grid, messages, timeout=30))
@@ -216,14 +214,7 @@ def test_running_median_waits_for_its_warmup() -> None:
 
 def test_flowers_own_loop_streams_through_record_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
     """``RecordRounds.start`` (Flower's ``Strategy.start``) hands replies over as they arrive."""
-    events: list[str] = []
-    original = merger_module.Merger.add
-
-    def add(self, model, weight=1.0, statistics=None, *, name=None, **kwargs):  # noqa: ANN001, ANN003, ANN202
-        events.append(f"merged {name}")
-        return original(self, model, weight, statistics, name=name, **kwargs)
-
-    monkeypatch.setattr(merger_module.Merger, "add", add)
+    events = _log_merges(monkeypatch)
     grid = InProcessGrid({n: _logging_app(events) for n in NODES})
     strategy = RecordRounds(ScreenReplies(CCAMerge(make_model, CALIBRATION, config="cca", device="cpu",
                                                    fraction_evaluate=0.0, min_available_nodes=1)))

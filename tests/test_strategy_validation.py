@@ -26,6 +26,7 @@ from tests.tiny_clients import (
     CALIBRATION,
     MUTATIONS,
     ROUND_MUTATIONS,
+    claiming_app,
     fedavg_app,
     make_model,
     stats_app,
@@ -379,19 +380,11 @@ def test_random_malformed_replies_give_none_or_the_merge_of_the_valid_ones(damag
         torch.testing.assert_close(merged[key], value, msg=key)
 
 
-def _claiming(count: float):  # noqa: ANN202
-    def app(message: Message, context: Context) -> Message:
-        reply = stats_app(message, context)
-        reply.content["metrics"]["num-examples"] = count
-        return reply
-    return app
-
-
 @pytest.mark.parametrize("claim", [1e12, 1e308])
 def test_one_client_claiming_huge_example_counts_gets_a_capped_weight(claim: float) -> None:
     """FedAvg would hand the attacker the whole average (1e12) or overflow and skip the round (1e308)."""
     strategy = _strategy(config="direct", recompute_bn=False)
-    grid = InProcessGrid({**{n: stats_app for n in GOOD_NODES}, BAD_NODE: _claiming(claim)})
+    grid = InProcessGrid({**{n: stats_app for n in GOOD_NODES}, BAD_NODE: claiming_app(claim)})
     replies, (arrays, _) = _run_round(strategy, grid)
     assert arrays is not None and not strategy.rounds[-1].skipped
     assert strategy.rounds[-1].capped == {BAD_NODE: claim}

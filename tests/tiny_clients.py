@@ -87,6 +87,15 @@ def _stats_train(message: Message, context: Context) -> Message:
                                 with_preactivation=instruction.send_preactivation), reply_to=message)
 
 
+def claiming_app(count: float) -> Callable[[Message, Context], Message]:
+    """``stats_app`` whose replies claim ``count`` examples."""
+    def app(message: Message, context: Context) -> Message:
+        reply = stats_app(message, context)
+        reply.content["metrics"]["num-examples"] = count
+        return reply
+    return app
+
+
 @fedavg_app.evaluate()
 @stats_app.evaluate()
 def _evaluate(message: Message, context: Context) -> Message:
