@@ -11,6 +11,7 @@ reason in the :class:`~fedcca.flower.records.RoundRecord`; a round that cannot p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -30,7 +31,7 @@ from fedcca.flower.streaming import RunningMedian
 from fedcca.merging.config import MergeSearch
 from fedcca.merging.distillation import DistillConfig, TeacherSum, client_logits
 from fedcca.merging.merger import Merger, MergeResult
-from fedcca.merging.repair import preactivation_statistics
+from fedcca.merging.repair import preactivation_spec
 from fedcca.spec.alignment import AlignmentSpec
 from fedcca.statistics import Moments, PairStatistics, StatisticsError, assemble, collect_moments, collect_statistics
 
@@ -39,6 +40,8 @@ MAX_PREACTIVATION_RATIO = 10.0
 mean square of its pre-activations is within this factor of the global model's (measured on the
 server once per round); otherwise the server measures that client's model itself and logs why:
 forged targets would rescale the merged model's layers."""
+
+_PRE = "pre-activation:"  # names the pre-activation points beside the alignment points in one pass
 
 # What aligning one reply may raise because of its contents: degenerate statistics, a failed
 # decomposition, non-finite aligned weights (fedcca.merging.merger.MergeError is a ValueError), or an
@@ -378,19 +381,34 @@ class RoundAggregation:
         """A reply's statistics paired with the global model's own moments (measured once per round)."""
         if not self.client_statistics or update.statistics is None:
             return None
-        if self._moments is None:
-            started = time.perf_counter()
-            try:
-                self._moments = collect_moments(merger.reference, self.settings.calibration, merger.spec,
-                                                device=self.settings.device)
-            except StatisticsError as err:
-                raise SkipRound(f"the global model's statistics failed: {err}") from err
-            finally:
-                self.record.stats_seconds += time.perf_counter() - started
+        self._measure_global(merger)
+        assert self._moments is not None
         try:
             return assemble(self._moments, update.statistics)
         except StatisticsError as err:
             return err
+
+    def _measure_global(self, merger: Merger) -> None:
+        """The global model's own moments at the alignment points and, when clients send theirs, at
+        the pre-activation points: one pass over the calibration data per round."""
+        if self._moments is not None:
+            return
+        assert merger.spec is not None
+        points = list(merger.spec.points)
+        pre = preactivation_spec(merger.spec, merger.reference)[0].points \
+            if self.settings.client_preactivation_in(self.record.round) else ()
+        points += [dataclasses.replace(point, name=_PRE + point.name) for point in pre]
+        started = time.perf_counter()
+        try:
+            moments = collect_moments(merger.reference, self.settings.calibration, AlignmentSpec(tuple(points)),
+                                      device=self.settings.device)
+        except StatisticsError as err:
+            raise SkipRound(f"the global model's statistics failed: {err}") from err
+        finally:
+            self.record.stats_seconds += time.perf_counter() - started
+        self._moments = {name: value for name, value in moments.items() if not name.startswith(_PRE)}
+        self._global_preactivation = {name[len(_PRE):]: (value.mean.double(), value.covariance().double())
+                                      for name, value in moments.items() if name.startswith(_PRE)}
 
     def _preactivation(self, merger: Merger, update: ClientUpdate) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
         """The reply's pre-activation moments if sent and within :data:`MAX_PREACTIVATION_RATIO` of the
@@ -398,13 +416,11 @@ class RoundAggregation:
         sent = update.preactivation
         if sent is None or not self.client_statistics or merger.spec is None:
             return None
-        if self._global_preactivation is None:
-            started = time.perf_counter()
-            self._global_preactivation = preactivation_statistics(
-                [merger.reference], self.settings.calibration, merger.spec, recompute_bn=False,
-                device=self.settings.device)[0]
-            self.record.stats_seconds += time.perf_counter() - started
+        self._measure_global(merger)
+        assert self._global_preactivation is not None
         for point, (mean, covariance) in sent.items():
+            if point not in self._global_preactivation:
+                return None  # not asked for this round: measured here
             ours, theirs = _rms(*self._global_preactivation[point]), _rms(mean, covariance)
             ratio = theirs / ours if ours > 0 else (1.0 if theirs == 0 else math.inf)
             if not 1 / MAX_PREACTIVATION_RATIO <= ratio <= MAX_PREACTIVATION_RATIO:
