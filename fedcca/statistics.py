@@ -358,8 +358,8 @@ def feature_moments(
 
     The diagonal of :func:`collect_moments`' covariance at a fraction of its cost: sums of
     squares instead of a Gram product, and each batch's forward stops once the point's taps
-    have run as often as in the first batch's full forward (nothing after them can change
-    them). REPAIR's layer-by-layer corrections measure the merged model with it.
+    have run as often as in a full forward of one example (nothing after them can change them).
+    REPAIR's layer-by-layer corrections measure the merged model with it.
 
     Args:
         model: The model.
@@ -374,13 +374,18 @@ def feature_moments(
     taps = {tap: [point.name] for tap in point.taps}
     device = resolve_device(device)
     count, mean, m2 = 0, torch.zeros(point.size, dtype=torch.float64), torch.zeros(point.size, dtype=torch.float64)
-    firings: int | None = None  # tap outputs per forward, known after the first batch
+    firings: int | None = None  # tap outputs per forward, counted on one example first
 
     class _Seen(Exception):
         """Raised from a hook to end a forward whose remaining layers cannot change the point."""
 
     with _running(model, device=device):
         for batch in as_batches(calibration, batch_size):
+            batch = batch.to(device)
+            if firings is None:
+                seen: list[int] = []
+                run_with_taps(model, batch[:1], taps, lambda _tap, _output: seen.append(1))
+                firings = len(seen)
             fired = 0
 
             def record(_tap: str, output: object) -> None:
@@ -395,15 +400,13 @@ def feature_moments(
                 mean = mean.to(batch_mean) + delta * (n / total)
                 m2 = m2.to(batch_m2) + batch_m2 + delta.square() * factor
                 count, fired = total, fired + 1
-                if firings is not None and fired >= firings:
+                if fired >= firings:
                     raise _Seen
 
             try:
-                run_with_taps(model, batch.to(device), taps, record)
+                run_with_taps(model, batch, taps, record)
             except _Seen:
                 pass
-            if firings is None:
-                firings = fired
     if count == 0:
         raise StatisticsError(f"the model: no features at point '{point.name}' "
                               "(empty calibration data, or its taps never ran)", -1)

@@ -199,7 +199,7 @@ def test_feature_moments_equal_the_covariance_diagonal_and_stop_after_the_point(
     both = torch.cat([twice.shared(data), twice.shared(torch.relu(twice.shared(data)))]).detach().double()
     torch.testing.assert_close(mean, both.mean(0))
     torch.testing.assert_close(variance, both.var(0, unbiased=False))
-    # both outputs of the shared layer counted; batches after the first stopped before the layer after it
+    # both outputs of the shared layer counted; only the one-example count ran the layer after it
     calls: list[int] = []
     handle = twice.after.register_forward_hook(lambda *_: calls.append(1))
     feature_moments(twice, data, point, batch_size=30)
