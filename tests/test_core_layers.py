@@ -16,7 +16,7 @@ from tests.tiny_dataset import ROOT
 PACKAGE = Path(ROOT) / "fedcca"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("fedcca.devices", "fedcca.plotting"),  # helpers that know nothing of models
+    ("fedcca.devices", "fedcca.plotting", "fedcca.blas"),  # helpers that know nothing of models
     ("fedcca.spec",),  # the structure of a network as data
     ("fedcca.statistics", "fedcca.models", "fedcca.training", "fedcca.data"),
     ("fedcca.methods",),  # one module per merge method, and the registry

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedcca.blas import one_blas_thread
 from fedcca.merging.averages import AVERAGES, RobustAverage, WeightedSum, make_average
 from fedcca.merging.batchnorm import fold_batchnorm, folded_spec, recompute_batchnorm, refit_batchnorm, unfolded_points
 from fedcca.merging.config import MergeConfig, MergeSearch, resolve_search
@@ -255,14 +256,15 @@ class Merger:
         measured = [None] * count if preactivation is None else list(preactivation)
         if len(measured) != count:
             raise ValueError(f"add_many: {len(measured)} pre-activation entries for {count} models")
-        for model, state, weight, stats, name, is_reference, fixed, pre in zip(
-                models, states, weights, statistics, names, references, given, measured):
-            self._count += 1
-            if is_reference:
-                self._pending_reference = (state, weight, name)  # zeroed once the reference's dead units are known
-                continue
-            self._note_reference_dead(stats)
-            self._accumulate(model, state, weight, stats, name, fixed, preactivation=pre)
+        with one_blas_thread():  # scipy's decompositions alternate with torch's products (fedcca.blas)
+            for model, state, weight, stats, name, is_reference, fixed, pre in zip(
+                    models, states, weights, statistics, names, references, given, measured):
+                self._count += 1
+                if is_reference:
+                    self._pending_reference = (state, weight, name)  # zeroed once the reference's dead units are known
+                    continue
+                self._note_reference_dead(stats)
+                self._accumulate(model, state, weight, stats, name, fixed, preactivation=pre)
 
     def _filled_statistics(self, models: Sequence[nn.Module], given: list[Mapping[str, PairStatistics] | None],
                            references: Sequence[bool]) -> list[Mapping[str, PairStatistics] | None]:
@@ -569,7 +571,9 @@ def _joint_transforms(joint: Sequence[MergeConfig], search: MergeSearch, merger:
     assert merger.spec is not None
     points = AlignmentSpec(tuple(merger.spec.point(name) for name in merger.points(joint[0])
                                  if merger.spec.point(name).groups is None))  # ZipIt! is a dense transform
-    return zipit_transforms(models, merger.calibration, points, weights, device=merger.device, batch_size=batch_size)
+    with one_blas_thread():
+        return zipit_transforms(models, merger.calibration, points, weights, device=merger.device,
+                                batch_size=batch_size)
 
 
 def merge_sequential(
