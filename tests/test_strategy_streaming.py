@@ -222,3 +222,19 @@ def test_flowers_own_loop_streams_through_record_rounds(monkeypatch: pytest.Monk
     assert result.arrays and [r.num_valid for r in strategy.rounds] == [len(NODES)] * 2
     second = events[events.index("train 1", events.index(f"train {max(NODES)}") + 1):]  # round 2 ("global" reference)
     assert second.index("merged 1") < second.index(f"train {max(NODES)}")
+
+
+@pytest.mark.parametrize("server_round", [1, 2])  # round 1 of "auto": the largest reply is the reference
+def test_time_waiting_for_replies_is_not_merge_time(server_round: int) -> None:
+    def slow(message: Message, context: Context) -> Message:
+        time.sleep(0.5)
+        return stats_app(message, context)
+
+    grid = InProcessGrid({**{n: stats_app for n in NODES[:-1]}, NODES[-1]: slow})
+    strategy = RecordRounds(CCAMerge(make_model, CALIBRATION, config="cca", device="cpu", min_available_nodes=1))
+    messages = strategy.configure_train(server_round, GLOBAL, ConfigRecord(), grid)
+    arrays, _ = strategy.aggregate_train(server_round, stream_replies(grid, messages, timeout=30))
+    record = strategy.round(server_round)
+    assert arrays is not None and record.num_valid == len(NODES)
+    assert 0 < record.merge_seconds < 0.5 and 0 < record.aggregate_seconds < 0.5 <= record.train_seconds_wall
+    assert 0 < record.finish_seconds <= record.aggregate_seconds + 1e-3

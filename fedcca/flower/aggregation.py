@@ -190,7 +190,6 @@ class RoundAggregation:
             updates = self._capped(self._updates(replies))
         else:
             replies = list(replies)
-            started = time.perf_counter()  # reading a list (or waiting for a stream) is not merging
             self._weight_cap = self._cap(replies)
             valid = list(self._updates(replies))
             if self.reference != "global":
