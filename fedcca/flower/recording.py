@@ -158,7 +158,7 @@ class RecordRounds(StrategyWrapper):
         record.finish_seconds = ended - (tally.ended if tally.ended is not None else started)
         if self._sent is not None and self._sent[0] == server_round:
             _, record.num_sent, record.bytes_sent, sent_at = self._sent
-            record.train_seconds_wall = (tally.last_arrival if tally.last_arrival is not None else started) - sent_at
+            record.train_seconds_wall = (tally.ended if tally.ended is not None else started) - sent_at
         if metrics is not None:
             # the clients' metrics (weighted means), e.g. "train-loss" -> "client_train_loss"
             record.metrics.update({"client_" + key.replace("-", "_"): float(value) for key, value in metrics.items()

@@ -35,7 +35,8 @@ class RoundRecord:
         merge_seconds: Server time of the merge (statistics included).
         aggregate_seconds: Server time of the whole aggregation (validation included; time
             spent waiting for streamed replies excluded).
-        train_seconds_wall: Wall time from sending the instructions to the last reply.
+        train_seconds_wall: Wall time from sending the instructions to the end of the replies (the
+            last one in, or the timeout).
         finish_seconds: Wall time from the end of the replies (the last one in, or the timeout) to
             the new global model; with streamed replies most of the merge happened before.
         bytes_sent: Payload bytes of the train instructions.

@@ -160,7 +160,6 @@ class ReplyTally:
         count: Replies read so far (duplicates from one node included).
         errors: Replies that carried an error.
         waited: Seconds spent waiting for the next reply (client training, for a stream).
-        last_arrival: ``time.perf_counter()`` when the last reply was handed on (None before).
         ended: ``time.perf_counter()`` when the replies ran out: all in, or the timeout passed
             (None before).
     """
@@ -171,7 +170,6 @@ class ReplyTally:
         self.count = 0
         self.errors = 0
         self.waited = 0.0
-        self.last_arrival: float | None = None
         self.ended: float | None = None
 
     def __iter__(self) -> Iterator[Message]:
@@ -184,8 +182,7 @@ class ReplyTally:
                 self.ended = time.perf_counter()
                 self.waited += self.ended - asked
                 return
-            self.last_arrival = time.perf_counter()
-            self.waited += self.last_arrival - asked
+            self.waited += time.perf_counter() - asked
             self.bytes_received[reply.metadata.src_node_id] = record_bytes(reply)
             self.count += 1
             self.errors += reply.has_error()
