@@ -39,6 +39,8 @@ _EXPORTS = {
     "public_split": "fedcca.data.public",
     "RecordRounds": "fedcca.flower.recording",
     "ScreenReplies": "fedcca.flower.screen",
+    "stream_replies": "fedcca.flower.streaming",
+    "StreamingGrid": "fedcca.flower.streaming",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -182,6 +182,17 @@ def test_a_huge_claim_arriving_first_is_still_capped() -> None:
     assert arrays is not None and strategy.rounds[-1].capped == {1: claim}
 
 
+@pytest.mark.parametrize("claim", [1e12, 1e308])
+def test_two_replies_one_claiming_huge_counts_neither_overflow_nor_own_the_round(claim: float) -> None:
+    grid = InProcessGrid({1: claiming_app(claim), 2: stats_app})
+    strategy = _strategy(config="direct", recompute_bn=False)
+    messages = strategy.configure_train(2, GLOBAL, ConfigRecord(), grid)
+    arrays, _ = strategy.aggregate_train(2, stream_replies(grid, messages, timeout=30))
+    assert arrays is not None and not strategy.rounds[-1].skipped
+    # the median of two claims is their mean: 3x it caps nothing here, but the sums stay finite
+    assert all(torch.isfinite(v).all() for v in arrays.to_torch_state_dict().values())
+
+
 def test_the_screen_judges_an_early_outlier_against_the_first_three() -> None:
     def scaled(message: Message, context: Context) -> Message:
         reply = stats_app(message, context)

@@ -245,25 +245,24 @@ class RoundAggregation:
 
     def _capped(self, updates: Iterator[ClientUpdate]) -> Iterator[tuple[ClientUpdate, float]]:
         """Valid updates as they come, each with its weight capped at ``max_weight_ratio`` x the median
-        valid claim so far (its own included; the first three wait for each other, fewer than three
-        are not capped). Every weight is divided by the first cap (a fixed scale, far from float64's
-        range whatever a client claims)."""
+        valid claim so far (its own included; the first three wait for each other; with fewer than
+        three in all, the median of those, as for a whole round). Every weight is divided by the
+        first cap (a fixed scale, far from float64's range whatever a client claims)."""
         medians: RunningMedian[ClientUpdate] = RunningMedian(warmup=3)
         for update in updates:
             for decided, median in medians.push(update, update.num_examples):
                 yield decided, self._scaled_weight(decided, median)
-        for decided, _ in medians.flush():
-            yield decided, self._scaled_weight(decided, None)
+        for decided, _ in medians.flush():  # fewer than three claims in all: their median
+            yield decided, self._scaled_weight(decided, float(np.median(medians.values)))
 
-    def _scaled_weight(self, update: ClientUpdate, median: float | None) -> float:
-        if median is not None:
-            self._weight_cap = median * self.settings.max_weight_ratio
-            if self._scale is None:
-                self._scale = self._weight_cap
-        weight = update.num_examples if median is None else min(update.num_examples, self._weight_cap)
+    def _scaled_weight(self, update: ClientUpdate, median: float) -> float:
+        self._weight_cap = median * self.settings.max_weight_ratio
+        if self._scale is None:
+            self._scale = self._weight_cap
+        weight = min(update.num_examples, self._weight_cap)
         if weight < update.num_examples:
             self.record.capped[update.node_id] = update.num_examples
-        return weight / self._scale if self._scale is not None else weight
+        return weight / self._scale
 
     def _updates(self, replies: Iterable[Message]) -> Iterator[ClientUpdate]:
         """Valid replies, decoded one at a time (duplicates and invalid ones dropped and logged)."""
