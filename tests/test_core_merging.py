@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from fedcca.merging.config import MergeConfig
 from fedcca.merging.merger import (
     MergeError,
+    Merger,
     average_state_dicts,
     merge,
     merge_sequential,
@@ -386,3 +388,22 @@ def test_balancing_changes_the_weights_not_the_function(method: str) -> None:
     assert not torch.allclose(balanced.fc1.weight, plain.fc1.weight, atol=1e-3)
     direct = merge(models, x, "direct")  # FedAvg semantics: never rebalanced
     torch.testing.assert_close(direct.fc1.weight, merge(models, x, "direct", balance=False).fc1.weight)
+
+
+@pytest.mark.parametrize("average", ["median", "trimmed"])
+def test_a_robust_merge_keeps_its_own_copy_of_every_added_model(average: str) -> None:
+    """Changing a model after adding it (a server reuses one model object per reply) changes nothing."""
+    x = calibration(32, seed=0)
+    models = [make_tiny(seed=s).double() for s in range(3)]
+    expected = Merger(models[0], x.double(), MergeConfig("direct", recompute_bn=False), average=average)
+    for model in models:
+        expected.add(model)
+    reused = models[0]
+    merger = Merger(models[0], x.double(), MergeConfig("direct", recompute_bn=False), average=average)
+    scratch = make_tiny(seed=9).double()
+    for model in models:
+        scratch.load_state_dict(model.state_dict())
+        merger.add(scratch)
+    scratch.load_state_dict(reused.state_dict())
+    for key, value in expected.finish().model.state_dict().items():
+        torch.testing.assert_close(merger.finish().model.state_dict()[key], value, msg=key)

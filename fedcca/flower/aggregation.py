@@ -163,6 +163,7 @@ class RoundAggregation:
         self._weight_cap = math.inf  # set from the replies by run()
         self._scale: float | None = None  # what streamed weights are divided by (the first cap)
         self._replied: set[int] = set()  # nodes whose reply was read
+        self._scratch: list[nn.Module] = []  # client models already merged, reused for the next replies
         self._global_preactivation: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         distill = settings.distill
         self.teacher = None if distill is None else TeacherSum(distill.teachers, distill.temperatures)
@@ -204,12 +205,12 @@ class RoundAggregation:
                     if self.reference != "global":  # the reference reply is averaged as it is
                         self._add(merger, [(update, weight, merger.reference)], is_reference=True)
                         continue
-                group.append((update, weight, self._model_from(update.state_dict)))
+                group.append((update, weight, self._model_from(update.state_dict, scratch=True)))
                 if len(group) >= settings.statistics_group or not self._needs_server_statistics(update):
-                    self._add(merger, group)
+                    self._add_group(merger, group)
                     group = []
             if merger is not None and group:
-                self._add(merger, group)
+                self._add_group(merger, group)
             self._drop_missing()
             record.num_valid = len(self.metrics)
             self._require_enough()
@@ -449,10 +450,17 @@ class RoundAggregation:
                 f"for that round before aggregate_train (reference={self.reference!r})")
         return self.global_arrays
 
-    def _model_from(self, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-        model = self.settings.model_fn()
+    def _model_from(self, state_dict: Mapping[str, torch.Tensor], scratch: bool = False) -> nn.Module:
+        """A model holding ``state_dict``; with ``scratch``, a reused one (see :meth:`_add_group`):
+        building a model draws its random initialisation, a few milliseconds per reply."""
+        model = self._scratch.pop() if scratch and self._scratch else self.settings.model_fn()
         model.load_state_dict(state_dict)
         return model
+
+    def _add_group(self, merger: Merger, group: list[tuple[ClientUpdate, float, nn.Module]]) -> None:
+        """:meth:`_add`, then the group's models are free for the next replies (the merger keeps none)."""
+        self._add(merger, group)
+        self._scratch.extend(model for _, _, model in group)
 
     def _drop(self, node_id: int, reason: str) -> None:
         self.record.drop(node_id, reason)

@@ -64,7 +64,7 @@ class RobustAverage:
     def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
         """Keep ``state``'s floating-point entries (float64, CPU); a zero weight leaves it out."""
         if weight > 0:
-            self.states.append({k: v.detach().to(torch.float64).cpu() for k, v in state.items()
+            self.states.append({k: v.detach().to("cpu", torch.float64, copy=True) for k, v in state.items()
                                 if v.is_floating_point()})
             self.weight += weight
 
