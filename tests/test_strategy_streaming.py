@@ -17,7 +17,7 @@ from fedcca.flower.local_grid import InProcessGrid
 from fedcca.flower.recording import RecordRounds
 from fedcca.flower.screen import ScreenReplies
 from fedcca.flower.strategy import CCAMerge
-from fedcca.flower.streaming import RunningMedian, stream_replies
+from fedcca.flower.streaming import ReplyTally, RunningMedian, stream_replies
 from tests.tiny_clients import CALIBRATION, claiming_app, make_model, stats_app
 
 GLOBAL = ArrayRecord(make_model(seed=1).state_dict())
@@ -249,3 +249,18 @@ def test_time_waiting_for_replies_is_not_merge_time(server_round: int) -> None:
     assert arrays is not None and record.num_valid == len(NODES)
     assert 0 < record.merge_seconds < 0.5 and 0 < record.aggregate_seconds < 0.5 <= record.train_seconds_wall
     assert 0 < record.finish_seconds <= record.aggregate_seconds + 1e-3
+
+
+def test_the_replies_end_at_the_last_arrival_and_its_handling_counts_after() -> None:
+    grid = InProcessGrid({n: stats_app for n in NODES})
+    reply = grid.send_and_receive(_strategy().configure_train(2, GLOBAL, ConfigRecord(), grid))[0]
+
+    def source():  # noqa: ANN202
+        yield reply
+        time.sleep(0.3)  # the end of the stream waited for (a node that never replies)
+
+    tally = ReplyTally(source())
+    for _ in tally:
+        time.sleep(0.2)  # handling the last reply
+    finish = time.perf_counter() - tally.ended
+    assert 0.2 <= finish < 0.3 and tally.waited >= 0.3 and tally.count == 1 and tally.errors == 0

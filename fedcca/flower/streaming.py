@@ -160,8 +160,9 @@ class ReplyTally:
         count: Replies read so far (duplicates from one node included).
         errors: Replies that carried an error.
         waited: Seconds spent waiting for the next reply (client training, for a stream).
-        ended: ``time.perf_counter()`` when the replies ran out: all in, or the timeout passed
-            (None before).
+        ended: When the replies ended, on ``time.perf_counter()``'s clock (None before): the last
+            reply's arrival, later by what the end of the stream was waited for (a timeout for a
+            node that never replied); the handling of the last reply counts after it.
     """
 
     def __init__(self, replies: Iterable[Message]) -> None:
@@ -174,15 +175,18 @@ class ReplyTally:
 
     def __iter__(self) -> Iterator[Message]:
         iterator = iter(self._source)
+        last: float | None = None  # arrival of the last reply
         while True:
             asked = time.perf_counter()
             try:
                 reply = next(iterator)
             except StopIteration:
-                self.ended = time.perf_counter()
-                self.waited += self.ended - asked
+                wait = time.perf_counter() - asked
+                self.waited += wait
+                self.ended = (asked if last is None else last) + wait
                 return
-            self.waited += time.perf_counter() - asked
+            last = time.perf_counter()
+            self.waited += last - asked
             self.bytes_received[reply.metadata.src_node_id] = record_bytes(reply)
             self.count += 1
             self.errors += reply.has_error()
