@@ -100,20 +100,19 @@ def test_malformed_preactivation_moments_are_refused_naming_the_key(edit, words:
 
 def test_a_round_with_client_moments_runs_no_client_model_and_equals_the_server_measured_one(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    original = merger_module.preactivation_statistics
-
-    def counted(models, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        calls.append(len(models))
-        return original(models, *args, **kwargs)
-
-    monkeypatch.setattr(merger_module, "preactivation_statistics", counted)
+    calls: dict[str, list[int]] = {"preactivation_statistics": [], "norm_output_statistics": []}
+    for name, runs in calls.items():
+        def counted(models, *args, _original=getattr(merger_module, name), _runs=runs, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            _runs.append(len(models))
+            return _original(models, *args, **kwargs)
+        monkeypatch.setattr(merger_module, name, counted)
     sent, strategy = _round({n: stats_app for n in NODES})
-    assert calls == []  # no client model ran on the server for REPAIR
+    # no client model ran on the server, for REPAIR's targets nor for the folded BatchNorm's restore
+    assert calls == {"preactivation_statistics": [], "norm_output_statistics": []}
     assert strategy.rounds[-1].client_statistics == len(NODES)
     measured, _ = _round({n: _edited(_strip) for n in NODES})
-    assert len(calls) == len(NODES)  # the same round without them: one pass per client
-    _close(sent, measured)
+    assert len(calls["preactivation_statistics"]) == len(calls["norm_output_statistics"]) == len(NODES)
+    _close(sent, measured)  # the same round measuring each client model here: the same merge
 
 
 def test_forged_preactivation_moments_are_measured_on_the_server_instead(caplog: pytest.LogCaptureFixture) -> None:

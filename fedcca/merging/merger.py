@@ -35,6 +35,7 @@ from fedcca.merging.repair import (
     RepairTargets,
     norm_output_spec,
     norm_output_statistics,
+    preactivation_spec,
     preactivation_statistics,
     repair_to_targets,
     restore_norms,
@@ -175,6 +176,10 @@ class Merger:
         self.folded_spec = folded_spec(self.spec) if folding else None
         self.folded_template = fold_batchnorm(reference, self.spec) if folding else None
         self._norm_owners = norm_output_spec(self.spec, reference)[1] if folding else {}
+        # point -> the BatchNorm producing its pre-activation (that BatchNorm's output is the pre-activation)
+        self._norm_producers = {point: producer for point, producer in
+                                preactivation_spec(self.spec, reference)[1].items() if producer in self._norm_owners} \
+            if folding else {}
         if folding and unfolded_points(self.spec):
             logger.warning("points %s hold BatchNorms the spec does not pair with their producer (spec.norms): "
                            "their BatchNorm vectors are transformed without folding",
@@ -340,7 +345,7 @@ class Merger:
                 endpoints[fold] = dict(preactivation) if preactivation is not None and self._as_measured(fold) \
                     else self._endpoint_statistics(model, fold)
             if self._restores(config) and norm_outputs is None:
-                norm_outputs = self._norm_statistics(model)
+                norm_outputs = self._norm_statistics(model, preactivation)
             additions.append((candidate, work, transforms, fold))
         for candidate, work, transforms, fold in additions:
             if transforms and candidate.config.needs_statistics:  # statistics-based transforms rescale features
@@ -398,9 +403,19 @@ class Merger:
         """Whether ``config``'s merge restores its folded BatchNorms (real statistics, averaged outputs)."""
         return config.recompute_bn and self._folds(config)
 
-    def _norm_statistics(self, model: nn.Module) -> dict:
-        """The outputs of ``model``'s BatchNorms: what a folded merge's BatchNorms are restored to."""
+    def _norm_statistics(self, model: nn.Module,
+                         preactivation: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
+        """The outputs of ``model``'s BatchNorms: what a folded merge's BatchNorms are restored to.
+
+        A BatchNorm that produces a point's pre-activation has its output in ``preactivation``
+        (measured with the model's own statistics, as here): when that covers every BatchNorm,
+        the model is not run.
+        """
         assert self.spec is not None
+        if preactivation is not None:
+            given = {norm: preactivation[point] for point, norm in self._norm_producers.items() if point in preactivation}
+            if set(given) >= set(self._norm_owners):
+                return {norm: given[norm] for norm in self._norm_owners}
         return norm_output_statistics([model], self.calibration, self.spec, device=self.device)[0]
 
     def _norm_transforms(self, transforms: Mapping[str, Transform]) -> dict[str, Transform]:
