@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import fedcca.merging.repair as repair_module
 from fedcca.merging.batchnorm import fold_batchnorm, folded_spec, refit_batchnorm
 from fedcca.merging.config import MergeConfig
 from fedcca.merging.merger import Merger
@@ -153,3 +154,33 @@ def test_a_folded_merge_restores_the_average_output_spread(name: str) -> None:
         torch.testing.assert_close(mean, (ends["a"][norm][0] + mean_b) / 2, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(std, (ends["a"][norm][1].diagonal().sqrt() + cov_b.diagonal().sqrt()) / 2,
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_repair_after_a_folded_restore_skips_the_points_it_would_leave_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """REPAIR of a point fed by a restored BatchNorm finds its targets already met: skipped, same model."""
+    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    models = [_bn_model("vgg11_bn", seed=s) for s in (3, 4, 5)]
+    measured: list[str] = []
+    original = repair_module.feature_moments
+
+    def counted(model, calibration, point, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        measured.append(point.name)
+        return original(model, calibration, point, **kwargs)
+
+    monkeypatch.setattr(repair_module, "feature_moments", counted)
+    merged = {}
+    for skip in (True, False):
+        merger = Merger(models[0], x, MergeConfig("cca", repair="affine"))
+        producers = dict(merger._norm_producers)  # pylint: disable=protected-access
+        assert producers  # vgg11_bn: every point's pre-activation is a BatchNorm's output
+        if not skip:
+            merger._norm_producers = {}  # pylint: disable=protected-access  # REPAIR every point, as before
+        for model in models:
+            merger.add(model)
+        measured.clear()
+        merged[skip] = merger.finish().model.state_dict()
+        restored = [name for name in measured if name in producers.values()]  # restore_norms measures the norms
+        repaired = [name for name in measured if name in producers]
+        assert restored and (repaired == [] if skip else set(repaired) == set(producers))
+    for key, value in merged[False].items():
+        torch.testing.assert_close(merged[True][key], value, rtol=1e-4, atol=1e-5, msg=key)

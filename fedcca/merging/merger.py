@@ -472,8 +472,14 @@ class Merger:
         elif config.recompute_bn:
             recompute_batchnorm(merged, self.calibration, device=self.device)
         if config.repair != "none":
-            repair_to_targets(merged, candidate.repair.targets(), self.calibration, mode=config.repair,
-                              spec=self.spec, device=self.device)
+            assert self.spec is not None
+            # A point whose pre-activation is the output of a BatchNorm just restored has the targets
+            # REPAIR would set (the same endpoints, transforms and weights): measuring it again is a no-op.
+            restored = set(self._norm_producers) if self._restores(config) else set()
+            repaired = AlignmentSpec(tuple(point for point in self.spec.points if point.name not in restored))
+            if repaired.points:
+                repair_to_targets(merged, candidate.repair.targets(), self.calibration, mode=config.repair,
+                                  spec=repaired, device=self.device)
         moved = [name for name in self.points(config) if name in candidate.moved
                  and self.spec.point(name).groups is None] if candidate.moved else []  # rescaling breaks group norms
         if config.balance and moved:
