@@ -474,9 +474,13 @@ class Merger:
         if config.repair != "none":
             assert self.spec is not None
             # A point whose pre-activation is the output of a BatchNorm just restored has the targets
-            # REPAIR would set (the same endpoints, transforms and weights): measuring it again is a no-op.
+            # REPAIR would set (the same endpoints, transforms and weights), until REPAIR corrects an
+            # earlier point (its output feeds that BatchNorm): the leading restored points are skipped.
             restored = set(self._norm_producers) if self._restores(config) else set()
-            repaired = AlignmentSpec(tuple(point for point in self.spec.points if point.name not in restored))
+            points = list(self.spec.points)  # forward order, as REPAIR corrects them
+            while points and points[0].name in restored:
+                points.pop(0)
+            repaired = AlignmentSpec(tuple(points))
             if repaired.points:
                 repair_to_targets(merged, candidate.repair.targets(), self.calibration, mode=config.repair,
                                   spec=repaired, device=self.device)
