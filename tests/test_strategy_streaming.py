@@ -238,7 +238,7 @@ def test_flowers_own_loop_streams_through_record_rounds(monkeypatch: pytest.Monk
 @pytest.mark.parametrize("server_round", [1, 2])  # round 1 of "auto": the largest reply is the reference
 def test_time_waiting_for_replies_is_not_merge_time(server_round: int) -> None:
     def slow(message: Message, context: Context) -> Message:
-        time.sleep(0.5)
+        time.sleep(1.5)  # far longer than merging five tiny replies, even on a loaded machine
         return stats_app(message, context)
 
     grid = InProcessGrid({**{n: stats_app for n in NODES[:-1]}, NODES[-1]: slow})
@@ -247,7 +247,7 @@ def test_time_waiting_for_replies_is_not_merge_time(server_round: int) -> None:
     arrays, _ = strategy.aggregate_train(server_round, stream_replies(grid, messages, timeout=30))
     record = strategy.round(server_round)
     assert arrays is not None and record.num_valid == len(NODES)
-    assert 0 < record.merge_seconds < 0.5 and 0 < record.aggregate_seconds < 0.5 <= record.train_seconds_wall
+    assert 0 < record.merge_seconds < 1.5 and 0 < record.aggregate_seconds < 1.5 <= record.train_seconds_wall
     assert 0 < record.finish_seconds <= record.aggregate_seconds + 1e-3
 
 
