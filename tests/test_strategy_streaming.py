@@ -264,3 +264,30 @@ def test_the_replies_end_at_the_last_arrival_and_its_handling_counts_after() -> 
         time.sleep(0.2)  # handling the last reply
     finish = time.perf_counter() - tally.ended
     assert 0.2 <= finish < 0.3 and tally.waited >= 0.3 and tally.count == 1 and tally.errors == 0
+
+
+def test_no_decoded_reply_outlives_its_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before each new reply is decoded, at most the warm-up's replies' tensors are alive (not one per reply)."""
+    import fedcca.flower.aggregation as aggregation_module  # pylint: disable=import-outside-toplevel
+
+    alive: weakref.WeakSet = weakref.WeakSet()
+    counts: list[int] = []
+    original = aggregation_module.validate_reply
+
+    def decoded(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        update = original(*args, **kwargs)
+        gc.collect()
+        counts.append(len(alive))
+        alive.update(update.state_dict.values())
+        alive.update(covariance for _, covariance in (update.preactivation or {}).values())
+        return update
+
+    monkeypatch.setattr(aggregation_module, "validate_reply", decoded)
+    nodes = range(1, 13)
+    grid = InProcessGrid({n: stats_app for n in nodes})
+    strategy = _strategy(config="cca", repair="affine")
+    messages = strategy.configure_train(2, GLOBAL, ConfigRecord(), grid)
+    arrays, _ = strategy.aggregate_train(2, stream_replies(grid, messages, timeout=30))
+    per_reply = len(GLOBAL) + 3  # its weights, and a pre-activation covariance per point
+    assert arrays is not None and len(counts) == len(nodes)
+    assert max(counts) <= 2 * per_reply and counts[-1] <= per_reply, counts
