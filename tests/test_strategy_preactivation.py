@@ -124,6 +124,8 @@ def test_forged_preactivation_moments_are_measured_on_the_server_instead(caplog:
         forged, strategy = _round({**{n: stats_app for n in NODES[1:]}, NODES[0]: _edited(inflate)})
     assert f"node {NODES[0]} sent pre-activation moments" in caplog.text and "measured on the server" in caplog.text
     assert strategy.rounds[-1].num_valid == len(NODES)
+    assert list(strategy.rounds[-1].preactivation_refused) == [NODES[0]]
+    assert "global model's RMS" in strategy.rounds[-1].preactivation_refused[NODES[0]]
     _close(forged, honest)
 
 

@@ -423,9 +423,11 @@ class RoundAggregation:
             ours, theirs = _rms(*self._global_preactivation[point]), _rms(mean, covariance)
             ratio = theirs / ours if ours > 0 else (1.0 if theirs == 0 else math.inf)
             if not 1 / MAX_PREACTIVATION_RATIO <= ratio <= MAX_PREACTIVATION_RATIO:
-                log(WARNING, "aggregate_train: node %s sent pre-activation moments at '%s' of %.3gx the global "
-                    "model's RMS (bound %gx): its REPAIR targets are measured on the server instead",
-                    update.node_id, point, ratio, MAX_PREACTIVATION_RATIO)
+                reason = (f"pre-activation moments at '{point}' of {ratio:.3g}x the global model's RMS "
+                          f"(bound {MAX_PREACTIVATION_RATIO:g}x)")
+                self.record.preactivation_refused[update.node_id] = reason
+                log(WARNING, "aggregate_train: node %s sent %s: its REPAIR targets are measured on the server "
+                    "instead", update.node_id, reason)
                 return None
         return sent
 

@@ -45,6 +45,8 @@ class RoundRecord:
         merge_choice: The merge configuration kept (``MergeConfig.label``).
         candidates: Held-out scores of every candidate merge (when there was a choice).
         dead_features: Node id -> ``{point: features exactly 0 on the calibration data}``.
+        preactivation_refused: Node id -> why the pre-activation moments it sent were not used (the
+            server measured its model instead; :data:`fedcca.flower.aggregation.MAX_PREACTIVATION_RATIO`).
         norm_growth: Node id -> the largest factor alignment changed its weights' norm by (up or
             down, over the candidates; see ``max_norm_growth``).
         distillation: What server-side distillation did (:meth:`fedcca.merging.distillation.DistillResult.to_json`), if on.
@@ -72,6 +74,7 @@ class RoundRecord:
     merge_choice: str | None = None
     candidates: list[CandidateScore] = field(default_factory=list)
     dead_features: dict[int, dict[str, int]] = field(default_factory=dict)
+    preactivation_refused: dict[int, str] = field(default_factory=dict)
     norm_growth: dict[int, float] = field(default_factory=dict)
     distillation: dict[str, Any] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
