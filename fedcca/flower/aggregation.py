@@ -179,8 +179,8 @@ class RoundAggregation:
 
         When :attr:`streams`, ``replies`` is read lazily (a stream merges while other clients
         train) and each weight is capped by the median claim so far (:meth:`_capped`); otherwise
-        every reply is read first, the weights are capped by the round's median claim and the
-        reference reply is picked among them.
+        every reply is read first, the weights are capped by the round's median claim
+        (:meth:`_median_claim`) and the reference reply is picked among them.
         """
         settings, record = self.settings, self.record
         if self.reference == "global":
@@ -191,11 +191,13 @@ class RoundAggregation:
             updates = self._capped(self._updates(replies))
         else:
             replies = list(replies)
-            self._weight_cap = self._cap(replies)
+            median = self._median_claim(replies)
             valid = list(self._updates(replies))
+            if median is not None:  # every valid reply made a claim
+                self._weight_cap = median * settings.max_weight_ratio
             if self.reference != "global":
                 valid = self._reference_first(valid)
-            updates = iter([(update, self._weight(update)) for update in valid])
+            updates = iter([] if median is None else [(update, self._scaled_weight(update, median)) for update in valid])
         merger: Merger | None = None
         group: list[tuple[ClientUpdate, float, nn.Module]] = []
         try:
@@ -225,24 +227,17 @@ class RoundAggregation:
                 record.dead_features = {int(name): counts for name, counts in merger.dead_features.items()}
                 record.norm_growth = {int(name): growth for name, growth in merger.norm_growth.items()}
 
-    def _cap(self, replies: list[Message]) -> float:
-        """The largest weight a reply may have: ``max_weight_ratio`` x the median claimed ``num-examples``."""
-        claimed: dict[int, float] = {}  # one claim per node, from replies with exactly one MetricRecord
+    def _median_claim(self, replies: list[Message]) -> float | None:
+        """The round's median claimed ``num-examples`` (one claim per node, from replies with exactly one
+        ``MetricRecord``), or None without any claim."""
+        claimed: dict[int, float] = {}
         for msg in replies:
             if msg.has_error() or not msg.has_content() or len(msg.content.metric_records) != 1:
                 continue
             value = next(iter(msg.content.metric_records.values())).get(self.settings.weighted_by_key)
             if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
                 claimed.setdefault(msg.metadata.src_node_id, float(value))
-        return float(np.median(list(claimed.values()))) * self.settings.max_weight_ratio if claimed else math.inf
-
-    def _weight(self, update: ClientUpdate) -> float:
-        """The reply's merge weight: its ``num-examples``, capped (one client cannot own the average) and
-        divided by the cap, so weighted sums stay far from float64's range whatever a client claims."""
-        weight = min(update.num_examples, self._weight_cap)
-        if weight < update.num_examples:
-            self.record.capped[update.node_id] = update.num_examples
-        return weight / self._weight_cap if math.isfinite(self._weight_cap) else weight
+        return float(np.median(list(claimed.values()))) if claimed else None
 
     def _capped(self, updates: Iterator[ClientUpdate]) -> Iterator[tuple[ClientUpdate, float]]:
         """Valid updates as they come, each with its weight capped at ``max_weight_ratio`` x the median
@@ -257,6 +252,9 @@ class RoundAggregation:
             yield decided, self._scaled_weight(decided, float(np.median(medians.values)))
 
     def _scaled_weight(self, update: ClientUpdate, median: float) -> float:
+        """The reply's merge weight: its ``num-examples`` capped at ``max_weight_ratio`` x ``median`` (one
+        client cannot own the average), divided by the first cap of the round (weighted sums stay far
+        from float64's range whatever a client claims)."""
         self._weight_cap = median * self.settings.max_weight_ratio
         if self._scale is None:
             self._scale = self._weight_cap
