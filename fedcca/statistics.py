@@ -374,43 +374,44 @@ def feature_moments(
     taps = {tap: [point.name] for tap in point.taps}
     device = resolve_device(device)
     count, mean, m2 = 0, torch.zeros(point.size, dtype=torch.float64), torch.zeros(point.size, dtype=torch.float64)
-    firings: int | None = None  # tap outputs per forward, counted on one example first
+    firings = 0  # tap outputs per forward, counted on one example before the first batch
+    fired = 0  # in the current batch's forward
 
-    class _Seen(Exception):
-        """Raised from a hook to end a forward whose remaining layers cannot change the point."""
+    def record(_tap: str, output: object) -> None:
+        nonlocal count, mean, m2, fired
+        features = _features(output, point.name, point.size, -1)
+        n = features.shape[0] * features.shape[2]
+        batch_mean = features.sum((0, 2)).double() / n
+        if not torch.isfinite(batch_mean).all():
+            raise StatisticsError(f"the model has non-finite features at point '{point.name}'", -1)
+        batch_m2 = (features - batch_mean.to(features.dtype)[None, :, None]).square().sum((0, 2)).double()
+        total, delta, _, factor = _merged(count, n, mean.to(batch_mean), batch_mean)
+        mean = mean.to(batch_mean) + delta * (n / total)
+        m2 = m2.to(batch_m2) + batch_m2 + delta.square() * factor
+        count, fired = total, fired + 1
+        if fired >= firings:
+            raise _PointSeen
 
     with _running(model, device=device):
         for batch in as_batches(calibration, batch_size):
             batch = batch.to(device)
-            if firings is None:
+            if not firings:
                 seen: list[int] = []
                 run_with_taps(model, batch[:1], taps, lambda _tap, _output: seen.append(1))
                 firings = len(seen)
             fired = 0
-
-            def record(_tap: str, output: object) -> None:
-                nonlocal count, mean, m2, fired
-                features = _features(output, point.name, point.size, -1)
-                n = features.shape[0] * features.shape[2]
-                batch_mean = features.sum((0, 2)).double() / n
-                if not torch.isfinite(batch_mean).all():
-                    raise StatisticsError(f"the model has non-finite features at point '{point.name}'", -1)
-                batch_m2 = (features - batch_mean.to(features.dtype)[None, :, None]).square().sum((0, 2)).double()
-                total, delta, _, factor = _merged(count, n, mean.to(batch_mean), batch_mean)
-                mean = mean.to(batch_mean) + delta * (n / total)
-                m2 = m2.to(batch_m2) + batch_m2 + delta.square() * factor
-                count, fired = total, fired + 1
-                if fired >= firings:
-                    raise _Seen
-
             try:
                 run_with_taps(model, batch, taps, record)
-            except _Seen:
+            except _PointSeen:
                 pass
     if count == 0:
         raise StatisticsError(f"the model: no features at point '{point.name}' "
                               "(empty calibration data, or its taps never ran)", -1)
     return mean.cpu(), (m2 / count).cpu()
+
+
+class _PointSeen(Exception):
+    """Raised from a hook to end a forward whose remaining layers cannot change the point measured."""
 
 
 @contextlib.contextmanager
