@@ -68,10 +68,11 @@ def train(msg: Message, context: Context) -> Message:
     if instruction.compute_statistics:
         started = time.perf_counter()
         calibration = calibration_inputs(task)
+        spec = spec_for(reference, calibration[:1])  # derived once for both measurements
         # Only our model's moments and the cross moment travel: the server measures the received model's.
-        statistics = collect_statistics(reference, [model], calibration, reference_moments=False, device=device)[0]
+        statistics = collect_statistics(reference, [model], calibration, spec, reference_moments=False,
+                                        device=device)[0]
         if instruction.send_preactivation:  # REPAIR's endpoint statistics: the server need not run our model
-            spec = spec_for(model, calibration[:1])
             preactivation = preactivation_statistics([model], calibration, spec, recompute_bn=False, device=device)[0]
         stats_seconds = time.perf_counter() - started
     metrics = {"train-loss": result["loss"], "train-seconds": result["seconds"], "stats-seconds": stats_seconds}
