@@ -1,7 +1,9 @@
 """Command line: ``fedcca merge CKPT... --calibration FILE --method cca --out merged.pt``.
 
 A checkpoint is a ``torch.save``'d state dict, or a dict ``{"model": name, "width": w,
-"num_classes": c, "in_channels": c, "state_dict": ...}`` (the format ``--out`` writes).
+"num_classes": c, "in_channels": c, "state_dict": ...}`` (the format ``--out`` writes); its
+fields are data: ``model`` must be a built-in name (or the class the user passes as ``--model``),
+never an import path the file chooses.
 Calibration data is a ``.pt`` tensor [N, C, H, W] or a ``.npy`` array, already normalised.
 ``--model`` is a :mod:`fedcca.models` name or your own ``package.module:Class`` (built with the
 ``num_classes``/``in_channels`` keywords it accepts; its alignment spec is derived by tracing).
@@ -27,7 +29,7 @@ from fedcca.merging.merger import merge
 from fedcca.merging.repair import REPAIRS
 from fedcca.methods.cca import canonical_correlations, resolved_ridge
 from fedcca.methods.registry import ALIGNERS, parameters
-from fedcca.models import is_model_path
+from fedcca.models import MODEL_NAMES, is_model_path
 from fedcca.plotting import atomic_write
 from fedcca.statistics import collect_statistics
 
@@ -207,6 +209,29 @@ def _load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
     return meta, dict(content)
 
 
+def _check_metadata(meta: dict[str, Any], path: Path, option: str | None) -> None:
+    """A checkpoint's architecture fields are plain values: a registry name, positive sizes.
+
+    A model named by the file that is not built in is refused unless the user named the same
+    class with ``--model`` (the file cannot choose the code that runs).
+    """
+    name = meta.get("model")
+    if name is not None:
+        if not isinstance(name, str):
+            raise CliError(f"{path}: checkpoint field 'model' must be a model name, got {type(name).__name__}")
+        if name not in MODEL_NAMES and name != option:
+            raise CliError(f"{path} names model {name!r}, which is not built in ({', '.join(MODEL_NAMES)}); "
+                           "a checkpoint never chooses code to import: pass --model yourself if you trust it")
+    for field in ("num_classes", "in_channels"):
+        value = meta.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CliError(f"{path}: checkpoint field {field!r} must be a positive integer, got {value!r}")
+    width = meta.get("width")
+    if width is not None and (isinstance(width, bool) or not isinstance(width, (int, float))
+                              or not 0 < width < float("inf")):
+        raise CliError(f"{path}: checkpoint field 'width' must be a positive number, got {width!r}")
+
+
 def _check_fits(model: torch.nn.Module, calibration: torch.Tensor, path: Path, arch: dict[str, Any]) -> None:
     """Before any work: one calibration sample runs through the model."""
     try:
@@ -241,7 +266,13 @@ def _load_calibration(path: Path) -> torch.Tensor:
 
 def _architecture(args: argparse.Namespace, metas: list[dict[str, Any]], paths: list[Path],
                   calibration: torch.Tensor) -> dict[str, Any]:
-    """Architecture fields: options, else checkpoint metadata (must agree), else defaults."""
+    """Architecture fields: options, else checkpoint metadata (must agree), else defaults.
+
+    Metadata is data: a checkpoint may name a built-in model (:data:`fedcca.models.MODEL_NAMES`),
+    never code to import; only ``--model`` on the command line can name the user's own class.
+    """
+    for meta, path in zip(metas, paths):
+        _check_metadata(meta, path, args.model)
     arch: dict[str, Any] = {}
     for field in _ARCH_FIELDS:
         found = {(meta[field], str(path)) for meta, path in zip(metas, paths) if field in meta}

@@ -192,3 +192,31 @@ def test_a_user_model_is_found_from_the_working_directory(files: dict[str, Path]
     assert main(["merge", *map(str, paths), "--calibration", str(files["calib.pt"]), "--model", "userapp.task:Net",
                  "--out", str(out)]) == 0
     assert torch.load(out, weights_only=True)["model"] == "userapp.task:Net"
+
+
+@pytest.mark.parametrize("named", ["os:abort", "pdb:set_trace", "evilmod:Net"])
+def test_a_checkpoint_never_names_code_to_run(files: dict[str, Path], tmp_path: Path, named: str,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Metadata naming a callable (os:abort killed the process, pdb:set_trace opened a debugger, a module in the
+    working folder was imported) is refused before anything is imported or called."""
+    monkeypatch.chdir(tmp_path)
+    ran = tmp_path / "ran"
+    (tmp_path / "evilmod.py").write_text(f"open({str(ran)!r}, 'w').write('imported')\nNet = object\n")
+    forged = tmp_path / "forged.pt"
+    torch.save({**ARCH, "model": named, "state_dict": _cnn(3).state_dict()}, forged)
+    called: list[str] = []
+    monkeypatch.setattr("fedcca.app.federation.build_user_model", lambda *a, **k: called.append(a[0]))
+    code = main(["merge", str(files["a.pt"]), str(forged), "--calibration", str(files["calib.pt"])])
+    _assert_clean_error(code, capsys, f"{forged} names model {named!r}, which is not built in")
+    assert not ran.exists() and not called
+
+
+@pytest.mark.parametrize(("field", "value"), [("model", 3), ("num_classes", "10"), ("width", -1.0),
+                                              ("in_channels", True)])
+def test_checkpoint_fields_are_plain_values(files: dict[str, Path], tmp_path: Path, field: str, value: object,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    forged = tmp_path / "fields.pt"
+    torch.save({**ARCH, field: value, "state_dict": _cnn(3).state_dict()}, forged)
+    code = main(["merge", str(files["a.pt"]), str(forged), "--calibration", str(files["calib.pt"])])
+    _assert_clean_error(code, capsys, f"{forged}: checkpoint field {field!r}")
