@@ -14,6 +14,8 @@ from torch import nn
 from fedcca.devices import resolve_device
 
 WARMUP_FRACTION = 0.2  # share of the steps spent ramping the learning rate up
+DEFAULT_MAX_GRAD_NORM = 5.0
+"""Default gradient-norm clip of local training (chosen by ``simulations/stress.py``)."""
 
 
 class BatchLoader(Iterable[tuple[torch.Tensor, torch.Tensor]], Sized, Protocol):
@@ -41,6 +43,9 @@ class TrainingConfig:
         weight_decay: L2 penalty applied to every parameter.
         proximal_mu: FedProx (Li et al., 2020): adds ``mu / 2 * ||w - w0||^2`` to the loss,
             ``w0`` the weights when training starts (the received global model).
+        max_grad_norm: Clip each step's gradient to this global L2 norm (None: no clipping).
+            On label-skewed shards the first steps from a model trained elsewhere can have
+            gradients orders of magnitude above typical and diverge (README, Results).
     """
 
     epochs: int = 1
@@ -50,6 +55,7 @@ class TrainingConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     proximal_mu: float = 0.0
+    max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM
 
     def __post_init__(self) -> None:
         if self.schedule not in LR_SCHEDULES:
@@ -59,6 +65,8 @@ class TrainingConfig:
         for name in ("momentum", "weight_decay", "proximal_mu"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive (None: no clipping), got {self.max_grad_norm!r}")
         if self.nesterov and self.momentum == 0:
             object.__setattr__(self, "nesterov", False)  # torch refuses Nesterov without momentum
 
@@ -128,6 +136,8 @@ def train(
             objective = loss if anchor is None else loss + _proximal(model, anchor, config.proximal_mu)
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
+            if config.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             schedule.step()
             batch_losses.append(loss.detach() * len(y))

@@ -120,3 +120,25 @@ def test_proximal_term_pulls_towards_the_starting_weights() -> None:
         return sum((p - q).square().sum() for p, q in zip(model.parameters(), start.parameters())).sqrt().item()
 
     assert distance(held) < 0.5 * distance(free)
+
+
+def test_gradient_clipping_bounds_every_step() -> None:
+    """max_grad_norm: each plain SGD step moves the weights by at most lr * max_grad_norm, and equals the step
+    on the clipped gradient computed by hand."""
+    model, reference = tiny_model(), tiny_model()
+    reference.load_state_dict(model.state_dict())
+    x, y = next(iter(toy_loader(seed=4)))
+    config = TrainingConfig(epochs=1, lr=0.5, schedule="constant", momentum=0.0, weight_decay=0.0,
+                            max_grad_norm=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, [(x, y)], config, device="cpu")  # type: ignore[arg-type]
+    nn.functional.cross_entropy(reference(x), y).backward()
+    grads = [p.grad for p in reference.parameters()]
+    norm = torch.sqrt(sum(g.square().sum() for g in grads))
+    assert norm > 1e-3  # the clip is active
+    step = torch.sqrt(sum((p - q).square().sum() for p, q in zip(model.parameters(), before)))
+    assert step <= 0.5 * 1e-3 * (1 + 1e-4)
+    for p, q, g in zip(model.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), q - 0.5 * g * (1e-3 / (norm + 1e-6)))
+    with pytest.raises(ValueError, match="max_grad_norm must be positive"):
+        TrainingConfig(max_grad_norm=0.0)

@@ -65,6 +65,7 @@ class TaskConfig:
             (Nesterov momentum; linear warm-up, then linear decay to 0 within each round).
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
+        max_grad_norm: Clip each local step's gradient to this L2 norm (0: off).
         proximal_mu: FedProx's ``mu`` (used when ``strategy`` is "fedprox").
         batch_size: Client training batch size.
         max_examples_per_client: Train on a fixed random subset of at most this many examples
@@ -127,6 +128,7 @@ class TaskConfig:
     lr_schedule: str
     momentum: float
     weight_decay: float
+    max_grad_norm: float
     proximal_mu: float
     batch_size: int
     max_examples_per_client: int
@@ -225,7 +227,8 @@ class TaskConfig:
         """The client's local training options (``proximal_mu``: FedProx's, from the train message)."""
         return TrainingConfig(epochs=self.local_epochs, lr=self.lr, schedule=self.lr_schedule,
                               momentum=self.momentum, nesterov=self.lr_schedule == "one-cycle",
-                              weight_decay=self.weight_decay, proximal_mu=proximal_mu)
+                              weight_decay=self.weight_decay, proximal_mu=proximal_mu,
+                              max_grad_norm=self.max_grad_norm or None)
 
     def output_dir(self, run_config: Mapping[str, Any]) -> Path:
         """``out_dir`` with ``{key}`` placeholders filled from ``run_config``, made absolute."""
@@ -260,6 +263,7 @@ class TaskConfig:
         for key, value in {"max-examples-per-client": self.max_examples_per_client,
                            "max-test-examples": self.max_test_examples, "holdout-size": self.holdout_size,
                            "momentum": self.momentum, "weight-decay": self.weight_decay,
+                           "max-grad-norm": self.max_grad_norm,
                            "proximal-mu": self.proximal_mu, "ridge": self.ridge,
                            "selection-margin": self.selection_margin, "max-norm-ratio": self.max_norm_ratio,
                            "max-update-norm": self.max_update_norm}.items():
