@@ -29,10 +29,11 @@ from fedcca.app.federation import (
 from fedcca.app.task import TaskConfig
 from fedcca.data import DeviceLoader
 from fedcca.devices import resolve_device
-from fedcca.flower.protocol import read_train_instruction, train_reply
+from fedcca.flower.protocol import diverged_reply, read_train_instruction, train_reply
 from fedcca.merging.repair import preactivation_statistics
 from fedcca.spec.tracing import spec_for
 from fedcca.statistics import collect_statistics
+from fedcca.training import TrainingDivergedError
 from fedcca.training import train as train_model
 
 app = ClientApp()
@@ -62,7 +63,10 @@ def train(msg: Message, context: Context) -> Message:
     seed_everything(round_seed)
     loader = DeviceLoader.from_dataset(dataset, client_indices(task, partition_id, num_partitions),
                                        batch_size=task.batch_size, device=device, seed=round_seed)
-    result = train_model(model, loader, task.training(instruction.proximal_mu), device=device)
+    try:
+        result = train_model(model, loader, task.training(instruction.proximal_mu), device=device)
+    except TrainingDivergedError as err:  # a reason the server logs, not a runtime exception
+        return diverged_reply(msg, str(err))
 
     statistics, preactivation, stats_seconds = None, None, 0.0
     if instruction.compute_statistics:

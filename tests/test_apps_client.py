@@ -193,3 +193,19 @@ def test_out_dir_placeholders(run_config: dict[str, Any], tmp_path: Path) -> Non
     config["out-dir"] = str(tmp_path / "{nope}")
     with pytest.raises(RunConfigError, match="nope"):
         TaskConfig.from_run_config(config).output_dir(config)
+
+
+def test_a_diverging_client_replies_an_error_naming_the_step(run_config: dict[str, Any]) -> None:
+    """A non-finite loss (here: the global model's weights overflow) is an error reply with the
+    divergence code and reason, which the strategy's validation records as the drop reason."""
+    from fedcca.flower.protocol import TRAINING_DIVERGED_CODE, InvalidReplyError
+
+    model = _global_model(run_config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(1e30)
+    reply = client_app(_train_message(model), node_context(run_config, 0, 2))
+    assert reply.has_error() and reply.error.code == TRAINING_DIVERGED_CODE
+    assert reply.error.reason.startswith("local training diverged: non-finite training loss at epoch 0, step 0")
+    with pytest.raises(InvalidReplyError, match=f"code {TRAINING_DIVERGED_CODE}.*local training diverged"):
+        validate_reply(reply, model.state_dict(), None)

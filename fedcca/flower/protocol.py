@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from fedcca.spec.alignment import AlignmentSpec
 from fedcca.statistics import ClientStatistics, Moments, PairStatistics, StatisticsError
@@ -44,6 +44,8 @@ PREACTIVATION_PREFIX = "preactivation/"
 FORMAT_KEY = "format"
 SERVER_ROUND_KEY = "server-round"
 PROXIMAL_MU_KEY = "proximal-mu"  # set by Flower's FedProx
+TRAINING_DIVERGED_CODE = 4100
+"""``Error.code`` of a reply whose local training diverged (non-finite loss); the reason names the step."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,13 @@ def read_train_instruction(message: Message) -> TrainInstruction:
     compute = bool(config.get(COMPUTE_STATS_FLAG, False))
     return TrainInstruction(content.array_records[WEIGHTS_KEY], int(config.get(SERVER_ROUND_KEY, 0)),  # type: ignore[arg-type]
                             compute, compute and bool(config.get(PREACTIVATION_FLAG, False)), mu, config)
+
+
+def diverged_reply(message: Message, reason: str) -> Message:
+    """The error reply of a client whose local training diverged: code :data:`TRAINING_DIVERGED_CODE`
+    and a one-line reason the server logs and records (instead of an exception from the runtime)."""
+    return Message(error=Error(code=TRAINING_DIVERGED_CODE, reason=f"local training diverged: {reason}"),
+                   reply_to=message)
 
 
 def train_reply(state_dict: Mapping[str, torch.Tensor], num_examples: int | float,
