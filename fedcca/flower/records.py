@@ -49,6 +49,8 @@ class RoundRecord:
             server measured its model instead; :data:`fedcca.flower.aggregation.MAX_PREACTIVATION_RATIO`).
         norm_growth: Node id -> the largest factor alignment changed its weights' norm by (up or
             down, over the candidates; see ``max_norm_growth``).
+        guard: What the collapse guard did (:mod:`fedcca.flower.guard`): ``{"action": "rollback" | "keep" |
+            "probation", "reason": ...}`` with the held-out accuracies it compared; None when it let the choice stand.
         distillation: What server-side distillation did (:meth:`fedcca.merging.distillation.DistillResult.to_json`), if on.
         metrics: Anything else the loop records (client metric means, evaluation).
     """
@@ -76,6 +78,7 @@ class RoundRecord:
     dead_features: dict[int, dict[str, int]] = field(default_factory=dict)
     preactivation_refused: dict[int, str] = field(default_factory=dict)
     norm_growth: dict[int, float] = field(default_factory=dict)
+    guard: dict[str, Any] | None = None
     distillation: dict[str, Any] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 

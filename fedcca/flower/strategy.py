@@ -18,6 +18,7 @@ from torch import nn
 
 from fedcca.devices import resolve_device
 from fedcca.flower.aggregation import REFERENCES, STATISTICS_SOURCES, AggregationSettings, RoundAggregation, SkipRound
+from fedcca.flower.guard import CollapseGuard
 from fedcca.flower.metrics import average_metrics
 from fedcca.flower.protocol import COMPUTE_STATS_FLAG, PREACTIVATION_FLAG, InvalidReplyError, validate_evaluate_reply
 from fedcca.flower.records import RoundRecord
@@ -112,6 +113,9 @@ class CCAMerge(FedAvg):
             images, early-stopped on ``holdout`` (:mod:`fedcca.merging.distillation`); None: off.
             ``CCAMerge(model_fn, calibration, "direct", holdout=..., distill=DistillConfig(teachers=("logits",)))``
             is FedDF (Lin et al., 2020).
+        guard: With ``holdout``: a round whose chosen merge collapses against the global model the clients
+            trained from rolls back to the previous round's baseline (FedAvg's average) or keeps the global
+            model (:class:`~fedcca.flower.guard.CollapseGuard`); logged and recorded as ``guard``.
         **kwargs: ``MergeConfig`` fields (``method="permute"``, ``repair="affine"``, ...)
             override ``config``'s; every other keyword goes to ``FedAvg`` (``fraction_train``,
             ``min_train_nodes``, ``min_available_nodes``, ``weighted_by_key``, ...).
@@ -134,6 +138,7 @@ class CCAMerge(FedAvg):
         max_weight_ratio: float = 3.0,
         max_norm_growth: float | None = 1e4,
         average: str = "mean",
+        guard: bool = True,
         **kwargs: Any,
     ) -> None:
         if isinstance(model_fn, nn.Module):
@@ -184,6 +189,8 @@ class CCAMerge(FedAvg):
             preactivation_sizes={} if self.spec is None else
             {point.name: point.size for point in preactivation_spec(self.spec, model)[0].points})
         self._sent: _Round | None = None
+        self._guard = None if holdout is None or not guard else CollapseGuard(
+            self._settings.holdout, min_z=search.min_z, device=self._settings.device, batch_size=batch_size)
 
     @property
     def requests_client_statistics(self) -> bool:
@@ -285,8 +292,16 @@ class CCAMerge(FedAvg):
             return None, None
         record.merge_choice = result.config.label()
         record.candidates = result.scores
+        model = result.model
+        if self._guard is not None:
+            model, record.guard = self._guard.decide(
+                server_round, sent and self._model_from(sent.arrays), result.model, record.merge_choice,
+                result.baseline, result.baseline_config and result.baseline_config.label())
+            if record.guard is not None and record.guard["action"] != "collapse":
+                record.merge_choice = f"{record.merge_choice} -> {record.guard['action']}"
+            state = model.state_dict()
         if self._settings.distill is not None and aggregation.teacher is not None:
-            state = self._distilled(result.model, aggregation.teacher, record)
+            state = self._distilled(model, aggregation.teacher, record)
         _log_round(record)
         return ArrayRecord(state), self.train_metrics_aggr_fn(aggregation.metrics, self.weighted_by_key)
 
@@ -302,6 +317,11 @@ class CCAMerge(FedAvg):
         :class:`~fedcca.flower.recording.RecordRounds` completes it with the exchange and the evaluation.
         """
         return next((record for record in reversed(self.rounds) if record.round == server_round), None)
+
+    def _model_from(self, arrays: ArrayRecord) -> nn.Module:
+        model = self._settings.model_fn()
+        model.load_state_dict(arrays.to_torch_state_dict())
+        return model
 
     def _distilled(self, merged: nn.Module, teacher: TeacherSum, record: RoundRecord) -> dict[str, torch.Tensor]:
         """The merge distilled toward the clients' ensemble on the calibration images (early-stopped on the hold-out set)."""

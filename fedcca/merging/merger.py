@@ -85,6 +85,8 @@ class MergeResult:
             calibration data}`` (points without any left out).
         transforms: Per added model (by name), the chosen candidate's transforms, when the
             merger was asked to keep them.
+        baseline: The baseline candidate's merged model (candidate 0; None with a single candidate).
+        baseline_config: Its configuration.
     """
 
     model: nn.Module
@@ -92,6 +94,8 @@ class MergeResult:
     scores: list[CandidateScore] = field(default_factory=list)
     dead_features: dict[str, dict[str, int]] = field(default_factory=dict)
     transforms: dict[str, dict[str, Transform]] = field(default_factory=dict)
+    baseline: nn.Module | None = None
+    baseline_config: MergeConfig | None = None
 
 
 @dataclass
@@ -450,7 +454,10 @@ class Merger:
             index, scores = choose(merged, [c.config for c in self.candidates], *self.holdout,
                                    min_z=self.search.min_z, device=self.device, batch_size=self.batch_size)
         chosen = self.candidates[index]
-        return MergeResult(merged[index], chosen.config, scores, dict(self.dead_features), dict(chosen.transforms))
+        several = len(merged) > 1
+        return MergeResult(merged[index], chosen.config, scores, dict(self.dead_features), dict(chosen.transforms),
+                           baseline=merged[0] if several else None,
+                           baseline_config=self.candidates[0].config if several else None)
 
     def _add_pending_reference(self) -> None:
         if self._pending_reference is None:

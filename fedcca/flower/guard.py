@@ -1,0 +1,135 @@
+"""A guard across rounds: a round's chosen merge never strands the federation.
+
+The candidate choice (:func:`fedcca.merging.selection.choose`) looks at one round: the most
+accurate merge on the held-out set. Under label skew a merge can win its round and still be a
+model that local SGD cannot train from (README, Results: every client came back dead, and the
+federation stayed at chance while FedAvg trained on). What the clients do with a model shows
+only in the next round, so :class:`CollapseGuard` compares each round's chosen merge with the
+global model the clients started from, on the same held-out examples:
+
+* the round **collapsed** when the merge lost more than half of the global model's gain over
+  chance *and* is worse by more than ``min_z`` paired standard errors (ordinary non-IID
+  oscillation loses less);
+* after a collapse, if the global model was a non-baseline candidate (e.g. ``cca +affine``), the
+  guard **rolls back** to the baseline merge of that round (FedAvg's average, which training
+  from would have followed) and keeps the baseline in the next round (**probation**);
+  otherwise it **keeps** the global model once (never twice in a row, so that a run cannot stall).
+
+Every action is logged at WARNING with its reason and returned as a dict for the round's record.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from logging import WARNING
+from typing import Any
+
+import torch
+from flwr.common.logger import log
+from torch import nn
+
+from fedcca.merging.selection import holdout_losses, paired_z
+
+
+@dataclass
+class _Accepted:
+    """What a round broadcast: its model's held-out correctness and, when a non-baseline candidate won,
+    that round's baseline merge (the fallback)."""
+
+    round: int
+    label: str
+    baseline: dict[str, torch.Tensor] | None
+    baseline_label: str | None
+    kept: bool = False
+
+
+class CollapseGuard:
+    """Decides, per round, whether the chosen merge is broadcast, rolled back or the global model kept.
+
+    Args:
+        holdout: Labelled held-out ``(inputs, labels)`` (the data the candidates are chosen on).
+        min_z: Paired standard errors by which a collapse must be significant.
+        device: Where the held-out forwards run.
+        batch_size: Held-out batch size.
+    """
+
+    def __init__(self, holdout: tuple[torch.Tensor, torch.Tensor], *, min_z: float = 2.0,
+                 device: torch.device | str | None = None, batch_size: int = 256) -> None:
+        self.holdout = holdout
+        self.min_z = min_z
+        self.device = device
+        self.batch_size = batch_size
+        self._last: _Accepted | None = None
+        self._probation: int | None = None  # the round that must keep the baseline
+
+    def in_probation(self, server_round: int) -> bool:
+        """Whether ``server_round`` follows a rollback (its baseline merge is broadcast, whatever won)."""
+        return self._probation == server_round
+
+    def decide(self, server_round: int, sent: nn.Module | None, chosen: nn.Module, label: str,
+               baseline: nn.Module | None, baseline_label: str | None) -> tuple[nn.Module, dict[str, Any] | None]:
+        """The model to broadcast after ``server_round``, and the guard's action for the record (None: none).
+
+        Args:
+            server_round: The round.
+            sent: The global model the clients trained from (None: unknown).
+            chosen: The round's chosen merge.
+            label: Its label.
+            baseline: The round's baseline merge (None when there was no choice).
+            baseline_label: Its label.
+        """
+        action: dict[str, Any] | None = None
+        out, out_label = chosen, label
+        if self.in_probation(server_round) and baseline is not None and label != baseline_label:
+            out, out_label = baseline, str(baseline_label)
+            action = {"action": "probation", "reason": f"the round after a rollback keeps the baseline "
+                      f"{baseline_label} (chosen was {label})"}
+        elif self._last is not None and sent is not None and not self._last.kept:
+            action = self._collapse(server_round, sent, chosen, label)
+            if action is not None:
+                out, out_label = self._fallback(server_round, sent, action)
+        if action is not None:
+            log(WARNING, "[fedcca] guard: round %s: %s", server_round, action["reason"])
+        keeps_baseline = baseline is None or out_label == baseline_label
+        self._last = _Accepted(server_round, out_label,
+                               None if keeps_baseline else {k: v.detach().cpu().clone()
+                                                            for k, v in baseline.state_dict().items()},
+                               baseline_label, kept=action is not None and action["action"] == "keep")
+        return out, action
+
+    def _collapse(self, server_round: int, sent: nn.Module, chosen: nn.Module, label: str) -> dict[str, Any] | None:
+        """A record of the collapse when ``chosen`` lost more than half of ``sent``'s gain over chance, significantly."""
+        inputs, labels = self.holdout
+        _, before = holdout_losses(sent, inputs, labels, device=self.device, batch_size=self.batch_size)
+        _, after = holdout_losses(chosen, inputs, labels, device=self.device, batch_size=self.batch_size)
+        before_acc, after_acc = before.double().mean().item(), after.double().mean().item()
+        chance = 1.0 / max(int(labels.max()) + 1, 2)  # the classes the hold-out set shows
+        z = paired_z(after.double() - before.double())
+        if not (after_acc - chance < (before_acc - chance) / 2 and z < -self.min_z):
+            return None
+        return {"action": "collapse", "accuracy": after_acc, "previous_accuracy": before_acc, "z": z,
+                "reason": f"{label} scores {after_acc:.4f} on the hold-out set against {before_acc:.4f} for the "
+                          f"global model the clients trained from (z {z:.2f})"}
+
+    def _fallback(self, server_round: int, sent: nn.Module, action: dict[str, Any]) -> tuple[nn.Module, str]:
+        """Roll back to the previous round's baseline (a non-baseline model was broadcast), else keep ``sent``."""
+        last = self._last
+        assert last is not None
+        if last.baseline is not None:
+            model = _like(sent, last.baseline)
+            self._probation = server_round + 1
+            action.update(action="rollback", to=f"round {last.round} {last.baseline_label}")
+            action["reason"] += (f": round {last.round}'s {last.label} was not trainable; rolled back to that "
+                                 f"round's baseline {last.baseline_label}, kept next round too")
+            return model, f"{last.baseline_label} (round {last.round})"
+        action.update(action="keep")
+        action["reason"] += "; the global model is kept this round"
+        return sent, last.label
+
+
+def _like(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` holding ``state``."""
+    out = copy.deepcopy(model)
+    out.load_state_dict(state)
+    return out
