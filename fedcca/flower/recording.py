@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from fedcca.flower.protocol import record_bytes
 from fedcca.flower.records import RoundRecord, jsonable
 from fedcca.flower.streaming import ReplyTally, StreamingGrid
-from fedcca.flower.wrapper import StrategyWrapper
+from fedcca.flower.wrapper import StrategyWrapper, find_attribute
 from fedcca.plotting import atomic_write, figure, save
 
 HISTORY_FILE = "history.json"
@@ -142,16 +142,20 @@ class RecordRounds(StrategyWrapper):
             replies = sorted(replies, key=lambda reply: reply.metadata.src_node_id)
         tally = ReplyTally(replies)
         started = time.perf_counter()
-        arrays, metrics = self.strategy.aggregate_train(server_round, tally)
+        # A strategy that does not declare it reads a stream once gets a list (Flower's adaptive-clipping
+        # wrapper reads the replies twice).
+        given: Iterable[Message] = tally if getattr(self.strategy, "accepts_stream", False) else list(tally)
+        arrays, metrics = self.strategy.aggregate_train(server_round, given)
         ended = time.perf_counter()
         seconds = ended - started - tally.waited
-        own = getattr(self.strategy, "round_record", None)
+        own = find_attribute(self.strategy, "round_record")  # also inside Flower's DP wrappers
         record = own(server_round) if callable(own) else None
         if record is None:
             screened = getattr(self.strategy, "screened_out", None)  # a ScreenReplies inside
-            dropped = screened(server_round) if callable(screened) else {}
+            # the clients' own error replies (e.g. diverged training), then what a screen inside dropped
+            dropped = {**tally.error_reasons, **(screened(server_round) if callable(screened) else {})}
             record = RoundRecord(server_round, num_replies=tally.count, dropped=dropped,
-                                 num_valid=tally.count - tally.errors - len(dropped),
+                                 num_valid=tally.count - len(dropped),
                                  skipped=arrays is None, merge_seconds=seconds,
                                  bytes_received=dict(tally.bytes_received))
         record.aggregate_seconds = seconds

@@ -10,12 +10,16 @@ the global model ``g`` it was sent) is measured, and a reply is dropped when
   updates measured so far (replies are screened as they arrive; the first three wait for each
   other).
 
-A dropped reply reaches the wrapped strategy as an error reply whose reason says which bound
-it broke and by how much: FedAvg counts it among its failures and logs the reason, CCAMerge
-records it as dropped. Only floating-point entries are measured; a reply without a
-weights record (the wrapped strategy's ``arrayrecord_key``, or the reply's only ``ArrayRecord``)
-with the global model's keys and shapes is passed on unchanged, for the wrapped strategy's own
-validation to reject.
+Every reply is validated before anything is decoded (:func:`fedcca.flower.protocol.validate_reply`:
+declared shapes, dtypes and byte sizes of the global model's keys, finite values, exactly one
+``MetricRecord`` with a positive ``num-examples``, no foreign record), so a reply the screen
+cannot measure is dropped, never passed on unmeasured; one reply's failure, whatever it is,
+drops that reply alone. Dropped replies are taken out of the stream, so a wrapped strategy
+never sees them (Flower's differential-privacy wrappers skip a whole round when any reply is an
+error); :meth:`ScreenReplies.screened_out` lists them with their reasons, and a round record of
+the wrapped strategy (CCAMerge's, through any wrapper) gets the screen's reason. With a global
+model of norm 0 (e.g. zero-initialised) the ``|g|`` bound cannot scale and is not applied (logged):
+the median bound alone holds, with three replies or more.
 """
 
 from __future__ import annotations
@@ -23,20 +27,21 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from logging import INFO
+from logging import INFO, WARNING
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedcca.flower.protocol import NUM_EXAMPLES_KEY, WEIGHTS_KEY, InvalidReplyError, validate_reply
 from fedcca.flower.streaming import RunningMedian
-from fedcca.flower.wrapper import StrategyWrapper
+from fedcca.flower.wrapper import StrategyWrapper, find_attribute
 
 SCREEN_ERROR_CODE = 4000
-"""``Error.code`` of a reply the screen dropped."""
+"""``Error.code`` of a reply the screen dropped (:meth:`ScreenReplies.screen` yields them; the wrapped
+strategy never sees them)."""
 
 DEFAULT_MAX_UPDATE_NORM = 10.0
 """Default bound on ``|w_k - g| / |g|``: an honest round of local SGD moves the weights by a
@@ -69,37 +74,47 @@ class ScreenReplies(StrategyWrapper):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """The wrapped strategy's instructions; the global model sent is kept as the screen's center."""
-        self._global = (server_round, _floats(arrays.to_torch_state_dict()))
+        self._global = (server_round, {key: value.detach().cpu() for key, value in arrays.to_torch_state_dict().items()})
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The wrapped strategy's aggregation of the replies, outliers turned into error replies.
+        """The wrapped strategy's aggregation of the replies the screen kept.
 
         ``replies`` is read lazily (it may be :func:`~fedcca.flower.streaming.stream_replies`):
-        a reply is passed on as soon as it is decided, at most two wait for the median.
+        a reply is passed on as soon as it is decided, at most two wait for the median. Dropped
+        replies are not passed on; after the aggregation, the wrapped strategy's round record (if
+        it keeps one) lists them with the screen's reasons.
         """
         if self._global is None or self._global[0] != server_round:
             raise RuntimeError(f"ScreenReplies: aggregate_train of round {server_round} without its configure_train "
                                "(the screen measures updates from the global model that was sent)")
         dropped: dict[int, str] = {}
         self._dropped[server_round] = dropped
-        center = self._global[1]
+        template = self._global[1]
 
         def screened() -> Iterator[Message]:
-            for reply in self.screen(replies, center):
+            for reply in self.screen(replies, template):
                 if reply.has_error() and reply.error.code == SCREEN_ERROR_CODE:
                     dropped[reply.metadata.src_node_id] = reply.error.reason
+                    continue
                 yield reply
 
-        return self.strategy.aggregate_train(server_round, screened())
+        result = self.strategy.aggregate_train(server_round, screened())
+        own = find_attribute(self.strategy, "round_record")
+        record = own(server_round) if callable(own) else None
+        if record is not None:
+            for node_id, reason in dropped.items():
+                record.dropped[node_id] = reason  # not "no reply": the screen took it out
+        return result
 
     def screened_out(self, server_round: int) -> dict[int, str]:
         """Node id -> why the screen dropped its reply in ``server_round`` (empty when none was)."""
         return dict(self._dropped.get(server_round, {}))
 
-    def screen(self, replies: Iterable[Message], center: Mapping[str, torch.Tensor]) -> Iterator[Message]:
-        """``replies`` with every outlier replaced by an error reply naming the bound it broke, lazily.
+    def screen(self, replies: Iterable[Message], template: Mapping[str, torch.Tensor]) -> Iterator[Message]:
+        """``replies`` with every reply that breaks a bound or cannot be measured replaced by an error reply
+        (code :data:`SCREEN_ERROR_CODE`) naming why, lazily; a client's own error reply is passed on.
 
         The median bound is causal (:class:`~fedcca.flower.streaming.RunningMedian`): the first
         three measured replies wait and are judged against their median, every later one against
@@ -107,13 +122,29 @@ class ScreenReplies(StrategyWrapper):
 
         Args:
             replies: One round's replies (any iterable, read once).
-            center: The global model's floating-point entries.
+            template: The global model's state dict (keys, shapes, dtypes a reply must have; its
+                floating-point entries are the center).
         """
-        key = getattr(self.strategy, "arrayrecord_key", None)  # Flower strategies name their weights record
+        center = _floats(template)
+        key = getattr(self.strategy, "arrayrecord_key", None) or WEIGHTS_KEY
+        weighted_by = getattr(self.strategy, "weighted_by_key", None) or NUM_EXAMPLES_KEY
         scale = float(torch.linalg.vector_norm(_flat(center)))
+        if scale == 0 and self.max_update_norm is not None:
+            log(WARNING, "[fedcca] screen: the global model's norm is 0: the bound max_update_norm x |g| is not "
+                "applied this round (the median bound still is, with three replies or more)")
         medians: RunningMedian[tuple[Message, float | None]] = RunningMedian(warmup=3)
         for reply in replies:
-            norm = _update_norm(reply, center, key)
+            if reply.has_error():
+                yield reply
+                continue
+            try:
+                norm = _update_norm(reply, template, center, key, weighted_by)
+            except InvalidReplyError as err:
+                yield _dropped(reply, f"cannot be measured: {err}")
+                continue
+            except Exception as err:  # pylint: disable=broad-except  # one reply never ends the round
+                yield _dropped(reply, f"cannot be measured: {type(err).__name__}: {err}")
+                continue
             for (decided, measured), typical in medians.push((reply, norm), norm):
                 yield self._judged(decided, measured, scale, typical)
         for (decided, measured), _ in medians.flush():
@@ -130,17 +161,13 @@ class ScreenReplies(StrategyWrapper):
         if norm is None:
             return reply
         reason = None
-        if self.max_update_norm is not None and not norm <= self.max_update_norm * scale:
-            reason = (f"update norm {norm:.3g} is {norm / scale if scale else math.inf:.3g}x the global model's "
+        if self.max_update_norm is not None and scale > 0 and not norm <= self.max_update_norm * scale:
+            reason = (f"update norm {norm:.3g} is {norm / scale:.3g}x the global model's "
                       f"norm (screen bound max_update_norm={self.max_update_norm:g})")
         elif self.max_ratio is not None and typical is not None and not norm <= self.max_ratio * typical:
             reason = (f"update norm {norm:.3g} is {norm / typical if typical else math.inf:.3g}x the median update "
                       f"norm {typical:.3g} (screen bound max_ratio={self.max_ratio:g})")
-        if reason is None:
-            return reply
-        log(INFO, "[fedcca] screen: reply of node %d dropped: %s", reply.metadata.src_node_id, reason)
-        # the same sender and ids, an error instead of the content
-        return Message(error=Error(code=SCREEN_ERROR_CODE, reason=reason), metadata=copy.copy(reply.metadata))
+        return reply if reason is None else _dropped(reply, reason)
 
     def summary(self) -> None:
         """The wrapped strategy's summary and the screen's bounds."""
@@ -158,30 +185,24 @@ def _flat(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([value.reshape(-1) for value in state.values()]) if state else torch.zeros(0)
 
 
-def _update_norm(reply: Message, center: Mapping[str, torch.Tensor], key: str | None) -> float | None:
-    """``|w - g|`` over the global model's floating-point keys, or None when the reply cannot be measured.
+def _dropped(reply: Message, reason: str) -> Message:
+    """An error reply from the same sender, with the same ids, naming why the screen dropped ``reply``."""
+    log(INFO, "[fedcca] screen: reply of node %d dropped: %s", reply.metadata.src_node_id, reason)
+    return Message(error=Error(code=SCREEN_ERROR_CODE, reason=reason), metadata=copy.copy(reply.metadata))
 
-    The weights are the ``ArrayRecord`` named ``key`` (else the reply's only one).
+
+def _update_norm(reply: Message, template: Mapping[str, torch.Tensor], center: Mapping[str, torch.Tensor],
+                 key: str, weighted_by: str) -> float:
+    """``|w - g|`` over the global model's floating-point keys.
+
+    The reply is validated first as a strategy would (no array decoded before its declared
+    shape, dtype and size are checked); InvalidReplyError names what is wrong.
     """
-    if reply.has_error() or not reply.has_content():
-        return None
     records = reply.content.array_records
-    if key is not None and key in records:
-        record = records[key]
-    elif len(records) == 1:
-        record = next(iter(records.values()))
-    else:
-        return None
-    if not set(center) <= set(record):
-        return None
+    if key not in records and len(records) == 1:  # a FedAvg-style reply under another name
+        key = next(iter(records))
+    update = validate_reply(reply, template, None, weights_key=key, weighted_by_key=weighted_by)
     total = 0.0
-    for key, value in center.items():
-        array = record[key]
-        if tuple(array.shape) != tuple(value.shape):
-            return None
-        try:
-            theirs = torch.from_numpy(np.asarray(array.numpy(), dtype=np.float64))
-        except (TypeError, ValueError):
-            return None
-        total += float(torch.sum((theirs - value) ** 2))
+    for name, value in center.items():
+        total += float(torch.sum((update.state_dict[name].double() - value) ** 2))
     return math.sqrt(total) if math.isfinite(total) else math.inf

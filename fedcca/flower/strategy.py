@@ -192,6 +192,9 @@ class CCAMerge(FedAvg):
         self._guard = None if holdout is None or not guard else CollapseGuard(
             self._settings.holdout, min_z=search.min_z, device=self._settings.device, batch_size=batch_size)
 
+    accepts_stream = True
+    """``aggregate_train`` reads its replies once, lazily (wrappers may hand it a stream)."""
+
     @property
     def requests_client_statistics(self) -> bool:
         """Whether the strategy asks clients for statistics in rounds whose reference is the global model."""

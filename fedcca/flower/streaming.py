@@ -159,6 +159,7 @@ class ReplyTally:
         bytes_received: Node id -> payload bytes of its reply, in arrival order.
         count: Replies read so far (duplicates from one node included).
         errors: Replies that carried an error.
+        error_reasons: Node id -> ``"error reply (code C): reason"`` of each reply that carried an error.
         waited: Seconds spent waiting for the next reply (client training, for a stream).
         ended: When the replies ended, on ``time.perf_counter()``'s clock (None before): the last
             reply's arrival, later by what the end of the stream was waited for (a timeout for a
@@ -170,6 +171,7 @@ class ReplyTally:
         self.bytes_received: dict[int, int] = {}
         self.count = 0
         self.errors = 0
+        self.error_reasons: dict[int, str] = {}
         self.waited = 0.0
         self.ended: float | None = None
 
@@ -189,6 +191,9 @@ class ReplyTally:
             self.waited += last - asked
             self.bytes_received[reply.metadata.src_node_id] = record_bytes(reply)
             self.count += 1
-            self.errors += reply.has_error()
+            if reply.has_error():
+                self.errors += 1
+                self.error_reasons[reply.metadata.src_node_id] = \
+                    f"error reply (code {reply.error.code}): {reply.error.reason}"
             yield reply
 

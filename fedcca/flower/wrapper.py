@@ -9,6 +9,7 @@ wrappers. What the wrapped strategy offers beyond ``Strategy`` (e.g. CCAMerge's
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -52,3 +53,20 @@ class StrategyWrapper(Strategy):
     def summary(self) -> None:
         """The wrapped strategy's summary."""
         self.strategy.summary()
+
+
+def find_attribute(strategy: Strategy, name: str) -> Any:
+    """``name`` of the outermost strategy in the chain ``strategy``, ``strategy.strategy``, ... that has it
+    (fedcca's and Flower's wrappers all keep the wrapped strategy as ``.strategy``), or None.
+
+    Flower's differential-privacy wrappers do not forward unknown attributes: this finds CCAMerge's
+    ``round_record`` inside them.
+    """
+    seen: set[int] = set()
+    while strategy is not None and id(strategy) not in seen:
+        seen.add(id(strategy))
+        found = strategy.__dict__.get(name) if not hasattr(type(strategy), name) else getattr(strategy, name)
+        if found is not None:
+            return found
+        strategy = strategy.__dict__.get("strategy")
+    return None
