@@ -95,7 +95,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         log(INFO, "[fedcca] resuming after round %d from %s", len(history["rounds"]), outputs.path)
 
     title = f"{task.strategy}: {task.model} on {task.dataset} ({task.partitioning})"
-    strategy = RecordRounds(task.screen(build_strategy(task, model_fn, device)), title=title,
+    built = build_strategy(task, model_fn, device)
+    strategy = RecordRounds(built if isinstance(built, CCAMerge) else task.screen(built), title=title,
                             num_rounds=task.num_server_rounds)
     history["alignment"] = strategy.alignment()
     strategy.summary()
@@ -130,7 +131,7 @@ def build_strategy(task: TaskConfig, model_fn: Callable[[], nn.Module], device: 
             return FedProx(proximal_mu=task.proximal_mu, **common)
         return CCAMerge(model_fn, calibration_inputs(task), task.merge_search(), holdout=holdout_set(task),
                         reference=task.reference, stats=task.stats, device=device, average=task.average,
-                        distill=task.distill_config(), **common)
+                        distill=task.distill_config(), screen=task.update_screen(), **common)
     finally:
         FLOWER_LOGGER.removeFilter(quiet)
 

@@ -106,7 +106,8 @@ def _trained_replies(compute_stats: bool) -> list[Message]:
 
 
 def test_round_one_does_not_align_to_the_random_global_model() -> None:
-    """reference "auto": round 1 aligns to the largest client (server statistics), later rounds to the global model."""
+    """reference "auto": round 1 aligns to the medoid client without a hold-out set (server statistics; never
+    chosen by claimed example counts), later rounds to the global model."""
     strategy = CCAMerge(make_model, CALIBRATION, MergeConfig("cca", zero_dead=False), device="cpu",
                         min_train_nodes=2)
     assert strategy.reference == "auto"
@@ -118,8 +119,11 @@ def test_round_one_does_not_align_to_the_random_global_model() -> None:
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
     record = strategy.rounds[-1]
-    sizes = {msg.metadata.src_node_id: msg.content["metrics"]["num-examples"] for msg in replies}
-    assert record.reference == max(sizes, key=lambda node: (sizes[node], -node)) and record.client_statistics == 0
+    weights = {msg.metadata.src_node_id: torch.cat([v.double().reshape(-1) for v in
+                                                     msg.content["arrays"].to_torch_state_dict().values()
+                                                     if v.is_floating_point()]) for msg in replies}
+    total = {node: sum(float((w - other).norm()) for other in weights.values()) for node, w in weights.items()}
+    assert record.reference == min(total, key=total.get) and record.client_statistics == 0
     second = list(strategy.configure_train(2, arrays, ConfigRecord(), grid))
     assert all(msg.content["config"][COMPUTE_STATS_FLAG] for msg in second)
     strategy.aggregate_train(2, list(grid.send_and_receive(second)))

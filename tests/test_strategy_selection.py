@@ -109,7 +109,8 @@ def test_statistics_read_only_the_calibration_set_and_the_choice_only_the_held_o
     _, arrays = _round(strategy)
     assert arrays is not None
     assert seen["statistics"] and all(torch.equal(batch, CALIBRATION) for batch in seen["statistics"])
-    assert len(seen["choice"]) == len(FEDERATED_SEARCH.candidates())
+    # round 1 ("auto"): the reference is the reply most accurate on the hold-out set (one read per reply)
+    assert len(seen["choice"]) == len(FEDERATED_SEARCH.candidates()) + len(NODES)
     assert all(inputs is HOLDOUT[0] for inputs in seen["choice"])
     assert len(strategy.rounds[-1].candidates) == len(FEDERATED_SEARCH.candidates())
 

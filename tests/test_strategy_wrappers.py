@@ -123,3 +123,31 @@ def test_the_recorder_reports_what_ccamerge_inside_a_dp_wrapper_dropped() -> Non
     _round(strategy, _weights(nan))
     record = strategy.rounds[-1]
     assert record.num_valid == 3 and list(record.dropped) == [BAD_NODE] and "non-finite" in record.dropped[BAD_NODE]
+
+
+def test_the_one_line_ccamerge_screens_by_default() -> None:
+    """CCAMerge(model_fn, calibration) as the README builds it drops a x1e3 update by itself (main merged it)."""
+    from fedcca.flower.strategy import CCAMerge
+    from tests.tiny_clients import CALIBRATION
+
+    strategy = CCAMerge(make_model, CALIBRATION, min_available_nodes=4, device="cpu")
+    grid = InProcessGrid({**{n: stats_app for n in GOOD_NODES}, BAD_NODE: _scaled_app(1e3)})
+    for server_round in (1, 2):
+        replies = list(grid.send_and_receive(strategy.configure_train(server_round, GLOBAL, ConfigRecord(), grid)))
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        record = strategy.rounds[-1]
+        assert arrays is not None and record.num_valid == 3, record.dropped
+        assert "screen bound max_update_norm=10" in record.dropped[BAD_NODE]
+
+
+def test_claimed_examples_do_not_choose_the_round_1_reference() -> None:
+    """reference="auto" in round 1: a client claiming 10^12 examples was the reference on main."""
+    from fedcca.flower.strategy import CCAMerge
+    from tests.tiny_clients import CALIBRATION, HELD_OUT, claiming_app, teacher_labels
+
+    for holdout in (None, (HELD_OUT, teacher_labels(HELD_OUT))):
+        strategy = CCAMerge(make_model, CALIBRATION, "cca", holdout=holdout, min_available_nodes=4, device="cpu")
+        grid = InProcessGrid({**{n: stats_app for n in GOOD_NODES}, BAD_NODE: claiming_app(1e12)})
+        replies = list(grid.send_and_receive(strategy.configure_train(1, GLOBAL, ConfigRecord(), grid)))
+        strategy.aggregate_train(1, replies)
+        assert strategy.rounds[-1].reference != BAD_NODE and BAD_NODE in strategy.rounds[-1].capped

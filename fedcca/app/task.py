@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedcca.data import SCHEMES
 from fedcca.flower.aggregation import REFERENCES, STATISTICS_SOURCES
-from fedcca.flower.screen import ScreenReplies
+from fedcca.flower.screen import ScreenReplies, UpdateScreen
 from fedcca.merging.config import MergeConfig, MergeSearch, parse_values
 from fedcca.merging.distillation import TEACHERS, DistillConfig
 from fedcca.merging.merger import AVERAGES
@@ -84,8 +84,8 @@ class TaskConfig:
             candidates (0: no choice possible).
         max_test_examples: Evaluate the global model on the first this-many test examples
             (0: the whole test split).
-        reference: CCAMerge reference: "auto" (the largest client in round 1, the global
-            model after), "global", "largest" or "first".
+        reference: CCAMerge reference: "auto" (the best client on the hold-out set in round 1, the global
+            model after), "global", "best", "largest" or "first" (:data:`fedcca.flower.aggregation.REFERENCES`).
         stats: Where alignment statistics are computed: "client" or "server".
         ridge: CCA ridge, read in ``ridge_mode``.
         ridge_mode: How the CCA ridge regularises: "trace", "relative" or "absolute".
@@ -279,9 +279,16 @@ class TaskConfig:
             raise RunConfigError("run config 'distill' (or strategy 'feddf') early-stops on the held-out set: "
                                  "set 'holdout-size' > 0")
 
-    def screen(self, strategy: Strategy) -> ScreenReplies:
-        """``strategy`` wrapped in the reply screen these keys describe (0: that bound off)."""
-        return ScreenReplies(strategy, max_update_norm=self.max_update_norm or None, max_ratio=self.max_norm_ratio or None)
+    def update_screen(self) -> UpdateScreen | None:
+        """The reply screen's bounds these keys describe (0: that bound off; None: both off)."""
+        bounds = (self.max_update_norm or None, self.max_norm_ratio or None)
+        return None if bounds == (None, None) else UpdateScreen(*bounds)
+
+    def screen(self, strategy: Strategy) -> Strategy:
+        """A Flower strategy wrapped in :meth:`update_screen` (CCAMerge screens its replies itself)."""
+        bounds = self.update_screen()
+        return strategy if bounds is None else ScreenReplies(strategy, max_update_norm=bounds.max_update_norm,
+                                                             max_ratio=bounds.max_ratio)
 
 
 

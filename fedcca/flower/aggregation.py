@@ -31,6 +31,7 @@ from fedcca.flower.streaming import RunningMedian
 from fedcca.merging.config import MergeSearch
 from fedcca.merging.distillation import DistillConfig, TeacherSum, client_logits
 from fedcca.merging.merger import Merger, MergeResult
+from fedcca.merging.selection import score
 from fedcca.merging.repair import preactivation_spec
 from fedcca.spec.alignment import AlignmentSpec
 from fedcca.statistics import Moments, PairStatistics, StatisticsError, assemble, collect_moments, collect_statistics
@@ -49,9 +50,11 @@ _PRE = "pre-activation:"  # names the pre-activation points beside the alignment
 _REPLY_DATA_ERRORS = (ValueError, ArithmeticError, RuntimeError, MemoryError)
 
 
-REFERENCES: tuple[str, ...] = ("auto", "global", "largest", "first")
-"""Reference policies: "auto" (the largest client in round 1, the global model after; see
-:meth:`AggregationSettings.reference_in`), "global", "largest", "first"."""
+REFERENCES: tuple[str, ...] = ("auto", "global", "best", "largest", "first")
+"""Reference policies: "auto" ("best" in round 1, the global model after; see
+:meth:`AggregationSettings.reference_in`), "global", "best" (the reply most accurate on the hold-out
+set; without one, the medoid: the reply whose weights are nearest the others'), "largest" (the
+most ``num-examples``, capped: a claim a client makes), "first"."""
 STATISTICS_SOURCES: tuple[str, ...] = ("client", "server")
 """Where alignment statistics are computed."""
 
@@ -71,7 +74,7 @@ class AggregationSettings:
         search: The merge configuration(s).
         calibration: Calibration batches.
         holdout: Labelled held-out data to choose among candidates, or None.
-        reference: "auto", "global", "largest" or "first" (see :meth:`reference_in`).
+        reference: One of :data:`REFERENCES` (see :meth:`reference_in`).
         client_statistics: Clients compute statistics (``stats="client"``) when the reference
             is the global model (see :meth:`client_statistics_in`).
         device: Where statistics and merges run.
@@ -112,7 +115,7 @@ class AggregationSettings:
     preactivation_sizes: Mapping[str, int] = field(default_factory=dict)
 
     def reference_in(self, server_round: int) -> str:
-        """The reference policy of ``server_round``: "auto" is "largest" in round 1, "global" after.
+        """The reference policy of ``server_round``: "auto" is "best" in round 1, "global" after.
 
         In round 1 the global model is the initial model — untrained in one-shot federated
         learning and whenever training starts from scratch — and aligning to its random
@@ -120,7 +123,7 @@ class AggregationSettings:
         previous merge, which every client started from.
         """
         if self.reference == "auto":
-            return "largest" if server_round <= 1 else "global"
+            return "best" if server_round <= 1 else "global"
         return self.reference
 
     def client_statistics_in(self, server_round: int) -> bool:
@@ -285,16 +288,37 @@ class RoundAggregation:
             yield update
 
     def _reference_first(self, updates: list[ClientUpdate]) -> list[ClientUpdate]:
-        """The valid updates with the reference reply first ("largest" or "first" reference)."""
+        """The valid updates with the reference reply first ("best", "largest" or "first" reference).
+
+        "best" never reads the claimed ``num-examples``: a client cannot make itself the reference by
+        claiming more examples.
+        """
         while updates:
-            index = max(range(len(updates)), key=lambda i: min(updates[i].num_examples, self._weight_cap)) \
-                if self.reference == "largest" else 0
+            if self.reference == "largest":
+                index = max(range(len(updates)), key=lambda i: min(updates[i].num_examples, self._weight_cap))
+            elif self.reference == "best":
+                index = self._best(updates)
+            else:
+                index = 0
             updates.insert(0, updates.pop(index))
             failure = self._reference_failure(updates[0])
             if failure is None:
                 break
             self._drop(updates.pop(0).node_id, f"server-side statistics failed: {failure}")
         return updates
+
+    def _best(self, updates: list[ClientUpdate]) -> int:
+        """Index of the reply most accurate on the hold-out set (ties: the lower node id); without a hold-out
+        set, the medoid of the replies' floating-point weights."""
+        settings = self.settings
+        if settings.holdout is not None:
+            accuracy = [score(self._model_from(update.state_dict), *settings.holdout, device=settings.device)[1]
+                        for update in updates]
+            return max(range(len(updates)), key=lambda i: (accuracy[i], -updates[i].node_id))
+        flat = torch.stack([torch.cat([v.double().reshape(-1) for v in u.state_dict.values() if v.is_floating_point()])
+                            for u in updates])
+        distances = torch.cdist(flat, flat).sum(dim=1)
+        return int(torch.argmin(distances))
 
     def _reference_failure(self, update: ClientUpdate) -> StatisticsError | None:
         """Why a reply cannot be the reference (non-finite features on the calibration data), or None."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from collections.abc import Iterable, Iterator, Mapping
 from logging import INFO, WARNING
 
@@ -51,68 +52,28 @@ DEFAULT_MAX_RATIO = 10.0
 """Default bound on ``|d_k|`` in median update norms (three replies or more)."""
 
 
-class ScreenReplies(StrategyWrapper):
-    """Wrap ``strategy`` so that replies with outlying updates are dropped before it aggregates.
+@dataclass(frozen=True)
+class UpdateScreen:
+    """The bounds on a reply's update ``|w_k - g|`` (see the module docstring), for any strategy's replies.
+
+    Used by :class:`ScreenReplies` around any Flower strategy and by
+    :class:`~fedcca.flower.strategy.CCAMerge` itself.
 
     Args:
-        strategy: The wrapped strategy.
         max_update_norm: Largest ``|w_k - g| / |g|`` (None: no such bound).
         max_ratio: Largest ``|w_k - g| / median_j |w_j - g|`` with three replies or more (None: off).
     """
 
-    def __init__(self, strategy: Strategy, *, max_update_norm: float | None = DEFAULT_MAX_UPDATE_NORM,
-                 max_ratio: float | None = DEFAULT_MAX_RATIO) -> None:
-        for name, value in (("max_update_norm", max_update_norm), ("max_ratio", max_ratio)):
+    max_update_norm: float | None = DEFAULT_MAX_UPDATE_NORM
+    max_ratio: float | None = DEFAULT_MAX_RATIO
+
+    def __post_init__(self) -> None:
+        for name, value in (("max_update_norm", self.max_update_norm), ("max_ratio", self.max_ratio)):
             if value is not None and not value > 0:
-                raise ValueError(f"ScreenReplies: {name} must be positive (None: off), got {value!r}")
-        super().__init__(strategy)
-        self.max_update_norm = max_update_norm
-        self.max_ratio = max_ratio
-        self._global: tuple[int, dict[str, torch.Tensor]] | None = None
-        self._dropped: dict[int, dict[int, str]] = {}  # round -> node id -> reason
+                raise ValueError(f"{name} must be positive (None: off), got {value!r}")
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        """The wrapped strategy's instructions; the global model sent is kept as the screen's center."""
-        self._global = (server_round, {key: value.detach().cpu() for key, value in arrays.to_torch_state_dict().items()})
-        return self.strategy.configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The wrapped strategy's aggregation of the replies the screen kept.
-
-        ``replies`` is read lazily (it may be :func:`~fedcca.flower.streaming.stream_replies`):
-        a reply is passed on as soon as it is decided, at most two wait for the median. Dropped
-        replies are not passed on; after the aggregation, the wrapped strategy's round record (if
-        it keeps one) lists them with the screen's reasons.
-        """
-        if self._global is None or self._global[0] != server_round:
-            raise RuntimeError(f"ScreenReplies: aggregate_train of round {server_round} without its configure_train "
-                               "(the screen measures updates from the global model that was sent)")
-        dropped: dict[int, str] = {}
-        self._dropped[server_round] = dropped
-        template = self._global[1]
-
-        def screened() -> Iterator[Message]:
-            for reply in self.screen(replies, template):
-                if reply.has_error() and reply.error.code == SCREEN_ERROR_CODE:
-                    dropped[reply.metadata.src_node_id] = reply.error.reason
-                    continue
-                yield reply
-
-        result = self.strategy.aggregate_train(server_round, screened())
-        own = find_attribute(self.strategy, "round_record")
-        record = own(server_round) if callable(own) else None
-        if record is not None:
-            for node_id, reason in dropped.items():
-                record.dropped[node_id] = reason  # not "no reply": the screen took it out
-        return result
-
-    def screened_out(self, server_round: int) -> dict[int, str]:
-        """Node id -> why the screen dropped its reply in ``server_round`` (empty when none was)."""
-        return dict(self._dropped.get(server_round, {}))
-
-    def screen(self, replies: Iterable[Message], template: Mapping[str, torch.Tensor]) -> Iterator[Message]:
+    def screen(self, replies: Iterable[Message], template: Mapping[str, torch.Tensor], key: str = WEIGHTS_KEY,
+               weighted_by: str = NUM_EXAMPLES_KEY) -> Iterator[Message]:
         """``replies`` with every reply that breaks a bound or cannot be measured replaced by an error reply
         (code :data:`SCREEN_ERROR_CODE`) naming why, lazily; a client's own error reply is passed on.
 
@@ -124,10 +85,10 @@ class ScreenReplies(StrategyWrapper):
             replies: One round's replies (any iterable, read once).
             template: The global model's state dict (keys, shapes, dtypes a reply must have; its
                 floating-point entries are the center).
+            key: Record name of the weights (else a reply's only ``ArrayRecord``).
+            weighted_by: Metric holding the number of examples.
         """
         center = _floats(template)
-        key = getattr(self.strategy, "arrayrecord_key", None) or WEIGHTS_KEY
-        weighted_by = getattr(self.strategy, "weighted_by_key", None) or NUM_EXAMPLES_KEY
         scale = float(torch.linalg.vector_norm(_flat(center)))
         if scale == 0 and self.max_update_norm is not None:
             log(WARNING, "[fedcca] screen: the global model's norm is 0: the bound max_update_norm x |g| is not "
@@ -169,12 +130,78 @@ class ScreenReplies(StrategyWrapper):
                       f"norm {typical:.3g} (screen bound max_ratio={self.max_ratio:g})")
         return reply if reason is None else _dropped(reply, reason)
 
+    def describe(self) -> str:
+        """The bounds, for a summary line."""
+        return (f"|w - g| <= {'inf' if self.max_update_norm is None else f'{self.max_update_norm:g}'} x |g|, "
+                f"<= {'inf' if self.max_ratio is None else f'{self.max_ratio:g}'} x median (3+ replies)")
+
+
+class ScreenReplies(StrategyWrapper):
+    """Wrap ``strategy`` so that replies with outlying updates are dropped before it aggregates.
+
+    Args:
+        strategy: The wrapped strategy.
+        max_update_norm: Largest ``|w_k - g| / |g|`` (None: no such bound).
+        max_ratio: Largest ``|w_k - g| / median_j |w_j - g|`` with three replies or more (None: off).
+    """
+
+    def __init__(self, strategy: Strategy, *, max_update_norm: float | None = DEFAULT_MAX_UPDATE_NORM,
+                 max_ratio: float | None = DEFAULT_MAX_RATIO) -> None:
+        try:
+            self.bounds = UpdateScreen(max_update_norm, max_ratio)
+        except ValueError as err:
+            raise ValueError(f"ScreenReplies: {err}") from None
+        super().__init__(strategy)
+        self._global: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._dropped: dict[int, dict[int, str]] = {}  # round -> node id -> reason
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """The wrapped strategy's instructions; the global model sent is kept as the screen's center."""
+        self._global = (server_round, {key: value.detach().cpu() for key, value in arrays.to_torch_state_dict().items()})
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The wrapped strategy's aggregation of the replies the screen kept.
+
+        ``replies`` is read lazily (it may be :func:`~fedcca.flower.streaming.stream_replies`):
+        a reply is passed on as soon as it is decided, at most two wait for the median. Dropped
+        replies are not passed on; after the aggregation, the wrapped strategy's round record (if
+        it keeps one) lists them with the screen's reasons.
+        """
+        if self._global is None or self._global[0] != server_round:
+            raise RuntimeError(f"ScreenReplies: aggregate_train of round {server_round} without its configure_train "
+                               "(the screen measures updates from the global model that was sent)")
+        dropped: dict[int, str] = {}
+        self._dropped[server_round] = dropped
+        template = self._global[1]
+
+        def screened() -> Iterator[Message]:
+            key = getattr(self.strategy, "arrayrecord_key", None) or WEIGHTS_KEY
+            weighted_by = getattr(self.strategy, "weighted_by_key", None) or NUM_EXAMPLES_KEY
+            for reply in self.bounds.screen(replies, template, key, weighted_by):
+                if reply.has_error() and reply.error.code == SCREEN_ERROR_CODE:
+                    dropped[reply.metadata.src_node_id] = reply.error.reason
+                    continue
+                yield reply
+
+        result = self.strategy.aggregate_train(server_round, screened())
+        own = find_attribute(self.strategy, "round_record")
+        record = own(server_round) if callable(own) else None
+        if record is not None:
+            for node_id, reason in dropped.items():
+                record.dropped[node_id] = reason  # not "no reply": the screen took it out
+        return result
+
+    def screened_out(self, server_round: int) -> dict[int, str]:
+        """Node id -> why the screen dropped its reply in ``server_round`` (empty when none was)."""
+        return dict(self._dropped.get(server_round, {}))
+
     def summary(self) -> None:
         """The wrapped strategy's summary and the screen's bounds."""
         self.strategy.summary()
-        log(INFO, "\t├──> Reply screen: |w - g| <= %s x |g|, <= %s x median (3+ replies)",
-            "inf" if self.max_update_norm is None else f"{self.max_update_norm:g}",
-            "inf" if self.max_ratio is None else f"{self.max_ratio:g}")
+        log(INFO, "\t├──> Reply screen: %s", self.bounds.describe())
 
 
 def _floats(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -198,9 +225,6 @@ def _update_norm(reply: Message, template: Mapping[str, torch.Tensor], center: M
     The reply is validated first as a strategy would (no array decoded before its declared
     shape, dtype and size are checked); InvalidReplyError names what is wrong.
     """
-    records = reply.content.array_records
-    if key not in records and len(records) == 1:  # a FedAvg-style reply under another name
-        key = next(iter(records))
     update = validate_reply(reply, template, None, weights_key=key, weighted_by_key=weighted_by)
     total = 0.0
     for name, value in center.items():

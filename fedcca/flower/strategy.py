@@ -22,6 +22,7 @@ from fedcca.flower.guard import CollapseGuard
 from fedcca.flower.metrics import average_metrics
 from fedcca.flower.protocol import COMPUTE_STATS_FLAG, PREACTIVATION_FLAG, InvalidReplyError, validate_evaluate_reply
 from fedcca.flower.records import RoundRecord
+from fedcca.flower.screen import UpdateScreen
 from fedcca.flower.streaming import ReplyTally, StreamingGrid
 from fedcca.merging.config import MergeConfig, MergeSearch, merge_keywords, resolve_search
 from fedcca.merging.distillation import DistillConfig, TeacherSum, distill
@@ -70,8 +71,9 @@ class CCAMerge(FedAvg):
     chooses each round among candidate merges (by default :data:`FEDERATED_SEARCH`, whose
     baseline is plain FedAvg). Replies are merged one at a time into running sums, so the
     server holds the reference, one sum per candidate and one client model (reference
-    "global"). Outlying updates are screened by wrapping the strategy in
-    :class:`~fedcca.flower.screen.ScreenReplies` (as any Flower strategy). Invalid replies are dropped (one log line each, naming node
+    "global"). Outlying updates are screened by default (``screen``), each merge weight is capped
+    at ``max_weight_ratio`` median claims, and with a hold-out set a collapsing round is rolled
+    back (``guard``). Invalid replies are dropped (one log line each, naming node
     and reason); a round with fewer than ``min_train_nodes`` valid replies keeps the previous
     global model. Each round's :class:`~fedcca.flower.records.RoundRecord` is appended to ``rounds``.
 
@@ -89,10 +91,11 @@ class CCAMerge(FedAvg):
         holdout: Labelled public data, disjoint from ``calibration``: ``(inputs, labels)``
             tensors, or a ``DataLoader`` / ``Dataset`` of ``(x, y)``; read only to choose among
             a search's candidates and to early-stop distillation.
-        reference: "auto" ("largest" in round 1, whose global model is the initial one,
-            "global" after), "global" (the round's global model, an alignment target only, not
-            averaged), "largest" (the reply with most ``num-examples``) or "first" (the
-            first valid reply).
+        reference: "auto" ("best" in round 1, whose global model is the initial one, "global" after),
+            "global" (the round's global model, an alignment target only, not averaged), "best" (the
+            reply most accurate on ``holdout``; without it, the medoid of the replies' weights),
+            "largest" (the reply with most ``num-examples``, a claim the client makes) or "first"
+            (the first valid reply). See :data:`fedcca.flower.aggregation.REFERENCES`.
         stats: "client" (use statistics sent in replies when they match the reference,
             compute the missing ones on the server) or "server" (always on the server).
         device: Where statistics and merging run (None: CUDA if available, else CPU).
@@ -113,6 +116,10 @@ class CCAMerge(FedAvg):
             images, early-stopped on ``holdout`` (:mod:`fedcca.merging.distillation`); None: off.
             ``CCAMerge(model_fn, calibration, "direct", holdout=..., distill=DistillConfig(teachers=("logits",)))``
             is FedDF (Lin et al., 2020).
+        screen: Bounds on each reply's update ``|w - g|`` against the round's global model and the
+            round's median update (:class:`~fedcca.flower.screen.UpdateScreen`; default 10x each); a reply
+            that breaks one, or that cannot be measured, is dropped with that reason. None: off (the
+            screen needs the round's ``configure_train``: ``aggregate_train`` alone is not screened).
         guard: With ``holdout``: a round whose chosen merge collapses against the global model the clients
             trained from rolls back to the previous round's baseline (FedAvg's average) or keeps the global
             model (:class:`~fedcca.flower.guard.CollapseGuard`); logged and recorded as ``guard``.
@@ -139,6 +146,7 @@ class CCAMerge(FedAvg):
         max_norm_growth: float | None = 1e4,
         average: str = "mean",
         guard: bool = True,
+        screen: UpdateScreen | None = UpdateScreen(),
         **kwargs: Any,
     ) -> None:
         if isinstance(model_fn, nn.Module):
@@ -189,6 +197,7 @@ class CCAMerge(FedAvg):
             preactivation_sizes={} if self.spec is None else
             {point.name: point.size for point in preactivation_spec(self.spec, model)[0].points})
         self._sent: _Round | None = None
+        self._screen = screen
         self._guard = None if holdout is None or not guard else CollapseGuard(
             self._settings.holdout, min_z=search.min_z, device=self._settings.device, batch_size=batch_size)
 
@@ -269,13 +278,17 @@ class CCAMerge(FedAvg):
         record = RoundRecord(server_round)
         tally = ReplyTally(replies)
         sent = self._sent if self._sent is not None and self._sent.server_round == server_round else None
+        screened: Iterable[Message] = tally
+        if self._screen is not None and sent is not None:  # a dropped reply arrives as an error reply (code 4000)
+            screened = self._screen.screen(tally, sent.arrays.to_torch_state_dict(), self.arrayrecord_key,
+                                           self.weighted_by_key)
         if sent is not None:
             record.num_sent = len(sent.node_ids)
         self.rounds.append(record)
         started = time.perf_counter()
         aggregation = RoundAggregation(self._settings, record, sent and sent.arrays, sent and sent.node_ids)
         try:
-            result = aggregation.run(tally)
+            result = aggregation.run(screened)
         except SkipRound as skip:
             log(WARNING, "aggregate_train: round %s skipped, global model unchanged: %s", server_round, skip)
             record.skipped, record.skip_reason = True, str(skip)
