@@ -226,3 +226,15 @@ def test_average_of_list_metrics_and_mismatched_lists() -> None:
                for n, acc in ((1, [1.0, 0.0]), (3, [0.0, 1.0]), (4, [1.0]))]
     averaged = average_metrics(records, "num-examples")
     assert np.allclose(averaged["acc"], [0.25, 0.75])
+
+
+@pytest.mark.parametrize("value", [float("nan"), 1e308, -float("inf")])
+def test_a_non_finite_or_huge_client_metric_is_left_out(value: float) -> None:
+    """One client's NaN or 1e308 train-loss reached the averaged metrics on main."""
+    from flwr.app import MetricRecord, RecordDict
+
+    from fedcca.flower.metrics import average_metrics
+
+    records = [RecordDict({"metrics": MetricRecord({"num-examples": 10, "train-loss": loss})})
+               for loss in (1.0, 3.0, value)]
+    assert average_metrics(records, "num-examples")["train-loss"] == pytest.approx(2.0)

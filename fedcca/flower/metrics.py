@@ -9,13 +9,18 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.common.logger import log
 
 
+MAX_METRIC = 1e12
+"""Largest metric magnitude averaged (a loss or a time is far below it)."""
+
+
 def average_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     """Weighted average of every metric over the replies that report it.
 
     Equal to FedAvg's ``aggregate_metricrecords`` when all replies carry the same keys;
     unlike it, replies of different ClientApps (the fedcca one and a FedAvg-style one)
     may report different metrics. A list metric whose length differs from the first
-    reply's is left out of the average for that reply (logged).
+    reply's, or a value that is not finite or beyond 1e12 in size (one client's NaN or 1e308
+    ``train-loss`` would own the mean), is left out of the average for that reply (logged).
 
     Args:
         records: Reply contents, each with one ``MetricRecord`` holding ``weighted_by_key``.
@@ -32,6 +37,10 @@ def average_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRe
             if key == weighted_by_key:
                 continue
             value_array = np.asarray(value, dtype=np.float64)
+            if not (np.isfinite(value_array).all() and (np.abs(value_array) <= MAX_METRIC).all()):
+                log(WARNING, "Metric '%s' = %s is not finite or beyond %g: not averaged for this reply", key,
+                    value, MAX_METRIC)
+                continue
             if key in sums and sums[key].shape != value_array.shape:
                 log(WARNING, "Metric '%s' has shape %s, others %s: not averaged for this reply",
                     key, value_array.shape, sums[key].shape)
