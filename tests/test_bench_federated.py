@@ -100,6 +100,6 @@ def test_strategy_spec_parsing() -> None:
         StrategySpec.parse("cca+guard")
     assert StrategySpec.parse("cca:first:server").run_config() == {
         "strategy": "cca", "reference": "first", "stats": "server"}
-    for bad in ("avg", "cca:best", "cca:global:gpu", "cca:global:client:x"):
+    for bad in ("avg", "cca:biggest", "cca:global:gpu", "cca:global:client:x"):
         with pytest.raises(ValueError, match="strategy"):
             StrategySpec.parse(bad)
