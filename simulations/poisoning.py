@@ -4,18 +4,23 @@ K clients (the product's ClientApp over an in-process grid, Fashion-MNIST Dirich
 one of them (the highest node id) an attacker that trains honestly and then changes its reply:
 
 * ``scale``: weights x 10^6;
+* ``bound95``: the update ``w - g`` stretched to 0.95x the screen's bound (10 |g|);
+* ``sign-flip``: the update negated (``g - (w - g)``), and ``sign-flip-claim`` also claiming 10^12 examples;
+* ``random``: random weights with the honest model's norm;
 * ``examples``: ``num-examples`` = 10^12;
 * ``statistics``: honest weights, forged alignment statistics (means 0, cross moments x 1e-30;
-  and, ``statistics-scale``, second and cross moments x 1e-12, which makes CCA scale the weights).
+  ``statistics-scale``: second and cross moments x 1e-12, which makes CCA scale the weights;
+  ``statistics-negated``: cross moments negated, which keeps the norm and scrambles the features).
 
-Every strategy runs the same rounds from the same initial model: Flower's FedAvg, Krum
-(``num_malicious_nodes=1``) and FedTrimmedAvg (``beta=0.25``), CCAMerge as the ServerApp builds
-it (defaults: the reply screen, the weight cap, the aligned-norm bound) and CCAMerge with all
-three bounds off (``cca-unbounded``: what main did before). Reported after the last round: test
-accuracy and the largest absolute weight of the global model, beside the same strategy's honest
-run. Results are written after every run; a rerun skips those already in the JSON::
+Every strategy runs the same rounds from the same initial model: Flower's FedAvg, FedMedian,
+Krum (``num_malicious_nodes=1``) and FedTrimmedAvg (``beta=0.25``); ``cca-bare``: ``CCAMerge(model_fn,
+calibration, holdout=...)`` as the README's one line builds it; ``cca``: as the ServerApp builds it;
+``cca-median``: with ``average="median"``; ``cca-unbounded``: screen, weight cap and aligned-norm bound
+off. ``--set holdout-size=0`` runs the configuration without a hold-out set. Reported after the last
+round: test accuracy and the largest absolute weight of the global model (mean over seeds).
+Results are written after every run; a rerun skips those already in the JSON::
 
-    python -m simulations.poisoning --clients 3,10 --rounds 3 --out results/poisoning/poisoning.json
+    python -m simulations.poisoning --clients 5,3 --seeds 0,1,2 --rounds 3 --out results/poisoning/poisoning.json
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg, FedTrimmedAvg, Krum, Strategy
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, Strategy
 
 from fedcca.app.federation import (
     calibration_inputs,
@@ -66,8 +71,10 @@ from simulations.harness import (
 
 logger = logging.getLogger("simulations.poisoning")
 
-ATTACKS = ("none", "scale", "examples", "statistics", "statistics-scale")
-STRATEGIES = ("fedavg", "krum", "trimmedavg", "cca", "cca-unbounded")
+ATTACKS = ("none", "scale", "bound95", "sign-flip", "sign-flip-claim", "random", "examples", "statistics",
+           "statistics-scale", "statistics-negated")
+STRATEGIES = ("fedavg", "fedmedian", "krum", "trimmedavg", "cca-bare", "cca", "cca-median", "cca-unbounded")
+BOUND = 10.0  # the screen's default max_update_norm
 
 
 def _scale_arrays(record: RecordDict, suffixes: dict[str, float]) -> None:
@@ -78,24 +85,53 @@ def _scale_arrays(record: RecordDict, suffixes: dict[str, float]) -> None:
                 record[key] = Array((array * factor).astype(array.dtype))
 
 
-def attack(name: str) -> Callable[[RecordDict], None]:
-    """The change an attacker makes to its honest reply's content."""
-    def scale(content: RecordDict) -> None:
-        state = content[WEIGHTS_KEY].to_torch_state_dict()
-        content[WEIGHTS_KEY] = ArrayRecord({k: v * 1e6 if v.is_floating_point() else v for k, v in state.items()})
+def attack(name: str) -> Callable[[RecordDict, dict[str, torch.Tensor]], None]:
+    """The change an attacker makes to its honest reply's content, given the global model it received."""
+    def updated(change: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]) -> Callable:
+        def apply(content: RecordDict, received: dict[str, torch.Tensor]) -> None:
+            state = content[WEIGHTS_KEY].to_torch_state_dict()
+            floats = [k for k, v in state.items() if v.is_floating_point()]
+            update = torch.cat([(state[k] - received[k]).reshape(-1).double() for k in floats])
+            g = float(torch.cat([received[k].reshape(-1).double() for k in floats]).norm())
+            w = float(torch.cat([state[k].reshape(-1).double() for k in floats]).norm())
+            factor = {"update": float(update.norm()), "global": g, "weights": w}
+            content[WEIGHTS_KEY] = ArrayRecord({k: change(v, received[k], factor) if k in floats else v
+                                                for k, v in state.items()})
+        return apply
 
-    def examples(content: RecordDict) -> None:
+    def claim(content: RecordDict, received: dict[str, torch.Tensor]) -> None:
         content[METRICS_KEY] = MetricRecord({**dict(content[METRICS_KEY]), NUM_EXAMPLES_KEY: 1e12})
 
-    def statistics(factors: dict[str, float]) -> Callable[[RecordDict], None]:
-        def forge(content: RecordDict) -> None:
+    def statistics(factors: dict[str, float]) -> Callable:
+        def forge(content: RecordDict, received: dict[str, torch.Tensor]) -> None:
             if STATISTICS_KEY in content:
                 _scale_arrays(content[STATISTICS_KEY], factors)
         return forge
 
-    return {"none": lambda content: None, "scale": scale, "examples": examples,
-            "statistics": statistics({"/mean": 0.0, "/cross": 1e-30}),
-            "statistics-scale": statistics({"/mean": 0.0, "/comoment": 1e-12, "/cross": 1e-12})}[name]
+    def random_weights(content: RecordDict, received: dict[str, torch.Tensor]) -> None:
+        state = content[WEIGHTS_KEY].to_torch_state_dict()
+        floats = [k for k, v in state.items() if v.is_floating_point()]
+        noise = {k: torch.randn(state[k].shape, generator=generator, dtype=torch.float64) for k in floats}
+        ratio = float(torch.cat([state[k].reshape(-1).double() for k in floats]).norm()) / float(
+            torch.cat([v.reshape(-1) for v in noise.values()]).norm())
+        content[WEIGHTS_KEY] = ArrayRecord({k: (noise[k] * ratio).to(v.dtype) if k in floats else v
+                                            for k, v in state.items()})
+
+    generator = torch.Generator().manual_seed(12345)
+    sign_flip = updated(lambda w, g, n: g - (w - g))
+    attacks: dict[str, Callable] = {
+        "none": lambda content, received: None,
+        "scale": updated(lambda w, g, n: w * 1e6),
+        "bound95": updated(lambda w, g, n: g + (w - g) * (0.95 * BOUND * n["global"] / max(n["update"], 1e-12))),
+        "sign-flip": sign_flip,
+        "sign-flip-claim": lambda content, received: (sign_flip(content, received), claim(content, received)),
+        "random": random_weights,
+        "examples": claim,
+        "statistics": statistics({"/mean": 0.0, "/cross": 1e-30}),
+        "statistics-scale": statistics({"/mean": 0.0, "/comoment": 1e-12, "/cross": 1e-12}),
+        "statistics-negated": statistics({"/cross": -1.0}),
+    }
+    return attacks[name]
 
 
 def attacker_app(honest: Callable[[Message, Context], Message], name: str) -> Callable[[Message, Context], Message]:
@@ -107,7 +143,7 @@ def attacker_app(honest: Callable[[Message, Context], Message], name: str) -> Ca
         if reply.has_error() or message.metadata.message_type != "train":
             return reply
         content = reply.content
-        change(content)
+        change(content, message.content[WEIGHTS_KEY].to_torch_state_dict())
         return Message(content, reply_to=message)
 
     return app
@@ -124,16 +160,26 @@ def build(name: str, task: TaskConfig, model_fn: Callable[[], torch.nn.Module], 
         return Krum(num_malicious_nodes=1, **common)
     if name == "trimmedavg":
         return FedTrimmedAvg(beta=0.25, **common)
-    if name == "cca":
-        return task.screen(build_strategy(task, model_fn, torch.device("cpu")))
+    if name == "fedmedian":
+        return FedMedian(**common)
+    if name == "cca":  # as the ServerApp builds it (it screens its own replies)
+        return build_strategy(task, model_fn, torch.device("cpu"))
+    if name == "cca-bare":  # the README's one line: every bound at its default
+        return CCAMerge(model_fn, calibration_inputs(task), holdout=holdout_set(task), device="cpu", **common)
+    if name == "cca-median":
+        return CCAMerge(model_fn, calibration_inputs(task), task.merge_search(), holdout=holdout_set(task),
+                        reference=task.reference, stats=task.stats, device="cpu", average="median",
+                        screen=task.update_screen(), **common)
     return CCAMerge(model_fn, calibration_inputs(task), task.merge_search(), holdout=holdout_set(task),
                     reference=task.reference, stats=task.stats, device="cpu", distill=task.distill_config(),
-                    max_weight_ratio=math.inf, max_norm_growth=None, **common)
+                    max_weight_ratio=math.inf, max_norm_growth=None, screen=None, **common)
 
 
-def run(clients: int, attack_name: str, strategy_name: str, rounds: int, overrides: dict[str, Any]) -> dict[str, Any]:
+def run(clients: int, attack_name: str, strategy_name: str, rounds: int, overrides: dict[str, Any],
+        seed: int = 0) -> dict[str, Any]:
     """One federation; returns accuracy and the largest absolute weight after each round."""
-    run_config = base_run_config(**{**overrides, "min_nodes": max(2, clients - 1), "num_server_rounds": rounds})
+    run_config = base_run_config(**{**overrides, "min_nodes": max(2, clients - 1), "num_server_rounds": rounds,
+                                    "seed": seed})
     task = TaskConfig.from_run_config(run_config)
     dataset = load_data(task.dataset, task.data_dir)
     model_fn = partial(make_model, task, dataset)
@@ -159,31 +205,40 @@ def run(clients: int, attack_name: str, strategy_name: str, rounds: int, overrid
                         "skipped": new is None})
     logger.info("K=%d %-16s %-14s accuracy %.4f, largest weight %.3g (%.0f s)", clients, attack_name, strategy_name,
                 history[-1]["accuracy"], history[-1]["largest_weight"], time.perf_counter() - started)
-    return {"clients": clients, "attack": attack_name, "strategy": strategy_name, "rounds": history}
+    return {"clients": clients, "attack": attack_name, "strategy": strategy_name, "seed": seed, "rounds": history}
 
 
 def report(payload: dict[str, Any], path: Path) -> None:
-    """A markdown table: accuracy % and largest |w| after the last round, per K, attack and strategy."""
-    runs = {(r["clients"], r["attack"], r["strategy"]): r["rounds"][-1] for r in payload["runs"]}
+    """A markdown table: mean accuracy % over seeds (and the largest |w|) after the last round, per K, attack and
+    strategy."""
+    cells: dict[tuple, list[dict[str, Any]]] = {}
+    for r in payload["runs"]:
+        cells.setdefault((r["clients"], r["attack"], r["strategy"]), []).append(r["rounds"][-1])
     rows = []
-    for clients in sorted({key[0] for key in runs}):
+    for clients in sorted({key[0] for key in cells}):
         for attack_name in ATTACKS:
+            if not any((clients, attack_name, s) in cells for s in payload["strategies"]):
+                continue
             row = [clients, attack_name]
             for strategy in payload["strategies"]:
-                last = runs.get((clients, attack_name, strategy))
-                row.append("-" if last is None else f"{100 * last['accuracy']:.1f} ({last['largest_weight']:.3g})")
+                last = cells.get((clients, attack_name, strategy))
+                row.append("-" if last is None else
+                           f"{100 * np.mean([x['accuracy'] for x in last]):.1f} ({len(last)}; "
+                           f"{max(x['largest_weight'] for x in last):.3g})")
             rows.append(row)
     lines = [f"# One attacker among K clients, after {payload['rounds']} rounds", "",
-             f"Setting: {payload['setting']}. Cell: test accuracy % (largest absolute weight of the global model). "
-             "`cca`: CCAMerge as the ServerApp builds it (reply screen, weight cap, aligned-norm bound); "
-             "`cca-unbounded`: the three bounds off.", "",
+             f"Setting: {payload['setting']}. Cell: test accuracy %, mean over seeds (seeds; largest absolute weight "
+             "of the global model). `cca-bare`: `CCAMerge(model_fn, calibration, holdout=...)` as the README builds "
+             "it; `cca`: as the ServerApp builds it; `cca-median`: `average=\"median\"`; `cca-unbounded`: screen, "
+             "weight cap and aligned-norm bound off.", "",
              markdown_table(["K", "attack", *payload["strategies"]], rows)]
     path.write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--clients", default="3,10")
+    parser.add_argument("--clients", default="5,3")
+    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--rounds", type=int, default=3)
@@ -196,16 +251,17 @@ def main(argv: list[str] | None = None) -> None:
     strategies = parse_list(args.strategies)
     payload = read_json(args.out) or {}
     runs = [r for r in payload.get("runs", []) if r["strategy"] in strategies and len(r["rounds"]) == args.rounds]
-    done = {(r["clients"], r["attack"], r["strategy"]) for r in runs}
-    for clients in parse_list(args.clients, int):
-        for attack_name in parse_list(args.attacks):
-            for strategy in strategies:
-                if (clients, attack_name, strategy) in done:
-                    continue
-                runs.append(run(clients, attack_name, strategy, args.rounds, overrides))
-                payload = {"rounds": args.rounds, "strategies": strategies, "setting": overrides, "runs": runs}
-                write_json(args.out, payload)
-                report(payload, args.out.with_suffix(".md"))
+    done = {(r["clients"], r["attack"], r["strategy"], r.get("seed", 0)) for r in runs}
+    for seed in parse_list(args.seeds, int):
+        for clients in parse_list(args.clients, int):
+            for attack_name in parse_list(args.attacks):
+                for strategy in strategies:
+                    if (clients, attack_name, strategy, seed) in done:
+                        continue
+                    runs.append(run(clients, attack_name, strategy, args.rounds, overrides, seed))
+                    payload = {"rounds": args.rounds, "strategies": strategies, "setting": overrides, "runs": runs}
+                    write_json(args.out, payload)
+                    report(payload, args.out.with_suffix(".md"))
 
 
 if __name__ == "__main__":
