@@ -40,6 +40,9 @@ class RunDirectory:
         A new run never overwrites or mixes with an earlier run's history and checkpoints
         (``resume = true`` continues that run instead).
         """
+        for folder in (path, *path.parents):
+            if folder.exists() and not folder.is_dir():
+                raise ValueError(f"out-dir {path}: {folder} is a file, not a folder; choose another out-dir")
         candidate, index = path, 1
         while (candidate / HISTORY_FILE).exists() or (candidate / CHECKPOINT_DIR).exists():
             index += 1
@@ -90,7 +93,8 @@ class RunDirectory:
         history = self._read_history()
         _check_same_config(history["run_config"], run_config, self.history_path)
         done = len(history["rounds"])
-        if [entry.get("round") for entry in history["rounds"]] != list(range(1, done + 1)):
+        if not all(isinstance(entry, dict) for entry in history["rounds"]) \
+                or [entry.get("round") for entry in history["rounds"]] != list(range(1, done + 1)):
             raise ValueError(f"{self.history_path}: rounds are not 1..{done}; cannot resume "
                              "(set resume = false: a new run goes to a fresh folder)")
         problems = []
@@ -141,6 +145,8 @@ class RunDirectory:
         for key, value in template.items():
             if not isinstance(state[key], torch.Tensor) or state[key].shape != value.shape:
                 raise ValueError(f"{path}: '{key}' has another shape than the model's {tuple(value.shape)}")
+            if state[key].dtype != value.dtype:  # 1e300 in float64 is finite, and inf once loaded as float32
+                raise ValueError(f"{path}: '{key}' is {state[key].dtype}, the model's is {value.dtype}")
             if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
                 raise ValueError(f"{path}: '{key}' has non-finite values")
         return state

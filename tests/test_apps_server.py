@@ -148,7 +148,7 @@ def _interrupted_run(data_dir: Path, out: Path) -> dict[str, Any]:
     return config
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "missing", "nan", "wrong shape"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "missing", "nan", "wrong shape", "float64 1e300"])
 def test_resume_falls_back_to_the_newest_usable_checkpoint(data_dir: Path, tmp_path: Path, damage: str,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     config = _interrupted_run(data_dir, tmp_path)
@@ -163,7 +163,9 @@ def test_resume_falls_back_to_the_newest_usable_checkpoint(data_dir: Path, tmp_p
         checkpoint = torch.load(last, weights_only=True)
         key = next(k for k, v in checkpoint["state_dict"].items() if v.is_floating_point())
         value = checkpoint["state_dict"][key]
-        checkpoint["state_dict"][key] = value.fill_(float("nan")) if damage == "nan" else value.reshape(-1)[:1]
+        checkpoint["state_dict"][key] = (value.fill_(float("nan")) if damage == "nan" else
+                                         value.double().fill_(1e300) if damage == "float64 1e300" else
+                                         value.reshape(-1)[:1])
         torch.save(checkpoint, last)
     with caplog.at_level(logging.WARNING):
         history, _ = _run({**config, "num-server-rounds": 3})
@@ -173,9 +175,14 @@ def test_resume_falls_back_to_the_newest_usable_checkpoint(data_dir: Path, tmp_p
 
 
 @pytest.mark.parametrize(("content", "words"), [("{not json", "not readable JSON"),
-                                                ('{"rounds": []}', "lacks 'run_config'")])
+                                                ('{"rounds": []}', "lacks 'run_config'"),
+                                                ('{"run_config": {}, "initial": {}, "rounds": [1, 2]}', "")])
 def test_resume_names_a_broken_history(data_dir: Path, tmp_path: Path, content: str, words: str) -> None:
     config = _interrupted_run(data_dir, tmp_path)
+    if not words:  # rounds that are not dicts (an AttributeError traceback on main)
+        history = json.loads((tmp_path / "history.json").read_text())
+        content = json.dumps({**history, "rounds": [1, 2]})
+        words = "rounds are not 1..2"
     (tmp_path / "history.json").write_text(content)
     with pytest.raises(ValueError, match=words) as error:
         _run({**config, "num-server-rounds": 3})
@@ -195,3 +202,11 @@ def test_an_infeasible_split_is_refused_at_start_naming_the_key(data_dir: Path, 
     with pytest.raises(RunConfigError, match=words.replace("(", r"\(")):
         run_federation(client_grid(config), config)
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_an_out_dir_that_is_a_file_is_refused_before_round_1(data_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("a file")
+    config = tiny_run_config(data_dir, tmp_path / "taken", strategy="fedavg")
+    grid = client_grid(config)
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        run_federation(grid, config)

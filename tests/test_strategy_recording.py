@@ -87,3 +87,20 @@ def test_a_run_where_no_round_produced_a_model_reports_the_initial_one(tmp_path:
     assert recorded.rounds[-1].skipped and recorded.rounds[-1].num_valid == 0
     for key, value in initial.to_torch_state_dict().items():
         assert torch.equal(result.arrays.to_torch_state_dict()[key], value)
+
+
+def test_a_second_run_into_the_same_folder_goes_to_a_fresh_one(tmp_path: Path) -> None:
+    """RecordRounds(out_dir) started twice on one folder replaced the first history on main."""
+    def run(out: Path) -> RecordRounds:
+        recorded = RecordRounds(FedAvg(fraction_evaluate=0.0, min_train_nodes=3, min_available_nodes=3), out)
+        recorded.start(InProcessGrid({node: fedavg_app for node in NODES}),
+                       ArrayRecord(make_model(seed=1).state_dict()), num_rounds=1, evaluate_fn=_evaluate)
+        return recorded
+
+    run(tmp_path / "run")
+    first = (tmp_path / "run" / "history.json").read_bytes()
+    assert run(tmp_path / "run").out_dir == tmp_path / "run-2"
+    assert (tmp_path / "run" / "history.json").read_bytes() == first and (tmp_path / "run-2" / "history.json").exists()
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        run(tmp_path / "file" / "run")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,9 @@ class RecordRounds(StrategyWrapper):
     Args:
         strategy: The strategy whose rounds are recorded (any Flower ``Strategy``).
         out_dir: Where ``history.json`` and ``accuracy.png`` are rewritten after every round
-            of :meth:`start` (None: no files).
+            of :meth:`start` (None: no files). A folder that already holds a run's history is not
+            overwritten: :meth:`start` writes to ``out_dir-2`` (``-3``, ...) instead, logged, and sets
+            :attr:`out_dir` to it.
         title: The plot's title (default: the wrapped strategy's class name).
         metric: The evaluation metric plotted and logged (``evaluate_fn``'s key).
         num_rounds: The last round, for the ETA (:meth:`start` sets it).
@@ -68,6 +70,8 @@ class RecordRounds(StrategyWrapper):
         """Flower's ``Strategy.start`` with every round recorded and replies handed over as they arrive
         (:class:`~fedcca.flower.streaming.StreamingGrid`); arguments as there."""
         self._total_rounds, self._started = num_rounds, time.perf_counter()
+        if self.out_dir is not None:
+            self.out_dir = _fresh_out_dir(self.out_dir)
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             metrics = evaluate_fn(server_round, arrays) if evaluate_fn is not None else None
@@ -218,3 +222,18 @@ def clock(seconds: float) -> str:
     """``m:ss``."""
     minutes, secs = divmod(int(round(seconds)), 60)
     return f"{minutes}:{secs:02d}"
+
+
+def _fresh_out_dir(out_dir: Path) -> Path:
+    """Before round 1: ``out_dir`` if it holds no earlier run's history, else the first free ``out_dir-2``,
+    ``out_dir-3``, ... (logged): a run never overwrites another. ValueError when a file is in the way."""
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"RecordRounds: out_dir {out_dir}: {folder} is a file, not a folder")
+    candidate, index = out_dir, 1
+    while (candidate / HISTORY_FILE).exists():
+        index += 1
+        candidate = out_dir.with_name(f"{out_dir.name}-{index}")
+    if candidate != out_dir:
+        log(WARNING, "[fedcca] %s holds an earlier run's history: writing this run's files to %s", out_dir, candidate)
+    return candidate

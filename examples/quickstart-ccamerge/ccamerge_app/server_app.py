@@ -41,4 +41,5 @@ def main(grid: Grid, context: Context) -> None:
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(Net().state_dict()),
                             train_config=ConfigRecord({"lr": float(config["lr"])}),
                             num_rounds=int(config["num-server-rounds"]), evaluate_fn=central_evaluate)
-    torch.save(result.arrays.to_torch_state_dict(), Path(str(config["out-dir"])) / "final_model.pt")
+    # strategy.out_dir: out-dir, or out-dir-2, ... when out-dir holds an earlier run
+    torch.save(result.arrays.to_torch_state_dict(), strategy.out_dir / "final_model.pt")
