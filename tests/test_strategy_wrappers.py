@@ -151,3 +151,24 @@ def test_claimed_examples_do_not_choose_the_round_1_reference() -> None:
         replies = list(grid.send_and_receive(strategy.configure_train(1, GLOBAL, ConfigRecord(), grid)))
         strategy.aggregate_train(1, replies)
         assert strategy.rounds[-1].reference != BAD_NODE and BAD_NODE in strategy.rounds[-1].capped
+
+
+def test_uncapped_weights_merge_as_fedavg_weights() -> None:
+    """max_weight_ratio=inf is documented as FedAvg's uncapped weights; every round was skipped (weights / inf)."""
+    import math
+
+    from fedcca.flower.strategy import CCAMerge
+    from fedcca.merging.config import MergeConfig
+    from tests.tiny_clients import CALIBRATION
+
+    strategy = CCAMerge(make_model, CALIBRATION, MergeConfig("cca", shrinkage=0.0, recompute_bn=False),
+                        max_weight_ratio=math.inf, min_available_nodes=3, device="cpu")
+    grid = InProcessGrid({n: stats_app for n in GOOD_NODES})
+    replies = list(grid.send_and_receive(strategy.configure_train(2, GLOBAL, ConfigRecord(), grid)))
+    arrays, _ = strategy.aggregate_train(2, replies)
+    assert arrays is not None
+    expected, _ = FedAvg().aggregate_train(2, replies)
+    for key, value in expected.to_torch_state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        torch.testing.assert_close(arrays.to_torch_state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)

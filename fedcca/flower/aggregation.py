@@ -164,7 +164,7 @@ class RoundAggregation:
         self.metrics: list[RecordDict] = []  # of the merged replies
         self._moments: dict[str, Moments] | None = None  # the global model's, once the first client's arrive
         self._weight_cap = math.inf  # set from the replies by run()
-        self._scale: float | None = None  # what streamed weights are divided by (the first cap)
+        self._scale: float | None = None  # what streamed weights are divided by (the first median claim)
         self._replied: set[int] = set()  # nodes whose reply was read
         self._scratch: list[nn.Module] = []  # client models already merged, reused for the next replies
         self._global_preactivation: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -256,11 +256,11 @@ class RoundAggregation:
 
     def _scaled_weight(self, update: ClientUpdate, median: float) -> float:
         """The reply's merge weight: its ``num-examples`` capped at ``max_weight_ratio`` x ``median`` (one
-        client cannot own the average), divided by the first cap of the round (weighted sums stay far
-        from float64's range whatever a client claims)."""
+        client cannot own the average), divided by the first median of the round (weighted sums stay far
+        from float64's range whatever a client claims; the cap may be infinite)."""
         self._weight_cap = median * self.settings.max_weight_ratio
         if self._scale is None:
-            self._scale = self._weight_cap
+            self._scale = median
         weight = min(update.num_examples, self._weight_cap)
         if weight < update.num_examples:
             self.record.capped[update.node_id] = update.num_examples
