@@ -172,3 +172,39 @@ def test_uncapped_weights_merge_as_fedavg_weights() -> None:
         if key.endswith("num_batches_tracked"):
             continue
         torch.testing.assert_close(arrays.to_torch_state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_server_side_dp_clipping_around_ccamerge_with_server_statistics() -> None:
+    """Flower's server-side DP clipping clips every ArrayRecord (client statistics break); with stats="server"
+    replies carry weights only and the wrapper composes: the merge equals CCAMerge's on the clipped replies."""
+    import copy
+
+    from flwr.supercore.differential_privacy import compute_clip_model_update
+
+    from fedcca.flower.strategy import CCAMerge
+    from fedcca.merging.config import MergeConfig
+    from tests.tiny_clients import CALIBRATION
+
+    def build() -> CCAMerge:
+        return CCAMerge(make_model, CALIBRATION, MergeConfig("cca", zero_dead=False), stats="server",
+                        reference="global", min_available_nodes=3, device="cpu", screen=None)
+
+    clip = 0.05
+    strategy = DifferentialPrivacyServerSideFixedClipping(build(), noise_multiplier=0.0, clipping_norm=clip,
+                                                          num_sampled_clients=3)
+    grid = InProcessGrid({n: stats_app for n in GOOD_NODES})
+    replies = list(grid.send_and_receive(strategy.configure_train(2, GLOBAL, ConfigRecord(), grid)))
+    assert all(set(r.content.array_records) == {"arrays"} for r in replies)  # no statistics asked for
+    clipped = []
+    for reply in copy.deepcopy(replies):
+        arrays = reply.content["arrays"]
+        values = arrays.to_numpy_ndarrays()
+        compute_clip_model_update(values, GLOBAL.to_numpy_ndarrays(), clip)
+        reply.content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(arrays.keys(), values)})
+        clipped.append(reply)
+    arrays, _ = strategy.aggregate_train(2, replies)
+    plain = build()
+    plain.configure_train(2, GLOBAL, ConfigRecord(), grid)
+    expected, _ = plain.aggregate_train(2, clipped)
+    for key, value in expected.to_torch_state_dict().items():
+        torch.testing.assert_close(arrays.to_torch_state_dict()[key], value, msg=key)
