@@ -5,7 +5,7 @@ per core after a parallel call. A merge alternates the two libraries for every c
 whitens and decomposes the features x features blocks, torch applies the transforms to the
 weights), so on a small machine each waits for the other's spinning workers: aligning one
 `cnn` client with CCA took 135 ms with both at two threads on two cores, 14 ms with OpenBLAS
-at one (measured with the client statistics of 8 perturbed copies; README, Cost). The
+at one (measured with the client statistics of 8 perturbed copies; CHANGELOG.md, 0.1.0). The
 matrices are small (at most a few hundred features a side), so one thread is what they need.
 """
 

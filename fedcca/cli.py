@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="apply I + a (T - I) instead of each transform T (1: as is, 0: plain average)")
     sub.add_argument("--repair", choices=REPAIRS, default="affine",
                      help="correct pre-activation statistics after averaging (default affine: REPAIR "
-                          "measured better for offline merges, README Results; 'none' = the paper's merge)")
+                          "measured better for offline merges, CHANGELOG.md; 'none' = the paper's merge)")
     sub.add_argument("--out", type=Path, default=Path("merged.pt"), help="output checkpoint")
     sub.add_argument("--model", default=None,
                      help="architecture: a fedcca.models name or package.module:Class (default: from "

@@ -45,7 +45,7 @@ class TrainingConfig:
             ``w0`` the weights when training starts (the received global model).
         max_grad_norm: Clip each step's gradient to this global L2 norm (None: no clipping).
             On label-skewed shards the first steps from a model trained elsewhere can have
-            gradients orders of magnitude above typical and diverge (README, Results).
+            gradients orders of magnitude above typical and diverge (docs/robustness.md).
     """
 
     epochs: int = 1

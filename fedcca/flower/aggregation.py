@@ -119,7 +119,7 @@ class AggregationSettings:
 
         In round 1 the global model is the initial model — untrained in one-shot federated
         learning and whenever training starts from scratch — and aligning to its random
-        features destroys what the clients learned (README, Results); from round 2 it is the
+        features destroys what the clients learned (CHANGELOG.md, 0.1.0); from round 2 it is the
         previous merge, which every client started from.
         """
         if self.reference == "auto":

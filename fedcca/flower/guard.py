@@ -2,7 +2,7 @@
 
 The candidate choice (:func:`fedcca.merging.selection.choose`) looks at one round: the most
 accurate merge on the held-out set. Under label skew a merge can win its round and still be a
-model that local SGD cannot train from (README, Results: every client came back dead, and the
+model that local SGD cannot train from (docs/results.md; every client came back dead, and the
 federation stayed at chance while FedAvg trained on). What the clients do with a model shows
 only in the next round, so :class:`CollapseGuard` compares each round's chosen merge with the
 global model the clients started from, on the same held-out examples:

@@ -46,7 +46,7 @@ strategy never sees them)."""
 
 DEFAULT_MAX_UPDATE_NORM = 10.0
 """Default bound on ``|w_k - g| / |g|``: an honest round of local SGD moves the weights by a
-fraction of their norm to a few times it (measured: README, Reliability)."""
+fraction of their norm to a few times it (measured: docs/robustness.md)."""
 
 DEFAULT_MAX_RATIO = 10.0
 """Default bound on ``|d_k|`` in median update norms (three replies or more)."""

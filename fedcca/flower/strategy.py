@@ -44,7 +44,7 @@ identity, ``T_a = I + a (T - I)`` for ``a`` in {0, 0.5, 1}, and Permute's (a = 1
 halfway permutation is singular), each with and without REPAIR (8 distinct candidates).
 ``a = 0`` without REPAIR (plain FedAvg) is kept unless another candidate is more accurate (or
 better calibrated at no loss of accuracy) by more than 2 paired standard errors
-(:func:`fedcca.merging.selection.choose`). Measured in README, Results."""
+(:func:`fedcca.merging.selection.choose`). Measured: docs/results.md."""
 
 UNLABELLED_DEFAULT = MergeConfig("cca", zero_dead=False, shrinkage=0.5)
 """CCAMerge's default without labelled held-out data (nothing to choose with): CCA shrunk

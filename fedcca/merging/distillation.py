@@ -11,7 +11,7 @@ Two teachers:
 - ``"probabilities"``: the average of the clients' softmax outputs, weighted like the merge.
   Under label skew a client's logits for labels it never saw carry no meaning, but its
   probabilities for them are near zero, so the average of probabilities stays a sensible
-  ensemble (measured in README, Results).
+  ensemble (measured: CHANGELOG.md, 0.1.0).
 - ``"logits"``: the average of the clients' logits, as FedDF (Lin et al., NeurIPS 2020) does.
 
 The teacher, steps, learning rate, temperature and augmentation are chosen on the hold-out set: every

@@ -159,7 +159,7 @@ def choose(models: Sequence[nn.Module], configs: Sequence[MergeConfig], inputs: 
     than ``min_z`` standard errors while its accuracy is not lower. Among the qualified, the
     most accurate wins (ties: the lower calibrated loss); if none qualifies, the baseline.
     Ranking by raw cross-entropy is not used: a better-calibrated plain average would beat an
-    aligned merge that is 10 points more accurate (README, Results).
+    aligned merge that is 10 points more accurate (CHANGELOG.md, 0.1.0).
 
     Args:
         models: One merged model per candidate.
