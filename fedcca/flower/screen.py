@@ -186,7 +186,9 @@ class ScreenReplies(StrategyWrapper):
                     continue
                 yield reply
 
-        result = self.strategy.aggregate_train(server_round, screened())
+        # a strategy that does not declare it reads a stream once gets a list (Flower's adaptive clipping reads twice)
+        kept: Iterable[Message] = screened() if getattr(self.strategy, "accepts_stream", False) else list(screened())
+        result = self.strategy.aggregate_train(server_round, kept)
         own = find_attribute(self.strategy, "round_record")
         record = own(server_round) if callable(own) else None
         if record is not None:
