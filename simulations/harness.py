@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from fedcca.app.task import FLOWER_STRATEGIES, parse_override
-from fedcca.flower.aggregation import REFERENCES, STATISTICS_SOURCES
 from fedcca.flower.records import jsonable
+from fedcca.flower.settings import REFERENCES, STATISTICS_SOURCES
 from fedcca.methods.registry import ALIGNERS
 from fedcca.plotting import atomic_write, figure, save
 

@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from fedcca.app.task import RunConfigError, TaskConfig
-from fedcca.data import Dataset, DeviceLoader, calibration_split, federated_split, load_dataset, normalize
+from fedcca.data import (
+    Dataset,
+    DeviceLoader,
+    calibration_split,
+    federated_split,
+    load_dataset,
+    normalize,
+)
 from fedcca.models import build_model, is_model_path
 
 MIN_SHARD_SIZE = 10  # smallest client shard federated_split may produce

@@ -18,8 +18,8 @@ from typing import Any
 from flwr.serverapp.strategy import Strategy
 
 from fedcca.data import SCHEMES
-from fedcca.flower.aggregation import REFERENCES, STATISTICS_SOURCES
 from fedcca.flower.screen import ScreenReplies, UpdateScreen
+from fedcca.flower.settings import REFERENCES, STATISTICS_SOURCES
 from fedcca.merging.config import MergeConfig, MergeSearch, parse_values
 from fedcca.merging.distillation import TEACHERS, DistillConfig
 from fedcca.merging.merger import AVERAGES
@@ -85,7 +85,7 @@ class TaskConfig:
         max_test_examples: Evaluate the global model on the first this-many test examples
             (0: the whole test split).
         reference: CCAMerge reference: "auto" (the best client on the hold-out set in round 1, the global
-            model after), "global", "best", "largest" or "first" (:data:`fedcca.flower.aggregation.REFERENCES`).
+            model after), "global", "best", "largest" or "first" (:data:`fedcca.flower.settings.REFERENCES`).
         stats: Where alignment statistics are computed: "client" or "server".
         ridge: CCA ridge, read in ``ridge_mode``.
         ridge_mode: How the CCA ridge regularises: "trace", "relative" or "absolute".

@@ -29,6 +29,8 @@ import torch
 from flwr.common.logger import log
 from torch import nn
 
+from fedcca.flower.records import RoundRecord
+from fedcca.merging.merger import MergeResult
 from fedcca.merging.selection import holdout_losses, paired_z
 
 
@@ -97,6 +99,16 @@ class CollapseGuard:
                                                             for k, v in baseline.state_dict().items()},
                                baseline_label, kept=action is not None and action["action"] == "keep")
         return out, action
+
+    def apply(self, record: RoundRecord, sent: nn.Module | None, result: MergeResult) -> nn.Module:
+        """:meth:`decide` for one round's merge result; the action goes to ``record.guard`` (and, when the chosen
+        merge is not what is broadcast, to its ``merge_choice``, e.g. ``"cca +affine -> rollback"``)."""
+        baseline = result.baseline_config.label() if result.baseline_config is not None else None
+        model, record.guard = self.decide(record.round, sent, result.model, result.config.label(), result.baseline,
+                                          baseline)
+        if record.guard is not None and record.guard["action"] != "collapse":
+            record.merge_choice = f"{result.config.label()} -> {record.guard['action']}"
+        return model
 
     def _collapse(self, server_round: int, sent: nn.Module, chosen: nn.Module, label: str) -> dict[str, Any] | None:
         """A record of the collapse when ``chosen`` lost more than half of ``sent``'s gain over chance, significantly."""

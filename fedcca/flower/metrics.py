@@ -8,7 +8,6 @@ import numpy as np
 from flwr.app import MetricRecord, RecordDict
 from flwr.common.logger import log
 
-
 MAX_METRIC = 1e12
 """Largest metric magnitude averaged (a loss or a time is far below it)."""
 

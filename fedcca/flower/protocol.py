@@ -24,7 +24,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 
 from fedcca.spec.alignment import AlignmentSpec
 from fedcca.statistics import ClientStatistics, Moments, PairStatistics, StatisticsError

@@ -11,7 +11,10 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from logging import DEBUG, INFO
 from typing import Any
+
+from flwr.common.logger import log
 
 from fedcca.merging.selection import CandidateScore
 
@@ -119,3 +122,16 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+def log_round(record: RoundRecord) -> None:
+    """One INFO line per round: what was merged and chosen; details at DEBUG."""
+    dead = record.dead_summary()
+    log(INFO, "aggregate_train: round %s merged %d replies (%d dropped) -> %s%s", record.round, record.num_valid,
+        record.num_dropped, record.merge_choice,
+        "; dead features per client on the calibration set: " + ", ".join(f"{p} {n}" for p, n in dead.items())
+        if dead else "")
+    for score in record.candidates:
+        log(DEBUG, "  candidate %-22s held-out acc %.4f (z %.2f), loss %.4f, calibrated loss %.4f (z %.2f)%s",
+            score.label, score.accuracy, score.z, score.loss, score.calibrated_loss, score.z_loss,
+            " (chosen)" if score.chosen else "")

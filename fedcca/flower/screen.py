@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from logging import INFO, WARNING
 
 import torch
@@ -36,7 +36,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedcca.flower.protocol import NUM_EXAMPLES_KEY, WEIGHTS_KEY, InvalidReplyError, validate_reply
+from fedcca.flower.protocol import (
+    NUM_EXAMPLES_KEY,
+    WEIGHTS_KEY,
+    InvalidReplyError,
+    validate_reply,
+)
 from fedcca.flower.streaming import RunningMedian
 from fedcca.flower.wrapper import StrategyWrapper, find_attribute
 

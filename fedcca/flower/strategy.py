@@ -6,7 +6,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from logging import DEBUG, INFO, WARNING
+from logging import INFO, WARNING
 from typing import Any
 
 import torch
@@ -17,38 +17,32 @@ from flwr.serverapp.strategy import FedAvg, Result
 from torch import nn
 
 from fedcca.devices import resolve_device
-from fedcca.flower.aggregation import REFERENCES, STATISTICS_SOURCES, AggregationSettings, RoundAggregation, SkipRound
+from fedcca.flower.aggregation import RoundAggregation, SkipRound
 from fedcca.flower.guard import CollapseGuard
+from fedcca.flower.inputs import check_runs, checked_holdout
 from fedcca.flower.metrics import average_metrics
-from fedcca.flower.protocol import COMPUTE_STATS_FLAG, PREACTIVATION_FLAG, InvalidReplyError, validate_evaluate_reply
-from fedcca.flower.records import RoundRecord
+from fedcca.flower.protocol import (
+    COMPUTE_STATS_FLAG,
+    PREACTIVATION_FLAG,
+    InvalidReplyError,
+    validate_evaluate_reply,
+)
+from fedcca.flower.records import RoundRecord, log_round
 from fedcca.flower.screen import UpdateScreen
+from fedcca.flower.settings import STATISTICS_SOURCES, AggregationSettings
 from fedcca.flower.streaming import ReplyTally, StreamingGrid
-from fedcca.merging.config import MergeConfig, MergeSearch, merge_keywords, resolve_search
+from fedcca.merging.config import (
+    MergeConfig,
+    MergeSearch,
+    merge_keywords,
+    resolve_search,
+)
 from fedcca.merging.distillation import DistillConfig, TeacherSum, distill
-from fedcca.merging.merger import AVERAGES
 from fedcca.merging.repair import preactivation_spec
-from fedcca.methods.registry import ALIGNERS
+from fedcca.merging.selection import FEDERATED_SEARCH, UNLABELLED_DEFAULT
 from fedcca.spec.alignment import describe_left
 from fedcca.spec.tracing import spec_for
 from fedcca.statistics import as_batches
-
-FEDERATED_SEARCH = MergeSearch(
-    MergeConfig("cca", zero_dead=False),
-    (("method", ("cca", "permute")), ("shrinkage", (0.0, 0.5, 1.0)), ("repair", ("none", "affine"))),
-    min_z=2.0,
-    description="CCA and Permute, shrunk towards FedAvg, with and without REPAIR, chosen on held-out accuracy",
-)
-"""CCAMerge's default when it has labelled held-out data: CCA transforms shrunk towards the
-identity, ``T_a = I + a (T - I)`` for ``a`` in {0, 0.5, 1}, and Permute's (a = 1 only: a
-halfway permutation is singular), each with and without REPAIR (8 distinct candidates).
-``a = 0`` without REPAIR (plain FedAvg) is kept unless another candidate is more accurate (or
-better calibrated at no loss of accuracy) by more than 2 paired standard errors
-(:func:`fedcca.merging.selection.choose`). Measured: docs/results.md."""
-
-UNLABELLED_DEFAULT = MergeConfig("cca", zero_dead=False, shrinkage=0.5)
-"""CCAMerge's default without labelled held-out data (nothing to choose with): CCA shrunk
-half-way towards FedAvg."""
 
 
 @dataclass
@@ -95,7 +89,7 @@ class CCAMerge(FedAvg):
             "global" (the round's global model, an alignment target only, not averaged), "best" (the
             reply most accurate on ``holdout``; without it, the medoid of the replies' weights),
             "largest" (the reply with most ``num-examples``, a claim the client makes) or "first"
-            (the first valid reply). See :data:`fedcca.flower.aggregation.REFERENCES`.
+            (the first valid reply). See :data:`fedcca.flower.settings.REFERENCES`.
         stats: "client" (use statistics sent in replies when they match the reference,
             compute the missing ones on the server) or "server" (always on the server).
         device: Where statistics and merging run (None: CUDA if available, else CPU).
@@ -157,31 +151,15 @@ class CCAMerge(FedAvg):
         kwargs.setdefault("train_metrics_aggr_fn", average_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", average_metrics)
         super().__init__(**kwargs)
-        for name, value, choices in (("reference", reference, REFERENCES), ("stats", stats, STATISTICS_SOURCES)):
-            if value not in choices:
-                raise ValueError(f"CCAMerge: {name} must be one of {choices}, got {value!r}")
-        if not max_weight_ratio >= 1:
-            raise ValueError(f"CCAMerge: max_weight_ratio must be >= 1 (inf: uncapped), got {max_weight_ratio!r}")
-        if average not in AVERAGES:
-            raise ValueError(f"CCAMerge: average must be one of {AVERAGES}, got {average!r}")
-        if statistics_group < 1:
-            raise ValueError(f"CCAMerge: statistics_group must be >= 1, got {statistics_group}")
+        if stats not in STATISTICS_SOURCES:
+            raise ValueError(f"CCAMerge: stats must be one of {STATISTICS_SOURCES}, got {stats!r}")
         search = resolve_search(config, default=FEDERATED_SEARCH if holdout is not None else UNLABELLED_DEFAULT,
                                 **options)
-        joint = [c.method for c in search.candidates() if c.aligns and ALIGNERS[c.method].joint]
-        if joint:
-            raise ValueError(f"CCAMerge: method {joint[0]!r} aligns all client models jointly; a federated round "
-                             "aligns each reply to the reference (use cca, permute, weight-matching or blend)")
-        if len(search.candidates()) > 1 and holdout is None:
-            raise ValueError(f"CCAMerge: a search over {len(search.candidates())} candidates needs labelled "
-                             "holdout data (holdout=(inputs, labels))")
-        if distill is not None and holdout is None:
-            raise ValueError("CCAMerge: distillation is early-stopped on labelled holdout data (holdout=(inputs, labels))")
         self.search, self.reference, self.stats = search, reference, stats
         self.rounds: list[RoundRecord] = []
         batches = list(as_batches(calibration, batch_size))  # materialised: read every round
         model = model_fn()
-        _check_runs(model, batches)
+        check_runs(model, batches)
         needs_spec = any(c.aligns or c.repair != "none" for c in search.candidates())
         # A model without alignment_spec() is traced on a calibration batch (UnsupportedModelError if refused).
         self.spec = spec_for(model, batches[0], strict=search.base.strict) if needs_spec else None
@@ -190,7 +168,7 @@ class CCAMerge(FedAvg):
                 "does): %s", len(self.spec.points), describe_left(self.spec))
         self._settings = AggregationSettings(
             model_fn=model_fn, template={key: value.detach().cpu().clone() for key, value in model.state_dict().items()},
-            spec=self.spec, search=search, calibration=batches, holdout=_checked_holdout(holdout), reference=reference,
+            spec=self.spec, search=search, calibration=batches, holdout=checked_holdout(holdout), reference=reference,
             client_statistics=self.requests_client_statistics, device=resolve_device(device), batch_size=batch_size, statistics_group=statistics_group,
             weights_key=self.arrayrecord_key, weighted_by_key=self.weighted_by_key, min_replies=self.min_train_nodes,
             distill=distill, max_weight_ratio=max_weight_ratio, max_norm_growth=max_norm_growth, average=average,
@@ -290,9 +268,7 @@ class CCAMerge(FedAvg):
         try:
             result = aggregation.run(screened)
         except SkipRound as skip:
-            log(WARNING, "aggregate_train: round %s skipped, global model unchanged: %s", server_round, skip)
-            record.skipped, record.skip_reason = True, str(skip)
-            return None, None
+            return _skipped(record, str(skip))
         finally:
             record.num_replies = tally.count
             record.bytes_received = {**dict.fromkeys(record.bytes_received, 0), **tally.bytes_received}
@@ -302,23 +278,15 @@ class CCAMerge(FedAvg):
         state = result.model.state_dict()
         bad = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
         if bad:
-            skip = f"merged model has non-finite values in {bad[:3]}"
-            log(WARNING, "aggregate_train: round %s skipped, global model unchanged: %s", server_round, skip)
-            record.skipped, record.skip_reason = True, skip
-            return None, None
-        record.merge_choice = result.config.label()
-        record.candidates = result.scores
+            return _skipped(record, f"merged model has non-finite values in {bad[:3]}")
+        record.merge_choice, record.candidates = result.config.label(), result.scores
         model = result.model
         if self._guard is not None:
-            model, record.guard = self._guard.decide(
-                server_round, sent and self._model_from(sent.arrays), result.model, record.merge_choice,
-                result.baseline, result.baseline_config and result.baseline_config.label())
-            if record.guard is not None and record.guard["action"] != "collapse":
-                record.merge_choice = f"{record.merge_choice} -> {record.guard['action']}"
+            model = self._guard.apply(record, sent and self._model_from(sent.arrays), result)
             state = model.state_dict()
         if self._settings.distill is not None and aggregation.teacher is not None:
             state = self._distilled(model, aggregation.teacher, record)
-        _log_round(record)
+        log_round(record)
         return ArrayRecord(state), self.train_metrics_aggr_fn(aggregation.metrics, self.weighted_by_key)
 
     def alignment_report(self) -> dict[str, Any]:
@@ -369,64 +337,12 @@ class CCAMerge(FedAvg):
         return self.evaluate_metrics_aggr_fn(valid, self.weighted_by_key) if valid else None
 
 
-def _checked_holdout(holdout: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Held-out inputs (finite floats) and int64 labels of equal length, or None.
-
-    ``holdout`` is ``(inputs, labels)``, or anything iterable of ``(x, y)`` batches or
-    examples: a ``DataLoader``, a map-style ``Dataset``.
-    """
-    if holdout is None:
-        return None
-    if isinstance(holdout, tuple) and len(holdout) == 2 and isinstance(holdout[0], torch.Tensor):
-        inputs, labels = holdout
-    else:
-        try:
-            pairs = [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in holdout]
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"CCAMerge: holdout must be (inputs, labels) or an iterable of (x, y) batches "
-                             f"(a DataLoader, a Dataset), got {type(holdout).__name__}: {err}") from None
-        batched = bool(pairs) and pairs[0][1].dim() == 1
-        inputs = torch.cat([x for x, _ in pairs]) if batched else torch.stack([x for x, _ in pairs]) if pairs \
-            else torch.empty(0)
-        labels = torch.cat([y for _, y in pairs]) if batched else torch.stack([y for _, y in pairs]) if pairs \
-            else torch.empty(0)
-    labels = torch.as_tensor(labels).long()
-    if not isinstance(inputs, torch.Tensor) or labels.shape != (len(inputs),) or len(inputs) == 0:
-        raise ValueError(f"CCAMerge: holdout must be (inputs tensor [N, ...], labels [N]) with N > 0, got "
-                         f"{type(inputs).__name__} and labels of shape {tuple(labels.shape)}")
-    if not inputs.is_floating_point() or not torch.isfinite(inputs).all():
-        raise ValueError("CCAMerge: holdout inputs must be finite floating-point values (normalised as in training)")
-    return inputs, labels
-
-
-def _check_runs(model: nn.Module, calibration: list[torch.Tensor]) -> None:
-    if not calibration:
-        raise ValueError("CCAMerge: the calibration data is empty")
-    bad = [i for i, batch in enumerate(calibration)
-           if not batch.is_floating_point() or not torch.isfinite(batch).all()]
-    if bad:
-        raise ValueError(f"CCAMerge: calibration batch {bad[0]} has non-finite or non-float values; "
-                         "pass finite inputs normalised as in training")
-    try:
-        with torch.no_grad():
-            model.eval()(calibration[0].detach().cpu())
-    except Exception as err:
-        raise ValueError(f"CCAMerge: model_fn()'s model cannot run on the calibration data "
-                         f"(batch shape {tuple(calibration[0].shape)}): {err}") from err
-
-
 def _log_drop(where: str, node_id: int, reason: str) -> None:
     log(WARNING, "%s: dropped reply from node %s: %s", where, node_id, reason)
 
 
-def _log_round(record: RoundRecord) -> None:
-    """One INFO line per round: what was merged and chosen; details at DEBUG."""
-    dead = record.dead_summary()
-    log(INFO, "aggregate_train: round %s merged %d replies (%d dropped) -> %s%s", record.round, record.num_valid,
-        record.num_dropped, record.merge_choice,
-        "; dead features per client on the calibration set: " + ", ".join(f"{p} {n}" for p, n in dead.items())
-        if dead else "")
-    for score in record.candidates:
-        log(DEBUG, "  candidate %-22s held-out acc %.4f (z %.2f), loss %.4f, calibrated loss %.4f (z %.2f)%s",
-            score.label, score.accuracy, score.z, score.loss, score.calibrated_loss, score.z_loss,
-            " (chosen)" if score.chosen else "")
+def _skipped(record: RoundRecord, reason: str) -> tuple[None, None]:
+    """Mark the round skipped (the global model is kept), logged with ``reason``."""
+    log(WARNING, "aggregate_train: round %s skipped, global model unchanged: %s", record.round, reason)
+    record.skipped, record.skip_reason = True, reason
+    return None, None

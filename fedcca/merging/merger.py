@@ -29,7 +29,13 @@ from torch import nn
 
 from fedcca.blas import one_blas_thread
 from fedcca.merging.averages import AVERAGES, RobustAverage, WeightedSum, make_average
-from fedcca.merging.batchnorm import fold_batchnorm, folded_spec, recompute_batchnorm, refit_batchnorm, unfolded_points
+from fedcca.merging.batchnorm import (
+    fold_batchnorm,
+    folded_spec,
+    recompute_batchnorm,
+    refit_batchnorm,
+    unfolded_points,
+)
 from fedcca.merging.config import MergeConfig, MergeSearch, resolve_search
 from fedcca.merging.repair import (
     RepairTargets,

@@ -259,3 +259,21 @@ def get_variant(name: str | MergeSearch) -> MergeSearch:
     if name not in VARIANTS:
         raise ValueError(f"unknown merge variant {name!r}; choose one of {', '.join(VARIANTS)}")
     return VARIANTS[name]
+
+
+FEDERATED_SEARCH = MergeSearch(
+    MergeConfig("cca", zero_dead=False),
+    (("method", ("cca", "permute")), ("shrinkage", (0.0, 0.5, 1.0)), ("repair", ("none", "affine"))),
+    min_z=2.0,
+    description="CCA and Permute, shrunk towards FedAvg, with and without REPAIR, chosen on held-out accuracy",
+)
+"""CCAMerge's default when it has labelled held-out data: CCA transforms shrunk towards the
+identity, ``T_a = I + a (T - I)`` for ``a`` in {0, 0.5, 1}, and Permute's (a = 1 only: a
+halfway permutation is singular), each with and without REPAIR (8 distinct candidates).
+``a = 0`` without REPAIR (plain FedAvg) is kept unless another candidate is more accurate (or
+better calibrated at no loss of accuracy) by more than 2 paired standard errors
+(:func:`fedcca.merging.selection.choose`). Measured: docs/results.md."""
+
+UNLABELLED_DEFAULT = MergeConfig("cca", zero_dead=False, shrinkage=0.5)
+"""CCAMerge's default without labelled held-out data (nothing to choose with): CCA shrunk
+half-way towards FedAvg."""

@@ -17,7 +17,14 @@ import scipy.linalg
 import torch
 
 from fedcca.methods.common import checked_covariances, dead_features
-from fedcca.methods.registry import Aligner, AlignmentJob, Parameter, number, one_of, register
+from fedcca.methods.registry import (
+    Aligner,
+    AlignmentJob,
+    Parameter,
+    number,
+    one_of,
+    register,
+)
 from fedcca.spec.alignment import Transform
 from fedcca.statistics import PairStatistics
 

@@ -11,7 +11,12 @@ import math
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from fedcca.methods.common import block_mask, checked_covariances, dead_features, scaled_permutation
+from fedcca.methods.common import (
+    block_mask,
+    checked_covariances,
+    dead_features,
+    scaled_permutation,
+)
 from fedcca.methods.registry import Aligner, AlignmentJob, Parameter, number, register
 from fedcca.spec.alignment import Transform
 from fedcca.statistics import PairStatistics
