@@ -9,7 +9,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp.strategy import FedAvg
 
-import fedcca.flower.aggregation
+import fedcca.flower.round_statistics
 import fedcca.merging.merger
 import fedcca.merging.selection
 from fedcca.flower.local_grid import InProcessGrid
@@ -102,7 +102,7 @@ def test_statistics_read_only_the_calibration_set_and_the_choice_only_the_held_o
         seen["choice"].append(inputs)
         return logits(model, inputs, **kwargs)
 
-    for module in (fedcca.merging.merger, fedcca.flower.aggregation):
+    for module in (fedcca.merging.merger, fedcca.flower.round_statistics):
         monkeypatch.setattr(module, "collect_statistics", spy_collect)
     monkeypatch.setattr(fedcca.merging.selection, "holdout_logits", spy_logits)
     strategy = CCAMerge(make_model, CALIBRATION, FEDERATED_SEARCH, holdout=HOLDOUT, stats="server", device="cpu")

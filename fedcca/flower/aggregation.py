@@ -11,12 +11,10 @@ reason in the :class:`~fedcca.flower.records.RoundRecord`; a round that cannot p
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from logging import DEBUG, WARNING
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,40 +22,24 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common.logger import log
 from torch import nn
 
+from fedcca.flower.errors import SkipRound
 from fedcca.flower.protocol import ClientUpdate, InvalidReplyError, validate_reply
 from fedcca.flower.records import RoundRecord
+from fedcca.flower.round_statistics import RoundStatistics
 from fedcca.flower.settings import AggregationSettings
 from fedcca.flower.streaming import RunningMedian
 from fedcca.merging.distillation import TeacherSum, client_logits
 from fedcca.merging.merger import Merger, MergeResult
-from fedcca.merging.repair import preactivation_spec
 from fedcca.merging.selection import score
-from fedcca.spec.alignment import AlignmentSpec
 from fedcca.statistics import (
-    Moments,
-    PairStatistics,
     StatisticsError,
-    assemble,
     collect_moments,
-    collect_statistics,
 )
-
-MAX_PREACTIVATION_RATIO = 10.0
-"""A client's pre-activation moments (REPAIR's targets) are used when, at every point, the root
-mean square of its pre-activations is within this factor of the global model's (measured on the
-server once per round); otherwise the server measures that client's model itself and logs why:
-forged targets would rescale the merged model's layers."""
-
-_PRE = "pre-activation:"  # names the pre-activation points beside the alignment points in one pass
 
 # What aligning one reply may raise because of its contents: degenerate statistics, a failed
 # decomposition, non-finite aligned weights (fedcca.merging.merger.MergeError is a ValueError), or an
 # allocation a forged reply provoked. Such a reply is dropped alone; the round goes on.
 _REPLY_DATA_ERRORS = (ValueError, ArithmeticError, RuntimeError, MemoryError)
-
-
-class SkipRound(Exception):
-    """The round cannot produce a model; the message is the reason."""
 
 
 class RoundAggregation:
@@ -77,14 +59,12 @@ class RoundAggregation:
         self.global_arrays = global_arrays
         self.sent = sent
         self.reference = settings.reference_in(record.round)
-        self.client_statistics = settings.client_statistics_in(record.round)
+        self.statistics = RoundStatistics(settings, record)
         self.metrics: list[RecordDict] = []  # of the merged replies
-        self._moments: dict[str, Moments] | None = None  # the global model's, once the first client's arrive
         self._weight_cap = math.inf  # set from the replies by run()
         self._scale: float | None = None  # what streamed weights are divided by (the first median claim)
         self._replied: set[int] = set()  # nodes whose reply was read
         self._scratch: list[nn.Module] = []  # client models already merged, reused for the next replies
-        self._global_preactivation: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         distill = settings.distill
         self.teacher = None if distill is None else TeacherSum(distill.teachers, distill.temperatures)
 
@@ -128,7 +108,7 @@ class RoundAggregation:
                         self._add(merger, [(update, weight, merger.reference)], is_reference=True)
                         continue
                 group.append((update, weight, self._model_from(update.state_dict, scratch=True)))
-                if len(group) >= settings.statistics_group or not self._needs_server_statistics(update):
+                if len(group) >= settings.statistics_group or not self.statistics.needs_server(update):
                     self._add_group(merger, group)
                     group = []
             if merger is not None and group:
@@ -263,11 +243,11 @@ class RoundAggregation:
     def _add(self, merger: Merger, group: list[tuple[ClientUpdate, float, nn.Module]],
              is_reference: bool = False) -> None:
         """Add a group of replies to the merge; a reply whose data breaks alignment is dropped alone."""
-        statistics = [self._client_statistics(merger, update) for update, _, _ in group]
+        statistics = [self.statistics.client(merger, update) for update, _, _ in group]
         self.record.client_statistics += sum(isinstance(stats, dict) for stats in statistics)
         sent = [isinstance(stats, StatisticsError) for stats in statistics]  # broken client statistics
         if merger.needs_statistics and not is_reference:
-            statistics = self._fill_statistics(merger, group, statistics)
+            statistics = self.statistics.fill(merger, group, statistics)
         for (update, weight, model), stats, invalid in zip(group, statistics, sent):
             if isinstance(stats, StatisticsError):
                 reason = "invalid statistics" if invalid else "server-side statistics failed"
@@ -276,7 +256,7 @@ class RoundAggregation:
             try:
                 logits = None if self.teacher is None else \
                     _finite_logits(client_logits(model, self.settings.calibration, device=self.settings.device))
-                preactivation = None if is_reference else self._preactivation(merger, update)
+                preactivation = None if is_reference else self.statistics.preactivation(merger, update)
                 merger.add(model, weight, stats, name=str(update.node_id), is_reference=is_reference,
                            preactivation=preactivation)
             except _REPLY_DATA_ERRORS as err:
@@ -287,91 +267,6 @@ class RoundAggregation:
             if self.teacher is not None:  # the same weight as in the merge
                 self.teacher.add(logits, weight)
             self.metrics.append(RecordDict({"metrics": update.metrics}))
-
-    def _fill_statistics(self, merger: Merger, group: list[tuple[ClientUpdate, float, nn.Module]],
-                         statistics: list) -> list:
-        """Server-side statistics for the replies without usable client ones (a failure marks one reply)."""
-        missing = [i for i, stats in enumerate(statistics) if stats is None]
-        if not missing:
-            return statistics
-        started = time.perf_counter()
-        models = [group[i][2] for i in missing]
-        try:
-            computed: list = collect_statistics(merger.reference, models, self.settings.calibration, merger.spec,
-                                                device=self.settings.device)
-        except StatisticsError as err:
-            if err.model_index == -1:  # the reference's own features are unusable: nothing can be aligned
-                raise SkipRound(f"the reference's statistics failed: {err}") from err
-            computed = [self._one_statistics(merger, model) for model in models]
-        for i, stats in zip(missing, computed):
-            statistics[i] = stats
-        self.record.stats_seconds += time.perf_counter() - started
-        return statistics
-
-    def _one_statistics(self, merger: Merger, model: nn.Module) -> Any:
-        try:
-            return collect_statistics(merger.reference, [model], self.settings.calibration, merger.spec,
-                                      device=self.settings.device)[0]
-        except StatisticsError as err:
-            return err
-
-    def _client_statistics(self, merger: Merger, update: ClientUpdate) -> dict[str, PairStatistics] | StatisticsError | None:
-        """A reply's statistics paired with the global model's own moments (measured once per round)."""
-        if not self.client_statistics or update.statistics is None:
-            return None
-        self._measure_global(merger)
-        assert self._moments is not None
-        try:
-            return assemble(self._moments, update.statistics)
-        except StatisticsError as err:
-            return err
-
-    def _measure_global(self, merger: Merger) -> None:
-        """The global model's own moments at the alignment points and, when clients send theirs, at
-        the pre-activation points: one pass over the calibration data per round."""
-        if self._moments is not None:
-            return
-        assert merger.spec is not None
-        points = list(merger.spec.points)
-        pre = preactivation_spec(merger.spec, merger.reference)[0].points \
-            if self.settings.client_preactivation_in(self.record.round) else ()
-        points += [dataclasses.replace(point, name=_PRE + point.name) for point in pre]
-        started = time.perf_counter()
-        try:
-            moments = collect_moments(merger.reference, self.settings.calibration, AlignmentSpec(tuple(points)),
-                                      device=self.settings.device)
-        except StatisticsError as err:
-            raise SkipRound(f"the global model's statistics failed: {err}") from err
-        finally:
-            self.record.stats_seconds += time.perf_counter() - started
-        self._moments = {name: value for name, value in moments.items() if not name.startswith(_PRE)}
-        self._global_preactivation = {name[len(_PRE):]: (value.mean.double(), value.covariance().double())
-                                      for name, value in moments.items() if name.startswith(_PRE)}
-
-    def _preactivation(self, merger: Merger, update: ClientUpdate) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
-        """The reply's pre-activation moments if sent and within :data:`MAX_PREACTIVATION_RATIO` of the
-        global model's at every point; None (the merger measures the model) otherwise, logged."""
-        sent = update.preactivation
-        if sent is None or not self.client_statistics or merger.spec is None:
-            return None
-        self._measure_global(merger)
-        assert self._global_preactivation is not None
-        for point, (mean, covariance) in sent.items():
-            if point not in self._global_preactivation:
-                return None  # not asked for this round: measured here
-            ours, theirs = _rms(*self._global_preactivation[point]), _rms(mean, covariance)
-            ratio = theirs / ours if ours > 0 else (1.0 if theirs == 0 else math.inf)
-            if not 1 / MAX_PREACTIVATION_RATIO <= ratio <= MAX_PREACTIVATION_RATIO:
-                reason = (f"pre-activation moments at '{point}' of {ratio:.3g}x the global model's RMS "
-                          f"(bound {MAX_PREACTIVATION_RATIO:g}x)")
-                self.record.preactivation_refused[update.node_id] = reason
-                log(WARNING, "aggregate_train: node %s sent %s: its REPAIR targets are measured on the server "
-                    "instead", update.node_id, reason)
-                return None
-        return sent
-
-    def _needs_server_statistics(self, update: ClientUpdate) -> bool:
-        return self.settings.needs_statistics and (update.statistics is None or not self.client_statistics)
 
     def _drop_missing(self) -> None:
         for node_id in self.sent or []:
@@ -406,11 +301,6 @@ class RoundAggregation:
     def _drop(self, node_id: int, reason: str) -> None:
         self.record.drop(node_id, reason)
         log(WARNING, "aggregate_train: dropped reply from node %s: %s", node_id, reason)
-
-
-def _rms(mean: torch.Tensor, covariance: torch.Tensor) -> float:
-    """Root mean square of features with this mean and covariance."""
-    return float((mean.double().square() + covariance.double().diagonal().clamp_min(0)).mean().sqrt())
 
 
 def _finite_logits(logits: torch.Tensor) -> torch.Tensor:

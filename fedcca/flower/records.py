@@ -49,7 +49,7 @@ class RoundRecord:
         candidates: Held-out scores of every candidate merge (when there was a choice).
         dead_features: Node id -> ``{point: features exactly 0 on the calibration data}``.
         preactivation_refused: Node id -> why the pre-activation moments it sent were not used (the
-            server measured its model instead; :data:`fedcca.flower.aggregation.MAX_PREACTIVATION_RATIO`).
+            server measured its model instead; :data:`fedcca.flower.round_statistics.MAX_PREACTIVATION_RATIO`).
         norm_growth: Node id -> the largest factor alignment changed its weights' norm by (up or
             down, over the candidates; see ``max_norm_growth``).
         guard: What the collapse guard did (:mod:`fedcca.flower.guard`): ``{"action": "rollback" | "keep" |
