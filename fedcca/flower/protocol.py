@@ -20,12 +20,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Error,
@@ -34,8 +32,19 @@ from flwr.app import (
     RecordDict,
 )
 
+# The statistics record's codec, re-exported as part of the protocol.
+from fedcca.flower.wire_statistics import (  # noqa: F401
+    FORMAT_KEY,
+    PREACTIVATION_PREFIX,
+    READABLE_FORMATS,
+    STATISTICS_FORMAT,
+    check_declared,
+    decode_statistics,
+    statistics_from_record,
+    statistics_to_record,
+)
 from fedcca.spec.alignment import AlignmentSpec
-from fedcca.statistics import ClientStatistics, Moments, PairStatistics, StatisticsError
+from fedcca.statistics import ClientStatistics, PairStatistics, StatisticsError
 
 WEIGHTS_KEY = "arrays"
 CONFIG_KEY = "config"
@@ -43,13 +52,7 @@ METRICS_KEY = "metrics"
 STATISTICS_KEY = "fedcca.statistics"
 COMPUTE_STATS_FLAG = "fedcca.compute-statistics"
 NUM_EXAMPLES_KEY = "num-examples"
-STATISTICS_FORMAT = 3
-"""Written by :func:`statistics_to_record`; format 2 (no pre-activation moments) is read too."""
-READABLE_FORMATS = (2, 3)
 PREACTIVATION_FLAG = "fedcca.preactivation-moments"
-PREACTIVATION_PREFIX = "preactivation/"
-"""Version of the statistics wire format; a reply of another version is refused, naming both."""
-FORMAT_KEY = "format"
 SERVER_ROUND_KEY = "server-round"
 PROXIMAL_MU_KEY = "proximal-mu"  # set by Flower's FedProx
 TRAINING_DIVERGED_CODE = 4100
@@ -175,180 +178,6 @@ class ClientUpdate:
 
 
 
-def statistics_to_record(stats: Mapping[str, PairStatistics],
-                         preactivation: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> ArrayRecord:
-    """Pack what a client sends of its statistics (format :data:`STATISTICS_FORMAT`) into an ``ArrayRecord``.
-
-    Per point: ``count``, the model's ``mean`` (float64), its centred second moment as the packed
-    upper triangle (``comoment``, float32: it is symmetric) and the ``cross`` moment with the
-    received model (float32). The received model's own moments are not sent: the server
-    measures them once per round (:func:`fedcca.statistics.collect_moments`).
-
-    With ``preactivation``, per REPAIR point also ``preactivation/<point>/mean`` (float64) and its
-    covariance's packed upper triangle (``preactivation/<point>/covariance``, float32).
-
-    Args:
-        stats: Statistics per alignment point, as returned by ``collect_statistics`` for the
-            (received model, trained model) pair.
-        preactivation: The trained model's pre-activation ``{point: (mean, covariance)}``.
-    """
-    arrays = {FORMAT_KEY: np.asarray(STATISTICS_FORMAT, dtype=np.int64)}
-    for point, pair in stats.items():
-        part = pair.client_part()
-        n = part.b.mean.shape[0]
-        rows, cols = np.triu_indices(n)
-        arrays[f"{point}/count"] = np.asarray(float(part.b.count), dtype=np.float64)
-        arrays[f"{point}/mean"] = part.b.mean.detach().cpu().double().numpy()
-        arrays[f"{point}/comoment"] = part.b.comoment.detach().cpu().numpy()[rows, cols].astype(np.float32)
-        arrays[f"{point}/cross"] = part.cross.detach().cpu().numpy().astype(np.float32)
-    for point, (mean, covariance) in (preactivation or {}).items():
-        rows, cols = np.triu_indices(mean.shape[0])
-        arrays[f"{PREACTIVATION_PREFIX}{point}/mean"] = mean.detach().cpu().double().numpy()
-        arrays[f"{PREACTIVATION_PREFIX}{point}/covariance"] = \
-            covariance.detach().cpu().double().numpy()[rows, cols].astype(np.float32)
-    return ArrayRecord({key: Array(value) for key, value in arrays.items()})
-
-
-def statistics_from_record(record: ArrayRecord, spec: AlignmentSpec) -> dict[str, ClientStatistics]:
-    """Unpack and validate the statistics a client sent (:func:`decode_statistics` without pre-activation sizes).
-
-    Args:
-        record: The ``ArrayRecord`` stored under :data:`STATISTICS_KEY`.
-        spec: The model's alignment spec; every point must be present with matching sizes.
-
-    Raises:
-        StatisticsError: See :func:`decode_statistics`.
-    """
-    return decode_statistics(record, spec)[0]
-
-
-Preactivation = dict[str, tuple[torch.Tensor, torch.Tensor]]
-"""``{point: (mean, covariance)}`` of a model's pre-activations (REPAIR's endpoint statistics)."""
-
-
-def decode_statistics(record: ArrayRecord, spec: AlignmentSpec, preactivation_sizes: Mapping[str, int] | None = None
-                      ) -> tuple[dict[str, ClientStatistics], Preactivation | None]:
-    """Unpack and validate a client's statistics record: alignment statistics and pre-activation moments.
-
-    Args:
-        record: The ``ArrayRecord`` stored under :data:`STATISTICS_KEY`.
-        spec: The model's alignment spec; every point must be present with matching sizes.
-        preactivation_sizes: ``{point: features}`` of the points whose pre-activation moments
-            may be sent (all of them or none); None: none may be.
-
-    Returns:
-        ``(statistics per point, pre-activation moments or None when not sent)``.
-
-    Raises:
-        StatisticsError: Naming the key that cannot be decoded, is missing, unexpected, of the
-            wrong shape, non-finite, a count that is not a positive integer, a negative
-            pre-activation variance; or a format this server does not read.
-    """
-    fields = {"count": lambda n: (), "mean": lambda n: (n,), "comoment": lambda n: (n * (n + 1) // 2,),
-              "cross": lambda n: (n, n)}
-    pre_fields = {"mean": lambda n: (n,), "covariance": lambda n: (n * (n + 1) // 2,)}
-    shapes = {FORMAT_KEY: ()} | {f"{point.name}/{name}": shape(point.size) for point in spec.points
-                                 for name, shape in fields.items()}
-    pre_shapes = {f"{PREACTIVATION_PREFIX}{point}/{name}": shape(size) for point, size in
-                  (preactivation_sizes or {}).items() for name, shape in pre_fields.items()}
-    unexpected = sorted(set(record) - set(shapes) - set(pre_shapes))
-    if unexpected:
-        raise StatisticsError(f"unexpected statistics key '{unexpected[0]}'")
-    arrays: dict[str, np.ndarray] = {}
-    for key, array in record.items():
-        # Declared shape and dtype first: a 128-byte array may declare 10^12 elements.
-        allowed = _INTEGER if key == FORMAT_KEY else _FLOATS
-        _check_declared(array, key, shapes.get(key, pre_shapes.get(key, ())), allowed)
-        try:
-            arrays[key] = array.numpy()
-        except Exception as err:  # corrupt bytes or foreign serialisation from a client
-            raise StatisticsError(f"statistics array '{key}' cannot be decoded: {err}") from err
-        expected = shapes.get(key, pre_shapes.get(key, ()))
-        if arrays[key].dtype not in allowed or arrays[key].shape != expected:
-            raise StatisticsError(f"statistics array '{key}' decodes to {arrays[key].dtype} {arrays[key].shape}, "
-                                  f"expected {' or '.join(str(d) for d in allowed)} of shape {expected}")
-    version = arrays.get(FORMAT_KEY)
-    if version is None or np.asarray(version).shape != () or int(version) not in READABLE_FORMATS:
-        raise StatisticsError(f"statistics format {None if version is None else np.asarray(version).tolist()}, "
-                              f"this server reads formats {', '.join(map(str, READABLE_FORMATS))} (update the client)")
-    result: dict[str, ClientStatistics] = {}
-    for point in spec.points:
-        n = point.size
-        values = {name: _checked_array(arrays, f"{point.name}/{name}", shape(n)) for name, shape in fields.items()}
-        count = float(values["count"])
-        if not (0 < count <= _MAX_COUNT and count == int(count)):
-            raise StatisticsError(f"statistics key '{point.name}/count' must be a positive integer of at most "
-                                  f"{_MAX_COUNT:.0e}, got {count:.3g}")
-        result[point.name] = ClientStatistics(
-            Moments(int(count), torch.from_numpy(values["mean"]), torch.from_numpy(_unpacked(values["comoment"], n))),
-            torch.from_numpy(values["cross"]))
-    return result, _preactivation(arrays, preactivation_sizes or {}, pre_fields)
-
-
-def _preactivation(arrays: Mapping[str, np.ndarray], sizes: Mapping[str, int],
-                   fields: Mapping[str, Any]) -> Preactivation | None:
-    """The pre-activation moments in ``arrays`` (all points of ``sizes`` or none), validated."""
-    sent = [key for key in arrays if key.startswith(PREACTIVATION_PREFIX)]
-    if not sent:
-        return None
-    moments: Preactivation = {}
-    for point, n in sizes.items():
-        values = {name: _checked_array(arrays, f"{PREACTIVATION_PREFIX}{point}/{name}", shape(n))
-                  for name, shape in fields.items()}
-        covariance = _unpacked(values["covariance"], n)
-        if (np.diagonal(covariance) < 0).any():
-            raise StatisticsError(f"statistics key '{PREACTIVATION_PREFIX}{point}/covariance' has a negative variance")
-        moments[point] = (torch.from_numpy(values["mean"]), torch.from_numpy(covariance))
-    return moments
-
-
-def _unpacked(upper: np.ndarray, n: int) -> np.ndarray:
-    """The symmetric ``n x n`` matrix whose upper triangle (row-major) is ``upper``."""
-    matrix = np.zeros((n, n))
-    rows, cols = np.triu_indices(n)
-    matrix[rows, cols] = upper
-    matrix[cols, rows] = upper
-    return matrix
-
-
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-_INTEGER = (np.dtype(np.int64),)
-_MAX_COUNT = 1e12  # samples behind one point's statistics; far above any calibration set
-
-
-def _check_declared(array: Array, key: str, shape: tuple[int, ...], allowed: tuple[np.dtype, ...],
-                    error: type[ValueError] = StatisticsError, what: str = "statistics array") -> None:
-    """The Array's declared shape, dtype and byte size match what ``key`` must hold, checked before decoding."""
-    try:
-        declared_dtype, declared_shape = np.dtype(array.dtype), tuple(int(d) for d in array.shape)
-    except (TypeError, ValueError) as err:
-        raise error(f"{what} '{key}' declares an unreadable dtype or shape: {err}") from err
-    if declared_dtype not in allowed or declared_shape != shape:
-        raise error(f"{what} '{key}' declares dtype {declared_dtype} and shape {declared_shape}, expected dtype "
-                    f"{' or '.join(str(d) for d in allowed)} and shape {shape}")
-    payload = int(np.prod(shape, dtype=np.int64)) * declared_dtype.itemsize
-    if len(array.data) > payload + _HEADER_SLACK:
-        raise error(f"{what} '{key}' holds {len(array.data)} bytes for {payload} bytes of values")
-
-
-_HEADER_SLACK = 1024  # numpy's .npy header
-
-
-def _checked_array(arrays: Mapping[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
-    """``arrays[key]`` as a float64 copy of ``shape``, finite; StatisticsError naming the key otherwise."""
-    if key not in arrays:
-        raise StatisticsError(f"statistics key '{key}' is missing")
-    try:
-        value = np.asarray(arrays[key], dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise StatisticsError(f"statistics key '{key}' is not numeric: {err}") from err
-    if value.shape != shape:
-        raise StatisticsError(f"statistics key '{key}' has shape {value.shape}, expected {shape}")
-    if not np.isfinite(value).all():
-        raise StatisticsError(f"statistics key '{key}' has non-finite values")
-    return np.array(value)  # own, writable copy
-
-
 def record_bytes(message: Message) -> int:
     """Return the payload size of ``message`` in bytes (0 for an error reply).
 
@@ -465,7 +294,7 @@ def _decode_weights(
     for key, expected in template.items():
         expected_dtype = _numpy_dtype(expected.dtype)
         # The declared dtype/shape/size first (nothing is allocated for a lying header), then the decoded bytes.
-        _check_declared(record[key], key, tuple(expected.shape), (expected_dtype,), InvalidReplyError, "weight")
+        check_declared(record[key], key, tuple(expected.shape), (expected_dtype,), InvalidReplyError, "weight")
         try:
             array = record[key].numpy()
         except Exception as err:  # corrupt bytes or foreign serialisation from a client
