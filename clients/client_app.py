@@ -17,15 +17,7 @@ import time
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedcca.app.federation import (
-    calibration_inputs,
-    client_indices,
-    derive_seed,
-    load_data,
-    make_model,
-    node_partition,
-    seed_everything,
-)
+from fedcca.app import federation
 from fedcca.app.task import TaskConfig
 from fedcca.data import DeviceLoader
 from fedcca.devices import resolve_device
@@ -48,20 +40,20 @@ def train(msg: Message, context: Context) -> Message:
         context: Supplies the run config and the node's ``partition-id``/``num-partitions``.
     """
     task = TaskConfig.from_run_config(context.run_config)
-    partition_id, num_partitions = node_partition(context.node_config)
+    partition_id, num_partitions = federation.node_partition(context.node_config)
     instruction = read_train_instruction(msg)
     device = resolve_device(None)
-    dataset = load_data(task.dataset, task.data_dir)
+    dataset = federation.load_data(task.dataset, task.data_dir)
 
-    model = make_model(task, dataset)
+    model = federation.make_model(task, dataset)
     model.load_state_dict(instruction.arrays.to_torch_state_dict())
     reference = copy.deepcopy(model)  # the received model: alignment target A
 
     # Every random draw of this round depends on (seed, round, client) only: reruns and
     # resumed runs train identically.
-    round_seed = derive_seed(task.seed, instruction.server_round, partition_id)
-    seed_everything(round_seed)
-    loader = DeviceLoader.from_dataset(dataset, client_indices(task, partition_id, num_partitions),
+    round_seed = federation.derive_seed(task.seed, instruction.server_round, partition_id)
+    federation.seed_everything(round_seed)
+    loader = DeviceLoader.from_dataset(dataset, federation.client_indices(task, partition_id, num_partitions),
                                        batch_size=task.batch_size, device=device, seed=round_seed)
     try:
         result = train_model(model, loader, task.training(instruction.proximal_mu), device=device)
@@ -71,7 +63,7 @@ def train(msg: Message, context: Context) -> Message:
     statistics, preactivation, stats_seconds = None, None, 0.0
     if instruction.compute_statistics:
         started = time.perf_counter()
-        calibration = calibration_inputs(task)
+        calibration = federation.calibration_inputs(task)
         spec = spec_for(reference, calibration[:1])  # derived once for both measurements
         # Only our model's moments and the cross moment travel: the server measures the received model's.
         statistics = collect_statistics(reference, [model], calibration, spec, reference_moments=False,

@@ -43,7 +43,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
@@ -70,20 +78,7 @@ from fedcca.spec.tracing import spec_for
 from fedcca.statistics import as_batches, collect_statistics
 from fedcca.training import TrainingConfig, train
 from server.server_app import build_strategy
-from simulations.harness import (
-    BASELINE,
-    Series,
-    StrategySpec,
-    add_runtime_arguments,
-    apply_runtime,
-    base_run_config,
-    line_plot,
-    markdown_table,
-    parse_list,
-    parse_strategies,
-    project_client_app,
-    write_json,
-)
+from simulations import harness
 
 MIB = 2**20
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -102,7 +97,7 @@ class ModelSweep:
     def parse(cls, text: str) -> ModelSweep:
         """``name:width:K1,K2,...``, e.g. ``cnn:1:2,4,8``."""
         name, width, clients = text.split(":")
-        return cls(name, float(width), tuple(parse_list(clients, int)))
+        return cls(name, float(width), tuple(harness.parse_list(clients, int)))
 
     @property
     def label(self) -> str:
@@ -205,12 +200,12 @@ def make_replies(dataset: Dataset, sweep: ModelSweep, num_clients: int, calibrat
     return Replies(global_model, clients, weights, statistics, with_preactivation)
 
 
-def build_strategies(specs: Sequence[StrategySpec], model_fn: Any, num_clients: int,
+def build_strategies(specs: Sequence[harness.StrategySpec], model_fn: Any, num_clients: int,
                      **run_config: Any) -> dict[str, FedAvg]:
     """The strategies exactly as ``server.server_app.build_strategy`` builds them, all K clients per round."""
     strategies: dict[str, FedAvg] = {}
     for spec in specs:
-        task = TaskConfig.from_run_config(base_run_config(**run_config, min_nodes=num_clients, **spec.run_config()))
+        task = TaskConfig.from_run_config(harness.base_run_config(**run_config, min_nodes=num_clients, **spec.run_config()))
         strategies[spec.label] = build_strategy(task, model_fn, torch.device("cpu"))
     return strategies
 
@@ -387,10 +382,10 @@ def _release_freed_memory() -> None:
 def client_costs(sweep: ModelSweep, client_examples: int, data_config: dict[str, Any]) -> dict[str, Any]:
     """One real ClientApp training round with statistics and pre-activation moments (what the default
     search asks for): its own timings and its reply's bytes."""
-    run_config = base_run_config(**data_config, partitioning="iid", local_epochs=1,
+    run_config = harness.base_run_config(**data_config, partitioning="iid", local_epochs=1,
                                  max_examples_per_client=client_examples, model=sweep.name, width=sweep.width,
                                  out_dir="outputs/unused")
-    grid = InProcessGrid.of_app(project_client_app(), run_config, 4)
+    grid = InProcessGrid.of_app(harness.project_client_app(), run_config, 4)
     task = TaskConfig.from_run_config(run_config)
     calibration_inputs(task)  # load once, outside the timed call
     torch.manual_seed(0)
@@ -424,23 +419,23 @@ def _parser() -> argparse.ArgumentParser:
                         help="the round configured: 2 (default) is the steady state (the global model as reference, "
                              "client statistics); 1 aligns to the largest reply with server-side statistics")
     parser.add_argument("--seed", type=int, default=0)
-    add_runtime_arguments(parser, Path("results/cost/cost.json"))
+    harness.add_runtime_arguments(parser, Path("results/cost/cost.json"))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the cost measurements described by the command line; write JSON, PNG and markdown."""
     args = _parser().parse_args(argv)
-    blas_threads = apply_runtime(args)
-    specs = parse_strategies(args.strategies)
+    blas_threads = harness.apply_runtime(args)
+    specs = harness.parse_strategies(args.strategies)
     labels = [spec.label for spec in specs]
-    if BASELINE not in labels:
-        raise ValueError(f"--strategies must include {BASELINE!r} (the baseline of the ratios)")
+    if harness.BASELINE not in labels:
+        raise ValueError(f"--strategies must include {harness.BASELINE!r} (the baseline of the ratios)")
     sweeps = [ModelSweep.parse(text) for text in args.models]
     dataset = load_dataset("fashion-mnist", args.data_dir or None)
     data_config = {"calibration_size": args.calibration_size, "holdout_size": args.holdout_size,
                    "seed": args.seed, "data_dir": args.data_dir}
-    calibration = calibration_inputs(TaskConfig.from_run_config(base_run_config(**data_config)))
+    calibration = calibration_inputs(TaskConfig.from_run_config(harness.base_run_config(**data_config)))
     device = resolve_device(None)
     payload: dict[str, Any] = {
         "command": "python -m simulations.cost " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -468,17 +463,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if num_clients > args.max_server_stats_clients:
                 strategies = {label: s for label, s in strategies.items() if ":server" not in label}
             measured = measure_aggregation(strategies, replies, args.repeats, args.round)
-            base = measured[BASELINE]["min_seconds"]
+            base = measured[harness.BASELINE]["min_seconds"]
             entry["aggregation"].append({"num_clients": num_clients, "strategies": measured,
                                          "ratio_to_fedavg": {label: m["min_seconds"] / base for label, m in
-                                                             measured.items() if label != BASELINE}})
+                                                             measured.items() if label != harness.BASELINE}})
             print(f"[{sweep.label}] K={num_clients}: " + ", ".join(
                 f"{label} {m['min_seconds']:.3f}s ({m['rss_peak_growth_mib']:.0f} MiB)"
                 for label, m in measured.items()), flush=True)
             del replies
-            write_json(args.out, payload)
+            harness.write_json(args.out, payload)
         entry["client"] = client_costs(sweep, args.client_examples, data_config)
-        write_json(args.out, payload)
+        harness.write_json(args.out, payload)
     _report(payload, labels, args.out)
     return payload
 
@@ -486,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def _report(payload: dict[str, Any], labels: Sequence[str], out: Path) -> None:
     """Markdown tables and one PNG (aggregation seconds and peak memory vs K per model)."""
     text = ["### Statistics vs the forward passes they need; bytes per client\n",
-            markdown_table(["model", "client stats / 2 forwards", "server stats / (K+1) forwards (K=8)",
+            harness.markdown_table(["model", "client stats / 2 forwards", "server stats / (K+1) forwards (K=8)",
                             "weights KiB", "statistics KiB", "+ pre-activation KiB", "statistics / weights",
                             "client train s",
                             "client stats s"],
@@ -510,26 +505,26 @@ def _report(payload: dict[str, Any], labels: Sequence[str], out: Path) -> None:
                 m = row["strategies"].get(label)
                 cells.append("-" if m is None else f"{m['min_seconds']:.3g} ({m['bn_seconds']:.2g})")
             cells += [f"{row['ratio_to_fedavg'][label]:.1f}x" if label in row["ratio_to_fedavg"] else "-"
-                      for label in labels if label != BASELINE]
+                      for label in labels if label != harness.BASELINE]
             cells += ["-" if label not in row["strategies"] else
                       f"{row['strategies'][label].get('stream_seconds', float('nan')):.3g} / "
                       f"{row['strategies'][label].get('finish_seconds', float('nan')):.3g}" for label in labels]
             body.append(cells)
-        text.append(markdown_table(["K", *(f"{label} s" for label in labels),
-                                    *(f"{label}/fedavg" for label in labels if label != BASELINE),
+        text.append(harness.markdown_table(["K", *(f"{label} s" for label in labels),
+                                    *(f"{label}/fedavg" for label in labels if label != harness.BASELINE),
                                     *(f"{label} streamed s" for label in labels)], body))
         text.append(f"\n### {entry['model']}, round {round_}: peak memory growth (MiB) counting the replies received, "
                     "all at once / streamed\n")
-        text.append(markdown_table(["K", *labels], [
+        text.append(harness.markdown_table(["K", *labels], [
             [row["num_clients"], *("-" if label not in row["strategies"] else
                                    f"{row['strategies'][label]['rss_peak_growth_mib']:.0f} / "
                                    f"{row['strategies'][label].get('stream_rss_peak_growth_mib', float('nan')):.0f}"
                                    for label in labels)] for row in rows]))
         for label in labels:
             shown = [row for row in rows if label in row["strategies"]]
-            series.append(Series(f"{entry['model']} {label}", [row["num_clients"] for row in shown],
+            series.append(harness.Series(f"{entry['model']} {label}", [row["num_clients"] for row in shown],
                                  [row["strategies"][label]["min_seconds"] for row in shown]))
-    line_plot(out.with_suffix(".png"), series, title="server aggregate_train time", xlabel="clients K",
+    harness.line_plot(out.with_suffix(".png"), series, title="server aggregate_train time", xlabel="clients K",
               ylabel="seconds", log2_x=True)
     out.with_suffix(".md").write_text("\n".join(text) + "\n")
     print("\n".join(text), flush=True)

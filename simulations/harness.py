@@ -272,3 +272,13 @@ def line_plot(path: Path, series: Sequence[Series], *, title: str, xlabel: str, 
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
     save(fig, path)
+
+
+def parse_benchmark_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                         logger: logging.Logger) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """Parse a benchmark's command line, apply its runtime options, log the benchmark at INFO; return the
+    arguments and the ``--set`` run-config overrides (:func:`overrides_of`)."""
+    args = parser.parse_args(argv)
+    apply_runtime(args)
+    logger.setLevel(logging.INFO)
+    return args, overrides_of(args)

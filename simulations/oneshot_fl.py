@@ -30,7 +30,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from scipy import stats
 
-from fedcca.app.federation import derive_seed, evaluation_loader, load_data, make_model, seed_everything
+from fedcca.app.federation import (
+    derive_seed,
+    evaluation_loader,
+    load_data,
+    make_model,
+    seed_everything,
+)
 from fedcca.app.task import TaskConfig
 from fedcca.devices import resolve_device
 from fedcca.flower.local_grid import InProcessGrid
@@ -41,10 +47,9 @@ from simulations.harness import (
     ROOT,
     add_overrides_argument,
     add_runtime_arguments,
-    apply_runtime,
     base_run_config,
     markdown_table,
-    overrides_of,
+    parse_benchmark_args,
     parse_list,
     parse_strategies,
     project_client_app,
@@ -247,10 +252,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="cap on each client's shard (0: whole shards; 4000 keeps 5 clients within 20,000 images)")
     add_overrides_argument(parser)
     add_runtime_arguments(parser, ROOT / "results" / "oneshot-fl" / "oneshot-fl.json")
-    args = parser.parse_args(argv)
-    apply_runtime(args)
-    logger.setLevel(logging.INFO)
-    extra = overrides_of(args)
+    args, extra = parse_benchmark_args(parser, argv, logger)
     specs = parse_strategies(args.strategies)
     labels = [spec.label for spec in specs]
     payload = read_json(args.out) or {}

@@ -36,38 +36,31 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, Strategy
 
-from fedcca.app.federation import (
-    calibration_inputs,
-    derive_seed,
-    evaluation_loader,
-    holdout_set,
-    load_data,
-    make_model,
-    seed_everything,
-)
+from fedcca.app import federation
 from fedcca.app.task import TaskConfig
 from fedcca.devices import resolve_device
 from fedcca.flower.local_grid import InProcessGrid
-from fedcca.flower.protocol import METRICS_KEY, NUM_EXAMPLES_KEY, STATISTICS_KEY, WEIGHTS_KEY
+from fedcca.flower.protocol import (
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    STATISTICS_KEY,
+    WEIGHTS_KEY,
+)
 from fedcca.flower.strategy import CCAMerge
 from fedcca.training import evaluate
 from server.server_app import build_strategy
-from simulations.harness import (
-    ROOT,
-    add_overrides_argument,
-    add_runtime_arguments,
-    apply_runtime,
-    base_run_config,
-    markdown_table,
-    overrides_of,
-    parse_list,
-    project_client_app,
-    read_json,
-    write_json,
-)
+from simulations import harness
 
 logger = logging.getLogger("simulations.poisoning")
 
@@ -165,12 +158,12 @@ def build(name: str, task: TaskConfig, model_fn: Callable[[], torch.nn.Module], 
     if name == "cca":  # as the ServerApp builds it (it screens its own replies)
         return build_strategy(task, model_fn, torch.device("cpu"))
     if name == "cca-bare":  # the README's one line: every bound at its default
-        return CCAMerge(model_fn, calibration_inputs(task), holdout=holdout_set(task), device="cpu", **common)
+        return CCAMerge(model_fn, federation.calibration_inputs(task), holdout=federation.holdout_set(task), device="cpu", **common)
     if name == "cca-median":
-        return CCAMerge(model_fn, calibration_inputs(task), task.merge_search(), holdout=holdout_set(task),
+        return CCAMerge(model_fn, federation.calibration_inputs(task), task.merge_search(), holdout=federation.holdout_set(task),
                         reference=task.reference, stats=task.stats, device="cpu", average="median",
                         screen=task.update_screen(), **common)
-    return CCAMerge(model_fn, calibration_inputs(task), task.merge_search(), holdout=holdout_set(task),
+    return CCAMerge(model_fn, federation.calibration_inputs(task), task.merge_search(), holdout=federation.holdout_set(task),
                     reference=task.reference, stats=task.stats, device="cpu", distill=task.distill_config(),
                     max_weight_ratio=math.inf, max_norm_growth=None, screen=None, **common)
 
@@ -178,21 +171,21 @@ def build(name: str, task: TaskConfig, model_fn: Callable[[], torch.nn.Module], 
 def run(clients: int, attack_name: str, strategy_name: str, rounds: int, overrides: dict[str, Any],
         seed: int = 0) -> dict[str, Any]:
     """One federation; returns accuracy and the largest absolute weight after each round."""
-    run_config = base_run_config(**{**overrides, "min_nodes": max(2, clients - 1), "num_server_rounds": rounds,
+    run_config = harness.base_run_config(**{**overrides, "min_nodes": max(2, clients - 1), "num_server_rounds": rounds,
                                     "seed": seed})
     task = TaskConfig.from_run_config(run_config)
-    dataset = load_data(task.dataset, task.data_dir)
-    model_fn = partial(make_model, task, dataset)
-    honest = project_client_app()
+    dataset = federation.load_data(task.dataset, task.data_dir)
+    model_fn = partial(federation.make_model, task, dataset)
+    honest = harness.project_client_app()
     grid = InProcessGrid.of_app(honest, run_config, clients)
     grid.nodes[clients] = attacker_app(honest, attack_name)  # node ids are 1..K: the last one attacks
-    loader = evaluation_loader(task, resolve_device(None))
-    seed_everything(derive_seed(task.seed))
+    loader = federation.evaluation_loader(task, resolve_device(None))
+    federation.seed_everything(federation.derive_seed(task.seed))
     arrays = ArrayRecord(model_fn().state_dict())
     strategy = build(strategy_name, task, model_fn, clients)
     history, started = [], time.perf_counter()
     for server_round in range(1, rounds + 1):
-        seed_everything(derive_seed(task.seed, server_round))
+        federation.seed_everything(federation.derive_seed(task.seed, server_round))
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
         new, _ = strategy.aggregate_train(server_round, list(grid.send_and_receive(messages)))
         arrays = arrays if new is None else new
@@ -231,7 +224,7 @@ def report(payload: dict[str, Any], path: Path) -> None:
              "of the global model). `cca-bare`: `CCAMerge(model_fn, calibration, holdout=...)` as the README builds "
              "it; `cca`: as the ServerApp builds it; `cca-median`: `average=\"median\"`; `cca-unbounded`: screen, "
              "weight cap and aligned-norm bound off.", "",
-             markdown_table(["K", "attack", *payload["strategies"]], rows)]
+             harness.markdown_table(["K", "attack", *payload["strategies"]], rows)]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -242,25 +235,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--rounds", type=int, default=3)
-    add_overrides_argument(parser)
-    add_runtime_arguments(parser, ROOT / "results" / "poisoning" / "poisoning.json")
-    args = parser.parse_args(argv)
-    apply_runtime(args)
-    logger.setLevel(logging.INFO)
-    overrides = overrides_of(args)
-    strategies = parse_list(args.strategies)
-    payload = read_json(args.out) or {}
+    harness.add_overrides_argument(parser)
+    harness.add_runtime_arguments(parser, harness.ROOT / "results" / "poisoning" / "poisoning.json")
+    args, overrides = harness.parse_benchmark_args(parser, argv, logger)
+    strategies = harness.parse_list(args.strategies)
+    payload = harness.read_json(args.out) or {}
     runs = [r for r in payload.get("runs", []) if r["strategy"] in strategies and len(r["rounds"]) == args.rounds]
     done = {(r["clients"], r["attack"], r["strategy"], r.get("seed", 0)) for r in runs}
-    for seed in parse_list(args.seeds, int):
-        for clients in parse_list(args.clients, int):
-            for attack_name in parse_list(args.attacks):
+    for seed in harness.parse_list(args.seeds, int):
+        for clients in harness.parse_list(args.clients, int):
+            for attack_name in harness.parse_list(args.attacks):
                 for strategy in strategies:
                     if (clients, attack_name, strategy, seed) in done:
                         continue
                     runs.append(run(clients, attack_name, strategy, args.rounds, overrides, seed))
                     payload = {"rounds": args.rounds, "strategies": strategies, "setting": overrides, "runs": runs}
-                    write_json(args.out, payload)
+                    harness.write_json(args.out, payload)
                     report(payload, args.out.with_suffix(".md"))
 
 

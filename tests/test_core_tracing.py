@@ -29,14 +29,8 @@ from fedcca.flower.strategy import CCAMerge
 from fedcca.merging.batchnorm import recompute_batchnorm
 from fedcca.merging.merger import merge
 from fedcca.models import build_model
-from fedcca.spec.alignment import (
-    AlignmentSpec,
-    ParamAxis,
-    Transform,
-    UnsupportedModelError,
-    apply_transforms,
-    random_symmetry,
-)
+from fedcca.spec.alignment import AlignmentSpec, ParamAxis, Transform, UnsupportedModelError
+from fedcca.spec.alignment import apply_transforms, random_symmetry
 from fedcca.spec.tracing import derive_spec, spec_for
 from fedcca.statistics import collect_statistics, run_with_taps
 from tests.tiny_clients import CALIBRATION, shard
