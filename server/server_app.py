@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from logging import INFO
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 from torch import nn
 
 from fedcca.app.federation import (
@@ -39,8 +39,9 @@ from fedcca.app.task import TaskConfig
 from fedcca.data import DeviceLoader
 from fedcca.devices import resolve_device
 from fedcca.flower.recording import PLOT_FILE, RecordRounds, plot_rounds
+from fedcca.flower.records import RoundRecord
 from fedcca.flower.strategy import CCAMerge
-from fedcca.flower.streaming import stream_replies
+from fedcca.flower.wrapper import StrategyWrapper
 from fedcca.training import evaluate
 from server.run_directory import RunDirectory
 
@@ -61,15 +62,12 @@ def main(grid: Grid, context: Context) -> None:
 def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     """Train for the configured rounds, writing history, checkpoints and plot; return the history.
 
-    This is the round loop of the product: ``flwr run``, the deployment and the federated
-    benchmark (``simulations.federated``) all go through it.
-
-    It is not Flower's ``Strategy.start`` because ``start`` always begins at round 1 and keeps
-    its state in memory: resuming after round k needs the loop to start at k + 1 from a
-    checkpoint, with every round's randomness seeded from ``(seed, round)`` so that a resumed
-    run computes what an uninterrupted one would, and history and checkpoint written after
-    every round. The exchange itself is Flower's: the strategy's ``configure_train`` and
-    ``aggregate_train`` and the grid's push and pull, for CCAMerge, FedAvg and FedProx alike.
+    ``flwr run``, the deployment and the federated benchmark (``simulations.federated``) all go
+    through it. The loop is Flower's ``Strategy.start``, run by :class:`RecordRounds` (replies
+    streamed as they arrive; a resumed run continues at round k + 1 with ``first_round``); every
+    round's randomness is seeded from ``(seed, round)`` (:class:`_SeededRounds`), so a resumed run
+    computes what an uninterrupted one would, and the checkpoint and ``history.json`` are written
+    after every round by one writer (:class:`~server.run_directory.RunDirectory`).
 
     Args:
         grid: Connection to the SuperNodes.
@@ -96,16 +94,20 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
 
     title = f"{task.strategy}: {task.model} on {task.dataset} ({task.partitioning})"
     built = build_strategy(task, model_fn, device)
-    strategy = RecordRounds(built if isinstance(built, CCAMerge) else task.screen(built), title=title,
-                            num_rounds=task.num_server_rounds)
+    strategy = RecordRounds(_SeededRounds(built if isinstance(built, CCAMerge) else task.screen(built), task.seed),
+                            title=title)
     history["alignment"] = strategy.alignment()
-    strategy.summary()
-    for server_round in range(len(history["rounds"]) + 1, task.num_server_rounds + 1):
-        arrays = run_round(strategy, grid, server_round, arrays, task)
-        record = strategy.finish_round(server_round, evaluator(arrays))
+
+    def saved(record: RoundRecord, arrays: ArrayRecord) -> None:
         history["rounds"].append(record.to_json())
-        outputs.save(server_round, arrays, history)
+        outputs.save(record.round, arrays, history)
         plot_rounds(history["initial"], history["rounds"], outputs.path / PLOT_FILE, title)
+
+    done = len(history["rounds"])
+    if done < task.num_server_rounds:
+        strategy.start(grid, arrays, task.num_server_rounds - done, task.round_timeout,
+                       evaluate_fn=lambda _, model: MetricRecord(evaluator(model)), first_round=done + 1,
+                       on_round=saved)
     log(INFO, "[fedcca] results in %s", outputs.path)
     return history
 
@@ -147,29 +149,19 @@ class _DropMessage(logging.Filter):
         return self.text not in record.getMessage()
 
 
-def run_round(strategy: RecordRounds, grid: Grid, server_round: int, arrays: ArrayRecord,
-              task: TaskConfig) -> ArrayRecord:
-    """One round of federated training through ``strategy``; returns the new global model.
+class _SeededRounds(StrategyWrapper):
+    """Seeds every round's randomness (node sampling, server-side draws) from ``(seed, round)`` before the
+    wrapped strategy configures it: a resumed run samples what an uninterrupted one would."""
 
-    The exchange is Flower's (``configure_train``, the grid's ``push_messages`` /
-    ``pull_messages``, ``aggregate_train``) with one difference from ``send_and_receive``: the
-    replies reach ``aggregate_train`` as they arrive (:func:`fedcca.flower.streaming.stream_replies`,
-    same timeout rule), so CCAMerge merges each while the other clients still train and holds
-    one at a time; FedAvg and FedProx read them all, as before. The wrapper records it. When the
-    strategy produces no model (too few valid replies) the old one is kept.
+    def __init__(self, strategy: Strategy, seed: int) -> None:
+        super().__init__(strategy)
+        self.seed = seed
 
-    Args:
-        strategy: FedAvg, FedProx or CCAMerge, wrapped in :class:`RecordRounds`.
-        grid: Connection to the SuperNodes.
-        server_round: The round number (1-based).
-        arrays: The current global model.
-        task: The run config (seed, timeout).
-    """
-    seed_everything(derive_seed(task.seed, server_round))  # node sampling and server-side draws
-    messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-    replies = stream_replies(grid, messages, timeout=task.round_timeout)
-    new_arrays, _ = strategy.aggregate_train(server_round, replies)
-    return arrays if new_arrays is None else new_arrays
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Seed, then the wrapped strategy's instructions."""
+        seed_everything(derive_seed(self.seed, server_round))
+        return self.strategy.configure_train(server_round, arrays, config, grid)
 
 
 class _Evaluator:

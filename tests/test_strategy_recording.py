@@ -104,3 +104,25 @@ def test_a_second_run_into_the_same_folder_goes_to_a_fresh_one(tmp_path: Path) -
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(ValueError, match="is a file, not a folder"):
         run(tmp_path / "file" / "run")
+
+
+def test_a_resumed_start_continues_the_round_numbers() -> None:
+    """start(first_round=3): the wrapped strategy, evaluate_fn, the records and on_round see rounds 3 and 4; the
+    initial model is not evaluated again."""
+    seen: dict[str, list[int]] = {"configure": [], "evaluate": [], "on_round": []}
+
+    class Spy(FedAvg):
+        def configure_train(self, server_round, arrays, config, grid):  # noqa: ANN001, ANN201
+            seen["configure"].append(server_round)
+            return super().configure_train(server_round, arrays, config, grid)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        seen["evaluate"].append(server_round)
+        return _evaluate(server_round, arrays)
+
+    recorded = RecordRounds(Spy(fraction_evaluate=0.0, min_train_nodes=3, min_available_nodes=3))
+    recorded.start(InProcessGrid({node: fedavg_app for node in NODES}), ArrayRecord(make_model(seed=1).state_dict()),
+                   num_rounds=2, evaluate_fn=evaluate, first_round=3,
+                   on_round=lambda record, arrays: seen["on_round"].append(record.round))
+    assert seen == {"configure": [3, 4], "evaluate": [3, 4], "on_round": [3, 4]}
+    assert [r.round for r in recorded.rounds] == [3, 4] and recorded.initial is None

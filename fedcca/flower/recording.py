@@ -61,30 +61,53 @@ class RecordRounds(StrategyWrapper):
         self._sent: tuple[int, int, int, float] | None = None  # round, messages, bytes, time sent
         self._total_rounds = num_rounds
         self._started = time.perf_counter()
+        self._offset = 0  # added to Flower's round numbers while start(first_round=...) runs
 
     # ------------------------------------------------------------------ Flower's loop
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None, *,
+              first_round: int = 1,
+              on_round: Callable[[RoundRecord, ArrayRecord], None] | None = None) -> Result:
         """Flower's ``Strategy.start`` with every round recorded and replies handed over as they arrive
-        (:class:`~fedcca.flower.streaming.StreamingGrid`); arguments as there."""
-        self._total_rounds, self._started = num_rounds, time.perf_counter()
+        (:class:`~fedcca.flower.streaming.StreamingGrid`); the other arguments as there.
+
+        Args:
+            first_round: The number of the first round (a resumed run continues at ``k + 1``): the
+                wrapped strategy, ``evaluate_fn`` and the records see rounds ``first_round`` to
+                ``first_round + num_rounds - 1`` (Flower's own log lines count from 1); the initial
+                evaluation (round 0) runs only when ``first_round`` is 1.
+            on_round: Called after each round's evaluation with its record and the global model (e.g. to
+                write a checkpoint).
+        """
+        if first_round < 1:
+            raise ValueError(f"RecordRounds: first_round must be >= 1, got {first_round}")
+        self._offset = first_round - 1
+        self._total_rounds, self._started = self._offset + num_rounds, time.perf_counter()
         if self.out_dir is not None:
             self.out_dir = _fresh_out_dir(self.out_dir)
 
-        def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        def evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if flower_round == 0 and self._offset:
+                return None  # a resumed run: its initial model was evaluated when it started
+            server_round = flower_round + self._offset if flower_round else 0
             metrics = evaluate_fn(server_round, arrays) if evaluate_fn is not None else None
             values = {} if metrics is None else {key: float(value) for key, value in metrics.items()
                                                   if isinstance(value, (int, float))}
             if server_round == 0:
                 self.initial = values
             else:
-                self.finish_round(server_round, values)
+                record = self.finish_round(server_round, values)
+                if on_round is not None:
+                    on_round(record, arrays)
             return metrics
 
-        result = super().start(StreamingGrid(grid), initial_arrays, num_rounds, timeout, train_config, evaluate_config,
-                               evaluate)
+        try:
+            result = super().start(StreamingGrid(grid), initial_arrays, num_rounds, timeout, train_config,
+                                   evaluate_config, evaluate)
+        finally:
+            self._offset = 0
         if not result.arrays:  # no round produced a model: the initial one stands (Flower leaves it empty)
             result.arrays = initial_arrays
         return result
@@ -131,6 +154,7 @@ class RecordRounds(StrategyWrapper):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """The wrapped strategy's instructions; their number and bytes are recorded."""
+        server_round += self._offset
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         self._sent = (server_round, len(messages), sum(record_bytes(m) for m in messages), time.perf_counter())
         return messages
@@ -142,6 +166,7 @@ class RecordRounds(StrategyWrapper):
         A list is handed on in node-id order; any other iterable (a stream of replies as they
         arrive, :func:`~fedcca.flower.streaming.stream_replies`) in arrival order, lazily.
         """
+        server_round += self._offset
         if isinstance(replies, (list, tuple)):
             replies = sorted(replies, key=lambda reply: reply.metadata.src_node_id)
         tally = ReplyTally(replies)
@@ -173,6 +198,15 @@ class RecordRounds(StrategyWrapper):
                                    if isinstance(value, (int, float))})
         self.rounds.append(record)
         return arrays, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """The wrapped strategy's evaluation instructions (its round number)."""
+        return self.strategy.configure_evaluate(server_round + self._offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """The wrapped strategy's aggregation of the evaluation replies (its round number)."""
+        return self.strategy.aggregate_evaluate(server_round + self._offset, replies)
 
     def summary(self) -> None:
         """The wrapped strategy's summary, and where the run files go."""
