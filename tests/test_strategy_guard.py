@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
@@ -102,3 +104,42 @@ def test_ordinary_rounds_are_left_alone() -> None:
     strategy.configure_train(2, arrays, ConfigRecord(), grid)
     strategy.aggregate_train(2, replies)
     assert strategy.rounds[-1].guard is None and strategy.rounds[-1].merge_choice == "permute"
+
+
+class _Table(torch.nn.Module):
+    """Predicts ``table[i]`` for hold-out example ``i`` (inputs are the indices)."""
+
+    def __init__(self, predictions: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.nn.functional.one_hot(predictions, 3).float() * 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[x.long().reshape(-1)]
+
+
+def _model(correct: float, labels: torch.Tensor) -> _Table:
+    """A model right on the first ``correct`` share of the hold-out examples, wrong on the rest."""
+    predictions = labels.clone()
+    wrong = torch.arange(len(labels)) >= int(correct * len(labels))
+    predictions[wrong] = (labels[wrong] + 1) % 3
+    return _Table(predictions)
+
+
+@pytest.mark.parametrize(("previous", "accuracy", "action"), [
+    ("cca +affine", 0.6, "rollback"),  # a non-baseline broadcast that trained worse: back to its round's FedAvg
+    ("direct", 0.6, None),             # the baseline, an ordinary dip: left alone
+    ("direct", 0.1, "keep"),           # the baseline, a collapse: the global model kept once
+])
+def test_what_the_guard_does_after_each_kind_of_broadcast(previous: str, accuracy: float, action: str | None) -> None:
+    from fedcca.flower.guard import CollapseGuard
+
+    labels = torch.arange(500) % 3
+    inputs = torch.arange(500).float()
+    guard = CollapseGuard((inputs, labels), min_z=2.0)
+    first, baseline = _model(0.8, labels), _model(0.7, labels)
+    guard.decide(1, None, first, previous, baseline, "direct")
+    out, done = guard.decide(2, first, _model(accuracy, labels), "cca", _model(accuracy, labels), "direct")
+    assert (done or {}).get("action") == action
+    if action == "rollback":
+        assert torch.equal(out.table, baseline.table) and done["to"] == "round 1 direct"
+        assert guard.in_probation(3)

@@ -7,13 +7,14 @@ federation stayed at chance while FedAvg trained on). What the clients do with a
 only in the next round, so :class:`CollapseGuard` compares each round's chosen merge with the
 global model the clients started from, on the same held-out examples:
 
-* the round **collapsed** when the merge lost more than half of the global model's gain over
-  chance *and* is worse by more than ``min_z`` paired standard errors (ordinary non-IID
-  oscillation loses less);
-* after a collapse, if the global model was a non-baseline candidate (e.g. ``cca +affine``), the
-  guard **rolls back** to the baseline merge of that round (FedAvg's average, which training
-  from would have followed) and keeps the baseline in the next round (**probation**);
-  otherwise it **keeps** the global model once (never twice in a row, so that a run cannot stall).
+* when the global model was a non-baseline candidate (e.g. ``cca +affine``) and the merge is worse
+  than it by more than ``min_z`` paired standard errors, that candidate did not train well: the
+  guard **rolls back** to the baseline merge of the global model's round (FedAvg's average, which
+  FedAvg would have broadcast) and keeps the baseline in the next round too (**probation**);
+* when the global model was the baseline, only a **collapse** acts — the merge lost more than half
+  of the global model's gain over chance *and* is worse by ``min_z`` standard errors (ordinary
+  non-IID oscillation loses less): the guard **keeps** the global model once (never twice in a
+  row, so that a run cannot stall).
 
 Every action is logged at WARNING with its reason and returned as a dict for the round's record.
 """
@@ -111,14 +112,18 @@ class CollapseGuard:
         return model
 
     def _collapse(self, server_round: int, sent: nn.Module, chosen: nn.Module, label: str) -> dict[str, Any] | None:
-        """A record of the collapse when ``chosen`` lost more than half of ``sent``'s gain over chance, significantly."""
+        """A record of the collapse when ``chosen`` is significantly worse than ``sent`` on the hold-out set and
+        either ``sent`` was a non-baseline candidate or ``chosen`` lost more than half of ``sent``'s gain over chance."""
         inputs, labels = self.holdout
         _, before = holdout_losses(sent, inputs, labels, device=self.device, batch_size=self.batch_size)
         _, after = holdout_losses(chosen, inputs, labels, device=self.device, batch_size=self.batch_size)
         before_acc, after_acc = before.double().mean().item(), after.double().mean().item()
         chance = 1.0 / max(int(labels.max()) + 1, 2)  # the classes the hold-out set shows
         z = paired_z(after.double() - before.double())
-        if not (after_acc - chance < (before_acc - chance) / 2 and z < -self.min_z):
+        assert self._last is not None
+        declined = z < -self.min_z and self._last.baseline is not None  # a non-baseline model did not train well
+        collapsed = z < -self.min_z and after_acc - chance < (before_acc - chance) / 2
+        if not (declined or collapsed):
             return None
         return {"action": "collapse", "accuracy": after_acc, "previous_accuracy": before_acc, "z": z,
                 "reason": f"{label} scores {after_acc:.4f} on the hold-out set against {before_acc:.4f} for the "
