@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
@@ -141,16 +141,41 @@ def test_the_one_line_ccamerge_screens_by_default() -> None:
 
 
 def test_claimed_examples_do_not_choose_the_round_1_reference() -> None:
-    """reference="auto" in round 1: a client claiming 10^12 examples was the reference on main."""
+    """reference="auto" in round 1: a client claiming 10^12 examples with a worse model (here: random weights of
+    its honest norm) was the reference on main. Its claim now only breaks ties between models the hold-out set
+    cannot tell apart; without a hold-out set the reference is the medoid of the weights."""
     from fedcca.flower.strategy import CCAMerge
     from tests.tiny_clients import CALIBRATION, HELD_OUT, claiming_app, teacher_labels
 
+    def worse_and_claiming(message: Message, context: Context) -> Message:
+        reply = claiming_app(1e12)(message, context)
+        state = reply.content["arrays"].to_torch_state_dict()
+        noise = make_model(seed=99).state_dict()
+        reply.content["arrays"] = ArrayRecord({k: noise[k] for k in state})
+        return reply
+
     for holdout in (None, (HELD_OUT, teacher_labels(HELD_OUT))):
         strategy = CCAMerge(make_model, CALIBRATION, "cca", holdout=holdout, min_available_nodes=4, device="cpu")
-        grid = InProcessGrid({**{n: stats_app for n in GOOD_NODES}, BAD_NODE: claiming_app(1e12)})
+        grid = InProcessGrid({**{n: stats_app for n in GOOD_NODES}, BAD_NODE: worse_and_claiming})
         replies = list(grid.send_and_receive(strategy.configure_train(1, GLOBAL, ConfigRecord(), grid)))
         strategy.aggregate_train(1, replies)
         assert strategy.rounds[-1].reference != BAD_NODE and BAD_NODE in strategy.rounds[-1].capped
+
+
+def test_among_equally_accurate_replies_the_largest_is_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claims break ties on the hold-out set: when every reply is equally accurate there, the largest claim
+    (capped) is the round-1 reference."""
+    import fedcca.flower.aggregation as aggregation
+    from fedcca.flower.strategy import CCAMerge
+    from tests.tiny_clients import CALIBRATION, HELD_OUT, claiming_app, teacher_labels
+
+    monkeypatch.setattr(aggregation, "score", lambda *args, **kwargs: (1.0, 0.5))  # every reply 50% accurate
+    strategy = CCAMerge(make_model, CALIBRATION, "cca", holdout=(HELD_OUT, teacher_labels(HELD_OUT)),
+                        min_available_nodes=4, device="cpu")
+    grid = InProcessGrid({**{n: stats_app for n in GOOD_NODES}, BAD_NODE: claiming_app(60)})
+    replies = list(grid.send_and_receive(strategy.configure_train(1, GLOBAL, ConfigRecord(), grid)))
+    strategy.aggregate_train(1, replies)
+    assert strategy.rounds[-1].reference == BAD_NODE
 
 
 def test_uncapped_weights_merge_as_fedavg_weights() -> None:

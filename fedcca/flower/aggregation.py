@@ -205,13 +205,23 @@ class RoundAggregation:
         return updates
 
     def _best(self, updates: list[ClientUpdate]) -> int:
-        """Index of the reply most accurate on the hold-out set (ties: the lower node id); without a hold-out
-        set, the medoid of the replies' floating-point weights."""
+        """Index of the reference reply: among the replies whose hold-out accuracy is within one standard error
+        of the best, the one with the most (capped) examples; without a hold-out set, the medoid of the replies'
+        floating-point weights.
+
+        A claimed example count only breaks ties between models the hold-out set cannot tell apart: a
+        client cannot make a worse model the reference by claiming more examples (under label skew every
+        client is about equally accurate on a balanced hold-out set, and the one with more data is the
+        better alignment target: docs/results.md).
+        """
         settings = self.settings
         if settings.holdout is not None:
             accuracy = [score(self._model_from(update.state_dict), *settings.holdout, device=settings.device)[1]
                         for update in updates]
-            return max(range(len(updates)), key=lambda i: (accuracy[i], -updates[i].node_id))
+            best = max(accuracy)
+            tolerance = math.sqrt(max(best * (1 - best), 1e-12) / len(settings.holdout[1]))
+            tied = [i for i in range(len(updates)) if accuracy[i] >= best - tolerance]
+            return max(tied, key=lambda i: (min(updates[i].num_examples, self._weight_cap), -updates[i].node_id))
         flat = torch.stack([torch.cat([v.double().reshape(-1) for v in u.state_dict.values() if v.is_floating_point()])
                             for u in updates])
         distances = torch.cdist(flat, flat).sum(dim=1)

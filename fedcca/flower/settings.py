@@ -17,7 +17,8 @@ from fedcca.spec.alignment import AlignmentSpec
 REFERENCES: tuple[str, ...] = ("auto", "global", "best", "largest", "first")
 """Reference policies: "auto" ("best" in round 1, the global model after; see
 :meth:`AggregationSettings.reference_in`), "global", "best" (the reply most accurate on the hold-out
-set; without one, the medoid: the reply whose weights are nearest the others'), "largest" (the
+set, ties within one standard error to the most capped examples; without one, the medoid: the reply
+whose weights are nearest the others'), "largest" (the
 most ``num-examples``, capped: a claim a client makes), "first"."""
 STATISTICS_SOURCES: tuple[str, ...] = ("client", "server")
 """Where alignment statistics are computed."""

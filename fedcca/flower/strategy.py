@@ -87,7 +87,8 @@ class CCAMerge(FedAvg):
             a search's candidates and to early-stop distillation.
         reference: "auto" ("best" in round 1, whose global model is the initial one, "global" after),
             "global" (the round's global model, an alignment target only, not averaged), "best" (the
-            reply most accurate on ``holdout``; without it, the medoid of the replies' weights),
+            reply most accurate on ``holdout``, ties within one standard error to the most capped examples;
+            without it, the medoid of the replies' weights),
             "largest" (the reply with most ``num-examples``, a claim the client makes) or "first"
             (the first valid reply). See :data:`fedcca.flower.settings.REFERENCES`.
         stats: "client" (use statistics sent in replies when they match the reference,
