@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,6 +21,7 @@ from fedcca.flower.protocol import STATISTICS_KEY
 from fedcca.flower.recording import RecordRounds
 from fedcca.flower.screen import ScreenReplies
 from fedcca.flower.strategy import CCAMerge
+from fedcca.merging.config import MergeConfig
 from fedcca.merging.merger import MergeResult
 from tests.tiny_clients import (
     CALIBRATION,
@@ -429,3 +430,16 @@ def test_robust_averages_are_the_coordinate_wise_median_and_trimmed_mean() -> No
     assert int(median.average(like)["n"]) == 7  # integer buffers from ``like``
     with pytest.raises(ValueError, match="average must be one of"):
         _strategy(average="mode")
+
+
+def test_statistics_that_keep_every_norm_but_scramble_features_are_caught() -> None:
+    """Honest weights, cross moments negated: every norm and the Cauchy-Schwarz bounds are kept, so neither the
+    aligned-norm bound nor the statistics checks see it; without a hold-out set it took CCAMerge from 65% to 25%
+    (K = 5). The server's spot check on a random subset of the calibration data drops it; honest replies pass."""
+    from tests.tiny_clients import _scale_statistics
+
+    strategy = _strategy(config=MergeConfig("cca", zero_dead=False), min_train_nodes=3, screen=None)
+    _, (arrays, _) = _run_round(strategy, _grid_with_bad_node(_mutating_app(_scale_statistics({"/cross": -1.0}))))
+    record = strategy.rounds[-1]
+    assert arrays is not None and list(record.dropped) == [BAD_NODE], record.dropped
+    assert "do not describe this model" in record.dropped[BAD_NODE] and record.client_statistics == len(GOOD_NODES)

@@ -253,7 +253,8 @@ class RoundAggregation:
     def _add(self, merger: Merger, group: list[tuple[ClientUpdate, float, nn.Module]],
              is_reference: bool = False) -> None:
         """Add a group of replies to the merge; a reply whose data breaks alignment is dropped alone."""
-        statistics = [self.statistics.client(merger, update) for update, _, _ in group]
+        statistics = [self.statistics.checked(merger, model, self.statistics.client(merger, update))
+                      for update, _, model in group]
         self.record.client_statistics += sum(isinstance(stats, dict) for stats in statistics)
         sent = [isinstance(stats, StatisticsError) for stats in statistics]  # broken client statistics
         if merger.needs_statistics and not is_reference:

@@ -38,6 +38,15 @@ forged targets would rescale the merged model's layers."""
 _PRE = "pre-activation:"  # names the pre-activation points beside the alignment points in one pass
 
 
+SPOT_CHECK_SAMPLES = 64
+"""At most this many calibration examples (and at most an eighth of them) on which the server re-measures
+a client's cross moments, a fresh random subset each round, to check the statistics it sent."""
+MIN_SPOT_CHECK_CORRELATION = 0.5
+"""Least correlation, at every point, between the cross moments a client sent and those the server measures
+on :data:`SPOT_CHECK_SAMPLES` examples; below it the statistics do not describe the client's model (e.g.
+negated cross moments, which keep every norm and scramble the aligned features) and the reply is dropped."""
+
+
 class RoundStatistics:
     """Where each reply's alignment statistics and REPAIR targets come from in one round.
 
@@ -56,6 +65,7 @@ class RoundStatistics:
         self.client_statistics = settings.client_statistics_in(record.round)
         self._moments: dict[str, Moments] | None = None  # the global model's, once the first client's arrive
         self._global_preactivation: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._subset: torch.Tensor | None = None  # the round's spot-check examples
 
     def fill(self, merger: Merger, group: list[tuple[ClientUpdate, float, nn.Module]],
                          statistics: list) -> list:
@@ -83,6 +93,43 @@ class RoundStatistics:
                                       device=self.settings.device)[0]
         except StatisticsError as err:
             return err
+
+    def checked(self, merger: Merger, model: nn.Module, claimed: Any) -> Any:
+        """``claimed`` (a reply's statistics, paired) if its cross moments agree with the client model's own on a
+        random subset of the calibration data, else a StatisticsError saying where they do not. Other values
+        (None, an error) are returned as they are.
+
+        Honest statistics agree closely; forged ones that keep every norm (negated or permuted cross moments)
+        are what the aligned-norm bound cannot see. Costs one forward of the reference and the client model
+        over :data:`SPOT_CHECK_SAMPLES` examples per reply.
+        """
+        if not isinstance(claimed, dict) or merger.spec is None:
+            return claimed
+        if self._subset is None:
+            inputs = torch.cat(self.settings.calibration)
+            generator = torch.Generator().manual_seed(self.record.round)
+            size = min(SPOT_CHECK_SAMPLES, max(8, len(inputs) // 8))
+            self._subset = inputs[torch.randperm(len(inputs), generator=generator)[:size]]
+        started = time.perf_counter()
+        try:
+            measured = collect_statistics(merger.reference, [model], self._subset, merger.spec,
+                                          device=self.settings.device)[0]
+        except StatisticsError as err:
+            return err
+        finally:
+            self.record.stats_seconds += time.perf_counter() - started
+        for point, pair in claimed.items():
+            if point not in measured:
+                continue
+            sent, ours = pair.cross.double().flatten(), measured[point].cross.double().flatten()
+            if sent.numel() < 2 or float(ours.std()) == 0 or float(sent.std()) == 0:
+                continue
+            correlation = float(torch.corrcoef(torch.stack([sent, ours]))[0, 1])
+            if not correlation >= MIN_SPOT_CHECK_CORRELATION:
+                return StatisticsError(f"the cross moments sent at '{point}' correlate {correlation:.2f} with the "
+                                       f"model's own on {len(self._subset)} calibration examples (bound "
+                                       f"{MIN_SPOT_CHECK_CORRELATION:g}): they do not describe this model")
+        return claimed
 
     def client(self, merger: Merger, update: ClientUpdate) -> dict[str, PairStatistics] | StatisticsError | None:
         """A reply's statistics paired with the global model's own moments (measured once per round)."""
