@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,6 +96,7 @@ def _one(split: str, lr: float, epochs: int, seed: int, spec: Any, args: argpars
     out_dir = args.runs_dir / args.out.stem / f"{split}-lr{lr:g}-E{epochs}-{spec.label}-s{seed}"
     config = base_run_config(**SPLITS[split], lr=lr, local_epochs=epochs, seed=seed, num_server_rounds=args.rounds,
                              min_nodes=2, data_dir=args.data_dir, out_dir=str(out_dir), **spec.run_config())
+    shutil.rmtree(out_dir, ignore_errors=True)  # this benchmark's own folder: the run's files are read below
     result = run_one(config, args.num_clients)
     rounds = read_json(out_dir / "history.json")["rounds"]  # type: ignore[index]
     reasons = [list(r["dropped"].values()) for r in rounds]
@@ -103,7 +105,8 @@ def _one(split: str, lr: float, epochs: int, seed: int, spec: Any, args: argpars
             "diverged": sum("local training diverged" in reason or "TrainingDivergedError" in reason
                             for per_round in reasons for reason in per_round),
             "round1_screened": sum("screen bound" in reason for reason in reasons[0]) if reasons else 0,
-            "guard": [r["guard"] for r in rounds if r.get("guard")],
+            "guard": [r["guard"] for r in rounds if (r.get("guard") or {}).get("action") in ("rollback", "keep",
+                                                                                              "probation")],
             "wall_seconds": result["wall_seconds"]}
 
 

@@ -87,7 +87,7 @@ def test_a_collapse_rolls_back_to_the_previous_baseline_and_clients_train_again(
     assert second.guard is not None and second.guard["action"] == "rollback", second.guard
     assert second.guard["to"] == "round 1 direct"
     assert second.guard["accuracy"] < second.guard["previous_accuracy"] and second.guard["z"] < -2
-    assert "was not trainable; rolled back" in second.guard["reason"]
+    assert "did not train well; rolled back" in second.guard["reason"]
     # Round 3's clients received round 1's FedAvg average and trained; round 3 keeps its own baseline.
     assert set(TRAINED) >= {3} and len([r for r in TRAINED if r == 3]) == len(NODES)
     assert third.guard is None or third.guard["action"] == "probation"
@@ -125,21 +125,26 @@ def _model(correct: float, labels: torch.Tensor) -> _Table:
     return _Table(predictions)
 
 
-@pytest.mark.parametrize(("previous", "accuracy", "action"), [
-    ("cca +affine", 0.6, "rollback"),  # a non-baseline broadcast that trained worse: back to its round's FedAvg
-    ("direct", 0.6, None),             # the baseline, an ordinary dip: left alone
-    ("direct", 0.1, "keep"),           # the baseline, a collapse: the global model kept once
+@pytest.mark.parametrize(("previous", "accuracy", "fallback", "action"), [
+    ("cca +affine", 0.6, 0.7, "rollback"),  # a non-baseline broadcast that trained worse: back to its round's FedAvg
+    ("cca +affine", 0.6, 0.5, "none"),      # ... unless that FedAvg average is worse still: the merge stands
+    ("direct", 0.6, 0.7, None),             # the baseline, an ordinary dip: left alone
+    ("direct", 0.1, 0.7, "keep"),           # the baseline, a collapse: the global model kept once
 ])
-def test_what_the_guard_does_after_each_kind_of_broadcast(previous: str, accuracy: float, action: str | None) -> None:
+def test_what_the_guard_does_after_each_kind_of_broadcast(previous: str, accuracy: float, fallback: float,
+                                                          action: str | None) -> None:
     from fedcca.flower.guard import CollapseGuard
 
     labels = torch.arange(500) % 3
     inputs = torch.arange(500).float()
     guard = CollapseGuard((inputs, labels), min_z=2.0)
-    first, baseline = _model(0.8, labels), _model(0.7, labels)
+    first, baseline = _model(0.8, labels), _model(fallback, labels)
     guard.decide(1, None, first, previous, baseline, "direct")
-    out, done = guard.decide(2, first, _model(accuracy, labels), "cca", _model(accuracy, labels), "direct")
+    chosen = _model(accuracy, labels)
+    out, done = guard.decide(2, first, chosen, "cca", _model(accuracy, labels), "direct")
     assert (done or {}).get("action") == action
+    if action == "none":
+        assert out is chosen
     if action == "rollback":
         assert torch.equal(out.table, baseline.table) and done["to"] == "round 1 direct"
         assert guard.in_probation(3)

@@ -71,7 +71,8 @@ class CollapseGuard:
         return self._probation == server_round
 
     def decide(self, server_round: int, sent: nn.Module | None, chosen: nn.Module, label: str,
-               baseline: nn.Module | None, baseline_label: str | None) -> tuple[nn.Module, dict[str, Any] | None]:
+               baseline: nn.Module | None, baseline_label: str | None,
+               chosen_z: float = 0.0) -> tuple[nn.Module, dict[str, Any] | None]:
         """The model to broadcast after ``server_round``, and the guard's action for the record (None: none).
 
         Args:
@@ -81,17 +82,20 @@ class CollapseGuard:
             label: Its label.
             baseline: The round's baseline merge (None when there was no choice).
             baseline_label: Its label.
+            chosen_z: The chosen merge's paired accuracy gain over the baseline, in standard errors.
         """
         action: dict[str, Any] | None = None
         out, out_label = chosen, label
-        if self.in_probation(server_round) and baseline is not None and label != baseline_label:
+        # probation keeps the baseline unless the chosen merge is clearly better than it this round
+        if self.in_probation(server_round) and baseline is not None and label != baseline_label \
+                and not chosen_z > self.min_z:
             out, out_label = baseline, str(baseline_label)
             action = {"action": "probation", "reason": f"the round after a rollback keeps the baseline "
                       f"{baseline_label} (chosen was {label})"}
         elif self._last is not None and sent is not None and not self._last.kept:
             action = self._collapse(server_round, sent, chosen, label)
             if action is not None:
-                out, out_label = self._fallback(server_round, sent, action)
+                out, out_label = self._fallback(server_round, sent, chosen, label, action)
         if action is not None:
             log(WARNING, "[fedcca] guard: round %s: %s", server_round, action["reason"])
         keeps_baseline = baseline is None or out_label == baseline_label
@@ -105,9 +109,10 @@ class CollapseGuard:
         """:meth:`decide` for one round's merge result; the action goes to ``record.guard`` (and, when the chosen
         merge is not what is broadcast, to its ``merge_choice``, e.g. ``"cca +affine -> rollback"``)."""
         baseline = result.baseline_config.label() if result.baseline_config is not None else None
+        chosen_z = next((score.z for score in result.scores if score.chosen), 0.0)
         model, record.guard = self.decide(record.round, sent, result.model, result.config.label(), result.baseline,
-                                          baseline)
-        if record.guard is not None and record.guard["action"] != "collapse":
+                                          baseline, chosen_z)
+        if record.guard is not None and record.guard["action"] in ("rollback", "keep", "probation"):
             record.merge_choice = f"{result.config.label()} -> {record.guard['action']}"
         return model
 
@@ -129,16 +134,29 @@ class CollapseGuard:
                 "reason": f"{label} scores {after_acc:.4f} on the hold-out set against {before_acc:.4f} for the "
                           f"global model the clients trained from (z {z:.2f})"}
 
-    def _fallback(self, server_round: int, sent: nn.Module, action: dict[str, Any]) -> tuple[nn.Module, str]:
-        """Roll back to the previous round's baseline (a non-baseline model was broadcast), else keep ``sent``."""
+    def _fallback(self, server_round: int, sent: nn.Module, chosen: nn.Module, label: str,
+                  action: dict[str, Any]) -> tuple[nn.Module, str]:
+        """Roll back to the previous round's baseline (a non-baseline model was broadcast) when it is at least as
+        accurate on the hold-out set as ``chosen``; keep ``sent`` after a collapse from a baseline; else
+        ``chosen`` stands (action "none": the fallback would be worse)."""
         last = self._last
         assert last is not None
         if last.baseline is not None:
             model = _like(sent, last.baseline)
+            inputs, labels = self.holdout
+            fallback = holdout_losses(model, inputs, labels, device=self.device, batch_size=self.batch_size)[1]
+            fallback_acc = fallback.double().mean().item()
+            if fallback_acc < action["accuracy"]:
+                action.update(action="none", fallback_accuracy=fallback_acc)
+                action["reason"] += (f"; round {last.round}'s baseline {last.baseline_label} scores "
+                                     f"{fallback_acc:.4f}, lower: {label} is kept")
+                return chosen, label
             self._probation = server_round + 1
-            action.update(action="rollback", to=f"round {last.round} {last.baseline_label}")
-            action["reason"] += (f": round {last.round}'s {last.label} was not trainable; rolled back to that "
-                                 f"round's baseline {last.baseline_label}, kept next round too")
+            action.update(action="rollback", to=f"round {last.round} {last.baseline_label}",
+                          fallback_accuracy=fallback_acc)
+            action["reason"] += (f": round {last.round}'s {last.label} did not train well; rolled back to that "
+                                 f"round's baseline {last.baseline_label} ({fallback_acc:.4f}), kept next round "
+                                 "unless a merge is clearly better")
             return model, f"{last.baseline_label} (round {last.round})"
         action.update(action="keep")
         action["reason"] += "; the global model is kept this round"

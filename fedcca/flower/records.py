@@ -35,6 +35,8 @@ class RoundRecord:
         reference: "global", or the node id of the reference reply.
         client_statistics: Replies whose alignment statistics the client sent.
         stats_seconds: Server time spent computing alignment statistics.
+        check_seconds: Server time spent spot-checking the statistics clients sent
+            (:meth:`fedcca.flower.round_statistics.RoundStatistics.checked`).
         merge_seconds: Server time of the merge (statistics included).
         aggregate_seconds: Server time of the whole aggregation (validation included; time
             spent waiting for streamed replies excluded).
@@ -69,6 +71,7 @@ class RoundRecord:
     reference: str | int | None = None
     client_statistics: int = 0
     stats_seconds: float = 0.0
+    check_seconds: float = 0.0
     merge_seconds: float = 0.0
     aggregate_seconds: float = 0.0
     train_seconds_wall: float = 0.0

@@ -117,7 +117,7 @@ class RoundStatistics:
         except StatisticsError as err:
             return err
         finally:
-            self.record.stats_seconds += time.perf_counter() - started
+            self.record.check_seconds += time.perf_counter() - started
         for point, pair in claimed.items():
             if point not in measured:
                 continue
