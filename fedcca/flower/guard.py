@@ -10,7 +10,9 @@ global model the clients started from, on the same held-out examples:
 * when the global model was a non-baseline candidate (e.g. ``cca +affine``) and the merge is worse
   than it by more than ``min_z`` paired standard errors, that candidate did not train well: the
   guard **rolls back** to the baseline merge of the global model's round (FedAvg's average, which
-  FedAvg would have broadcast) and keeps the baseline in the next round too (**probation**);
+  FedAvg would have broadcast) when that average is at least as accurate on the hold-out set as the
+  new merge, and keeps the baseline in the next round too (**probation**) unless a merge is better
+  than it by ``min_z`` standard errors;
 * when the global model was the baseline, only a **collapse** acts — the merge lost more than half
   of the global model's gain over chance *and* is worse by ``min_z`` standard errors (ordinary
   non-IID oscillation loses less): the guard **keeps** the global model once (never twice in a
