@@ -12,17 +12,31 @@ round-1 bound (10 |g|) and the default ``max-grad-norm`` were set from::
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedcca.app.federation import client_indices, derive_seed, load_data, make_model, seed_everything
+from fedcca.app.federation import (
+    client_indices,
+    derive_seed,
+    load_data,
+    make_model,
+    seed_everything,
+)
 from fedcca.app.task import TaskConfig
 from fedcca.data import DeviceLoader
 from fedcca.training import TrainingConfig, TrainingDivergedError, train
-from simulations.harness import add_runtime_arguments, apply_runtime, base_run_config, markdown_table, parse_list, write_json
+from simulations.harness import (
+    add_runtime_arguments,
+    apply_runtime,
+    base_run_config,
+    markdown_table,
+    parse_list,
+    write_json,
+)
 from simulations.stress import SPLITS
 
 
@@ -72,10 +86,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 rows.append({"split": split, "lr": lr, "max_grad_norm": clip_text, "updates": found})
                 print(f"[round-one] {split} lr {lr:g} clip {clip_text}: " + " ".join(f"{u:.3g}" for u in found),
                       flush=True)
-    payload = {"command": "python -m simulations.round_one_updates " + " ".join(argv or []), "rows": rows}
+    given = list(argv) if argv is not None else sys.argv[1:]
+    payload = {"command": "python -m simulations.round_one_updates " + " ".join(given), "rows": rows}
     write_json(args.out, payload)
     args.out.with_suffix(".md").write_text(markdown_table(
-        ["split", "lr", "max-grad-norm", "|w - g| / |g| per client (nan: diverged)"],
+        ["split", "lr", "max-grad-norm", "update norm / initial norm, per client (nan: diverged)"],
         [[r["split"], r["lr"], r["max_grad_norm"], " ".join(f"{u:.3g}" for u in r["updates"])] for r in rows]) + "\n")
     return payload
 
