@@ -106,7 +106,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     done = len(history["rounds"])
     if done < task.num_server_rounds:
         strategy.start(grid, arrays, task.num_server_rounds - done, task.round_timeout,
-                       evaluate_fn=lambda _, model: MetricRecord(evaluator(model)), first_round=done + 1,
+                       evaluate_fn=lambda rnd, model: MetricRecord(history["initial"] if rnd == 0 else evaluator(model)),
+                       first_round=done + 1,
                        on_round=saved)
     log(INFO, "[fedcca] results in %s", outputs.path)
     return history
