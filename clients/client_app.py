@@ -6,7 +6,9 @@ term when the strategy sends ``proximal-mu``, and, when the config sets
 ``fedcca.compute-statistics``, computes the statistics of its trained model (B) against the
 model it received (the reference A) on the public calibration set, so the server can align
 without running either model; with ``fedcca.preactivation-moments`` also its model's
-pre-activation moments (REPAIR's targets). CUDA is used when present.
+pre-activation moments (REPAIR's targets); with ``fedcca.align-to-global`` it aligns itself to the
+received model and sends its share of every candidate merge (:mod:`fedcca.flower.client_alignment`).
+CUDA is used when present.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from fedcca.app import federation
 from fedcca.app.task import TaskConfig
 from fedcca.data import DeviceLoader
 from fedcca.devices import resolve_device
-from fedcca.flower.protocol import diverged_reply, read_train_instruction, train_reply
+from fedcca.flower.client_alignment import ALIGNED_KEY, add_alignment
+from fedcca.flower.protocol import METRICS_KEY, diverged_reply, read_train_instruction, train_reply
 from fedcca.merging.repair import preactivation_statistics
 from fedcca.spec.tracing import spec_for
 from fedcca.statistics import collect_statistics
@@ -71,6 +74,11 @@ def train(msg: Message, context: Context) -> Message:
         if instruction.send_preactivation:  # REPAIR's endpoint statistics: the server need not run our model
             preactivation = preactivation_statistics([model], calibration, spec, recompute_bn=False, device=device)[0]
         stats_seconds = time.perf_counter() - started
+    started = time.perf_counter()
     metrics = {"train-loss": result["loss"], "train-seconds": result["seconds"], "stats-seconds": stats_seconds}
-    return Message(train_reply(model.state_dict(), loader.num_examples, metrics, statistics, preactivation),
-                   reply_to=msg)
+    content = train_reply(model.state_dict(), loader.num_examples, metrics, statistics, preactivation)
+    # Client-side alignment (when the strategy asks): our share of every candidate merge onto the received model.
+    content = add_alignment(content, msg, model, federation.calibration_inputs(task), device=device)
+    if ALIGNED_KEY in content:
+        content[METRICS_KEY]["align-seconds"] = time.perf_counter() - started
+    return Message(content, reply_to=msg)

@@ -133,7 +133,8 @@ def build_strategy(task: TaskConfig, model_fn: Callable[[], nn.Module], device: 
         if task.strategy == "fedprox":
             return FedProx(proximal_mu=task.proximal_mu, **common)
         return CCAMerge(model_fn, calibration_inputs(task), task.merge_search(), holdout=holdout_set(task),
-                        reference=task.reference, stats=task.stats, device=device, average=task.average,
+                        reference=task.reference, stats=task.stats, alignment=task.alignment, device=device,
+                        average=task.average,
                         distill=task.distill_config(), screen=task.update_screen(), **common)
     finally:
         FLOWER_LOGGER.removeFilter(quiet)

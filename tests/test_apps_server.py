@@ -91,6 +91,18 @@ def test_fedavg_is_flowers_weighted_average_of_the_client_models(data_dir: Path,
     assert history["rounds"][0]["stats_seconds"] == 0.0 and "accuracy" in history["rounds"][0]
 
 
+def test_client_side_alignment_through_the_apps(data_dir: Path, tmp_path: Path) -> None:
+    """``alignment = "client"``: round 2's clients align themselves (the real ClientApp) and the server sums."""
+    config = tiny_run_config(data_dir, tmp_path, alignment="client")
+    history, grid = _run(config)
+    first, second = history["rounds"]
+    assert first["reference"] in (1, 2) and not first["skipped"]
+    assert second["reference"] == "global" and second["client_statistics"] == 0 and second["num_dropped"] == 0
+    assert second["merge_choice"] and second["candidates"]
+    asked = {m.content["config"]["server-round"]: "fedcca.align-to-global" in m.content["config"] for m in grid.sent}
+    assert asked == {1: False, 2: True}
+
+
 @pytest.mark.parametrize("strategy", ["permute", "weight-matching"])
 def test_other_methods_build_ccamerge(data_dir: Path, tmp_path: Path, strategy: str) -> None:
     config = tiny_run_config(data_dir, tmp_path, strategy=strategy)

@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedcca.data import SCHEMES
 from fedcca.flower.screen import ScreenReplies, UpdateScreen
-from fedcca.flower.settings import REFERENCES, STATISTICS_SOURCES
+from fedcca.flower.settings import ALIGNMENT_SITES, REFERENCES, STATISTICS_SOURCES
 from fedcca.merging.config import MergeConfig, MergeSearch, parse_values
 from fedcca.merging.distillation import TEACHERS, DistillConfig
 from fedcca.merging.merger import AVERAGES
@@ -87,6 +87,8 @@ class TaskConfig:
         reference: CCAMerge reference: "auto" (the best client on the hold-out set in round 1, the global
             model after), "global", "best", "largest" or "first" (:data:`fedcca.flower.settings.REFERENCES`).
         stats: Where alignment statistics are computed: "client" or "server".
+        alignment: Where models are aligned from round 2 on: "server", or "client" (each client aligns
+            itself to the global model, the server sums: :mod:`fedcca.flower.client_alignment`).
         ridge: CCA ridge, read in ``ridge_mode``.
         ridge_mode: How the CCA ridge regularises: "trace", "relative" or "absolute".
         merge_methods: Comma-separated methods strategy "cca" chooses among, e.g. "cca,permute".
@@ -144,6 +146,7 @@ class TaskConfig:
     max_test_examples: int
     reference: str
     stats: str
+    alignment: str
     merge_methods: str
     ridge: float
     ridge_mode: str
@@ -243,6 +246,7 @@ class TaskConfig:
         _check_choice("partitioning", self.partitioning, SCHEMES)
         _check_choice("reference", self.reference, REFERENCES)
         _check_choice("stats", self.stats, STATISTICS_SOURCES)
+        _check_choice("alignment", self.alignment, ALIGNMENT_SITES)
         _check_choice("ridge-mode", self.ridge_mode, RIDGE_MODES)
         _check_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("average", self.average, AVERAGES)

@@ -39,7 +39,7 @@ from fedcca.statistics import (
 # What aligning one reply may raise because of its contents: degenerate statistics, a failed
 # decomposition, non-finite aligned weights (fedcca.merging.merger.MergeError is a ValueError), or an
 # allocation a forged reply provoked. Such a reply is dropped alone; the round goes on.
-_REPLY_DATA_ERRORS = (ValueError, ArithmeticError, RuntimeError, MemoryError)
+REPLY_DATA_ERRORS = (ValueError, ArithmeticError, RuntimeError, MemoryError)
 
 
 class RoundAggregation:
@@ -118,7 +118,7 @@ class RoundAggregation:
             self._require_enough()
             assert merger is not None
             return merger.finish()
-        except _REPLY_DATA_ERRORS as err:
+        except REPLY_DATA_ERRORS as err:
             log(DEBUG, "aggregate_train: merge failed in round %s", record.round, exc_info=True)
             raise SkipRound(f"merge failed: {type(err).__name__}: {err}") from err
         finally:
@@ -270,7 +270,7 @@ class RoundAggregation:
                 preactivation = None if is_reference else self.statistics.preactivation(merger, update)
                 merger.add(model, weight, stats, name=str(update.node_id), is_reference=is_reference,
                            preactivation=preactivation)
-            except _REPLY_DATA_ERRORS as err:
+            except REPLY_DATA_ERRORS as err:
                 if is_reference:
                     raise
                 self._drop(update.node_id, f"alignment failed: {type(err).__name__}: {err}")

@@ -7,8 +7,10 @@ benchmarks use it, and so can a user debugging a ClientApp.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from types import SimpleNamespace
 from typing import Any
 from uuid import uuid4
 
@@ -119,10 +121,11 @@ class InProcessGrid(Grid):
     def _reply(self, message: Message) -> Message:
         """The node's ClientApp's reply to ``message`` (an error reply if it raises)."""
         node_id = message.metadata.dst_node_id
-        context = self.contexts.get(node_id) or Context(run_id=1, node_id=node_id, node_config={},
-                                                        state=RecordDict(), run_config={})
-        try:
-            return self.nodes[node_id](message, context)
+        # One Context per node for the whole run, as a SuperNode keeps it (mods such as SecAgg+ keep state in it).
+        context = self.contexts.setdefault(node_id, Context(run_id=1, node_id=node_id, node_config={},
+                                                            state=RecordDict(), run_config={}))
+        try:  # a copy, as a transport delivers it: instructions may share records a mod edits in place (SecAgg+)
+            return self.nodes[node_id](copy.deepcopy(message), context)
         except Exception as err:  # pylint: disable=broad-except  # a crashed ClientApp
             logger.error("node %s failed: %r", node_id, err)
             return Message(Error(code=1, reason=repr(err)), reply_to=message)
@@ -131,9 +134,9 @@ class InProcessGrid(Grid):
         """Unused: there is no SuperLink run."""
 
     @property
-    def run(self) -> None:  # type: ignore[override]
-        """Unused: there is no SuperLink run."""
-        return None
+    def run(self) -> SimpleNamespace:  # type: ignore[override]
+        """A stand-in of the SuperLink run: only its ``run_id`` (1) is read, by Flower's legacy workflows."""
+        return SimpleNamespace(run_id=1)
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
                        group_id: str, ttl: float | None = None) -> Message:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from logging import WARNING
 
 import numpy as np
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.common.logger import log
+
+from fedcca.flower.protocol import InvalidReplyError, validate_evaluate_reply
 
 MAX_METRIC = 1e12
 """Largest metric magnitude averaged (a loss or a time is far below it)."""
@@ -47,3 +50,16 @@ def average_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRe
             sums[key] = sums.get(key, 0.0) + weight * value_array
             totals[key] = totals.get(key, 0.0) + weight
     return MetricRecord({key: (sums[key] / totals[key]).tolist() for key in sums})
+
+
+def valid_evaluate_replies(replies: Iterable[Message], weighted_by_key: str) -> list[RecordDict]:
+    """The contents of the evaluation replies with a usable weight; each other one is logged with its reason."""
+    valid: list[RecordDict] = []
+    for msg in replies:
+        try:
+            validate_evaluate_reply(msg, weighted_by_key)
+        except InvalidReplyError as err:
+            log(WARNING, "aggregate_evaluate: dropped reply from node %s: %s", msg.metadata.src_node_id, err)
+            continue
+        valid.append(msg.content)
+    return valid

@@ -50,6 +50,7 @@ WEIGHTS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 STATISTICS_KEY = "fedcca.statistics"
+ALIGNED_RECORD_KEY = "fedcca.aligned"  # client-side alignment (fedcca.flower.client_alignment.ALIGNED_KEY)
 COMPUTE_STATS_FLAG = "fedcca.compute-statistics"
 NUM_EXAMPLES_KEY = "num-examples"
 PREACTIVATION_FLAG = "fedcca.preactivation-moments"
@@ -164,6 +165,7 @@ class ClientUpdate:
         metrics: The reply's ``MetricRecord``.
         num_bytes: Payload size of the reply (all records).
         statistics_bytes: Payload size of the statistics record (0 without one).
+        aligned: Its client-side alignment contribution (:mod:`fedcca.flower.client_alignment`), once decoded.
     """
 
     node_id: int
@@ -174,6 +176,7 @@ class ClientUpdate:
     num_bytes: int
     statistics_bytes: int
     preactivation: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    aligned: dict[str, torch.Tensor] | None = None
 
 
 
@@ -272,7 +275,7 @@ def _check_record_names(content: RecordDict, weights_key: str) -> None:
     metrics, configs = list(content.metric_records), list(content.config_records)
     if weights_key not in arrays:
         raise InvalidReplyError(f"missing ArrayRecord '{weights_key}' (has {sorted(arrays)})")
-    extra = arrays - {weights_key, STATISTICS_KEY}
+    extra = arrays - {weights_key, STATISTICS_KEY, ALIGNED_RECORD_KEY}
     if extra:
         raise InvalidReplyError(f"unexpected ArrayRecord(s) {sorted(extra)}")
     # Like FedAvg: exactly one MetricRecord, whatever its name.

@@ -22,6 +22,9 @@ whose weights are nearest the others'), "largest" (the
 most ``num-examples``, capped: a claim a client makes), "first"."""
 STATISTICS_SOURCES: tuple[str, ...] = ("client", "server")
 """Where alignment statistics are computed."""
+ALIGNMENT_SITES: tuple[str, ...] = ("server", "client")
+"""Where models are aligned in rounds whose reference is the global model: by the server, or by each
+client before it replies (:mod:`fedcca.flower.client_alignment`; the server then only sums)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class AggregationSettings:
             ``num-examples`` claimed in the round (inf: FedAvg's uncapped weights).
         preactivation_sizes: ``{point: features}`` of the points REPAIR corrects, whose
             pre-activation moments clients send when asked (:meth:`client_preactivation_in`).
+        alignment: One of :data:`ALIGNMENT_SITES` (see :meth:`client_alignment_in`).
+        aligned_layout: With client-side alignment, the names and shapes of a reply's contribution.
     """
 
     model_fn: Callable[[], nn.Module]
@@ -74,8 +79,15 @@ class AggregationSettings:
     max_norm_growth: float | None = 1e4
     average: str = "mean"
     preactivation_sizes: Mapping[str, int] = field(default_factory=dict)
+    alignment: str = "server"
+    aligned_layout: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.alignment not in ALIGNMENT_SITES:
+            raise ValueError(f"CCAMerge: alignment must be one of {ALIGNMENT_SITES}, got {self.alignment!r}")
+        if self.alignment == "client" and (self.average != "mean" or self.distill is not None):
+            raise ValueError("CCAMerge: client-side alignment sums the replies: it needs average='mean' and no "
+                             "distillation (the server never holds a client model)")
         for name, value, choices in (("reference", self.reference, REFERENCES), ("average", self.average, AVERAGES)):
             if value not in choices:
                 raise ValueError(f"CCAMerge: {name} must be one of {choices}, got {value!r}")
@@ -109,7 +121,13 @@ class AggregationSettings:
     def client_statistics_in(self, server_round: int) -> bool:
         """Whether clients are asked for statistics in ``server_round`` (they are taken against
         the model the clients received, so they fit only when that model is the reference)."""
-        return self.client_statistics and self.reference_in(server_round) == "global"
+        return (self.client_statistics and self.reference_in(server_round) == "global"
+                and not self.client_alignment_in(server_round))
+
+    def client_alignment_in(self, server_round: int) -> bool:
+        """Whether clients align themselves in ``server_round``: with ``alignment="client"``, in rounds
+        whose reference is the global model (round 1 of "auto" stays server-side: its reference is a reply)."""
+        return self.alignment == "client" and self.reference_in(server_round) == "global"
 
     def client_preactivation_in(self, server_round: int) -> bool:
         """Whether clients are asked for their pre-activation moments in ``server_round``: with their

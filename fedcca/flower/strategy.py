@@ -10,7 +10,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
@@ -18,19 +18,21 @@ from torch import nn
 
 from fedcca.devices import resolve_device
 from fedcca.flower.aggregation import RoundAggregation, SkipRound
+from fedcca.flower.client_alignment import (
+    ALIGN_KEY,
+    aligned_layout,
+    contribution_merger,
+    search_to_json,
+)
 from fedcca.flower.guard import CollapseGuard
 from fedcca.flower.inputs import check_runs, checked_holdout
-from fedcca.flower.metrics import average_metrics
-from fedcca.flower.protocol import (
-    COMPUTE_STATS_FLAG,
-    PREACTIVATION_FLAG,
-    InvalidReplyError,
-    validate_evaluate_reply,
-)
+from fedcca.flower.metrics import average_metrics, valid_evaluate_replies
+from fedcca.flower.protocol import COMPUTE_STATS_FLAG, PREACTIVATION_FLAG
 from fedcca.flower.records import RoundRecord, log_round
 from fedcca.flower.screen import UpdateScreen
 from fedcca.flower.settings import STATISTICS_SOURCES, AggregationSettings
 from fedcca.flower.streaming import ReplyTally, StreamingGrid
+from fedcca.flower.summed import SummedAggregation
 from fedcca.merging.config import (
     MergeConfig,
     MergeSearch,
@@ -118,6 +120,9 @@ class CCAMerge(FedAvg):
         guard: With ``holdout``: a round whose chosen merge collapses against the global model the clients
             trained from rolls back to the previous round's baseline (FedAvg's average) or keeps the global
             model (:class:`~fedcca.flower.guard.CollapseGuard`); logged and recorded as ``guard``.
+        alignment: "server", or "client": in rounds aligned to the global model each client aligns itself
+            and sends its share of every candidate (:mod:`fedcca.flower.client_alignment`); the server sums
+            them and chooses (needs ``average="mean"``, no ``distill``).
         **kwargs: ``MergeConfig`` fields (``method="permute"``, ``repair="affine"``, ...)
             override ``config``'s; every other keyword goes to ``FedAvg`` (``fraction_train``,
             ``min_train_nodes``, ``min_available_nodes``, ``weighted_by_key``, ...).
@@ -142,6 +147,7 @@ class CCAMerge(FedAvg):
         average: str = "mean",
         guard: bool = True,
         screen: UpdateScreen | None = UpdateScreen(),
+        alignment: str = "server",
         **kwargs: Any,
     ) -> None:
         if isinstance(model_fn, nn.Module):
@@ -174,7 +180,9 @@ class CCAMerge(FedAvg):
             weights_key=self.arrayrecord_key, weighted_by_key=self.weighted_by_key, min_replies=self.min_train_nodes,
             distill=distill, max_weight_ratio=max_weight_ratio, max_norm_growth=max_norm_growth, average=average,
             preactivation_sizes={} if self.spec is None else
-            {point.name: point.size for point in preactivation_spec(self.spec, model)[0].points})
+            {point.name: point.size for point in preactivation_spec(self.spec, model)[0].points},
+            alignment=alignment, aligned_layout={} if alignment != "client" else  # its own share: the shapes
+            aligned_layout(contribution_merger(model, batches, search, device=device, batch_size=batch_size)))
         self._sent: _Round | None = None
         self._screen = screen
         self._guard = None if holdout is None or not guard else CollapseGuard(
@@ -232,6 +240,8 @@ class CCAMerge(FedAvg):
         config = ConfigRecord(dict(config))  # start() passes the same record every round
         config[COMPUTE_STATS_FLAG] = self.requests_client_statistics_in(server_round)
         config[PREACTIVATION_FLAG] = self._settings.client_preactivation_in(server_round)
+        if self._settings.client_alignment_in(server_round):
+            config[ALIGN_KEY] = search_to_json(self.search)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent = _Round(server_round, arrays, [msg.metadata.dst_node_id for msg in messages])
         return messages
@@ -265,7 +275,8 @@ class CCAMerge(FedAvg):
             record.num_sent = len(sent.node_ids)
         self.rounds.append(record)
         started = time.perf_counter()
-        aggregation = RoundAggregation(self._settings, record, sent and sent.arrays, sent and sent.node_ids)
+        kind = SummedAggregation if self._settings.client_alignment_in(server_round) else RoundAggregation
+        aggregation = kind(self._settings, record, sent and sent.arrays, sent and sent.node_ids)
         try:
             result = aggregation.run(screened)
         except SkipRound as skip:
@@ -326,20 +337,9 @@ class CCAMerge(FedAvg):
         server_round: int,
         replies: Iterable[Message],
     ) -> MetricRecord | None:
-        """Aggregate evaluation metrics, dropping replies without a usable weight."""
-        valid: list[RecordDict] = []
-        for msg in replies:
-            try:
-                validate_evaluate_reply(msg, self.weighted_by_key)
-            except InvalidReplyError as err:
-                _log_drop("aggregate_evaluate", msg.metadata.src_node_id, str(err))
-                continue
-            valid.append(msg.content)
+        """Aggregate evaluation metrics, dropping replies without a usable weight (logged)."""
+        valid = valid_evaluate_replies(replies, self.weighted_by_key)
         return self.evaluate_metrics_aggr_fn(valid, self.weighted_by_key) if valid else None
-
-
-def _log_drop(where: str, node_id: int, reason: str) -> None:
-    log(WARNING, "%s: dropped reply from node %s: %s", where, node_id, reason)
 
 
 def _skipped(record: RoundRecord, reason: str) -> tuple[None, None]:

@@ -28,6 +28,13 @@ class WeightedSum:
                 self.total[key] = self.total[key] + term if key in self.total else term
         self.weight += weight
 
+    def add_total(self, total: Mapping[str, torch.Tensor], weight: float) -> None:
+        """Fold in a sum made elsewhere (``sum_k w_k state_k`` whose weights ``w_k`` total ``weight``)."""
+        for key, value in total.items():
+            term = value.detach().to(torch.float64).cpu()
+            self.total[key] = self.total[key] + term if key in self.total else term
+        self.weight += weight
+
     def average(self, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``total / weight`` in the dtypes of ``like``; entries never summed (integer buffers) from ``like``.
 

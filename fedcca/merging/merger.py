@@ -139,6 +139,8 @@ class Merger:
             inverse: honest transforms move features, not the weights' scale; statistics that
             do not describe the model (forged, or from another model) can scale them by orders
             of magnitude. None: no bound (offline merges of trusted models).
+        contributes: The merger only computes one model's additive share of a merge
+            (:func:`fedcca.merging.contribution.contribution`, e.g. on a client): no ``holdout`` needed.
     """
 
     def __init__(
@@ -154,18 +156,20 @@ class Merger:
         keep_transforms: bool = False,
         max_norm_growth: float | None = None,
         average: str = "mean",
+        contributes: bool = False,
     ) -> None:
         if average not in AVERAGES:
             raise ValueError(f"unknown average {average!r}; choose one of {', '.join(AVERAGES)}")
         if max_norm_growth is not None and not max_norm_growth >= 1:
             raise ValueError(f"max_norm_growth must be >= 1 (None: no bound), got {max_norm_growth!r}")
         self.max_norm_growth = max_norm_growth
+        self.average = average
         self.norm_growth: dict[str, float] = {}  # per model: the largest factor alignment moved its norm by
         self.search = resolve_search(choices)
         self.candidates = [_Candidate(config, make_average(average), repair=RepairTargets(average),
                                       norms=RepairTargets(average))
                            for config in self.search.candidates()]
-        if len(self.candidates) > 1 and holdout is None:
+        if len(self.candidates) > 1 and holdout is None and not contributes:
             raise ValueError(f"{len(self.candidates)} candidate merge configurations need a labelled holdout set")
         self.reference = reference
         self.calibration = list(as_batches(calibration, batch_size))

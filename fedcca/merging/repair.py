@@ -23,9 +23,15 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from fedcca.merging.averages import make_average
+from fedcca.merging.averages import WeightedSum, make_average
 from fedcca.merging.batchnorm import recompute_batchnorm
-from fedcca.spec.alignment import PRODUCERS, AlignmentPoint, AlignmentSpec, Transform, resolve_tap
+from fedcca.spec.alignment import (
+    PRODUCERS,
+    AlignmentPoint,
+    AlignmentSpec,
+    Transform,
+    resolve_tap,
+)
 from fedcca.spec.tracing import spec_for
 from fedcca.statistics import as_batches, collect_moments, feature_moments
 
@@ -129,6 +135,21 @@ class RepairTargets:
         self._std.add(stds, weight)
         if self._like is None:
             self._like = means
+
+    def sums(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The weighted sums of the means and of the standard deviations so far ("mean" average only)."""
+        if not isinstance(self._mean, WeightedSum) or not isinstance(self._std, WeightedSum):
+            raise ValueError("RepairTargets: only the 'mean' average has additive sums")
+        return dict(self._mean.total), dict(self._std.total)
+
+    def add_sums(self, means: Mapping[str, torch.Tensor], stds: Mapping[str, torch.Tensor], weight: float) -> None:
+        """Fold in sums made elsewhere (e.g. by clients, :meth:`sums`) whose weights total ``weight``."""
+        if not isinstance(self._mean, WeightedSum) or not isinstance(self._std, WeightedSum):
+            raise ValueError("RepairTargets: only the 'mean' average has additive sums")
+        self._mean.add_total(means, weight)
+        self._std.add_total(stds, weight)
+        if self._like is None:
+            self._like = {name: value.double() for name, value in means.items()}
 
     def targets(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{point: (target mean, target std)}``: the averages so far."""

@@ -1,0 +1,154 @@
+"""Client-side alignment: a client aligns its trained model to the model it received, the server only sums.
+
+From round 2 on the reference of the all-to-one alignment is the global model the server has
+just broadcast, which every client holds with the public calibration set. With
+``CCAMerge(alignment="client")`` the train message carries the merge search (:data:`ALIGN_KEY`,
+JSON data: configuration fields and values, never code); the client computes its additive share of
+every candidate's merge (:func:`fedcca.merging.contribution.contribution`: aligned weights, REPAIR's
+and BatchNorm's targets) and sends it in the ArrayRecord :data:`ALIGNED_KEY` beside its plain
+weights. A form that aligns nothing (FedAvg's) is the plain weights and is not sent twice.
+
+A user's own ClientApp adds this in one line before replying (a no-op when not asked)::
+
+    content = add_alignment(content, msg, model, calibration)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Message, RecordDict
+from torch import nn
+
+from fedcca.flower.protocol import (
+    ALIGNED_RECORD_KEY,
+    CONFIG_KEY,
+    WEIGHTS_KEY,
+    InvalidReplyError,
+)
+from fedcca.flower.wire_statistics import check_declared
+from fedcca.merging.config import MergeConfig, MergeSearch
+from fedcca.merging.contribution import contribution, forms
+from fedcca.merging.merger import Merger
+
+ALIGN_KEY = "fedcca.align-to-global"
+"""Config entry of a train message asking for client-side alignment: the merge search as JSON."""
+ALIGNED_KEY = ALIGNED_RECORD_KEY
+"""ArrayRecord of a train reply holding the client's contribution (float32 entries)."""
+_MAX_SEARCH_JSON = 64 * 1024  # a search is a few hundred bytes
+
+
+def search_to_json(search: MergeSearch) -> str:
+    """``search`` as the JSON a train message carries (fields and values only)."""
+    return json.dumps({"base": search.base.to_json(), "grid": [[name, list(values)] for name, values in search.grid],
+                       "min_z": search.min_z, "description": search.description})
+
+
+def search_from_json(text: str) -> MergeSearch:
+    """The search a train message asks for; ValueError naming what is wrong (data is never run)."""
+    if not isinstance(text, str) or len(text) > _MAX_SEARCH_JSON:
+        raise ValueError(f"'{ALIGN_KEY}' must be a JSON string of at most {_MAX_SEARCH_JSON} characters")
+    try:
+        data = json.loads(text)
+        base = dict(data["base"])
+        if base.get("points") is not None:
+            base["points"] = tuple(base["points"])
+        grid = tuple((str(name), tuple(values)) for name, values in data["grid"])
+        return MergeSearch(MergeConfig(**base), grid, float(data["min_z"]), str(data.get("description", "")))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"'{ALIGN_KEY}' is not a merge search: {type(err).__name__}: {err}") from err
+
+
+def contribution_merger(reference: nn.Module, calibration: torch.Tensor | Iterable[Any], search: MergeSearch, *,
+                        device: torch.device | str | None = None, batch_size: int = 256) -> Merger:
+    """A fresh merger onto ``reference`` that computes one contribution (see :func:`aligned_entries`)."""
+    return Merger(reference, calibration, search, device=device, batch_size=batch_size, contributes=True)
+
+
+def aligned_entries(merger: Merger, model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s contribution without the weights of forms that align nothing (they are its plain weights)."""
+    plain = _plain_forms(merger)
+    return {name: value for name, value in contribution(merger, model).items()
+            if not any(name.startswith(f"form{number}/weights/") for number in plain)}
+
+
+def add_alignment(content: RecordDict, message: Message, model: nn.Module, calibration: torch.Tensor | Iterable[Any],
+                  *, device: torch.device | str | None = None) -> RecordDict:
+    """``content`` with the client's aligned contribution when ``message`` asks for it (else unchanged).
+
+    Args:
+        content: The train reply's content (weights and metrics).
+        message: The train message (its ``arrays`` are the reference; its config may hold :data:`ALIGN_KEY`).
+        model: The trained model (not modified).
+        calibration: The public calibration inputs, normalised as in training.
+        device: Where to run (None: CUDA if present).
+
+    Raises:
+        ValueError: The message's search is malformed, or its weights do not fit ``model``.
+    """
+    config = message.content.config_records.get(CONFIG_KEY)
+    if config is None or ALIGN_KEY not in config:
+        return content
+    search = search_from_json(config[ALIGN_KEY])  # type: ignore[arg-type]
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(message.content.array_records[WEIGHTS_KEY].to_torch_state_dict())
+    merger = contribution_merger(reference, calibration, search, device=device)
+    content[ALIGNED_KEY] = ArrayRecord({name: value.contiguous() for name, value in
+                                        aligned_entries(merger, model).items()})
+    return content
+
+
+def decode_aligned(record: ArrayRecord, layout: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """A reply's contribution, checked against ``layout`` before anything is decoded.
+
+    Raises:
+        InvalidReplyError: A missing or unexpected entry, a declared dtype/shape/size that differs,
+            or non-finite values (the first one found is named).
+    """
+    missing, extra = [k for k in layout if k not in record], [k for k in record if k not in layout]
+    if missing or extra:
+        raise InvalidReplyError(f"aligned entries differ from the search's: missing {missing[:3]}, "
+                                f"unexpected {extra[:3]}")
+    out = {}
+    for name, shape in layout.items():
+        check_declared(record[name], name, shape, (np.dtype(np.float32),), InvalidReplyError, "aligned entry")
+        try:
+            array = record[name].numpy()
+        except Exception as err:  # corrupt bytes from a client
+            raise InvalidReplyError(f"aligned entry '{name}' cannot be decoded: {err}") from err
+        if array.dtype != np.float32 or tuple(array.shape) != shape:
+            raise InvalidReplyError(f"aligned entry '{name}' decodes to {array.dtype} {array.shape}, expected "
+                                    f"float32 {shape}")
+        if not np.isfinite(array).all():
+            raise InvalidReplyError(f"aligned entry '{name}' has non-finite values")
+        out[name] = torch.from_numpy(np.array(array))
+    return out
+
+
+def aligned_layout(merger: Merger) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of what a client sends in :data:`ALIGNED_KEY` for ``merger``'s candidates.
+
+    Args:
+        merger: A fresh merger from :func:`contribution_merger` (used up: its reference contributes itself).
+    """
+    return {name: tuple(value.shape) for name, value in aligned_entries(merger, merger.reference).items()}
+
+
+def with_plain_weights(merger: Merger, aligned: Mapping[str, torch.Tensor],
+                       weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A whole contribution: ``aligned`` plus the plain ``weights`` as every form that aligns nothing."""
+    whole = dict(aligned)
+    for number in _plain_forms(merger):
+        whole.update({f"form{number}/weights/{key}": value for key, value in weights.items()
+                      if value.is_floating_point()})
+    return whole
+
+
+def _plain_forms(merger: Merger) -> list[int]:
+    return [number for number, members in enumerate(forms(merger))
+            if not merger.candidates[members[0]].config.aligns]

@@ -1,0 +1,106 @@
+"""A round of client-side alignment: the replies' contributions are summed, the server only finishes the merge.
+
+Each valid reply carries its plain weights and its contribution (:mod:`fedcca.flower.client_alignment`),
+checked against the layout the search implies before anything is decoded. The weighted sum is streamed
+(one reply held at a time) with the same weight cap as a server-side round; then
+:func:`fedcca.merging.contribution.absorb` hands it to a merger onto the global model, whose
+``finish`` recomputes BatchNorm, applies REPAIR and chooses among the candidates on the hold-out set.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+from logging import DEBUG
+
+import torch
+from flwr.app import Message, RecordDict
+from flwr.common.logger import log
+
+from fedcca.flower.aggregation import REPLY_DATA_ERRORS, RoundAggregation, SkipRound
+from fedcca.flower.client_alignment import (
+    ALIGNED_KEY,
+    decode_aligned,
+    with_plain_weights,
+)
+from fedcca.flower.protocol import ClientUpdate, InvalidReplyError
+from fedcca.merging.contribution import absorb
+from fedcca.merging.merger import Merger, MergeResult
+
+
+class SummedAggregation(RoundAggregation):
+    """The aggregation of one client-aligned round (same arguments as :class:`RoundAggregation`)."""
+
+    @property
+    def streams(self) -> bool:
+        """Always: the global model is the reference and the contributions are summed."""
+        return True
+
+    def run(self, replies: Iterable[Message]) -> MergeResult:
+        """Sum the valid replies' contributions and finish the merge; SkipRound when no model can be made."""
+        record = self.record
+        global_model = self._model_from(self._global().to_torch_state_dict())
+        record.reference = "global"
+        started = time.perf_counter()
+        total: dict[str, torch.Tensor] = {}
+        weight_sum = 0.0
+        merger = Merger(global_model, self.settings.calibration, self.settings.search, holdout=self.settings.holdout,
+                        spec=self.settings.spec, device=self.settings.device, batch_size=self.settings.batch_size)
+        try:
+            for update, weight in self._capped(self._updates(replies)):
+                assert update.aligned is not None
+                whole = with_plain_weights(merger, update.aligned, update.state_dict)
+                for name, value in whole.items():
+                    term = weight * value.double()
+                    total[name] = total[name] + term if name in total else term
+                weight_sum += weight
+                self.metrics.append(RecordDict({"metrics": update.metrics}))
+            self._drop_missing()
+            record.num_valid = len(self.metrics)
+            self._require_enough()
+            absorb(merger, total, weight_sum)
+            return merger.finish()
+        except REPLY_DATA_ERRORS as err:
+            log(DEBUG, "aggregate_train: summed merge failed in round %s", record.round, exc_info=True)
+            raise SkipRound(f"merge failed: {type(err).__name__}: {err}") from err
+        finally:
+            record.merge_seconds = time.perf_counter() - started
+
+    def _updates(self, replies: Iterable[Message]) -> Iterator[ClientUpdate]:
+        """Valid replies whose contribution fits the search's layout, decoded one at a time."""
+        for msg in replies:
+            for update in super()._updates([msg]):
+                record = msg.content.array_records.get(ALIGNED_KEY) if msg.has_content() else None
+                try:
+                    if record is None:
+                        raise InvalidReplyError(f"missing ArrayRecord '{ALIGNED_KEY}' (client-side alignment was "
+                                                "asked for)")
+                    update.aligned = decode_aligned(record, self.settings.aligned_layout)
+                    self._check_growth(update)
+                except InvalidReplyError as err:
+                    self._drop(update.node_id, str(err))
+                    continue
+                yield update
+
+    def _check_growth(self, update: ClientUpdate) -> None:
+        """Each aligned form's weights within ``max_norm_growth`` of the reply's plain weights' norm (the bound
+        a server-side alignment puts on them): honest alignment moves features, not the weights' scale."""
+        bound = self.settings.max_norm_growth
+        if bound is None or update.aligned is None:
+            return
+        plain = _norm(value for value in update.state_dict.values() if value.is_floating_point())
+        forms: dict[str, list[torch.Tensor]] = {}
+        for name, value in update.aligned.items():
+            form, kind, _ = name.split("/", 2) if name.count("/") >= 2 else (name, "", "")
+            if kind == "weights":
+                forms.setdefault(form, []).append(value)
+        for form, values in forms.items():
+            growth = _norm(values) / plain if plain > 0 else float("inf")
+            if not 1 / bound <= growth <= bound:
+                raise InvalidReplyError(f"aligned {form} weights have {growth:.3g}x the norm of the reply's own "
+                                        f"(bound {bound:g}x)")
+
+
+def _norm(values: Iterable[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(torch.linalg.vector_norm(v.float())) ** 2 for v in values))
