@@ -9,13 +9,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedcca.flower.client_alignment import (
-    ALIGN_KEY,
-    ALIGNED_KEY,
-    add_alignment,
-    search_from_json,
-    search_to_json,
-)
+from fedcca.flower.client_alignment import ALIGN_KEY, ALIGNED_KEY, add_alignment, search_from_json, search_to_json
 from fedcca.flower.local_grid import InProcessGrid
 from fedcca.flower.protocol import COMPUTE_STATS_FLAG, read_train_instruction
 from fedcca.flower.strategy import CCAMerge

@@ -11,6 +11,7 @@ reason in the :class:`~fedcca.flower.records.RoundRecord`; a round that cannot p
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -101,28 +102,21 @@ class RoundAggregation:
         merger: Merger | None = None
         group: list[tuple[ClientUpdate, float, nn.Module]] = []
         try:
-            for update, weight in updates:
-                if merger is None:
-                    merger = self._merger(update)
-                    if self.reference != "global":  # the reference reply is averaged as it is
-                        self._add(merger, [(update, weight, merger.reference)], is_reference=True)
-                        continue
-                group.append((update, weight, self._model_from(update.state_dict, scratch=True)))
-                if len(group) >= settings.statistics_group or not self.statistics.needs_server(update):
+            with self._merging(started):
+                for update, weight in updates:
+                    if merger is None:
+                        merger = self._merger(update)
+                        if self.reference != "global":  # the reference reply is averaged as it is
+                            self._add(merger, [(update, weight, merger.reference)], is_reference=True)
+                            continue
+                    group.append((update, weight, self._model_from(update.state_dict, scratch=True)))
+                    if len(group) >= settings.statistics_group or not self.statistics.needs_server(update):
+                        self._add_group(merger, group)
+                        group = []
+                if merger is not None and group:
                     self._add_group(merger, group)
-                    group = []
-            if merger is not None and group:
-                self._add_group(merger, group)
-            self._drop_missing()
-            record.num_valid = len(self.metrics)
-            self._require_enough()
-            assert merger is not None
-            return merger.finish()
-        except REPLY_DATA_ERRORS as err:
-            log(DEBUG, "aggregate_train: merge failed in round %s", record.round, exc_info=True)
-            raise SkipRound(f"merge failed: {type(err).__name__}: {err}") from err
+                return self._finish(merger)
         finally:
-            record.merge_seconds = time.perf_counter() - started
             if merger is not None:
                 record.dead_features = {int(name): counts for name, counts in merger.dead_features.items()}
                 record.norm_growth = {int(name): growth for name, growth in merger.norm_growth.items()}
@@ -278,6 +272,25 @@ class RoundAggregation:
             if self.teacher is not None:  # the same weight as in the merge
                 self.teacher.add(logits, weight)
             self.metrics.append(RecordDict({"metrics": update.metrics}))
+
+    @contextlib.contextmanager
+    def _merging(self, started: float) -> Iterator[None]:
+        """Records the merge's time since ``started``; an error a reply's data provoked becomes SkipRound."""
+        try:
+            yield
+        except REPLY_DATA_ERRORS as err:
+            log(DEBUG, "aggregate_train: merge failed in round %s", self.record.round, exc_info=True)
+            raise SkipRound(f"merge failed: {type(err).__name__}: {err}") from err
+        finally:
+            self.record.merge_seconds = time.perf_counter() - started
+
+    def _finish(self, merger: Merger | None) -> MergeResult:
+        """The merge once every reply is read (SkipRound when too few were valid)."""
+        self._drop_missing()
+        self.record.num_valid = len(self.metrics)
+        self._require_enough()
+        assert merger is not None
+        return merger.finish()
 
     def _drop_missing(self) -> None:
         for node_id in self.sent or []:

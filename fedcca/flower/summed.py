@@ -12,13 +12,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Iterator
-from logging import DEBUG
 
 import torch
 from flwr.app import Message, RecordDict
-from flwr.common.logger import log
 
-from fedcca.flower.aggregation import REPLY_DATA_ERRORS, RoundAggregation, SkipRound
+from fedcca.flower.aggregation import RoundAggregation
 from fedcca.flower.client_alignment import (
     ALIGNED_KEY,
     decode_aligned,
@@ -47,7 +45,7 @@ class SummedAggregation(RoundAggregation):
         weight_sum = 0.0
         merger = Merger(global_model, self.settings.calibration, self.settings.search, holdout=self.settings.holdout,
                         spec=self.settings.spec, device=self.settings.device, batch_size=self.settings.batch_size)
-        try:
+        with self._merging(started):
             for update, weight in self._capped(self._updates(replies)):
                 assert update.aligned is not None
                 whole = with_plain_weights(merger, update.aligned, update.state_dict)
@@ -56,16 +54,9 @@ class SummedAggregation(RoundAggregation):
                     total[name] = total[name] + term if name in total else term
                 weight_sum += weight
                 self.metrics.append(RecordDict({"metrics": update.metrics}))
-            self._drop_missing()
-            record.num_valid = len(self.metrics)
-            self._require_enough()
-            absorb(merger, total, weight_sum)
-            return merger.finish()
-        except REPLY_DATA_ERRORS as err:
-            log(DEBUG, "aggregate_train: summed merge failed in round %s", record.round, exc_info=True)
-            raise SkipRound(f"merge failed: {type(err).__name__}: {err}") from err
-        finally:
-            record.merge_seconds = time.perf_counter() - started
+            if self.metrics:
+                absorb(merger, total, weight_sum)
+            return self._finish(merger)
 
     def _updates(self, replies: Iterable[Message]) -> Iterator[ClientUpdate]:
         """Valid replies whose contribution fits the search's layout, decoded one at a time."""

@@ -25,13 +25,7 @@ from torch import nn
 
 from fedcca.merging.averages import WeightedSum, make_average
 from fedcca.merging.batchnorm import recompute_batchnorm
-from fedcca.spec.alignment import (
-    PRODUCERS,
-    AlignmentPoint,
-    AlignmentSpec,
-    Transform,
-    resolve_tap,
-)
+from fedcca.spec.alignment import PRODUCERS, AlignmentPoint, AlignmentSpec, Transform, resolve_tap
 from fedcca.spec.tracing import spec_for
 from fedcca.statistics import as_batches, collect_moments, feature_moments
 
