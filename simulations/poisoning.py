@@ -15,7 +15,8 @@ one of them (the highest node id) an attacker that trains honestly and then chan
 Every strategy runs the same rounds from the same initial model: Flower's FedAvg, FedMedian,
 Krum (``num_malicious_nodes=1``) and FedTrimmedAvg (``beta=0.25``); ``cca-bare``: ``CCAMerge(model_fn,
 calibration, holdout=...)`` as the README's one line builds it; ``cca``: as the ServerApp builds it;
-``cca-median``: with ``average="median"``; ``cca-unbounded``: screen, weight cap and aligned-norm bound
+``cca-median``: with ``average="median"``; ``cca-cap1``: the one line with ``max_weight_ratio=1``;
+``cca-unbounded``: screen, weight cap and aligned-norm bound
 off. ``--set holdout-size=0`` runs the configuration without a hold-out set. Reported after the last
 round: test accuracy and the largest absolute weight of the global model (mean over seeds).
 Results are written after every run; a rerun skips those already in the JSON::
@@ -66,7 +67,7 @@ logger = logging.getLogger("simulations.poisoning")
 
 ATTACKS = ("none", "scale", "bound95", "sign-flip", "sign-flip-claim", "random", "examples", "statistics",
            "statistics-scale", "statistics-negated")
-STRATEGIES = ("fedavg", "fedmedian", "krum", "trimmedavg", "cca-bare", "cca", "cca-median", "cca-unbounded")
+STRATEGIES = ("fedavg", "fedmedian", "krum", "trimmedavg", "cca-bare", "cca", "cca-median", "cca-unbounded", "cca-cap1")
 BOUND = 10.0  # the screen's default max_update_norm
 
 
@@ -159,6 +160,9 @@ def build(name: str, task: TaskConfig, model_fn: Callable[[], torch.nn.Module], 
         return build_strategy(task, model_fn, torch.device("cpu"))
     if name == "cca-bare":  # the README's one line: every bound at its default
         return CCAMerge(model_fn, federation.calibration_inputs(task), holdout=federation.holdout_set(task), device="cpu", **common)
+    if name == "cca-cap1":  # the one line with no reply weighing more than the round's median claim
+        return CCAMerge(model_fn, federation.calibration_inputs(task), holdout=federation.holdout_set(task), device="cpu",
+                        max_weight_ratio=1.0, **common)
     if name == "cca-median":
         return CCAMerge(model_fn, federation.calibration_inputs(task), task.merge_search(), holdout=federation.holdout_set(task),
                         reference=task.reference, stats=task.stats, device="cpu", average="median",
@@ -222,7 +226,8 @@ def report(payload: dict[str, Any], path: Path) -> None:
     lines = [f"# One attacker among K clients, after {payload['rounds']} rounds", "",
              f"Setting: {payload['setting']}. Cell: test accuracy %, mean over seeds (seeds; largest absolute weight "
              "of the global model). `cca-bare`: `CCAMerge(model_fn, calibration, holdout=...)` as the README builds "
-             "it; `cca`: as the ServerApp builds it; `cca-median`: `average=\"median\"`; `cca-unbounded`: screen, "
+             "it; `cca`: as the ServerApp builds it; `cca-median`: `average=\"median\"`; `cca-cap1`: `max_weight_ratio=1`; "
+             "`cca-unbounded`: screen, "
              "weight cap and aligned-norm bound off.", "",
              harness.markdown_table(["K", "attack", *payload["strategies"]], rows)]
     path.write_text("\n".join(lines) + "\n")

@@ -11,7 +11,8 @@ average, builds every candidate (BatchNorm recomputed, REPAIR) and keeps the one
 
 Round 1 aligns to the initial model as well (no individual reply exists to serve as reference); the
 hold-out choice keeps FedAvg's average when that alignment does not help. Per-reply screening is
-impossible by construction: bound the clients with client-side DP clipping (``fixedclipping_mod``).
+impossible by construction, and Flower's client-side DP clipping mods do not compose with it (they clip
+the model update only and refuse parameters longer than the model).
 """
 
 from __future__ import annotations
