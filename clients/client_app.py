@@ -25,7 +25,7 @@ from fedcca.data import DeviceLoader
 from fedcca.devices import resolve_device
 from fedcca.flower.client_alignment import ALIGNED_KEY, add_alignment
 from fedcca.flower.protocol import METRICS_KEY, diverged_reply, read_train_instruction, train_reply
-from fedcca.merging.repair import preactivation_statistics
+from fedcca.merging.repair import statistics_and_preactivation
 from fedcca.spec.tracing import spec_for
 from fedcca.statistics import collect_statistics
 from fedcca.training import TrainingDivergedError
@@ -69,10 +69,12 @@ def train(msg: Message, context: Context) -> Message:
         calibration = federation.calibration_inputs(task)
         spec = spec_for(reference, calibration[:1])  # derived once for both measurements
         # Only our model's moments and the cross moment travel: the server measures the received model's.
-        statistics = collect_statistics(reference, [model], calibration, spec, reference_moments=False,
-                                        device=device)[0]
-        if instruction.send_preactivation:  # REPAIR's endpoint statistics: the server need not run our model
-            preactivation = preactivation_statistics([model], calibration, spec, recompute_bn=False, device=device)[0]
+        if instruction.send_preactivation:  # with REPAIR's endpoint statistics, from the same forward pass
+            statistics, preactivation = statistics_and_preactivation(reference, model, calibration, spec,
+                                                                     reference_moments=False, device=device)
+        else:
+            statistics = collect_statistics(reference, [model], calibration, spec, reference_moments=False,
+                                            device=device)[0]
         stats_seconds = time.perf_counter() - started
     started = time.perf_counter()
     metrics = {"train-loss": result["loss"], "train-seconds": result["seconds"], "stats-seconds": stats_seconds}

@@ -263,6 +263,8 @@ def collect_statistics(
     reference_moments: bool = True,
     device: torch.device | str | None = None,
     batch_size: int = 256,
+    own_moments: AlignmentSpec | None = None,
+    own_out: list[dict[str, Moments]] | None = None,
 ) -> list[dict[str, PairStatistics]]:
     """Statistics of every model's features against the reference's, per alignment point.
 
@@ -284,6 +286,10 @@ def collect_statistics(
             only its part, :meth:`PairStatistics.client_part`, skips it: one product less).
         device: Where to run (None: CUDA if available, else CPU).
         batch_size: Batch size when ``calibration`` is a tensor.
+        own_moments: Further taps (e.g. :func:`fedcca.merging.repair.preactivation_spec`'s) whose
+            :class:`Moments` each model gets in the same forward pass (no pass of its own);
+            they are appended to ``own_out``, one dict per model.
+        own_out: Where ``own_moments``' results go (required with it).
 
     Returns:
         For each model, ``{point name: PairStatistics}`` with CPU tensors.
@@ -294,16 +300,26 @@ def collect_statistics(
     """
     batches, spec = _batches_and_spec(reference, calibration, spec, batch_size)
     taps, sizes = _taps(spec, points)
+    if (own_moments is None) != (own_out is None):
+        raise ValueError("collect_statistics: own_moments and own_out go together")
+    own = _taps(own_moments, None) if own_moments is not None else ({}, {})
+    if own_moments is not None and any(model is reference for model in models):
+        raise ValueError("collect_statistics: own_moments of the reference itself: use collect_moments")
     device = resolve_device(device)
     totals: list[dict[str, PairStatistics]] = [{} for _ in models]
+    owns: list[dict[str, Moments]] = [{} for _ in models]
     with _running(reference, *models, device=device):
         for batch in batches:
             batch = batch.to(device)
             ref_features = _record_reference(reference, batch, taps, sizes, own=reference_moments)
             for index, model in enumerate(models):
-                _accumulate(model, index, batch, taps, sizes, reference, ref_features, totals[index])
+                _accumulate(model, index, batch, taps, sizes, reference, ref_features, totals[index],
+                            own, owns[index])
     for index, stats in enumerate(totals):
         _check_complete(stats, sizes, f"model {index}")
+        _check_complete(owns[index], own[1], f"model {index}")
+    if own_out is not None:
+        own_out.extend({name: moments[name].to("cpu") for name in own[1]} for moments in owns)
     return [{name: stats[name].to("cpu") for name in sizes} for stats in totals]
 
 
@@ -607,8 +623,11 @@ def _record_reference(reference: nn.Module, batch: torch.Tensor, taps: Mapping[s
 
 def _accumulate(model: nn.Module, index: int, batch: torch.Tensor, taps: Mapping[str, list[str]],
                 sizes: Mapping[str, int], reference: nn.Module,
-                ref_features: Mapping[str, list[_BatchFeatures]], totals: dict[str, PairStatistics]) -> None:
-    """Fold one batch of ``model``'s features into ``totals`` (paired with the reference's)."""
+                ref_features: Mapping[str, list[_BatchFeatures]], totals: dict[str, PairStatistics],
+                own: tuple[Mapping[str, list[str]], Mapping[str, int]] = ({}, {}),
+                own_totals: dict[str, Moments] | None = None) -> None:
+    """Fold one batch of ``model``'s features into ``totals`` (paired with the reference's), and its own
+    moments at the ``own`` taps into ``own_totals`` (same forward)."""
     calls = {tap: 0 for tap in taps}
 
     def fold(tap: str, mine: _BatchFeatures) -> None:
@@ -630,5 +649,16 @@ def _accumulate(model: nn.Module, index: int, batch: torch.Tensor, taps: Mapping
             for features in outputs:
                 fold(tap, features)
     else:
-        run_with_taps(model, batch, taps, lambda tap, output: fold(
-            tap, _batch_features(_features(output, taps[tap][0], sizes[taps[tap][0]], index), taps[tap][0], index)))
+        own_taps, own_sizes = own
+
+        def on_output(tap: str, output: object) -> None:
+            if tap in taps:
+                first = taps[tap][0]
+                fold(tap, _batch_features(_features(output, first, sizes[first], index), first, index))
+            if tap in own_taps and own_totals is not None:
+                first = own_taps[tap][0]
+                moments = _batch_features(_features(output, first, own_sizes[first], index), first, index).moments
+                for point in own_taps[tap]:
+                    own_totals[point] = own_totals[point] + moments if point in own_totals else moments
+
+        run_with_taps(model, batch, {**own_taps, **taps}, on_output)

@@ -207,3 +207,24 @@ def test_feature_moments_equal_the_covariance_diagonal_and_stop_after_the_point(
     assert len(calls) == 1
     with pytest.raises(StatisticsError, match="non-finite features at point 'shared'"):
         feature_moments(twice, torch.full((4, 4), float("nan")), point)
+
+
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_statistics_and_preactivation_in_one_pass_equal_the_two_passes(batchnorm: bool) -> None:
+    from fedcca.merging.repair import preactivation_statistics, statistics_and_preactivation  # noqa: PLC0415
+
+    reference, model, x = make_tiny(1, batchnorm), make_tiny(2, batchnorm), calibration(40, seed=5)
+    spec = reference.alignment_spec()
+    forwards = []
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
+    stats, pre = statistics_and_preactivation(reference, model, x, spec, reference_moments=False, device="cpu")
+    hook.remove()
+    assert len(forwards) == 1  # the model ran once for both (one batch)
+    want_stats = collect_statistics(reference, [model], x, spec, reference_moments=False, device="cpu")[0]
+    want_pre = preactivation_statistics([model], x, spec, recompute_bn=False, device="cpu")[0]
+    assert set(pre) == set(want_pre) and pre
+    for name, (mean, cov) in want_pre.items():
+        torch.testing.assert_close(pre[name][0], mean)
+        torch.testing.assert_close(pre[name][1], cov)
+    for name, pair in want_stats.items():
+        torch.testing.assert_close(stats[name].cross, pair.cross)

@@ -28,6 +28,7 @@ from torch import nn
 
 from fedcca.merging.config import MergeConfig
 from fedcca.merging.merger import Merger
+from fedcca.merging.repair import statistics_and_preactivation
 from fedcca.statistics import PairStatistics
 
 __all__ = ["absorb", "contribution", "forms", "layout"]
@@ -65,6 +66,12 @@ def contribution(merger: Merger, model: nn.Module, statistics: Mapping[str, Pair
     if merger.average != "mean":
         raise ValueError(f"contribution: only the weighted mean is additive, the merger averages by "
                          f"{merger.average!r}")
+    if statistics is None and preactivation is None and merger.needs_statistics and merger.spec is not None \
+            and model is not merger.reference and any(c.config.repair != "none" or merger._restores(c.config) for c in merger.candidates):
+        # REPAIR's and BatchNorm's targets from the statistics' own forward pass (one pass of each model)
+        statistics, preactivation = statistics_and_preactivation(
+            merger.reference, model, merger.calibration, merger.spec, points=merger._statistics_points(),
+            device=merger.device)
     merger.add(model, 1.0, statistics, name="contribution", preactivation=preactivation)
     names = merger.spec.names() if merger.spec is not None else []
     out: dict[str, torch.Tensor] = {}

@@ -27,7 +27,7 @@ from fedcca.merging.averages import WeightedSum, make_average
 from fedcca.merging.batchnorm import recompute_batchnorm
 from fedcca.spec.alignment import PRODUCERS, AlignmentPoint, AlignmentSpec, Transform, resolve_tap
 from fedcca.spec.tracing import spec_for
-from fedcca.statistics import as_batches, collect_moments, feature_moments
+from fedcca.statistics import Moments, PairStatistics, as_batches, collect_moments, collect_statistics, feature_moments
 
 logger = logging.getLogger(__name__)
 
@@ -317,6 +317,41 @@ def preactivation_statistics(
     spec = spec_for(models[0]) if spec is None else spec
     pre_spec, _ = preactivation_spec(spec, models[0])
     return _output_statistics(models, calibration, pre_spec, recompute_bn, device, batch_size)
+
+
+def statistics_and_preactivation(
+    reference: nn.Module,
+    model: nn.Module,
+    calibration: torch.Tensor | Iterable,
+    spec: AlignmentSpec,
+    *,
+    points: Sequence[str] | None = None,
+    reference_moments: bool = True,
+    device: torch.device | str | None = None,
+    batch_size: int = 256,
+) -> tuple[dict[str, PairStatistics], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """``model``'s statistics against ``reference`` (:func:`~fedcca.statistics.collect_statistics`) and its
+    pre-activation ``{point: (mean, covariance)}`` with its BatchNorms as they are
+    (``preactivation_statistics(..., recompute_bn=False)``), from one forward pass of each model.
+
+    Args:
+        reference: Model A.
+        model: Model B.
+        calibration: Inputs.
+        spec: The alignment spec.
+        points: The points whose statistics are collected (default all).
+        reference_moments: Measure the reference's own second moments too.
+        device: Where forwards run.
+        batch_size: Batch size when ``calibration`` is a tensor.
+    """
+    pre_spec, _ = preactivation_spec(spec, model)
+    own: list[dict[str, Moments]] = []
+    stats = collect_statistics(reference, [model], calibration, spec, points=points,
+                               reference_moments=reference_moments, device=device, batch_size=batch_size,
+                               own_moments=pre_spec if pre_spec.points else None,
+                               own_out=own if pre_spec.points else None)[0]
+    moments = own[0] if own else {}
+    return stats, {name: (m.mean.double().cpu(), m.covariance().double().cpu()) for name, m in moments.items()}
 
 
 def norm_output_statistics(
