@@ -10,8 +10,9 @@ import pytest
 import scipy.linalg
 import torch
 
+import fedcca.methods.cca as cca_module
 from fedcca.methods.cca import DEFAULT_RIDGES, WhiteningCache, canonical_correlations, cca_transform
-from fedcca.methods.common import identity_transform
+from fedcca.methods.common import identity_transform, shrink_transform
 from fedcca.methods.permute import permute_transform
 from fedcca.methods.weight_matching import weight_matching
 from fedcca.statistics import PairStatistics
@@ -220,3 +221,31 @@ def test_whitening_cache_reuses_only_an_identical_reference() -> None:
     b = other @ _scaled_permutation(5, seed=15).T
     torch.testing.assert_close(cca_transform(_stats(other, b), point="p", cache=cache).matrix,
                                cca_transform(_stats(other, b), point="p").matrix, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("unique", [True, False])
+def test_cca_with_unpaired_dead_features_does_not_depend_on_rounding(unique: bool, monkeypatch) -> None:  # noqa: ANN001
+    """B has more dead features than A: the SVD leaves a null space whose pairing rounding decides.
+    The transform (and its shrunk version) must not move when the statistics move by 1e-12 relative;
+    with the plain polar factor ``U V^T`` (``unique=False``) it does, which shows the test can fail."""
+    if not unique:
+        monkeypatch.setattr(cca_module, "_unique_polar", lambda u, singular, vh: u @ vh)
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 12, generator=generator, dtype=torch.float64).relu()
+    b = a[:, torch.randperm(12, generator=generator)] + 0.3 * torch.randn(400, 12, generator=generator,
+                                                                        dtype=torch.float64)
+    a[:, :2] = 0.0  # A: 2 dead features
+    b[:, 3:8] = 0.0  # B: 5 dead, 3 of them unpaired
+    stats = PairStatistics.from_features(a, b)
+    moved = []
+    for seed in range(4):
+        noise = torch.randn(stats.cross.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        nudged = PairStatistics(stats.a, stats.b, stats.cross * (1 + 1e-12 * noise))
+        for amount in (1.0, 0.5):
+            first = shrink_transform(cca_transform(stats, 1.0), amount).matrix
+            second = shrink_transform(cca_transform(nudged, 1.0), amount).matrix
+            moved.append(float((first - second).abs().max()))
+    if unique:
+        assert max(moved) < 1e-6
+    else:
+        assert max(moved) > 1e-3

@@ -132,12 +132,30 @@ def _cca(stats: PairStatistics, ridge: float | None, mode: str, point: str,
     paired = min(int(dead_a.sum()), int(dead_b.sum()))
     corr_ab[np.flatnonzero(dead_a)[:paired], np.flatnonzero(dead_b)[:paired]] = 1.0
     u, singular, vh = _svd(inv_root_a @ corr_ab @ inv_root_b, point)
-    polar = u @ vh
+    polar = _unique_polar(u, singular, vh)
     # S = D R D with D = diag(scale), R a correlation matrix; whitening by (D R^1/2)^-1.
     matrix = (scale_a[:, None] * root_a) @ polar @ (inv_root_b / scale_b[None, :])
     inverse = (scale_b[:, None] * root_b) @ polar.T @ (inv_root_a / scale_a[None, :])
     return (Transform(matrix=torch.from_numpy(matrix), inverse=torch.from_numpy(inverse)),
             torch.from_numpy(singular))
+
+
+def _unique_polar(u: np.ndarray, singular: np.ndarray, vh: np.ndarray, tolerance: float = 1e-10) -> np.ndarray:
+    """The polar factor ``U V^T``, unique where the SVD is not.
+
+    Directions with a zero singular value (a model's dead features left unpaired, features with no
+    correlation at all) are paired by the SVD in an arbitrary rotation that rounding decides: the
+    same statistics on two machines (or summed in another order) then give different transforms,
+    harmless at ``a = 1`` on the calibration data but not once shrunk towards the identity. There the
+    rotation is chosen closest to the identity (orthogonal Procrustes: ``Q`` maximising
+    ``tr(U0 Q V0^T)``), so equal statistics up to rounding give equal transforms.
+    """
+    null = singular <= tolerance * max(float(singular.max(initial=0.0)), 1.0)
+    if not null.any():
+        return u @ vh
+    u0, v0 = u[:, null], vh[null, :].T
+    left, _, right = scipy.linalg.svd(u0.T @ v0)
+    return u[:, ~null] @ vh[~null, :] + u0 @ (left @ right) @ v0.T
 
 
 def _svd(matrix: np.ndarray, point: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
