@@ -134,7 +134,7 @@ def build_strategy(task: TaskConfig, model_fn: Callable[[], nn.Module], device: 
             return FedProx(proximal_mu=task.proximal_mu, **common)
         return CCAMerge(model_fn, calibration_inputs(task), task.merge_search(), holdout=holdout_set(task),
                         reference=task.reference, stats=task.stats, alignment=task.alignment, device=device,
-                        average=task.average,
+                        average=task.average, max_weight_ratio=task.max_weight_ratio,
                         distill=task.distill_config(), screen=task.update_screen(), **common)
     finally:
         FLOWER_LOGGER.removeFilter(quiet)

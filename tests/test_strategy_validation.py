@@ -388,12 +388,17 @@ def test_one_client_claiming_huge_example_counts_gets_a_capped_weight(claim: flo
     grid = InProcessGrid({**{n: stats_app for n in GOOD_NODES}, BAD_NODE: claiming_app(claim)})
     replies, (arrays, _) = _run_round(strategy, grid)
     assert arrays is not None and not strategy.rounds[-1].skipped
-    assert strategy.rounds[-1].capped == {BAD_NODE: claim}
-    honest = sorted(float(r.content["metrics"]["num-examples"]) for r in replies if r.metadata.src_node_id != BAD_NODE)
-    cap = 3.0 * float(np.median(honest + [claim]))
-    weights = {r.metadata.src_node_id: min(float(r.content["metrics"]["num-examples"]), cap) for r in replies}
+    claims = {r.metadata.src_node_id: float(r.content["metrics"]["num-examples"]) for r in sorted(
+        replies, key=lambda r: r.metadata.src_node_id)}
+    assert strategy.settings.max_weight_ratio == 1.0  # the default: no reply weighs more than the median client
+    # streamed (reference "global"): each weight is capped at the median claim so far, the first three
+    # waiting for each other
+    order = list(claims.values())
+    caps = {n: float(np.median(order[:max(3, i + 1)])) for i, n in enumerate(claims)}
+    weights = {n: min(c, caps[n]) for n, c in claims.items()}
+    assert strategy.rounds[-1].capped == {n: c for n, c in claims.items() if c > caps[n]}
     total = sum(weights.values())
-    assert weights[BAD_NODE] == cap < claim  # 3x the median claim: no more than three median clients
+    assert weights[BAD_NODE] == caps[BAD_NODE] < claim
     states = {r.metadata.src_node_id: r.content["arrays"].to_torch_state_dict() for r in replies}
     for key, value in arrays.to_torch_state_dict().items():
         if value.is_floating_point():
@@ -443,3 +448,13 @@ def test_statistics_that_keep_every_norm_but_scramble_features_are_caught() -> N
     record = strategy.rounds[-1]
     assert arrays is not None and list(record.dropped) == [BAD_NODE], record.dropped
     assert "do not describe this model" in record.dropped[BAD_NODE] and record.client_statistics == len(GOOD_NODES)
+
+
+def test_building_without_a_hold_out_set_warns(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        CCAMerge(make_model, CALIBRATION, device="cpu")
+    assert any("without a hold-out set" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        CCAMerge(make_model, CALIBRATION, holdout=(CALIBRATION[:8], torch.zeros(8, dtype=torch.long)), device="cpu")
+    assert not any("without a hold-out set" in r.getMessage() for r in caplog.records)

@@ -112,6 +112,8 @@ class TaskConfig:
             norms of the round, with three replies or more (0: off; :class:`~fedcca.flower.screen.ScreenReplies`).
         max_update_norm: Drop a reply whose update ``|w - g|`` exceeds this many times the
             global model's norm ``|g|`` (0: off; holds at any number of replies).
+        max_weight_ratio: A reply's merge weight is at most this many median ``num-examples`` claims
+            (``inf``: FedAvg's weights; CCAMerge's ``max_weight_ratio``).
         average: How CCAMerge averages the aligned replies: "mean" (weighted by num-examples),
             "median" or "trimmed" (robust, unweighted; :data:`fedcca.merging.merger.AVERAGES`).
         seed: Seeds the split, the initial model and every round's randomness.
@@ -161,6 +163,7 @@ class TaskConfig:
     distill_steps: int
     max_norm_ratio: float
     max_update_norm: float
+    max_weight_ratio: float
     average: str
     seed: int
     out_dir: str
@@ -250,6 +253,8 @@ class TaskConfig:
         _check_choice("ridge-mode", self.ridge_mode, RIDGE_MODES)
         _check_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("average", self.average, AVERAGES)
+        if not self.max_weight_ratio >= 1:
+            raise RunConfigError(f"max-weight-ratio must be >= 1 (inf: FedAvg's weights), got {self.max_weight_ratio!r}")
         for teacher in self.distill_teacher.split(","):
             _check_choice("distill-teacher", teacher.strip(), TEACHERS)
         for repair in self.repair.split(","):

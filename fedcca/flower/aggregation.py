@@ -40,6 +40,9 @@ from fedcca.statistics import (
 # What aligning one reply may raise because of its contents: degenerate statistics, a failed
 # decomposition, non-finite aligned weights (fedcca.merging.merger.MergeError is a ValueError), or an
 # allocation a forged reply provoked. Such a reply is dropped alone; the round goes on.
+REFERENCE_CLAIM_RATIO = 3.0
+"""When the reference is chosen by size ("largest", or ties of "best"), a claim counts for at most this
+many median claims of the round: a larger client still ranks first, a 10^12 claim gains nothing more."""
 REPLY_DATA_ERRORS = (ValueError, ArithmeticError, RuntimeError, MemoryError)
 
 
@@ -63,6 +66,7 @@ class RoundAggregation:
         self.statistics = RoundStatistics(settings, record)
         self.metrics: list[RecordDict] = []  # of the merged replies
         self._weight_cap = math.inf  # set from the replies by run()
+        self._claim_cap = math.inf  # what a claim counts for when the reference is chosen
         self._scale: float | None = None  # what streamed weights are divided by (the first median claim)
         self._replied: set[int] = set()  # nodes whose reply was read
         self._scratch: list[nn.Module] = []  # client models already merged, reused for the next replies
@@ -81,7 +85,7 @@ class RoundAggregation:
         When :attr:`streams`, ``replies`` is read lazily (a stream merges while other clients
         train) and each weight is capped by the median claim so far (:meth:`_capped`); otherwise
         every reply is read first, the weights are capped by the round's median claim
-        (:meth:`_median_claim`) and the reference reply is picked among them.
+        of the valid replies and the reference reply is picked among them.
         """
         settings, record = self.settings, self.record
         if self.reference == "global":
@@ -91,13 +95,14 @@ class RoundAggregation:
         if self.streams:
             updates = self._capped(self._updates(replies))
         else:
-            replies = list(replies)
-            median = self._median_claim(replies)
-            valid = list(self._updates(replies))
-            if median is not None:  # every valid reply made a claim
-                self._weight_cap = median * settings.max_weight_ratio
-            if self.reference != "global":
+            valid = list(self._updates(replies))  # each valid reply claims a positive, finite count
+            if valid and self.reference != "global":
+                self._claim_cap = _median(valid) * REFERENCE_CLAIM_RATIO
                 valid = self._reference_first(valid)
+            # the cap's median counts the merged replies only: a dropped reply moves no one's weight
+            median = _median(valid) if valid else None
+            if median is not None:
+                self._weight_cap = median * settings.max_weight_ratio
             updates = iter([] if median is None else [(update, self._scaled_weight(update, median)) for update in valid])
         merger: Merger | None = None
         group: list[tuple[ClientUpdate, float, nn.Module]] = []
@@ -120,18 +125,6 @@ class RoundAggregation:
             if merger is not None:
                 record.dead_features = {int(name): counts for name, counts in merger.dead_features.items()}
                 record.norm_growth = {int(name): growth for name, growth in merger.norm_growth.items()}
-
-    def _median_claim(self, replies: list[Message]) -> float | None:
-        """The round's median claimed ``num-examples`` (one claim per node, from replies with exactly one
-        ``MetricRecord``), or None without any claim."""
-        claimed: dict[int, float] = {}
-        for msg in replies:
-            if msg.has_error() or not msg.has_content() or len(msg.content.metric_records) != 1:
-                continue
-            value = next(iter(msg.content.metric_records.values())).get(self.settings.weighted_by_key)
-            if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
-                claimed.setdefault(msg.metadata.src_node_id, float(value))
-        return float(np.median(list(claimed.values()))) if claimed else None
 
     def _capped(self, updates: Iterator[ClientUpdate]) -> Iterator[tuple[ClientUpdate, float]]:
         """Valid updates as they come, each with its weight capped at ``max_weight_ratio`` x the median
@@ -186,7 +179,7 @@ class RoundAggregation:
         """
         while updates:
             if self.reference == "largest":
-                index = max(range(len(updates)), key=lambda i: min(updates[i].num_examples, self._weight_cap))
+                index = max(range(len(updates)), key=lambda i: min(updates[i].num_examples, self._claim_cap))
             elif self.reference == "best":
                 index = self._best(updates)
             else:
@@ -200,8 +193,8 @@ class RoundAggregation:
 
     def _best(self, updates: list[ClientUpdate]) -> int:
         """Index of the reference reply: among the replies whose hold-out accuracy is within one standard error
-        of the best, the one with the most (capped) examples; without a hold-out set, the medoid of the replies'
-        floating-point weights.
+        of the best, the one with the most examples (claims capped at REFERENCE_CLAIM_RATIO median claims);
+        without a hold-out set, the medoid of the replies' floating-point weights.
 
         A claimed example count only breaks ties between models the hold-out set cannot tell apart: a
         client cannot make a worse model the reference by claiming more examples (under label skew every
@@ -215,7 +208,7 @@ class RoundAggregation:
             best = max(accuracy)
             tolerance = math.sqrt(max(best * (1 - best), 1e-12) / len(settings.holdout[1]))
             tied = [i for i in range(len(updates)) if accuracy[i] >= best - tolerance]
-            return max(tied, key=lambda i: (min(updates[i].num_examples, self._weight_cap), -updates[i].node_id))
+            return max(tied, key=lambda i: (min(updates[i].num_examples, self._claim_cap), -updates[i].node_id))
         flat = torch.stack([torch.cat([v.double().reshape(-1) for v in u.state_dict.values() if v.is_floating_point()])
                             for u in updates])
         distances = torch.cdist(flat, flat).sum(dim=1)
@@ -331,3 +324,7 @@ def _finite_logits(logits: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(logits).all():
         raise ValueError("the model's outputs on the calibration data are not finite (distillation teacher)")
     return logits
+
+
+def _median(updates: list[ClientUpdate]) -> float:
+    return float(np.median([update.num_examples for update in updates]))

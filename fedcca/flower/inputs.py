@@ -3,9 +3,11 @@ labelled hold-out data in any of the forms users hold it."""
 
 from __future__ import annotations
 
+from logging import WARNING
 from typing import Any
 
 import torch
+from flwr.common.logger import log
 from torch import nn
 
 
@@ -16,6 +18,9 @@ def checked_holdout(holdout: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     examples: a ``DataLoader``, a map-style ``Dataset``.
     """
     if holdout is None:
+        log(WARNING, "[fedcca] CCAMerge without a hold-out set: no merge can be checked or chosen, no collapse "
+            "rolled back; the fixed merge was below FedAvg in our measurements (README, Limits). Pass "
+            "holdout=(inputs, labels) of public labelled data.")
         return None
     if isinstance(holdout, tuple) and len(holdout) == 2 and isinstance(holdout[0], torch.Tensor):
         inputs, labels = holdout

@@ -70,8 +70,12 @@ def aligned_parameters(received: Sequence[np.ndarray], trained: nn.Module, confi
         ValueError: A value beyond ``limit`` (naming the entry), a malformed search.
     """
     state = trained.state_dict()
-    out = {key: value.detach().cpu().numpy() for key, value in state.items()}
+    # integer buffers (BatchNorm's batch counters) are never averaged: sent as 0, clipping never meets them
+    out = {key: value.detach().cpu().numpy() if value.is_floating_point() else np.zeros(tuple(value.shape), np.int64)
+           for key, value in state.items()}
     if ALIGN_KEY in config:
+        if len(received) != len(state):
+            raise ValueError(f"aligned_parameters: {len(received)} received arrays for a model of {len(state)}")
         reference = copy.deepcopy(trained)
         reference.load_state_dict({key: torch.as_tensor(np.asarray(array)) for key, array in zip(state, received)})
         merger = contribution_merger(reference, calibration, search_from_json(str(config[ALIGN_KEY])), device=device)
