@@ -7,7 +7,8 @@ term when the strategy sends ``proximal-mu``, and, when the config sets
 model it received (the reference A) on the public calibration set, so the server can align
 without running either model; with ``fedcca.preactivation-moments`` also its model's
 pre-activation moments (REPAIR's targets); with ``fedcca.align-to-global`` it aligns itself to the
-received model and sends its share of every candidate merge (:mod:`fedcca.flower.client_alignment`).
+received model and sends its share of every candidate merge (:mod:`fedcca.flower.client_alignment`);
+with ``fedcca.label-counts`` its training examples per class (a distillation teacher's input).
 CUDA is used when present.
 """
 
@@ -24,7 +25,15 @@ from fedcca.app.task import TaskConfig
 from fedcca.data import DeviceLoader
 from fedcca.devices import resolve_device
 from fedcca.flower.client_alignment import ALIGNED_KEY, add_alignment
-from fedcca.flower.protocol import METRICS_KEY, diverged_reply, read_train_instruction, train_reply
+from fedcca.flower.protocol import (
+    LABEL_COUNTS_FLAG,
+    LABEL_COUNTS_KEY,
+    METRICS_KEY,
+    diverged_reply,
+    read_train_instruction,
+    train_reply,
+)
+from fedcca.flower.teacher_inputs import label_counts
 from fedcca.merging.repair import statistics_and_preactivation
 from fedcca.spec.tracing import spec_for
 from fedcca.statistics import collect_statistics
@@ -78,6 +87,8 @@ def train(msg: Message, context: Context) -> Message:
         stats_seconds = time.perf_counter() - started
     started = time.perf_counter()
     metrics = {"train-loss": result["loss"], "train-seconds": result["seconds"], "stats-seconds": stats_seconds}
+    if instruction.config.get(LABEL_COUNTS_FLAG, False):  # asked by a "label-counts" distillation teacher
+        metrics[LABEL_COUNTS_KEY] = label_counts(loader.labels, dataset.num_classes)
     content = train_reply(model.state_dict(), loader.num_examples, metrics, statistics, preactivation)
     # Client-side alignment (when the strategy asks): our share of every candidate merge onto the received model.
     content = add_alignment(content, msg, model, federation.calibration_inputs(task), device=device)

@@ -85,14 +85,16 @@ class StrategySpec:
         """Parse ``fedavg``, ``fedprox``, ``feddf`` or ``METHOD[:REFERENCE[:STATS]]``, each with ``[+KEY=VALUE...]``.
 
         Args:
-            text: e.g. ``"cca:largest:server"`` or ``"cca+shrinkage=1+repair=none"``.
+            text: e.g. ``"cca:largest:server"`` or ``"cca+shrinkage=1+repair=none"``; a list value
+                joins its items with ``|`` (``"feddf+distill-teacher=logits|fitted"``: commas separate strategies).
 
         Raises:
             ValueError: Unknown method, reference or statistics source; a malformed override.
         """
         head, *extra = text.split("+")
         try:
-            overrides = tuple(parse_override(item) for item in extra)
+            overrides = tuple((key, value.replace("|", ",") if isinstance(value, str) else value)
+                              for key, value in map(parse_override, extra))
         except ValueError as err:
             raise ValueError(f"strategy {text!r}: {err}") from None
         if head in FLOWER_STRATEGIES or head == "feddf":

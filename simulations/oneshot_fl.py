@@ -33,6 +33,7 @@ from scipy import stats
 from fedcca.app.federation import (
     derive_seed,
     evaluation_loader,
+    holdout_set,
     load_data,
     make_model,
     seed_everything,
@@ -40,7 +41,16 @@ from fedcca.app.federation import (
 from fedcca.app.task import TaskConfig
 from fedcca.devices import resolve_device
 from fedcca.flower.local_grid import InProcessGrid
-from fedcca.flower.protocol import METRICS_KEY, NUM_EXAMPLES_KEY, WEIGHTS_KEY
+from fedcca.flower.protocol import (
+    CONFIG_KEY,
+    LABEL_COUNTS_FLAG,
+    LABEL_COUNTS_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    WEIGHTS_KEY,
+)
+from fedcca.merging.selection import holdout_logits
+from fedcca.merging.teachers import TeacherSum
 from fedcca.training import evaluate
 from server.server_app import build_strategy
 from simulations.harness import (
@@ -68,6 +78,11 @@ on the hold-out set; CCAMerge + distillation (teacher chosen on the hold-out set
 SETTING = {"model": "lenet", "local_epochs": 10, "lr": 0.05, "lr_schedule": "one-cycle", "batch_size": 64,
            "calibration_size": 1000, "holdout_size": 500, "num_server_rounds": 1, "min_nodes": 5}
 """Our protocol: niid_bench's LeNet, 10 local epochs (DENSE: a CNN, 200 local epochs)."""
+
+ENSEMBLES = (("ensemble", "ensemble (probabilities)"), ("ensemble_logits", "ensemble (logits)"),
+             ("ensemble_label_counts", "ensemble (label-counts teacher)"),
+             ("ensemble_fitted", "ensemble (fitted teacher)"))
+"""The clients' ensembles evaluated on the test set (keys of a run; nan where a run predates one)."""
 
 PUBLISHED = {  # DENSE Table 1 (Fashion-MNIST, 5 clients), reprinted by FuseFL (NeurIPS 2024)
     "FedAvg": {0.1: 41.69, 0.3: 82.96, 0.5: 83.72},
@@ -106,6 +121,8 @@ def run_setting(split: str, seed: int, specs: list, clients: int, max_examples: 
     trainer = build_strategy(task, model_fn, device)  # any strategy: round 1 sends no statistics request
     seed_everything(derive_seed(task.seed, 1))
     messages = list(trainer.configure_train(1, arrays, ConfigRecord(), grid))
+    for message in messages:  # every strategy merges the same replies: ask for what any teacher reads
+        message.content[CONFIG_KEY][LABEL_COUNTS_FLAG] = True
     started = time.perf_counter()
     replies = grid.send_and_receive(messages)
     train_seconds = time.perf_counter() - started
@@ -120,6 +137,7 @@ def run_setting(split: str, seed: int, specs: list, clients: int, max_examples: 
                               "ensemble": _ensemble_accuracy(clients_models, weights, loader, device, "probabilities"),
                               "ensemble_logits": _ensemble_accuracy(clients_models, weights, loader, device, "logits"),
                               "clients": [evaluate(m, loader, device=device)[1] for m in clients_models],
+                              **_teacher_accuracies(clients_models, weights, replies, task, loader, device),
                               "strategies": {}}
     for spec in specs:
         config = dict(run_config)
@@ -159,16 +177,32 @@ def _ensemble_accuracy(models: list, weights: list[float], loader: Any, device: 
     return correct / total
 
 
+def _teacher_accuracies(models: list, weights: list[float], replies: list, task: TaskConfig, loader: Any,
+                        device: torch.device) -> dict[str, float]:
+    """Test accuracy of the "label-counts" and "fitted" teachers (:mod:`fedcca.merging.teachers`) used as
+    ensembles on the test images: what a student distilled toward them could at best reach."""
+    x, y = (torch.cat(parts) for parts in zip(*loader))
+    holdout = holdout_set(task)
+    teacher = TeacherSum(("label-counts", "fitted"), (1.0,), holdout_labels=holdout[1])
+    for model, weight, reply in zip(models, weights, replies):
+        counts = torch.tensor(list(reply.content[METRICS_KEY][LABEL_COUNTS_KEY]), dtype=torch.float64)
+        teacher.add(holdout_logits(model, x, device=device), weight, label_counts=counts,
+                    holdout_logits=holdout_logits(model, holdout[0], device=device))
+    return {f"ensemble_{name.replace('-', '_')}": float((teacher.targets(name, 1.0).argmax(1) == y.cpu()).double().mean())
+            for name in ("label-counts", "fitted")}
+
+
 def summarise(runs: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
-    """Per split and strategy: mean, std, paired difference to FedAvg (mean, SE, p), share of the ensemble."""
+    """Per split and strategy: mean, std, paired differences to FedAvg and to the probability ensemble
+    (mean, SE, p), share of the ensemble."""
     out: dict[str, Any] = {}
     for split in dict.fromkeys(run["split"] for run in runs):
         group = [run for run in runs if run["split"] == split]
         ensemble = np.array([run["ensemble"] for run in group])
-        logit_ensemble = np.array([run["ensemble_logits"] for run in group])
-        entry: dict[str, Any] = {"seeds": [run["seed"] for run in group],
-                                 "ensemble": [float(ensemble.mean()), float(ensemble.std())],
-                                 "ensemble_logits": [float(logit_ensemble.mean()), float(logit_ensemble.std())]}
+        entry: dict[str, Any] = {"seeds": [run["seed"] for run in group]}
+        for key, _ in ENSEMBLES:
+            values = np.array([run.get(key, math.nan) for run in group])
+            entry[key] = [float(values.mean()), float(values.std())]
         base = np.array([run["strategies"]["fedavg"]["accuracy"] for run in group]) \
             if all("fedavg" in run["strategies"] for run in group) else None
         for label in labels:
@@ -178,13 +212,20 @@ def summarise(runs: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
             row: dict[str, Any] = {"mean": float(acc.mean()), "std": float(acc.std()),
                                    "of_ensemble": float((acc / ensemble).mean())}
             if base is not None and label != "fedavg" and len(acc) > 1:
-                diff = acc - base
-                se = diff.std(ddof=1) / math.sqrt(len(diff))
-                p = float(stats.ttest_rel(acc, base).pvalue) if se > 0 else (0.0 if diff.mean() else 1.0)
-                row["vs_fedavg"] = {"mean": float(diff.mean()), "se": float(se), "p": p}
+                row["vs_fedavg"] = _paired(acc, base)
+            if len(acc) > 1:
+                row["vs_ensemble"] = _paired(acc, ensemble)
             entry[label] = row
         out[split] = entry
     return out
+
+
+def _paired(acc: np.ndarray, base: np.ndarray) -> dict[str, float]:
+    """Paired difference over seeds: mean, standard error, two-sided paired t-test p."""
+    diff = acc - base
+    se = diff.std(ddof=1) / math.sqrt(len(diff))
+    p = float(stats.ttest_rel(acc, base).pvalue) if se > 0 else (0.0 if diff.mean() else 1.0)
+    return {"mean": float(diff.mean()), "se": float(se), "p": p}
 
 
 def wide_table(payload: dict[str, Any]) -> str:
@@ -193,7 +234,7 @@ def wide_table(payload: dict[str, Any]) -> str:
     splits = list(summary)
     headers = ["strategy"] + [f"{split} {what}" for split in splits for what in ("test %", "Δ vs FedAvg", "of ens.")]
     rows = []
-    for name, key in (("ensemble (probabilities)", "ensemble"), ("ensemble (logits)", "ensemble_logits")):
+    for key, name in ENSEMBLES:
         rows.append([name] + [cell for split in splits
                               for cell in (f"{100 * summary[split][key][0]:.1f} ± {100 * summary[split][key][1]:.1f}",
                                            "", "")])
@@ -219,22 +260,24 @@ def report(payload: dict[str, Any], path: Path) -> None:
     summary = payload["summary"]
     lines = [f"# One-shot federated learning, Fashion-MNIST, {payload['clients']} clients", "",
              f"Ours: {payload['setting']}. Test accuracy %, mean ± std over seeds; "
-             "Δ: paired difference to FedAvg (mean ± SE, paired t-test p); of ensemble: share of the "
+             "Δ: paired difference to FedAvg or to the probability ensemble (mean ± SE, paired t-test p); "
+             "of ensemble: share of the "
              "probability-average ensemble's accuracy, mean over seeds.", ""]
     rows = []
     for split, entry in summary.items():
-        for name, key in (("ensemble (probabilities)", "ensemble"), ("ensemble (logits)", "ensemble_logits")):
-            rows.append([split, name, f"{100 * entry[key][0]:.1f} ± {100 * entry[key][1]:.1f}", "", "",
+        for key, name in ENSEMBLES:
+            rows.append([split, name, f"{100 * entry[key][0]:.1f} ± {100 * entry[key][1]:.1f}", "", "", "",
                          len(entry["seeds"])])
         for label in labels:
             if label not in entry:
                 continue
             row = entry[label]
-            delta = row.get("vs_fedavg")
             rows.append([split, label, f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f}",
-                         f"{100 * delta['mean']:+.1f} ± {100 * delta['se']:.1f} (p={delta['p']:.3f})" if delta else "",
+                         *(f"{100 * d['mean']:+.1f} ± {100 * d['se']:.1f} (p={d['p']:.3f})" if d else ""
+                           for d in (row.get("vs_fedavg"), row.get("vs_ensemble"))),
                          f"{100 * row['of_ensemble']:.0f}%", len(entry["seeds"])])
-    lines.append(markdown_table(["split", "strategy", "test %", "Δ vs FedAvg", "of ensemble", "seeds"], rows))
+    lines.append(markdown_table(["split", "strategy", "test %", "Δ vs FedAvg", "Δ vs ensemble", "of ensemble",
+                                 "seeds"], rows))
     lines += ["", "The same, one column group per split:", "", wide_table(payload)]
     lines += ["", "Published (DENSE, Table 1; a CNN, 200 local epochs, 5 clients; Dir(0.1) / (0.3) / (0.5)):", ""]
     lines.append(markdown_table(["method", "Dir(0.1)", "Dir(0.3)", "Dir(0.5)"],

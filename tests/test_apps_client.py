@@ -16,7 +16,13 @@ from fedcca.app.federation import calibration_inputs, client_indices, holdout_se
 from fedcca.app.task import RunConfigError, TaskConfig
 from fedcca.data import federated_split, normalize
 from fedcca.flower.local_grid import node_context, set_task_identity
-from fedcca.flower.protocol import STATISTICS_KEY, train_instruction, validate_reply
+from fedcca.flower.protocol import (
+    LABEL_COUNTS_FLAG,
+    LABEL_COUNTS_KEY,
+    STATISTICS_KEY,
+    train_instruction,
+    validate_reply,
+)
 from fedcca.spec.tracing import spec_for
 from fedcca.statistics import collect_statistics
 from tests.tiny_dataset import tiny_run_config
@@ -81,6 +87,19 @@ def test_no_statistics_unless_asked(run_config: dict[str, Any]) -> None:
     _, reply = _reply(run_config, stats=False)
     assert STATISTICS_KEY not in reply.content
     assert reply.content["metrics"]["stats-seconds"] == 0.0
+
+
+def test_label_counts_only_when_asked_and_equal_to_the_shard(run_config: dict[str, Any]) -> None:
+    """A "label-counts" teacher's input: the client's training examples per class, sent only when asked."""
+    task = TaskConfig.from_run_config(run_config)
+    dataset = load_data(task.dataset, task.data_dir)
+    _, asked = _reply(run_config, 1, stats=False, **{LABEL_COUNTS_FLAG: True})
+    labels = dataset.train_labels[torch.as_tensor(client_indices(task, 1, 2))]
+    expected = np.bincount(labels.numpy(), minlength=dataset.num_classes).tolist()
+    assert list(asked.content["metrics"][LABEL_COUNTS_KEY]) == expected
+    assert sum(expected) == asked.content["metrics"]["num-examples"]
+    _, silent = _reply(run_config, 1, stats=False)
+    assert LABEL_COUNTS_KEY not in silent.content["metrics"]
 
 
 def test_trains_on_its_shard_of_the_shared_split(

@@ -136,7 +136,7 @@ def test_streamed_teacher_equals_the_batch_computation() -> None:
     weights = [3.0, 1.0, 0.5, 2.0, 7.0]
     total = sum(weights)
     for teacher, temperature in (("probabilities", 1.0), ("probabilities", 3.0), ("logits", 2.0)):
-        streamed = TeacherSum(TEACHERS, (1.0, 3.0))
+        streamed = TeacherSum(("probabilities", "logits"), (1.0, 3.0))
         for z, w in zip(logits, weights):
             streamed.add(z, w)
         if teacher == "probabilities":

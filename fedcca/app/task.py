@@ -106,7 +106,9 @@ class TaskConfig:
             early-stopped on the held-out set (always on for "feddf").
         distill_teacher: Comma-separated teachers chosen among on the held-out set:
             "probabilities" (average of the clients' probabilities), "logits" (average of
-            their logits, as FedDF publishes it).
+            their logits, as FedDF publishes it), "label-counts" (votes weighted by each client's
+            examples of the class; clients then report their label counts), "fitted" (per-client,
+            per-class weights fitted on the held-out set).
         distill_steps: Most distillation steps per round.
         max_norm_ratio: Drop a reply whose update ``|w - g|`` exceeds this many median update
             norms of the round, with three replies or more (0: off; :class:`~fedcca.flower.screen.ScreenReplies`).

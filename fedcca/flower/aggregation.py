@@ -29,7 +29,8 @@ from fedcca.flower.records import RoundRecord
 from fedcca.flower.round_statistics import RoundStatistics
 from fedcca.flower.settings import AggregationSettings
 from fedcca.flower.streaming import RunningMedian
-from fedcca.merging.distillation import TeacherSum, client_logits
+from fedcca.flower.teacher_inputs import teacher_inputs
+from fedcca.merging.teachers import TeacherSum
 from fedcca.merging.merger import Merger, MergeResult
 from fedcca.merging.selection import score
 from fedcca.statistics import (
@@ -71,7 +72,8 @@ class RoundAggregation:
         self._replied: set[int] = set()  # nodes whose reply was read
         self._scratch: list[nn.Module] = []  # client models already merged, reused for the next replies
         distill = settings.distill
-        self.teacher = None if distill is None else TeacherSum(distill.teachers, distill.temperatures)
+        self.teacher = None if distill is None else TeacherSum(
+            distill.teachers, distill.temperatures, None if settings.holdout is None else settings.holdout[1])
 
     @property
     def streams(self) -> bool:
@@ -252,8 +254,9 @@ class RoundAggregation:
                 self._drop(update.node_id, f"{reason}: {stats}")
                 continue
             try:
-                logits = None if self.teacher is None else \
-                    _finite_logits(client_logits(model, self.settings.calibration, device=self.settings.device))
+                taught = None if self.teacher is None else teacher_inputs(
+                    self.teacher, model, self.settings.calibration, self.settings.holdout, update.metrics,
+                    update.node_id, self.settings.device)
                 preactivation = None if is_reference else self.statistics.preactivation(merger, update)
                 merger.add(model, weight, stats, name=str(update.node_id), is_reference=is_reference,
                            preactivation=preactivation)
@@ -263,7 +266,7 @@ class RoundAggregation:
                 self._drop(update.node_id, f"alignment failed: {type(err).__name__}: {err}")
                 continue
             if self.teacher is not None:  # the same weight as in the merge
-                self.teacher.add(logits, weight)
+                self.teacher.add(weight=weight, **taught)
             self.metrics.append(RecordDict({"metrics": update.metrics}))
 
     @contextlib.contextmanager
@@ -318,12 +321,6 @@ class RoundAggregation:
     def _drop(self, node_id: int, reason: str) -> None:
         self.record.drop(node_id, reason)
         log(WARNING, "aggregate_train: dropped reply from node %s: %s", node_id, reason)
-
-
-def _finite_logits(logits: torch.Tensor) -> torch.Tensor:
-    if not torch.isfinite(logits).all():
-        raise ValueError("the model's outputs on the calibration data are not finite (distillation teacher)")
-    return logits
 
 
 def _median(updates: list[ClientUpdate]) -> float:

@@ -54,6 +54,8 @@ ALIGNED_RECORD_KEY = "fedcca.aligned"  # client-side alignment (fedcca.flower.cl
 COMPUTE_STATS_FLAG = "fedcca.compute-statistics"
 NUM_EXAMPLES_KEY = "num-examples"
 PREACTIVATION_FLAG = "fedcca.preactivation-moments"
+LABEL_COUNTS_FLAG = "fedcca.label-counts"  # asks for the metric LABEL_COUNTS_KEY (fedcca.flower.teacher_inputs)
+LABEL_COUNTS_KEY = "label-counts"
 SERVER_ROUND_KEY = "server-round"
 PROXIMAL_MU_KEY = "proximal-mu"  # set by Flower's FedProx
 TRAINING_DIVERGED_CODE = 4100
@@ -122,7 +124,7 @@ def diverged_reply(message: Message, reason: str) -> Message:
 
 
 def train_reply(state_dict: Mapping[str, torch.Tensor], num_examples: int | float,
-                metrics: Mapping[str, int | float] | None = None,
+                metrics: Mapping[str, int | float | list[int]] | None = None,
                 statistics: Mapping[str, PairStatistics] | None = None,
                 preactivation: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> RecordDict:
     """The content of a train reply: weights, metrics with ``num-examples``, optional statistics.

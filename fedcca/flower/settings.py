@@ -136,6 +136,11 @@ class AggregationSettings:
                 and any(c.repair != "none" for c in self.search.candidates()))
 
     @property
+    def wants_label_counts(self) -> bool:
+        """Whether clients are asked for their per-class example counts (a "label-counts" teacher)."""
+        return self.distill is not None and "label-counts" in self.distill.teachers
+
+    @property
     def needs_statistics(self) -> bool:
         """Whether some candidate aligns with activation statistics."""
         return self.spec is not None and any(c.needs_statistics for c in self.search.candidates())

@@ -27,7 +27,7 @@ from fedcca.flower.client_alignment import (
 from fedcca.flower.guard import CollapseGuard
 from fedcca.flower.inputs import check_runs, checked_holdout
 from fedcca.flower.metrics import average_metrics, valid_evaluate_replies
-from fedcca.flower.protocol import COMPUTE_STATS_FLAG, PREACTIVATION_FLAG
+from fedcca.flower.protocol import COMPUTE_STATS_FLAG, LABEL_COUNTS_FLAG, PREACTIVATION_FLAG
 from fedcca.flower.records import RoundRecord, log_round
 from fedcca.flower.screen import UpdateScreen
 from fedcca.flower.settings import STATISTICS_SOURCES, AggregationSettings
@@ -214,10 +214,9 @@ class CCAMerge(FedAvg):
         log(INFO, "\t│\t├── Merge: %s", " | ".join(c.label() for c in candidates)
             + (f" (chosen each round on {len(settings.holdout[1])} held-out examples, baseline margin "
                f"{self.search.min_z:g} SE)" if len(candidates) > 1 and settings.holdout else ""))
-        source = ("computed by the clients in rounds aligned to the global model, else by the server"
-                  if self.stats == "client" else "computed by the server")
-        log(INFO, "\t│\t├── Reference: %s | statistics: %s | calibration: %d examples",
-            self.reference, source, sum(len(batch) for batch in settings.calibration))
+        log(INFO, "\t│\t├── Reference: %s | statistics: %s | calibration: %d examples", self.reference,
+            "by the clients when aligned to the global model" if self.stats == "client" else "by the server",
+            sum(len(batch) for batch in settings.calibration))
         super().summary()
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Result:
@@ -241,6 +240,7 @@ class CCAMerge(FedAvg):
         config = ConfigRecord(dict(config))  # start() passes the same record every round
         config[COMPUTE_STATS_FLAG] = self.requests_client_statistics_in(server_round)
         config[PREACTIVATION_FLAG] = self._settings.client_preactivation_in(server_round)
+        config[LABEL_COUNTS_FLAG] = self._settings.wants_label_counts
         if self._settings.client_alignment_in(server_round):
             config[ALIGN_KEY] = search_to_json(self.search)
         messages = list(super().configure_train(server_round, arrays, config, grid))

@@ -3,16 +3,8 @@
 After a merge, the merged model (the *student*) is trained to match the clients' average
 prediction (the *teacher*) on the unlabelled public calibration images, and early-stopped
 on the labelled public hold-out set; nothing else is read (never test data). The teacher is
-additive: every client adds its weighted outputs on the calibration images to a running
-sum (:class:`TeacherSum`), so server memory does not grow with the number of clients.
-
-Two teachers:
-
-- ``"probabilities"``: the average of the clients' softmax outputs, weighted like the merge.
-  Under label skew a client's logits for labels it never saw carry no meaning, but its
-  probabilities for them are near zero, so the average of probabilities stays a sensible
-  ensemble (measured: CHANGELOG.md, 0.1.0).
-- ``"logits"``: the average of the clients' logits, as FedDF (Lin et al., NeurIPS 2020) does.
+additive: every client adds its outputs on the calibration images to a running sum
+(:class:`fedcca.merging.teachers.TeacherSum`, where the teachers are described).
 
 The teacher, steps, learning rate, temperature and augmentation are chosen on the hold-out set: every
 combination of :class:`DistillConfig`'s grids is trained from the same start, evaluated
@@ -26,7 +18,7 @@ import copy
 import itertools
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -35,9 +27,9 @@ from torch import nn
 
 from fedcca.devices import resolve_device
 from fedcca.merging.selection import holdout_logits
+from fedcca.merging.teachers import TEACHERS, TeacherSum  # noqa: F401  (re-exported)
 from fedcca.statistics import running_on
 
-TEACHERS: tuple[str, ...] = ("probabilities", "logits")
 AUGMENTATIONS: tuple[str, ...] = ("none", "shift")
 
 
@@ -46,8 +38,10 @@ class DistillConfig:
     """How the merged model is distilled toward the clients' ensemble.
 
     Args:
-        teachers: Teachers to try: "probabilities" (average of the clients' softmax
-            outputs) and/or "logits" (average of their logits: FedDF).
+        teachers: Teachers to try, among :data:`fedcca.merging.teachers.TEACHERS`: "probabilities"
+            (average of the clients' softmax outputs), "logits" (average of their logits: FedDF),
+            "label-counts" (votes weighted by the clients' examples per class), "fitted"
+            (per-client, per-class weights fitted on the hold-out set).
         steps: Most optimiser steps per trial.
         lrs: Adam learning rates to try.
         temperatures: Softmax temperatures to try (the loss is ``T^2 KL(teacher_T || student_T)``).
@@ -89,61 +83,6 @@ class DistillConfig:
         object.__setattr__(self, "augmentations", augmentations)
 
 
-class TeacherSum:
-    """Running weighted sums of the clients' outputs on the calibration images.
-
-    Adding clients in any order or grouping gives the same teacher (up to float rounding):
-    the sums are additive, and memory is ``N x C`` per teacher and temperature whatever the
-    number of clients.
-
-    Args:
-        teachers: "probabilities" and/or "logits".
-        temperatures: Temperatures the probabilities are kept at (the softmax does not
-            commute with the average, so one sum per temperature).
-    """
-
-    def __init__(self, teachers: Sequence[str], temperatures: Sequence[float]) -> None:
-        teachers = (teachers,) if isinstance(teachers, str) else tuple(teachers)
-        if not teachers or any(t not in TEACHERS for t in teachers):
-            raise ValueError(f"teachers must be among {TEACHERS}, got {teachers!r}")
-        self.teachers = teachers
-        self.temperatures = tuple(float(t) for t in temperatures)
-        self.weight = 0.0
-        self._sums: dict[tuple[str, float], torch.Tensor] = {}
-
-    def add(self, logits: torch.Tensor, weight: float) -> None:
-        """Add one client's ``[N, C]`` logits on the calibration images with its merge weight.
-
-        Raises:
-            ValueError: Non-finite logits, a shape that differs from the earlier clients', a bad weight.
-        """
-        if not (math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"teacher: weight must be finite and >= 0, got {weight!r}")
-        if logits.dim() != 2 or not torch.isfinite(logits).all():
-            raise ValueError(f"teacher: client outputs must be finite [N, C] logits, got shape {tuple(logits.shape)}")
-        logits = logits.detach().double().cpu()
-        terms: dict[tuple[str, float], torch.Tensor] = {}
-        if "logits" in self.teachers:
-            terms[("logits", 1.0)] = logits
-        if "probabilities" in self.teachers:
-            terms.update({("probabilities", t): F.softmax(logits / t, dim=1) for t in self.temperatures})
-        for key, term in terms.items():
-            previous = self._sums.get(key)
-            if previous is not None and previous.shape != term.shape:
-                raise ValueError(f"teacher: client outputs of shape {tuple(term.shape)}, earlier ones "
-                                 f"{tuple(previous.shape)}")
-            self._sums[key] = weight * term if previous is None else previous + weight * term
-        self.weight += weight
-
-    def targets(self, teacher: str, temperature: float) -> torch.Tensor:
-        """The ``[N, C]`` probabilities of ``teacher`` at ``temperature``."""
-        if self.weight <= 0:
-            raise ValueError("teacher: no client outputs with a positive weight were added")
-        if teacher == "logits":
-            return F.softmax(self._sums[("logits", 1.0)] / self.weight / temperature, dim=1)
-        return self._sums[("probabilities", float(temperature))] / self.weight
-
-
 @dataclass
 class DistillResult:
     """The outcome of :func:`distill`.
@@ -159,6 +98,7 @@ class DistillResult:
         holdout_after: Hold-out accuracy of the kept state.
         seconds: Wall time.
         trials: Per trial: teacher, lr, temperature, augmentation, best step, best hold-out accuracy, steps run.
+        teacher_fit: The "fitted" teacher's penalty choice (:func:`fedcca.merging.teachers.fit_class_weights`), if fitted.
     """
 
     model: nn.Module
@@ -171,12 +111,14 @@ class DistillResult:
     holdout_after: float
     seconds: float
     trials: list[dict] = field(default_factory=list)
+    teacher_fit: dict | None = None
 
     def to_json(self) -> dict:
         """A JSON-ready summary (without the model)."""
         return {"steps": self.steps, "teacher": self.teacher, "lr": self.lr, "temperature": self.temperature,
                 "augmentation": self.augmentation, "holdout_before": self.holdout_before,
-                "holdout_after": self.holdout_after, "seconds": self.seconds, "trials": self.trials}
+                "holdout_after": self.holdout_after, "seconds": self.seconds, "trials": self.trials,
+                "teacher_fit": self.teacher_fit}
 
 
 def client_logits(model: nn.Module, batches: Iterable[torch.Tensor], *,
@@ -224,7 +166,7 @@ def distill(start: nn.Module, inputs: torch.Tensor, teacher: TeacherSum, holdout
         best_model = copy.deepcopy(start)
     step, kind, lr, temperature, augmentation = best if best is not None else (0, None, None, None, None)
     return DistillResult(best_model.cpu(), step, kind, lr, temperature, augmentation, before, best_acc,
-                         time.perf_counter() - started, trials)
+                         time.perf_counter() - started, trials, teacher.fit_report)
 
 
 def _trial(start: nn.Module, x: torch.Tensor, targets: torch.Tensor, hx: torch.Tensor, hy: torch.Tensor, lr: float,
