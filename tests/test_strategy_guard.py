@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 import torch
@@ -53,7 +55,7 @@ def _strategy(replies: list[Message], guard: bool) -> tuple[CCAMerge, ArrayRecor
         labels = aligned(held_out).argmax(1)
     search = MergeSearch(MergeConfig("permute", zero_dead=False, fold_bn=False), (("shrinkage", (0.0, 1.0)),), min_z=2.0)
     strategy = CCAMerge(make_model, CALIBRATION, search, holdout=(held_out, labels), reference="largest",
-                        stats="server", device="cpu", min_train_nodes=2, guard=guard)
+                        stats="server", device="cpu", min_train_nodes=2, guard=guard, max_weight_ratio=math.inf)
     strategy.configure_train(1, ArrayRecord(make_model(seed=1).state_dict()), ConfigRecord(),
                              InProcessGrid({node: scripted_app for node in NODES}))
     arrays, _ = strategy.aggregate_train(1, replies)
