@@ -208,6 +208,20 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def resumed(path: Path, setting: dict[str, Any]) -> dict[str, Any]:
+    """The earlier results at ``path`` to resume (empty when there are none).
+
+    Raises:
+        SystemExit: They were run with another setting (``--set`` overrides): resuming would mix
+            runs of two settings in one table. Use another ``--out``, or the same overrides.
+    """
+    payload = read_json(path) or {}
+    if payload.get("runs") and payload.get("setting", setting) != setting:
+        raise SystemExit(f"{path} holds runs of setting {payload['setting']}, this run's is {setting}: "
+                         "pass the same --set overrides or another --out")
+    return payload
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A GitHub markdown table; floats are shown with 4 significant digits.
 

@@ -63,7 +63,7 @@ from simulations.harness import (
     parse_list,
     parse_strategies,
     project_client_app,
-    read_json,
+    resumed,
     write_json,
 )
 
@@ -298,11 +298,11 @@ def main(argv: list[str] | None = None) -> None:
     args, extra = parse_benchmark_args(parser, argv, logger)
     specs = parse_strategies(args.strategies)
     labels = [spec.label for spec in specs]
-    payload = read_json(args.out) or {}
+    setting = {**SETTING, "max_examples_per_client": args.max_examples_per_client, **extra}
+    payload = resumed(args.out, setting)
     runs = [run for run in payload.get("runs", [])
             if all(label in run["strategies"] for label in labels)]
     done = {(run["split"], run["seed"]) for run in runs}
-    setting = {**SETTING, "max_examples_per_client": args.max_examples_per_client, **extra}
     for split in parse_list(args.splits):
         for seed in parse_list(args.seeds, int):
             if (split, seed) in done:

@@ -244,13 +244,14 @@ def main(argv: list[str] | None = None) -> None:
     harness.add_runtime_arguments(parser, harness.ROOT / "results" / "poisoning" / "poisoning.json")
     args, overrides = harness.parse_benchmark_args(parser, argv, logger)
     strategies = harness.parse_list(args.strategies)
-    payload = harness.read_json(args.out) or {}
-    runs = [r for r in payload.get("runs", []) if r["strategy"] in strategies and len(r["rounds"]) == args.rounds]
+    payload = harness.resumed(args.out, overrides)
+    runs = [r for r in payload.get("runs", []) if len(r["rounds"]) == args.rounds]  # other strategies' kept
+    strategies = list(dict.fromkeys([*payload.get("strategies", []), *strategies]))
     done = {(r["clients"], r["attack"], r["strategy"], r.get("seed", 0)) for r in runs}
     for seed in harness.parse_list(args.seeds, int):
         for clients in harness.parse_list(args.clients, int):
             for attack_name in harness.parse_list(args.attacks):
-                for strategy in strategies:
+                for strategy in harness.parse_list(args.strategies):
                     if (clients, attack_name, strategy, seed) in done:
                         continue
                     runs.append(run(clients, attack_name, strategy, args.rounds, overrides, seed))

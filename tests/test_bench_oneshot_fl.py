@@ -9,7 +9,8 @@ import pytest
 
 from tests.tiny_dataset import run_benchmark
 
-STRATEGIES = ["fedavg", "cca", "feddf+distill-teacher=logits", "cca+distill=true"]
+STRATEGIES = ["fedavg", "cca", "feddf+distill-teacher=logits", "cca+distill=true",
+              "cca+distill=true+distill-teacher=label-counts|fitted"]
 ARGUMENTS = ["--splits", "dirichlet:0.5", "--seeds", "0", "--clients", "2", "--max-examples-per-client", "0",
              "--strategies", ",".join(STRATEGIES), "--threads", "1",
              "--set", "local-epochs=1", "--set", "calibration-size=20", "--set", "holdout-size=10",
@@ -34,4 +35,15 @@ def test_every_strategy_merged_the_same_replies(result: tuple[dict, Path]) -> No
         assert distillation["holdout_after"] >= distillation["holdout_before"]
     assert {t["teacher"] for t in run["strategies"]["feddf+distill-teacher=logits"]["distillation"]["trials"]} \
         == {"logits"}
-    assert "DENSE" in (folder / "oneshot_fl.md").read_text()
+    assert {t["teacher"] for t in run["strategies"][STRATEGIES[-1]]["distillation"]["trials"]} \
+        == {"label-counts", "fitted"}
+    assert 0.0 <= run["ensemble_label_counts"] <= 1.0 and 0.0 <= run["ensemble_fitted"] <= 1.0
+    assert "DENSE" in (folder / "oneshot_fl.md").read_text() and "fitted teacher" in (folder / "oneshot_fl.md").read_text()
+
+
+def test_a_rerun_with_another_setting_is_refused(result: tuple[dict, Path]) -> None:
+    """Resuming would mix two settings' runs in one table."""
+    _, folder = result
+    changed = [a if a != "local-epochs=1" else "local-epochs=2" for a in ARGUMENTS]
+    with pytest.raises(AssertionError, match="holds runs of setting"):
+        run_benchmark(folder.parent, "simulations.oneshot_fl", changed, timeout=120)
