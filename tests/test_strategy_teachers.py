@@ -22,15 +22,15 @@ HOLDOUT = (HELD_OUT, teacher_labels(HELD_OUT))
 
 
 def test_label_count_teacher_is_its_definition_in_any_order() -> None:
-    """score(y | x) = sum_k w_k * n_k(y) / sum(n_k) * p_k(y | x), normalised per image."""
+    """score(y | x) = sum_k v_k(y) p_k(y | x) / sum_k v_k(y) with v_k = w_k n_k / sum(n_k), normalised per image."""
     gen = torch.Generator().manual_seed(0)
     logits = [torch.randn(20, CLASSES, generator=gen, dtype=torch.float64) * 3 for _ in range(3)]
     counts = [torch.randint(0, 9, (CLASSES,), generator=gen).double() + (k == 0) for k in range(3)]
     counts[1][0] = 0.0
     weights = [2.0, 1.0, 5.0]
     for temperature in (1.0, 2.0):
-        score = sum(w * (n / n.sum())[None, :] * torch.softmax(z / temperature, 1)
-                    for z, n, w in zip(logits, counts, weights))
+        votes = [w * n / n.sum() for n, w in zip(counts, weights)]
+        score = sum(v[None, :] * torch.softmax(z / temperature, 1) for z, v in zip(logits, votes)) / sum(votes)
         expected = score / score.sum(1, keepdim=True)
         for order in ((0, 1, 2), (2, 0, 1)):
             teacher = TeacherSum(("label-counts",), (1.0, 2.0))

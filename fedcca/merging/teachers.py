@@ -7,10 +7,11 @@ Four teachers, all built from the clients' outputs on the calibration images:
   probabilities for them are near zero, so the average of probabilities stays a sensible
   ensemble (measured: CHANGELOG.md, 0.1.0).
 - ``"logits"``: the average of the clients' logits, as FedDF (Lin et al., NeurIPS 2020) does.
-- ``"label-counts"``: each client's probability for class ``y`` weighted by how many training
-  examples of ``y`` it holds (its reported per-class counts, rescaled to its merge weight so a
-  claim cannot outweigh the merge's cap), then normalised per image: a client asked about a
-  class it never saw is not heard on it. Needs the clients' label counts (a privacy cost:
+- ``"label-counts"``: for each class ``y``, the clients' probabilities of ``y`` averaged with
+  weights their numbers of training examples of ``y`` (their reported per-class counts,
+  rescaled to their merge weights so a claim cannot outweigh the merge's cap), then normalised
+  per image: a client asked about a class it never saw is not heard on it, and a class many
+  clients hold does not outvote a rare one (the public images are class-balanced). Needs the clients' label counts (a privacy cost:
   the server learns every client's label histogram); a client that reports none is counted
   as holding its examples evenly over the classes (the aggregation logs it).
 - ``"fitted"``: one non-negative weight per (client, class), fitted on the labelled public
@@ -95,14 +96,15 @@ class TeacherSum:
         logits = _checked_logits(logits, "client outputs")
         classes = logits.shape[1]
         terms: dict[tuple[str, float], torch.Tensor] = {}
+        votes = self._class_weights(label_counts, weight, classes) if self.needs_label_counts else None
         if "logits" in self.teachers:
             terms[("logits", 1.0)] = weight * logits
         for t in self.temperatures:
             probabilities = F.softmax(logits / t, dim=1)
             if "probabilities" in self.teachers:
                 terms[("probabilities", t)] = weight * probabilities
-            if self.needs_label_counts:
-                terms[("label-counts", t)] = probabilities * self._class_weights(label_counts, weight, classes)
+            if votes is not None:
+                terms[("label-counts", t)] = probabilities * votes
         if self.needs_holdout_logits:
             if holdout_logits is None:
                 raise ValueError("teacher: the 'fitted' teacher needs the client's hold-out logits")
@@ -145,8 +147,10 @@ class TeacherSum:
             return F.softmax(self._sums[("logits", 1.0)] / self.weight / temperature, dim=1)
         if teacher == "probabilities":
             return self._sums[("probabilities", float(temperature))] / self.weight
-        if teacher == "label-counts":
-            return _normalised(self._sums[("label-counts", float(temperature))])
+        if teacher == "label-counts":  # per class, the clients' votes averaged by their examples of it
+            assert self._class_totals is not None
+            totals = self._class_totals.clamp_min(1e-300)[None, :]
+            return _normalised(self._sums[("label-counts", float(temperature))] / totals)
         if teacher == "fitted":
             weights = self.fitted_weights()
             return combine([F.softmax(z / temperature, dim=1) for z, _ in self._clients], weights)
