@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from fedcca.spec.alignment import AlignmentPoint, AlignmentSpec, ParamAxis
 
-MODEL_NAMES: tuple[str, ...] = ("cnn", "lenet", "vgg11", "vgg11_bn", "resnet20")
+MODEL_NAMES: tuple[str, ...] = ("cnn", "lenet", "dense-cnn", "vgg11", "vgg11_bn", "resnet20")
 
 _CNN_LAYOUT: tuple[int | str, ...] = (32, "M", 64, "M", 128)
 _VGG11_LAYOUT: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
@@ -309,6 +309,46 @@ class LeNet(nn.Module):
         return AlignmentSpec(points, _classifier_fixed("conv1", "fc3"))
 
 
+class DenseCNN(nn.Module):
+    """The (Fashion-)MNIST CNN of DENSE (Zhang et al., NeurIPS 2022), whose one-shot table FuseFL reprints.
+
+    conv 16@5x5 (padding 2) - BN - ReLU - 2x2 max-pool - conv 32@5x5 (padding 2) - BN - ReLU -
+    2x2 max-pool - flatten - classifier. Channel counts scale with ``width``.
+
+    Args:
+        num_classes: Number of output classes.
+        in_channels: Input channels.
+        width: Width multiplier.
+        image_size: Side of the square input; the classifier reads ``32w * (s // 4)^2`` features.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1, image_size: int = 28) -> None:
+        super().__init__()
+        if image_size < 4:
+            raise ValueError(f"dense-cnn needs images of at least 4x4 pixels, got {image_size}")
+        c1, c2 = _channels(16, width), _channels(32, width)
+        self.spatial = (image_size // 4) ** 2  # classifier inputs per conv2 channel
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(in_channels, c1, 5, padding=2), nn.BatchNorm2d(c1), nn.ReLU()
+        self.conv2, self.bn2, self.relu2 = nn.Conv2d(c1, c2, 5, padding=2), nn.BatchNorm2d(c2), nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(c2 * self.spatial, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[N, num_classes]`` for images ``[N, C, H, W]``."""
+        x = self.pool(self.relu1(self.bn1(self.conv1(x))))
+        return self.fc(self.pool(self.relu2(self.bn2(self.conv2(x)))).flatten(1))
+
+    def alignment_spec(self) -> AlignmentSpec:
+        """Two points, tapped at the ReLUs; conv2's channels reach the classifier as blocks of ``H*W`` inputs."""
+        points = (
+            AlignmentPoint("conv1", self.conv1.weight.shape[0], ("relu1",),
+                           (*_producer("conv1", bias=True, bn="bn1"), _consumer("conv2"))),
+            AlignmentPoint("conv2", self.conv2.weight.shape[0], ("relu2",),
+                           (*_producer("conv2", bias=True, bn="bn2"), ParamAxis("fc.weight", 1, "in", self.spatial))),
+        )
+        return AlignmentSpec(points, _classifier_fixed("conv1", "fc"), (("conv1", "bn1"), ("conv2", "bn2")))
+
+
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -324,12 +364,12 @@ def build_model(name: str = "cnn", num_classes: int = 10, in_channels: int = 1, 
     """Build one of :data:`MODEL_NAMES`.
 
     Args:
-        name: ``"cnn"`` (default), ``"lenet"``, ``"vgg11"``, ``"vgg11_bn"`` or ``"resnet20"``.
+        name: ``"cnn"`` (default), ``"lenet"``, ``"dense-cnn"``, ``"vgg11"``, ``"vgg11_bn"`` or ``"resnet20"``.
         num_classes: Number of output classes.
         in_channels: Input channels (1 for Fashion-MNIST, 3 for CIFAR).
         width: Width multiplier (> 0; fractions such as 0.25 give CPU-sized VGG11/ResNet20).
-        image_size: Side of the square input images; only "lenet" depends on it (the other
-            models end in global average pooling).
+        image_size: Side of the square input images; only "lenet" and "dense-cnn" depend on
+            it (the other models end in global average pooling).
 
     Raises:
         ValueError: an unknown name or a non-positive size.
@@ -342,6 +382,8 @@ def build_model(name: str = "cnn", num_classes: int = 10, in_channels: int = 1, 
         return CNN(num_classes, in_channels, width)
     if name == "lenet":
         return LeNet(num_classes, in_channels, width, image_size)
+    if name == "dense-cnn":
+        return DenseCNN(num_classes, in_channels, width, image_size)
     if name in ("vgg11", "vgg11_bn"):
         return VGG11(num_classes, in_channels, width, batch_norm=name == "vgg11_bn")
     if name == "resnet20":

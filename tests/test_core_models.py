@@ -118,6 +118,8 @@ BROKEN = [
     ("cnn", "features.3", "features.6.weight"),
     ("lenet", "conv2", "fc1.weight"),  # the block axis across the flatten
     ("lenet", "fc1", "fc2.weight"),
+    ("dense-cnn", "conv2", "fc.weight"),  # the block axis across the flatten
+    ("dense-cnn", "conv1", "bn1.running_var"),
     ("vgg11", "features.0", "features.3.weight"),
     ("vgg11_bn", "features.4", "features.5.running_var"),
     ("resnet20", "layer1", "layer2.0.shortcut.0.weight"),

@@ -272,7 +272,7 @@ def _tap_outputs(model: nn.Module, spec: AlignmentSpec, x: torch.Tensor) -> dict
 
 # ----------------------------------------------------------------------------- built-in models
 
-BUILT_IN = [("cnn", 1, 16), ("lenet", 1, 20), ("vgg11", 3, 32), ("vgg11_bn", 3, 32), ("resnet20", 3, 16)]
+BUILT_IN = [("cnn", 1, 16), ("lenet", 1, 20), ("dense-cnn", 1, 16), ("vgg11", 3, 32), ("vgg11_bn", 3, 32), ("resnet20", 3, 16)]
 
 
 def _comparable(spec: AlignmentSpec) -> set[tuple]:
