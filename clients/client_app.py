@@ -25,15 +25,8 @@ from fedcca.app.task import TaskConfig
 from fedcca.data import DeviceLoader
 from fedcca.devices import resolve_device
 from fedcca.flower.client_alignment import ALIGNED_KEY, add_alignment
-from fedcca.flower.protocol import (
-    LABEL_COUNTS_FLAG,
-    LABEL_COUNTS_KEY,
-    METRICS_KEY,
-    diverged_reply,
-    read_train_instruction,
-    train_reply,
-)
-from fedcca.flower.teacher_inputs import label_counts
+from fedcca.flower.protocol import METRICS_KEY, diverged_reply, read_train_instruction, train_reply
+from fedcca.flower.teacher_inputs import LABEL_COUNTS_FLAG, LABEL_COUNTS_KEY, label_counts
 from fedcca.merging.repair import statistics_and_preactivation
 from fedcca.spec.tracing import spec_for
 from fedcca.statistics import collect_statistics

@@ -33,11 +33,11 @@ from scipy import stats
 from fedcca.app.federation import (
     derive_seed,
     evaluation_loader,
-    holdout_set,
     load_data,
     make_model,
     seed_everything,
 )
+from fedcca.app import federation
 from fedcca.app.task import TaskConfig
 from fedcca.devices import resolve_device
 from fedcca.flower.local_grid import InProcessGrid
@@ -192,7 +192,7 @@ def _teacher_accuracies(models: list, weights: list[float], replies: list, task:
     """Test accuracy of the "label-counts" and "fitted" teachers (:mod:`fedcca.merging.teachers`) used as
     ensembles on the test images: what a student distilled toward them could at best reach."""
     x, y = (torch.cat(parts) for parts in zip(*loader))
-    holdout = holdout_set(task)
+    holdout = federation.holdout_set(task)
     teacher = TeacherSum(("label-counts", "fitted"), (1.0,), holdout_labels=holdout[1])
     for model, weight, reply in zip(models, weights, replies):
         counts = torch.tensor(list(reply.content[METRICS_KEY][LABEL_COUNTS_KEY]), dtype=torch.float64)
