@@ -230,7 +230,8 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
         rows: One sequence of cells per row.
     """
     def cell(value: Any) -> str:
-        return f"{value:.4g}" if isinstance(value, float) else ("-" if value is None else str(value))
+        text = f"{value:.4g}" if isinstance(value, float) else ("-" if value is None else str(value))
+        return text.replace("|", "\\|")  # a strategy label's list separator must not end the cell
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
