@@ -53,7 +53,7 @@ class DistillConfig:
         seed: Seeds the batch order and augmentation.
     """
 
-    teachers: tuple[str, ...] = ("probabilities", "logits")
+    teachers: tuple[str, ...] = ("probabilities", "logits", "fitted")
     steps: int = 2000
     lrs: tuple[float, ...] = (1e-3,)
     temperatures: tuple[float, ...] = (1.0,)
