@@ -89,6 +89,12 @@ def test_no_statistics_unless_asked(run_config: dict[str, Any]) -> None:
     assert reply.content["metrics"]["stats-seconds"] == 0.0
 
 
+def test_distillation_keys_reach_the_distillation_config(run_config: dict[str, Any]) -> None:
+    config = TaskConfig.from_run_config({**run_config, "distill": True, "distill-teacher": "fitted,logits",
+                                         "distill-augmentation": "none,shift"}).distill_config()
+    assert config is not None and config.teachers == ("fitted", "logits") and config.augmentations == ("none", "shift")
+
+
 def test_label_counts_only_when_asked_and_equal_to_the_shard(run_config: dict[str, Any]) -> None:
     """A "label-counts" teacher's input: the client's training examples per class, sent only when asked."""
     task = TaskConfig.from_run_config(run_config)
@@ -171,6 +177,7 @@ def test_fedprox_instruction_adds_the_proximal_term(run_config: dict[str, Any],
     ("repair", "none,full", "'repair' must be one of"),
     ("model", "resnet9", "'model' must be one of"),
     ("lr-schedule", "cosine", "'lr-schedule' must be one of"),
+    ("distill-augmentation", "none,rotate", "'distill-augmentation' must be one of"),
 ])
 def test_bad_run_config_names_the_key(run_config: dict[str, Any], key: str, value: Any, words: str) -> None:
     with pytest.raises(RunConfigError, match=re.escape(words)):

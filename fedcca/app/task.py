@@ -21,7 +21,7 @@ from fedcca.data import SCHEMES
 from fedcca.flower.screen import ScreenReplies, UpdateScreen
 from fedcca.flower.settings import ALIGNMENT_SITES, REFERENCES, STATISTICS_SOURCES
 from fedcca.merging.config import MergeConfig, MergeSearch, parse_values
-from fedcca.merging.distillation import TEACHERS, DistillConfig
+from fedcca.merging.distillation import AUGMENTATIONS, TEACHERS, DistillConfig
 from fedcca.merging.merger import AVERAGES
 from fedcca.merging.repair import REPAIRS
 from fedcca.methods.cca import DEFAULT_RIDGES, RIDGE_MODES
@@ -110,6 +110,8 @@ class TaskConfig:
             examples of the class; clients then report their label counts), "fitted" (per-client,
             per-class weights fitted on the held-out set).
         distill_steps: Most distillation steps per round.
+        distill_augmentation: Comma-separated batch augmentations chosen among on the held-out
+            set: "none", "shift" (random translations by up to 2 pixels, whole batch at once).
         max_norm_ratio: Drop a reply whose update ``|w - g|`` exceeds this many median update
             norms of the round, with three replies or more (0: off; :class:`~fedcca.flower.screen.ScreenReplies`).
         max_update_norm: Drop a reply whose update ``|w - g|`` exceeds this many times the
@@ -163,6 +165,7 @@ class TaskConfig:
     distill: bool
     distill_teacher: str
     distill_steps: int
+    distill_augmentation: str
     max_norm_ratio: float
     max_update_norm: float
     max_weight_ratio: float
@@ -202,7 +205,8 @@ class TaskConfig:
         """Server-side distillation as these keys describe it (None: off)."""
         if not (self.distill or self.strategy == "feddf"):
             return None
-        return DistillConfig(teachers=parse_values(self.distill_teacher, str), steps=self.distill_steps, seed=self.seed)
+        return DistillConfig(teachers=parse_values(self.distill_teacher, str), steps=self.distill_steps,
+                             augmentations=parse_values(self.distill_augmentation, str), seed=self.seed)
 
     def merge_search(self) -> MergeSearch:
         """The merge configuration (or the candidates to choose from) these keys describe.
@@ -259,6 +263,8 @@ class TaskConfig:
             raise RunConfigError(f"max-weight-ratio must be >= 1 (inf: FedAvg's weights), got {self.max_weight_ratio!r}")
         for teacher in self.distill_teacher.split(","):
             _check_choice("distill-teacher", teacher.strip(), TEACHERS)
+        for augmentation in self.distill_augmentation.split(","):
+            _check_choice("distill-augmentation", augmentation.strip(), AUGMENTATIONS)
         for repair in self.repair.split(","):
             _check_choice("repair", repair.strip(), REPAIRS)
         if not is_model_path(self.model):
