@@ -244,3 +244,15 @@ def test_construction_errors_name_what_to_fix() -> None:
         CCAMerge(make_model, bad)
     with pytest.raises(ValueError, match="holdout inputs must be finite"):
         CCAMerge(make_model, CALIBRATION, holdout=(bad[:10], HOLDOUT[1][:10]))
+
+
+def test_mixup_blends_each_image_and_its_target_by_the_same_weight() -> None:
+    values = torch.linspace(0.0, 1.0, 16, dtype=torch.float32)
+    batch = values.view(-1, 1, 1, 1).expand(-1, 1, 4, 4).clone()  # image i is the constant values[i]
+    targets = torch.stack([values, 1 - values], dim=1)  # a teacher linear in the image
+    mixed, mixed_targets = fedcca.merging.distillation._augment(batch, targets, "mixup",
+                                                                 torch.Generator().manual_seed(0))
+    assert not torch.equal(mixed, batch)
+    torch.testing.assert_close(mixed_targets[:, 0], mixed[:, 0, 0, 0])
+    torch.testing.assert_close(mixed_targets.sum(1), torch.ones(16))
+    assert torch.all(mixed == mixed[:, :, :1, :1])  # whole images blended, not pixels

@@ -111,7 +111,8 @@ class TaskConfig:
             per-class weights fitted on the held-out set).
         distill_steps: Most distillation steps per round.
         distill_augmentation: Comma-separated batch augmentations chosen among on the held-out
-            set: "none", "shift" (random translations by up to 2 pixels, whole batch at once).
+            set: "none", "shift" (random translations by up to 2 pixels, whole batch at once), "mixup"
+            (pairs blended, targets alike).
         max_norm_ratio: Drop a reply whose update ``|w - g|`` exceeds this many median update
             norms of the round, with three replies or more (0: off; :class:`~fedcca.flower.screen.ScreenReplies`).
         max_update_norm: Drop a reply whose update ``|w - g|`` exceeds this many times the

@@ -30,7 +30,7 @@ from fedcca.merging.selection import holdout_logits
 from fedcca.merging.teachers import TEACHERS, TeacherSum  # noqa: F401  (re-exported)
 from fedcca.statistics import running_on
 
-AUGMENTATIONS: tuple[str, ...] = ("none", "shift")
+AUGMENTATIONS: tuple[str, ...] = ("none", "shift", "mixup")
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,10 @@ class DistillConfig:
         steps: Most optimiser steps per trial.
         lrs: Adam learning rates to try.
         temperatures: Softmax temperatures to try (the loss is ``T^2 KL(teacher_T || student_T)``).
-        augmentations: Batch augmentations to try: "none", or "shift" (random translations
-            by up to 2 pixels, whole batch at once; the teacher's target is the unshifted image's).
+        augmentations: Batch augmentations to try: "none"; "shift" (random translations
+            by up to 2 pixels, whole batch at once; the teacher's target is the unshifted image's);
+            "mixup" (each image blended with another of the batch by a uniform weight, the
+            teacher's targets blended by the same weight: many more transfer points from few images).
         batch_size: Public images per step.
         eval_every: Steps between hold-out evaluations.
         patience: Evaluations without a hold-out improvement before a trial stops.
@@ -180,10 +182,10 @@ def _trial(start: nn.Module, x: torch.Tensor, targets: torch.Tensor, hx: torch.T
     step = 0
     for step in range(1, config.steps + 1):
         index = torch.randint(0, len(x), (min(config.batch_size, len(x)),), generator=generator).to(device)
-        batch = _augment(x[index], augmentation, generator)
+        batch, target = _augment(x[index], targets[index], augmentation, generator)
         student.train()
         log_probs = F.log_softmax(student(batch) / temperature, dim=1)
-        loss = F.kl_div(log_probs, targets[index], reduction="batchmean") * temperature ** 2
+        loss = F.kl_div(log_probs, target, reduction="batchmean") * temperature ** 2
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -201,10 +203,18 @@ def _trial(start: nn.Module, x: torch.Tensor, targets: torch.Tensor, hx: torch.T
     return student, best_acc, best_step, step
 
 
-def _augment(batch: torch.Tensor, augmentation: str, generator: torch.Generator) -> torch.Tensor:
-    """The batch as it is, or shifted by one random (dy, dx) in [-2, 2]^2 (zero padding), whole batch at once."""
+def _augment(batch: torch.Tensor, targets: torch.Tensor, augmentation: str,
+             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch and its targets as they are, shifted, or mixed up; whole batch at once."""
+    if augmentation == "mixup":
+        # Blending targets linearly approximates the teacher on the blended image; the hold-out
+        # choice against "none" decides whether the approximation pays.
+        partner = torch.randperm(len(batch), generator=generator).to(batch.device)
+        weight = torch.rand(len(batch), generator=generator, dtype=batch.dtype).to(batch.device)
+        w = weight.view(-1, *([1] * (batch.dim() - 1)))
+        return w * batch + (1 - w) * batch[partner], weight[:, None] * targets + (1 - weight[:, None]) * targets[partner]
     if augmentation == "none" or batch.dim() != 4:
-        return batch
+        return batch, targets
     dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=generator))
     shifted = torch.roll(batch, shifts=(dy, dx), dims=(2, 3))
     if dy > 0:
@@ -215,7 +225,7 @@ def _augment(batch: torch.Tensor, augmentation: str, generator: torch.Generator)
         shifted[:, :, :, :dx] = 0
     elif dx < 0:
         shifted[:, :, :, dx:] = 0
-    return shifted
+    return shifted, targets
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 512) -> float:
