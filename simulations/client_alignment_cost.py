@@ -4,8 +4,9 @@ K clients each take a few SGD steps from one global model on their own images (a
 :func:`simulations.cost.make_replies`); each then computes its contribution
 (:func:`fedcca.flower.client_alignment.add_alignment`: its share of every candidate merge), timed
 against one local epoch on ``--client-examples`` images. The prepared replies are answered to
-FedAvg (Flower's) and to ``CCAMerge(alignment="client")`` with one candidate ("cca") and with the
-default search; ``aggregate_train`` is timed (minimum over ``--repeats``), bytes per reply reported::
+FedAvg (Flower's) and to ``CCAMerge(alignment="client")`` with one candidate ("cca"; also without
+its reply screen, which FedAvg does not have) and with the default search; ``aggregate_train`` is
+timed (minimum over ``--repeats``), bytes per reply reported::
 
     python -m simulations.client_alignment_cost --model cnn --clients 64 --out results/cost/client-alignment.json
 """
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--client-examples", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--strategies", default="fedavg,client cca,client cca unscreened,client search",
+                        help="comma-separated rows to measure (fedavg is always measured: the baseline)")
     harness.add_runtime_arguments(parser, harness.ROOT / "results" / "cost" / "client-alignment.json")
     args = parser.parse_args(argv)
     harness.apply_runtime(args)
@@ -60,9 +63,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fedavg": FedAvg(fraction_evaluate=0.0, min_available_nodes=args.clients),
         "client cca": CCAMerge(model_fn, calibration, "cca", reference="global", alignment="client", device="cpu",
                                fraction_evaluate=0.0, min_available_nodes=args.clients),
+        "client cca unscreened": CCAMerge(model_fn, calibration, "cca", reference="global", alignment="client",
+                                          screen=None, device="cpu", fraction_evaluate=0.0,
+                                          min_available_nodes=args.clients),
         "client search": CCAMerge(model_fn, calibration, holdout=holdout, reference="global", alignment="client",
                                   device="cpu", fraction_evaluate=0.0, min_available_nodes=args.clients),
     }
+    wanted = {"fedavg", *(name.strip() for name in args.strategies.split(","))}
+    unknown = wanted - set(strategies)
+    if unknown:
+        parser.error(f"--strategies: unknown {sorted(unknown)}; choose among {sorted(strategies)}")
+    strategies = {label: strategy for label, strategy in strategies.items() if label in wanted}
     rng = np.random.default_rng(0)
     trained = []
     for client in range(args.clients):

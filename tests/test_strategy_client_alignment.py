@@ -147,7 +147,9 @@ def _no_record(content) -> None:  # noqa: ANN001
     (_no_record, f"missing ArrayRecord '{ALIGNED_KEY}'"),
 ])
 def test_a_malformed_share_is_dropped_alone(edit, reason: str) -> None:  # noqa: ANN001
-    strategy = CCAMerge(make_model, CALIBRATION, "cca", reference="global", alignment="client", device="cpu")
+    # The default search: its first form is FedAvg's, so the aligned forms' weights travel in ALIGNED_KEY.
+    strategy = CCAMerge(make_model, CALIBRATION, holdout=HOLDOUT, reference="global", alignment="client",
+                        device="cpu")
     apps = {node: _aligning_app(edit if node == NODES[-1] else None) for node in NODES}
     grid = InProcessGrid(apps)
     messages = list(strategy.configure_train(2, GLOBAL, ConfigRecord(), grid))
@@ -173,3 +175,31 @@ def test_add_alignment_is_a_no_op_unless_asked() -> None:
 def test_search_of_the_default_federation_round_trips() -> None:
     search = MergeSearch.of(None)
     assert search_from_json(search_to_json(search)) == search
+
+
+def test_a_single_aligned_merge_sends_its_aligned_weights_as_the_reply_weights() -> None:
+    """With "cca" alone the reply's ``arrays`` are the aligned weights (FedAvg's bytes) and the screen bounds them."""
+    strategy = CCAMerge(make_model, CALIBRATION, "cca", reference="global", alignment="client", device="cpu")
+    message = list(strategy.configure_train(2, GLOBAL, ConfigRecord(), InProcessGrid(dict.fromkeys(NODES))))[0]
+    reply = _aligning_app()(message, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}))
+    plain = fedavg_app(message, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}))
+    trained = make_model()
+    trained.load_state_dict(plain.content["arrays"].to_torch_state_dict())
+    share = contribution(Merger(make_model(seed=1), CALIBRATION, "cca", device="cpu", contributes=True), trained)
+    sent = reply.content["arrays"].to_torch_state_dict()
+    assert set(sent) == set(trained.state_dict())
+    for key, value in sent.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, share[f"form0/weights/{key}"], msg=key)
+    assert not any("/weights/" in name for name in reply.content[ALIGNED_KEY])
+    assert reply.content["arrays"].count_bytes() == plain.content["arrays"].count_bytes()
+
+    def scale(content) -> None:  # noqa: ANN001
+        content["arrays"] = ArrayRecord({k: v * 1e6 if v.is_floating_point() else v
+                                         for k, v in content["arrays"].to_torch_state_dict().items()})
+
+    apps = {node: _aligning_app(scale if node == NODES[-1] else None) for node in NODES}
+    grid = InProcessGrid(apps)
+    arrays, _ = strategy.aggregate_train(2, grid.send_and_receive(
+        list(strategy.configure_train(2, GLOBAL, ConfigRecord(), grid))))
+    assert arrays is not None and list(strategy.rounds[-1].dropped) == [NODES[-1]]

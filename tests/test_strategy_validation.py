@@ -458,3 +458,23 @@ def test_building_without_a_hold_out_set_warns(caplog: pytest.LogCaptureFixture)
     with caplog.at_level(logging.WARNING):
         CCAMerge(make_model, CALIBRATION, holdout=(CALIBRATION[:8], torch.zeros(8, dtype=torch.long)), device="cpu")
     assert not any("without a hold-out set" in r.getMessage() for r in caplog.records)
+
+
+def test_the_screen_and_the_merge_decode_each_reply_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CCAMerge's own screen hands the weights it decoded to the merge: one decode per reply, same model."""
+    import fedcca.flower.protocol as protocol_module
+    grid = _grid_with_bad_node(_scaled_app(1e6))
+    expected = _run_round(_strategy(), grid)[1][0]
+    calls: list[int] = []
+    decode = protocol_module._decode_weights
+
+    def counting(record, template):  # noqa: ANN001, ANN202
+        calls.append(1)
+        return decode(record, template)
+
+    monkeypatch.setattr(protocol_module, "_decode_weights", counting)
+    strategy = _strategy()
+    _, (arrays, _) = _run_round(strategy, grid)
+    assert len(calls) == len(GOOD_NODES) + 1 and list(strategy.rounds[-1].dropped) == [BAD_NODE]
+    for key, value in arrays.to_torch_state_dict().items():
+        torch.testing.assert_close(value, expected.to_torch_state_dict()[key], rtol=0, atol=0, msg=key)

@@ -24,7 +24,7 @@ from flwr.common.logger import log
 from torch import nn
 
 from fedcca.flower.errors import SkipRound
-from fedcca.flower.protocol import ClientUpdate, InvalidReplyError, validate_reply
+from fedcca.flower.protocol import ClientUpdate, DecodedWeights, InvalidReplyError, validate_reply
 from fedcca.flower.records import RoundRecord
 from fedcca.flower.round_statistics import RoundStatistics
 from fedcca.flower.settings import AggregationSettings
@@ -55,11 +55,13 @@ class RoundAggregation:
         record: The round's record, filled in as replies are merged or dropped.
         global_arrays: The model sent this round (None when configure_train was not called).
         sent: The nodes the round's instructions went to (None when unknown).
+        decoded: Replies' weights a reply screen has decoded already (each reply is decoded once).
     """
 
     def __init__(self, settings: AggregationSettings, record: RoundRecord, global_arrays: ArrayRecord | None,
-                 sent: list[int] | None) -> None:
+                 sent: list[int] | None, decoded: DecodedWeights | None = None) -> None:
         self.settings = settings
+        self.decoded = decoded
         self.record = record
         self.global_arrays = global_arrays
         self.sent = sent
@@ -163,7 +165,8 @@ class RoundAggregation:
                 update = validate_reply(msg, self.settings.template, self.settings.spec,
                                         weights_key=self.settings.weights_key,
                                         weighted_by_key=self.settings.weighted_by_key,
-                                        preactivation_sizes=self.settings.preactivation_sizes)
+                                        preactivation_sizes=self.settings.preactivation_sizes,
+                                        decoded=self.decoded)
             except InvalidReplyError as err:
                 self._drop(node_id, str(err))
                 continue

@@ -5,8 +5,11 @@ just broadcast, which every client holds with the public calibration set. With
 ``CCAMerge(alignment="client")`` the train message carries the merge search (:data:`ALIGN_KEY`,
 JSON data: configuration fields and values, never code); the client computes its additive share of
 every candidate's merge (:func:`fedcca.merging.contribution.contribution`: aligned weights, REPAIR's
-and BatchNorm's targets) and sends it in the ArrayRecord :data:`ALIGNED_KEY` beside its plain
-weights. A form that aligns nothing (FedAvg's) is the plain weights and is not sent twice.
+and BatchNorm's targets). The first form's weights travel as the reply's own weights (``arrays``,
+what the reply screen measures and FedAvg would average): the plain weights when the search's
+first candidate is FedAvg's, the aligned ones when every candidate aligns (a single ``"cca"``
+merge then costs FedAvg's bytes plus the targets). Everything else goes in the ArrayRecord
+:data:`ALIGNED_KEY`; a form that aligns nothing is not sent twice when the weights are plain.
 
 A user's own ClientApp adds this in one line before replying (a no-op when not asked)::
 
@@ -71,10 +74,25 @@ def contribution_merger(reference: nn.Module, calibration: torch.Tensor | Iterab
 
 
 def aligned_entries(merger: Merger, model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model``'s contribution without the weights of forms that align nothing (they are its plain weights)."""
-    plain = _plain_forms(merger)
-    return {name: value for name, value in contribution(merger, model).items()
-            if not any(name.startswith(f"form{number}/weights/") for number in plain)}
+    """``model``'s contribution without the weights that travel as the reply's own (see :func:`reply_parts`)."""
+    return reply_parts(merger, model)[1]
+
+
+def reply_parts(merger: Merger, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``model``'s contribution split as a reply carries it: ``(weights, aligned entries)``.
+
+    ``weights`` is the first form's weights as a whole state dict (``model``'s own non-floating
+    entries, e.g. BatchNorm's batch counters, kept; dtypes as ``model``'s): what the reply sends as
+    its ``arrays``. The aligned entries are the rest, without the forms whose weights equal those.
+    """
+    entries = contribution(merger, model)
+    shared = _forms_in_weights(merger)
+    state = model.state_dict()
+    weights = {key: entries[f"form0/weights/{key}"].to(value.dtype) if value.is_floating_point() else value.detach().cpu()
+               for key, value in state.items()}
+    aligned = {name: value for name, value in entries.items()
+               if not any(name.startswith(f"form{number}/weights/") for number in shared)}
+    return weights, aligned
 
 
 def add_alignment(content: RecordDict, message: Message, model: nn.Module, calibration: torch.Tensor | Iterable[Any],
@@ -98,8 +116,9 @@ def add_alignment(content: RecordDict, message: Message, model: nn.Module, calib
     reference = copy.deepcopy(model)
     reference.load_state_dict(message.content.array_records[WEIGHTS_KEY].to_torch_state_dict())
     merger = contribution_merger(reference, calibration, search, device=device)
-    content[ALIGNED_KEY] = ArrayRecord({name: value.contiguous() for name, value in
-                                        aligned_entries(merger, model).items()})
+    weights, aligned = reply_parts(merger, model)
+    content[WEIGHTS_KEY] = ArrayRecord({key: value.contiguous() for key, value in weights.items()})
+    content[ALIGNED_KEY] = ArrayRecord({name: value.contiguous() for name, value in aligned.items()})
     return content
 
 
@@ -139,16 +158,20 @@ def aligned_layout(merger: Merger) -> dict[str, tuple[int, ...]]:
     return {name: tuple(value.shape) for name, value in aligned_entries(merger, merger.reference).items()}
 
 
-def with_plain_weights(merger: Merger, aligned: Mapping[str, torch.Tensor],
+def with_reply_weights(merger: Merger, aligned: Mapping[str, torch.Tensor],
                        weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A whole contribution: ``aligned`` plus the plain ``weights`` as every form that aligns nothing."""
+    """A whole contribution: ``aligned`` plus the reply's ``weights`` as every form they stand for (the
+    model's floating-point entries only, whatever dtype a secure sum hands back for its counters)."""
     whole = dict(aligned)
-    for number in _plain_forms(merger):
-        whole.update({f"form{number}/weights/{key}": value for key, value in weights.items()
-                      if value.is_floating_point()})
+    floating = [key for key, value in merger.template.items() if value.is_floating_point()]
+    for number in _forms_in_weights(merger):
+        whole.update({f"form{number}/weights/{key}": weights[key] for key in floating if key in weights})
     return whole
 
 
-def _plain_forms(merger: Merger) -> list[int]:
-    return [number for number, members in enumerate(forms(merger))
-            if not merger.candidates[members[0]].config.aligns]
+def _forms_in_weights(merger: Merger) -> list[int]:
+    """The forms whose weights are the reply's own: the first, and, when it aligns nothing, every form that
+    aligns nothing (their weights are all the plain ones)."""
+    plain = [number for number, members in enumerate(forms(merger))
+             if not merger.candidates[members[0]].config.aligns]
+    return plain if plain[:1] == [0] else [0]

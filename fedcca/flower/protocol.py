@@ -183,6 +183,27 @@ class ClientUpdate:
 
 
 
+class DecodedWeights:
+    """Weights already decoded from a round's replies, so that each reply is decoded once.
+
+    A reply screen decodes a reply's weights to measure its update; the strategy that merges the
+    same reply next takes them from here instead of decoding its bytes again. Entries are keyed
+    by the message object itself and taken once.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Message, dict[str, torch.Tensor]]] = {}
+
+    def put(self, message: Message, state_dict: dict[str, torch.Tensor]) -> None:
+        """Keep ``message``'s decoded and validated weights."""
+        self._entries[id(message)] = (message, state_dict)
+
+    def take(self, message: Message) -> dict[str, torch.Tensor] | None:
+        """``message``'s weights if they were kept (and forget them), else None."""
+        entry = self._entries.pop(id(message), None)
+        return entry[1] if entry is not None and entry[0] is message else None
+
+
 def record_bytes(message: Message) -> int:
     """Return the payload size of ``message`` in bytes (0 for an error reply).
 
@@ -202,6 +223,7 @@ def validate_reply(
     weights_key: str = WEIGHTS_KEY,
     weighted_by_key: str = NUM_EXAMPLES_KEY,
     preactivation_sizes: Mapping[str, int] | None = None,
+    decoded: DecodedWeights | None = None,
 ) -> ClientUpdate:
     """Check one training reply and decode it.
 
@@ -219,6 +241,9 @@ def validate_reply(
         weighted_by_key: Metric holding the number of training examples.
         preactivation_sizes: ``{point: features}`` whose pre-activation moments a reply may carry
             (:func:`decode_statistics`).
+        decoded: Where this message's weights may have been decoded already (by a reply screen);
+            those are checked against ``template`` again (names, shapes, dtypes), not re-decoded;
+            the decoded weights are kept there for whoever reads the reply next.
 
     Raises:
         InvalidReplyError: With the reason, when the reply cannot be merged.
@@ -227,7 +252,13 @@ def validate_reply(
     content = message.content
     _check_record_names(content, weights_key)
     metrics = next(iter(content.metric_records.values()))
-    state_dict = _decode_weights(content.array_records[weights_key], template)
+    state_dict = decoded.take(message) if decoded is not None else None
+    if state_dict is None:
+        state_dict = _decode_weights(content.array_records[weights_key], template)
+        if decoded is not None:
+            decoded.put(message, state_dict)
+    else:
+        _check_decoded(state_dict, template)
     statistics, preactivation, statistics_bytes = None, None, 0
     if STATISTICS_KEY in content.array_records:
         stats_record = content.array_records[STATISTICS_KEY]
@@ -313,6 +344,17 @@ def _decode_weights(
             raise InvalidReplyError(f"weight '{key}' has non-finite values")
         state_dict[key] = torch.from_numpy(np.array(array))  # own, writable copy
     return state_dict
+
+
+def _check_decoded(state_dict: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor]) -> None:
+    """Weights decoded against another template still fit this one (names, shapes, dtypes)."""
+    if state_dict.keys() != template.keys():
+        raise InvalidReplyError("weight keys differ from the model")
+    for key, expected in template.items():
+        value = state_dict[key]
+        if value.dtype != expected.dtype or value.shape != expected.shape:
+            raise InvalidReplyError(f"weight '{key}' has {value.dtype} {tuple(value.shape)}, expected "
+                                    f"{expected.dtype} {tuple(expected.shape)}")
 
 
 def _num_examples(metrics: MetricRecord, key: str) -> float:

@@ -39,6 +39,7 @@ from flwr.serverapp.strategy import Strategy
 from fedcca.flower.protocol import (
     NUM_EXAMPLES_KEY,
     WEIGHTS_KEY,
+    DecodedWeights,
     InvalidReplyError,
     validate_reply,
 )
@@ -78,7 +79,7 @@ class UpdateScreen:
                 raise ValueError(f"{name} must be positive (None: off), got {value!r}")
 
     def screen(self, replies: Iterable[Message], template: Mapping[str, torch.Tensor], key: str = WEIGHTS_KEY,
-               weighted_by: str = NUM_EXAMPLES_KEY) -> Iterator[Message]:
+               weighted_by: str = NUM_EXAMPLES_KEY, decoded: DecodedWeights | None = None) -> Iterator[Message]:
         """``replies`` with every reply that breaks a bound or cannot be measured replaced by an error reply
         (code :data:`SCREEN_ERROR_CODE`) naming why, lazily; a client's own error reply is passed on.
 
@@ -92,6 +93,8 @@ class UpdateScreen:
                 floating-point entries are the center).
             key: Record name of the weights (else a reply's only ``ArrayRecord``).
             weighted_by: Metric holding the number of examples.
+            decoded: Where the weights of the replies passed on are kept for the strategy that
+                merges them (each reply decoded once; None: not kept).
         """
         center = _floats(template)
         scale = float(torch.linalg.vector_norm(_flat(center)))
@@ -104,7 +107,7 @@ class UpdateScreen:
                 yield reply
                 continue
             try:
-                norm = _update_norm(reply, template, center, key, weighted_by)
+                norm = _update_norm(reply, template, center, key, weighted_by, decoded)
             except InvalidReplyError as err:
                 yield _dropped(reply, f"cannot be measured: {err}")
                 continue
@@ -112,9 +115,9 @@ class UpdateScreen:
                 yield _dropped(reply, f"cannot be measured: {type(err).__name__}: {err}")
                 continue
             for (decided, measured), typical in medians.push((reply, norm), norm):
-                yield self._judged(decided, measured, scale, typical)
+                yield self._judged(decided, measured, scale, typical, decoded)
         for (decided, measured), _ in medians.flush():
-            yield self._judged(decided, measured, scale, None)
+            yield self._judged(decided, measured, scale, None, decoded)
         if medians.values and scale > 0:
             ratios = [norm / scale for norm in medians.values]
             typical = medians.median
@@ -122,8 +125,9 @@ class UpdateScreen:
             log(INFO, "[fedcca] screen: %d update(s) of %.3g-%.3gx the global model's norm%s", len(ratios),
                 min(ratios), max(ratios), spread)
 
-    def _judged(self, reply: Message, norm: float | None, scale: float, typical: float | None) -> Message:
-        """``reply``, or an error reply in its place when ``norm`` breaks a bound."""
+    def _judged(self, reply: Message, norm: float | None, scale: float, typical: float | None,
+                decoded: DecodedWeights | None = None) -> Message:
+        """``reply``, or an error reply in its place when ``norm`` breaks a bound (its decoded weights forgotten)."""
         if norm is None:
             return reply
         reason = None
@@ -133,7 +137,11 @@ class UpdateScreen:
         elif self.max_ratio is not None and typical is not None and not norm <= self.max_ratio * typical:
             reason = (f"update norm {norm:.3g} is {norm / typical if typical else math.inf:.3g}x the median update "
                       f"norm {typical:.3g} (screen bound max_ratio={self.max_ratio:g})")
-        return reply if reason is None else _dropped(reply, reason)
+        if reason is None:
+            return reply
+        if decoded is not None:
+            decoded.take(reply)
+        return _dropped(reply, reason)
 
     def describe(self) -> str:
         """The bounds, for a summary line."""
@@ -226,14 +234,14 @@ def _dropped(reply: Message, reason: str) -> Message:
 
 
 def _update_norm(reply: Message, template: Mapping[str, torch.Tensor], center: Mapping[str, torch.Tensor],
-                 key: str, weighted_by: str) -> float:
+                 key: str, weighted_by: str, decoded: DecodedWeights | None = None) -> float:
     """``|w - g|`` over the global model's floating-point keys.
 
     The reply is validated first as a strategy would (no array decoded before its declared
     shape, dtype and size are checked); InvalidReplyError names what is wrong.
     """
-    update = validate_reply(reply, template, None, weights_key=key, weighted_by_key=weighted_by)
+    update = validate_reply(reply, template, None, weights_key=key, weighted_by_key=weighted_by, decoded=decoded)
     total = 0.0
     for name, value in center.items():
-        total += float(torch.sum((update.state_dict[name].double() - value) ** 2))
+        total += float(torch.dist(update.state_dict[name].double(), value)) ** 2
     return math.sqrt(total) if math.isfinite(total) else math.inf

@@ -6,7 +6,7 @@ workflow unmasks only their weighted average (by ``num_examples``, quantised aft
 ``[-clipping_range, clipping_range]``) and hands it to ``aggregate_fit``. :class:`SecureCCAMerge` is the
 legacy face of ``CCAMerge(alignment="client")`` for that workflow: every round asks clients to align
 themselves to the broadcast model (:data:`~fedcca.flower.client_alignment.ALIGN_KEY`); a client's
-parameters are its weights followed by its contribution (:func:`aligned_parameters`); the server splits the
+parameters are its (first form's) weights followed by the rest of its contribution (:func:`aligned_parameters`); the server splits the
 average, builds every candidate (BatchNorm recomputed, REPAIR) and keeps the one chosen on the hold-out set.
 
 Round 1 aligns to the initial model as well (no individual reply exists to serve as reference); the
@@ -38,12 +38,12 @@ from torch import nn
 
 from fedcca.flower.client_alignment import (
     ALIGN_KEY,
-    aligned_entries,
     aligned_layout,
     contribution_merger,
     search_from_json,
     search_to_json,
-    with_plain_weights,
+    reply_parts,
+    with_reply_weights,
 )
 from fedcca.merging.config import MergeConfig, MergeSearch, resolve_search
 from fedcca.merging.contribution import absorb
@@ -79,7 +79,9 @@ def aligned_parameters(received: Sequence[np.ndarray], trained: nn.Module, confi
         reference = copy.deepcopy(trained)
         reference.load_state_dict({key: torch.as_tensor(np.asarray(array)) for key, array in zip(state, received)})
         merger = contribution_merger(reference, calibration, search_from_json(str(config[ALIGN_KEY])), device=device)
-        out.update({name: value.numpy() for name, value in aligned_entries(merger, trained).items()})
+        weights, aligned = reply_parts(merger, trained)  # the first form's weights replace the plain ones
+        out = {key: value.numpy() if value.is_floating_point() else out[key] for key, value in weights.items()}
+        out.update({name: value.numpy() for name, value in aligned.items()})
     if limit is not None:
         for name, array in out.items():
             if array.size and float(np.abs(array).max()) > limit:
@@ -139,7 +141,7 @@ class SecureCCAMerge(LegacyFedAvg):
                    for (name, shape), a in zip(self.layout.items(), arrays[len(self.keys):])}
         merger = Merger(self._global, self.calibration, self.search, holdout=self.holdout, device=self.device,
                         batch_size=self.batch_size)
-        absorb(merger, with_plain_weights(merger, aligned, weights), 1.0)
+        absorb(merger, with_reply_weights(merger, aligned, weights), 1.0)
         result = merger.finish()
         self.results.append(result)
         state = result.model.state_dict()

@@ -27,7 +27,7 @@ from fedcca.flower.client_alignment import (
 from fedcca.flower.guard import CollapseGuard
 from fedcca.flower.inputs import check_runs, checked_holdout
 from fedcca.flower.metrics import average_metrics, valid_evaluate_replies
-from fedcca.flower.protocol import COMPUTE_STATS_FLAG, LABEL_COUNTS_FLAG, PREACTIVATION_FLAG
+from fedcca.flower.protocol import COMPUTE_STATS_FLAG, LABEL_COUNTS_FLAG, PREACTIVATION_FLAG, DecodedWeights
 from fedcca.flower.records import RoundRecord, log_round
 from fedcca.flower.screen import UpdateScreen
 from fedcca.flower.settings import STATISTICS_SOURCES, AggregationSettings
@@ -269,15 +269,16 @@ class CCAMerge(FedAvg):
         tally = ReplyTally(replies)
         sent = self._sent if self._sent is not None and self._sent.server_round == server_round else None
         screened: Iterable[Message] = tally
+        decoded = DecodedWeights()  # the screen's decoding of a reply's weights is the merge's
         if self._screen is not None and sent is not None:  # a dropped reply arrives as an error reply (code 4000)
             screened = self._screen.screen(tally, sent.arrays.to_torch_state_dict(), self.arrayrecord_key,
-                                           self.weighted_by_key)
+                                           self.weighted_by_key, decoded)
         if sent is not None:
             record.num_sent = len(sent.node_ids)
         self.rounds.append(record)
         started = time.perf_counter()
         kind = SummedAggregation if self._settings.client_alignment_in(server_round) else RoundAggregation
-        aggregation = kind(self._settings, record, sent and sent.arrays, sent and sent.node_ids)
+        aggregation = kind(self._settings, record, sent and sent.arrays, sent and sent.node_ids, decoded)
         try:
             result = aggregation.run(screened)
         except SkipRound as skip:

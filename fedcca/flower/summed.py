@@ -1,6 +1,6 @@
 """A round of client-side alignment: the replies' contributions are summed, the server only finishes the merge.
 
-Each valid reply carries its plain weights and its contribution (:mod:`fedcca.flower.client_alignment`),
+Each valid reply carries its weights (its first form's) and the rest of its contribution (:mod:`fedcca.flower.client_alignment`),
 checked against the layout the search implies before anything is decoded. The weighted sum is streamed
 (one reply held at a time) with the same weight cap as a server-side round; then
 :func:`fedcca.merging.contribution.absorb` hands it to a merger onto the global model, whose
@@ -20,7 +20,7 @@ from fedcca.flower.aggregation import RoundAggregation
 from fedcca.flower.client_alignment import (
     ALIGNED_KEY,
     decode_aligned,
-    with_plain_weights,
+    with_reply_weights,
 )
 from fedcca.flower.protocol import ClientUpdate, InvalidReplyError
 from fedcca.merging.contribution import absorb
@@ -48,10 +48,12 @@ class SummedAggregation(RoundAggregation):
         with self._merging(started):
             for update, weight in self._capped(self._updates(replies)):
                 assert update.aligned is not None
-                whole = with_plain_weights(merger, update.aligned, update.state_dict)
+                whole = with_reply_weights(merger, update.aligned, update.state_dict)
                 for name, value in whole.items():
-                    term = weight * value.double()
-                    total[name] = total[name] + term if name in total else term
+                    if name in total:
+                        total[name].add_(value, alpha=weight)  # in place, float64: no tensor per reply and entry
+                    else:
+                        total[name] = value.double() * weight
                 weight_sum += weight
                 self.metrics.append(RecordDict({"metrics": update.metrics}))
             if self.metrics:
@@ -75,17 +77,20 @@ class SummedAggregation(RoundAggregation):
                 yield update
 
     def _check_growth(self, update: ClientUpdate) -> None:
-        """Each aligned form's weights within ``max_norm_growth`` of the reply's plain weights' norm (the bound
-        a server-side alignment puts on them): honest alignment moves features, not the weights' scale."""
+        """Each aligned form's weights within ``max_norm_growth`` of the reply's own weights' norm (the bound
+        a server-side alignment puts on them): honest alignment moves features, not the weights' scale.
+        When every form aligns, the reply's weights are aligned ones, bounded by the screen as any reply."""
         bound = self.settings.max_norm_growth
         if bound is None or update.aligned is None:
             return
-        plain = _norm(value for value in update.state_dict.values() if value.is_floating_point())
         forms: dict[str, list[torch.Tensor]] = {}
         for name, value in update.aligned.items():
             form, kind, _ = name.split("/", 2) if name.count("/") >= 2 else (name, "", "")
             if kind == "weights":
                 forms.setdefault(form, []).append(value)
+        if not forms:
+            return
+        plain = _norm(value for value in update.state_dict.values() if value.is_floating_point())
         for form, values in forms.items():
             growth = _norm(values) / plain if plain > 0 else float("inf")
             if not 1 / bound <= growth <= bound:
