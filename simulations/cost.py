@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
 import ctypes
 import gc
 import os
 import platform
+import pstats
 import sys
 import threading
 import time
@@ -300,6 +302,32 @@ class _BatchNormTimer:
         return timed
 
 
+def profile_aggregation(strategy: FedAvg, replies: Replies, server_round: int = 2,
+                        top: int = 15) -> list[dict[str, Any]]:
+    """Where one ``aggregate_train`` spends its time: the ``top`` fedcca functions by cumulative time.
+
+    Each row: ``function`` (module path and name), ``calls``, ``seconds`` (cumulative, profiler
+    overhead included), ``share`` of the whole call.
+    """
+    clients = _ReplayClients(replies)
+    grid = clients.grid()
+    received = grid.send_and_receive(_instructions(strategy, replies, grid, server_round))
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    strategy.aggregate_train(server_round, received)
+    profiler.disable()
+    total = time.perf_counter() - started
+    package = str(Path(__file__).resolve().parents[1] / "fedcca")
+    rows = []
+    for (filename, _, name), (_, calls, _, cumulative, _) in pstats.Stats(profiler).stats.items():  # type: ignore[attr-defined]
+        if filename.startswith(package) and name != "aggregate_train":
+            module = Path(filename).relative_to(Path(package).parent).with_suffix("").as_posix().replace("/", ".")
+            rows.append({"function": f"{module}.{name}", "calls": calls, "seconds": cumulative,
+                         "share": cumulative / total})
+    return sorted(rows, key=lambda row: -row["seconds"])[:top]
+
+
 def measure_aggregation(strategies: dict[str, FedAvg], replies: Replies, repeats: int,
                         server_round: int = 2) -> dict[str, dict[str, Any]]:
     """Time, BatchNorm time and memory of ``aggregate_train`` of every strategy on the same replies.
@@ -419,6 +447,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="the round configured: 2 (default) is the steady state (the global model as reference, "
                              "client statistics); 1 aligns to the largest reply with server-side statistics")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one aggregate_train per strategy and K (fedcca functions by cumulative time)")
     harness.add_runtime_arguments(parser, Path("results/cost/cost.json"))
     return parser
 
@@ -463,6 +493,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if num_clients > args.max_server_stats_clients:
                 strategies = {label: s for label, s in strategies.items() if ":server" not in label}
             measured = measure_aggregation(strategies, replies, args.repeats, args.round)
+            if args.profile:
+                for label, strategy in strategies.items():
+                    if label != harness.BASELINE:
+                        measured[label]["profile"] = profile_aggregation(strategy, replies, args.round)
             base = measured[harness.BASELINE]["min_seconds"]
             entry["aggregation"].append({"num_clients": num_clients, "strategies": measured,
                                          "ratio_to_fedavg": {label: m["min_seconds"] / base for label, m in
@@ -520,6 +554,13 @@ def _report(payload: dict[str, Any], labels: Sequence[str], out: Path) -> None:
                                    f"{row['strategies'][label]['rss_peak_growth_mib']:.0f} / "
                                    f"{row['strategies'][label].get('stream_rss_peak_growth_mib', float('nan')):.0f}"
                                    for label in labels)] for row in rows]))
+        for row in rows:
+            for label, m in row["strategies"].items():
+                if m.get("profile"):
+                    text.append(f"\n### {entry['model']}, K = {row['num_clients']}: where {label}'s aggregate_train "
+                                "spends its time (fedcca functions, cumulative, under the profiler)\n")
+                    text.append(harness.markdown_table(["function", "calls", "seconds", "share"], [
+                        [p["function"], p["calls"], f"{p['seconds']:.3g}", f"{p['share']:.0%}"] for p in m["profile"]]))
         for label in labels:
             shown = [row for row in rows if label in row["strategies"]]
             series.append(harness.Series(f"{entry['model']} {label}", [row["num_clients"] for row in shown],

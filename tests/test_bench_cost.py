@@ -17,7 +17,7 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     return run_benchmark(tmp_path_factory.mktemp("cost"), "simulations.cost", [
         "--models", "cnn:0.5:2,4", "--strategies", ",".join(STRATEGIES), "--repeats", "1",
         "--calibration-size", "20", "--holdout-size", "10", "--local-steps", "1", "--client-examples", "20",
-        "--threads", "1"], timeout=240)
+        "--threads", "1", "--profile"], timeout=240)
 
 
 def test_aggregation_rows(result: tuple[dict, Path]) -> None:
@@ -48,3 +48,15 @@ def test_statistics_forward_and_bytes(result: tuple[dict, Path]) -> None:
     assert model["client"]["train_seconds"] > 0 and model["client"]["stats_seconds"] > 0
     assert (folder / "cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "server stats / (K+1) forwards" in (folder / "cost.md").read_text()
+
+
+def test_profile_names_where_the_time_goes(result: tuple[dict, Path]) -> None:
+    payload, folder = result
+    for row in payload["models"][0]["aggregation"]:
+        assert "profile" not in row["strategies"]["fedavg"]
+        for label in STRATEGIES[1:]:
+            profile = row["strategies"][label]["profile"]
+            seconds = [entry["seconds"] for entry in profile]
+            assert profile and seconds == sorted(seconds, reverse=True)
+            assert all(entry["function"].startswith("fedcca.") and 0 < entry["share"] <= 1.0 for entry in profile)
+    assert "spends its time" in (folder / "cost.md").read_text()
