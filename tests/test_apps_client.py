@@ -91,8 +91,10 @@ def test_no_statistics_unless_asked(run_config: dict[str, Any]) -> None:
 
 def test_distillation_keys_reach_the_distillation_config(run_config: dict[str, Any]) -> None:
     config = TaskConfig.from_run_config({**run_config, "distill": True, "distill-teacher": "fitted,logits",
-                                         "distill-augmentation": "none,shift"}).distill_config()
+                                         "distill-augmentation": "none,shift", "distill-lr": "0.001, 0.0003",
+                                         "distill-temperature": "1,4"}).distill_config()
     assert config is not None and config.teachers == ("fitted", "logits") and config.augmentations == ("none", "shift")
+    assert config.lrs == (0.001, 0.0003) and config.temperatures == (1.0, 4.0)
 
 
 def test_label_counts_only_when_asked_and_equal_to_the_shard(run_config: dict[str, Any]) -> None:
@@ -178,6 +180,8 @@ def test_fedprox_instruction_adds_the_proximal_term(run_config: dict[str, Any],
     ("model", "resnet9", "'model' must be one of"),
     ("lr-schedule", "cosine", "'lr-schedule' must be one of"),
     ("distill-augmentation", "none,rotate", "'distill-augmentation' must be one of"),
+    ("distill-lr", "0.001,0", "'distill-lr' must be positive finite numbers"),
+    ("distill-temperature", "warm", "run config 'distill-temperature'"),
 ])
 def test_bad_run_config_names_the_key(run_config: dict[str, Any], key: str, value: Any, words: str) -> None:
     with pytest.raises(RunConfigError, match=re.escape(words)):

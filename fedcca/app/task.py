@@ -113,6 +113,8 @@ class TaskConfig:
         distill_augmentation: Comma-separated batch augmentations chosen among on the held-out
             set: "none", "shift" (random translations by up to 2 pixels, whole batch at once), "mixup"
             (pairs blended, targets alike).
+        distill_lr: Comma-separated Adam learning rates of distillation, chosen among on the held-out set.
+        distill_temperature: Comma-separated softmax temperatures of distillation, chosen among likewise.
         max_norm_ratio: Drop a reply whose update ``|w - g|`` exceeds this many median update
             norms of the round, with three replies or more (0: off; :class:`~fedcca.flower.screen.ScreenReplies`).
         max_update_norm: Drop a reply whose update ``|w - g|`` exceeds this many times the
@@ -167,6 +169,8 @@ class TaskConfig:
     distill_teacher: str
     distill_steps: int
     distill_augmentation: str
+    distill_lr: str
+    distill_temperature: str
     max_norm_ratio: float
     max_update_norm: float
     max_weight_ratio: float
@@ -207,7 +211,9 @@ class TaskConfig:
         if not (self.distill or self.strategy == "feddf"):
             return None
         return DistillConfig(teachers=parse_values(self.distill_teacher, str), steps=self.distill_steps,
-                             augmentations=parse_values(self.distill_augmentation, str), seed=self.seed)
+                             augmentations=parse_values(self.distill_augmentation, str),
+                             lrs=parse_values(self.distill_lr), temperatures=parse_values(self.distill_temperature),
+                             seed=self.seed)
 
     def merge_search(self) -> MergeSearch:
         """The merge configuration (or the candidates to choose from) these keys describe.
@@ -268,6 +274,13 @@ class TaskConfig:
             _check_choice("distill-augmentation", augmentation.strip(), AUGMENTATIONS)
         for repair in self.repair.split(","):
             _check_choice("repair", repair.strip(), REPAIRS)
+        for key, text in (("distill-lr", self.distill_lr), ("distill-temperature", self.distill_temperature)):
+            try:
+                values = parse_values(text)
+            except ValueError as err:
+                raise RunConfigError(f"run config '{key}': {err}") from None
+            if not all(math.isfinite(v) and v > 0 for v in values):
+                raise RunConfigError(f"run config '{key}' must be positive finite numbers, got {text!r}")
         if not is_model_path(self.model):
             _check_choice("model", self.model, MODEL_NAMES)
         positive = {"num-server-rounds": self.num_server_rounds, "min-nodes": self.min_nodes,
