@@ -478,3 +478,18 @@ def test_the_screen_and_the_merge_decode_each_reply_once(monkeypatch: pytest.Mon
     assert len(calls) == len(GOOD_NODES) + 1 and list(strategy.rounds[-1].dropped) == [BAD_NODE]
     for key, value in arrays.to_torch_state_dict().items():
         torch.testing.assert_close(value, expected.to_torch_state_dict()[key], rtol=0, atol=0, msg=key)
+
+
+def test_only_the_screen_keeps_decoded_weights() -> None:
+    """A merge without a screen keeps nothing per reply (streaming holds one reply at a time)."""
+    from fedcca.flower.protocol import DecodedWeights, validate_reply
+    grid = InProcessGrid({n: stats_app for n in GOOD_NODES})
+    strategy = _strategy()
+    replies = list(grid.send_and_receive(strategy.configure_train(1, GLOBAL, ConfigRecord(), grid)))
+    template = make_model().state_dict()
+    decoded = DecodedWeights()
+    validate_reply(replies[0], template, None, decoded=decoded)
+    assert decoded.take(replies[0]) is None
+    kept = {"w": torch.zeros(1)}
+    decoded.put(replies[1], kept)
+    assert decoded.take(replies[0]) is None and decoded.take(replies[1]) is kept and decoded.take(replies[1]) is None

@@ -242,8 +242,8 @@ def validate_reply(
         preactivation_sizes: ``{point: features}`` whose pre-activation moments a reply may carry
             (:func:`decode_statistics`).
         decoded: Where this message's weights may have been decoded already (by a reply screen);
-            those are checked against ``template`` again (names, shapes, dtypes), not re-decoded;
-            the decoded weights are kept there for whoever reads the reply next.
+            those are taken from there and checked against ``template`` again (names, shapes,
+            dtypes), not re-decoded.
 
     Raises:
         InvalidReplyError: With the reason, when the reply cannot be merged.
@@ -255,8 +255,6 @@ def validate_reply(
     state_dict = decoded.take(message) if decoded is not None else None
     if state_dict is None:
         state_dict = _decode_weights(content.array_records[weights_key], template)
-        if decoded is not None:
-            decoded.put(message, state_dict)
     else:
         _check_decoded(state_dict, template)
     statistics, preactivation, statistics_bytes = None, None, 0

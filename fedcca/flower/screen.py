@@ -240,7 +240,9 @@ def _update_norm(reply: Message, template: Mapping[str, torch.Tensor], center: M
     The reply is validated first as a strategy would (no array decoded before its declared
     shape, dtype and size are checked); InvalidReplyError names what is wrong.
     """
-    update = validate_reply(reply, template, None, weights_key=key, weighted_by_key=weighted_by, decoded=decoded)
+    update = validate_reply(reply, template, None, weights_key=key, weighted_by_key=weighted_by)
+    if decoded is not None:  # the merge takes them instead of decoding the reply again
+        decoded.put(reply, update.state_dict)
     total = 0.0
     for name, value in center.items():
         total += float(torch.dist(update.state_dict[name].double(), value)) ** 2

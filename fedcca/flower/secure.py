@@ -6,8 +6,9 @@ workflow unmasks only their weighted average (by ``num_examples``, quantised aft
 ``[-clipping_range, clipping_range]``) and hands it to ``aggregate_fit``. :class:`SecureCCAMerge` is the
 legacy face of ``CCAMerge(alignment="client")`` for that workflow: every round asks clients to align
 themselves to the broadcast model (:data:`~fedcca.flower.client_alignment.ALIGN_KEY`); a client's
-parameters are its (first form's) weights followed by the rest of its contribution (:func:`aligned_parameters`); the server splits the
-average, builds every candidate (BatchNorm recomputed, REPAIR) and keeps the one chosen on the hold-out set.
+parameters are its (first form's) weights followed by the rest of its contribution
+(:func:`aligned_parameters`); the server splits the average, builds every candidate (BatchNorm
+recomputed, REPAIR) and keeps the one chosen on the hold-out set.
 
 Round 1 aligns to the initial model as well (no individual reply exists to serve as reference); the
 hold-out choice keeps FedAvg's average when that alignment does not help. Per-reply screening is

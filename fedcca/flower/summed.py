@@ -1,7 +1,7 @@
 """A round of client-side alignment: the replies' contributions are summed, the server only finishes the merge.
 
-Each valid reply carries its weights (its first form's) and the rest of its contribution (:mod:`fedcca.flower.client_alignment`),
-checked against the layout the search implies before anything is decoded. The weighted sum is streamed
+Each valid reply carries its weights (its first form's) and the rest of its contribution
+(:mod:`fedcca.flower.client_alignment`), checked against the layout the search implies before anything is decoded. The weighted sum is streamed
 (one reply held at a time) with the same weight cap as a server-side round; then
 :func:`fedcca.merging.contribution.absorb` hands it to a merger onto the global model, whose
 ``finish`` recomputes BatchNorm, applies REPAIR and chooses among the candidates on the hold-out set.
