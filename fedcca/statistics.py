@@ -265,6 +265,7 @@ def collect_statistics(
     batch_size: int = 256,
     own_moments: AlignmentSpec | None = None,
     own_out: list[dict[str, Moments]] | None = None,
+    reference_cache: list | None = None,
 ) -> list[dict[str, PairStatistics]]:
     """Statistics of every model's features against the reference's, per alignment point.
 
@@ -290,6 +291,9 @@ def collect_statistics(
             :class:`Moments` each model gets in the same forward pass (no pass of its own);
             they are appended to ``own_out``, one dict per model.
         own_out: Where ``own_moments``' results go (required with it).
+        reference_cache: The reference's recorded features per batch, filled by the first call that
+            passes it and read by later ones instead of running the reference again (the caller
+            keeps reference, calibration, spec, points, ``reference_moments`` and device the same).
 
     Returns:
         For each model, ``{point name: PairStatistics}`` with CPU tensors.
@@ -309,9 +313,14 @@ def collect_statistics(
     totals: list[dict[str, PairStatistics]] = [{} for _ in models]
     owns: list[dict[str, Moments]] = [{} for _ in models]
     with _running(reference, *models, device=device):
-        for batch in batches:
+        for number, batch in enumerate(batches):
             batch = batch.to(device)
-            ref_features = _record_reference(reference, batch, taps, sizes, own=reference_moments)
+            if reference_cache is not None and number < len(reference_cache):
+                ref_features = reference_cache[number]
+            else:
+                ref_features = _record_reference(reference, batch, taps, sizes, own=reference_moments)
+                if reference_cache is not None:
+                    reference_cache.append(ref_features)
             for index, model in enumerate(models):
                 _accumulate(model, index, batch, taps, sizes, reference, ref_features, totals[index],
                             own, owns[index])

@@ -228,3 +228,20 @@ def test_statistics_and_preactivation_in_one_pass_equal_the_two_passes(batchnorm
         torch.testing.assert_close(pre[name][1], cov)
     for name, pair in want_stats.items():
         torch.testing.assert_close(stats[name].cross, pair.cross)
+
+
+def test_a_reference_cache_runs_the_reference_once_and_changes_nothing() -> None:
+    reference, first, second = make_tiny(1), make_tiny(2), make_tiny(3)
+    x = calibration(40, seed=5)
+    runs: list[int] = []
+    reference.register_forward_hook(lambda module, inputs, output: runs.append(1))
+    cache: list = []
+    cached = [collect_statistics(reference, [model], x, batch_size=16, reference_cache=cache, device="cpu")[0]
+              for model in (first, second)]
+    assert len(runs) == 3 and len(cache) == 3  # 40 examples in batches of 16: three reference passes in all
+    plain = collect_statistics(reference, [first, second], x, batch_size=16, device="cpu")
+    for got, expected in zip(cached, plain):
+        for point, stats in expected.items():
+            torch.testing.assert_close(got[point].cross, stats.cross, rtol=0, atol=0, msg=point)
+            torch.testing.assert_close(got[point].a.comoment, stats.a.comoment, rtol=0, atol=0, msg=point)
+            torch.testing.assert_close(got[point].b.mean, stats.b.mean, rtol=0, atol=0, msg=point)

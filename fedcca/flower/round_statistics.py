@@ -66,6 +66,7 @@ class RoundStatistics:
         self._moments: dict[str, Moments] | None = None  # the global model's, once the first client's arrive
         self._global_preactivation: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._subset: torch.Tensor | None = None  # the round's spot-check examples
+        self._subset_reference: tuple[nn.Module, list] | None = None  # its reference and that one's features
 
     def fill(self, merger: Merger, group: list[tuple[ClientUpdate, float, nn.Module]],
                          statistics: list) -> list:
@@ -100,8 +101,8 @@ class RoundStatistics:
         (None, an error) are returned as they are.
 
         Honest statistics agree closely; forged ones that keep every norm (negated or permuted cross moments)
-        are what the aligned-norm bound cannot see. Costs one forward of the reference and the client model
-        over :data:`SPOT_CHECK_SAMPLES` examples per reply.
+        are what the aligned-norm bound cannot see. Costs one forward of the client model over
+        :data:`SPOT_CHECK_SAMPLES` examples per reply (and of the reference once per round).
         """
         if not isinstance(claimed, dict) or merger.spec is None:
             return claimed
@@ -112,8 +113,10 @@ class RoundStatistics:
             self._subset = inputs[torch.randperm(len(inputs), generator=generator)[:size]]
         started = time.perf_counter()
         try:
+            if self._subset_reference is None or self._subset_reference[0] is not merger.reference:
+                self._subset_reference = (merger.reference, [])  # the reference runs once per round, not per reply
             measured = collect_statistics(merger.reference, [model], self._subset, merger.spec,
-                                          device=self.settings.device)[0]
+                                          device=self.settings.device, reference_cache=self._subset_reference[1])[0]
         except StatisticsError as err:
             return err
         finally:
