@@ -390,11 +390,12 @@ def test_one_client_claiming_huge_example_counts_gets_a_capped_weight(claim: flo
     assert arrays is not None and not strategy.rounds[-1].skipped
     claims = {r.metadata.src_node_id: float(r.content["metrics"]["num-examples"]) for r in sorted(
         replies, key=lambda r: r.metadata.src_node_id)}
-    assert strategy.settings.max_weight_ratio == 1.0  # the default: no reply weighs more than the median client
+    ratio = strategy.settings.max_weight_ratio
+    assert ratio == 2.0  # the default: no reply weighs more than two median clients
     # streamed (reference "global"): each weight is capped at the median claim so far, the first three
     # waiting for each other
     order = list(claims.values())
-    caps = {n: float(np.median(order[:max(3, i + 1)])) for i, n in enumerate(claims)}
+    caps = {n: ratio * float(np.median(order[:max(3, i + 1)])) for i, n in enumerate(claims)}
     weights = {n: min(c, caps[n]) for n, c in claims.items()}
     assert strategy.rounds[-1].capped == {n: c for n, c in claims.items() if c > caps[n]}
     total = sum(weights.values())

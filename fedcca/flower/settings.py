@@ -75,7 +75,7 @@ class AggregationSettings:
     weighted_by_key: str
     min_replies: int
     distill: DistillConfig | None = None
-    max_weight_ratio: float = 1.0
+    max_weight_ratio: float = 2.0
     max_norm_growth: float | None = 1e4
     average: str = "mean"
     preactivation_sizes: Mapping[str, int] = field(default_factory=dict)
