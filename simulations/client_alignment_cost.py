@@ -32,6 +32,7 @@ from fedcca.flower.protocol import record_bytes, train_reply
 from fedcca.flower.strategy import CCAMerge
 from fedcca.training import TrainingConfig, train
 from simulations import harness
+from simulations.cost import profile_call
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -41,15 +42,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument("--calibration-size", type=int, default=500)
+    parser.add_argument("--holdout-size", type=int, default=500)
     parser.add_argument("--client-examples", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--strategies", default="fedavg,client cca,client cca unscreened,client search",
                         help="comma-separated rows to measure (fedavg is always measured: the baseline)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one aggregate_train per strategy (fedcca functions by cumulative time)")
     harness.add_runtime_arguments(parser, harness.ROOT / "results" / "cost" / "client-alignment.json")
     args = parser.parse_args(argv)
     harness.apply_runtime(args)
-    task = TaskConfig.from_run_config(harness.base_run_config(model=args.model, width=args.width,
-                                                              data_dir=args.data_dir))
+    task = TaskConfig.from_run_config(harness.base_run_config(
+        model=args.model, width=args.width, data_dir=args.data_dir, calibration_size=args.calibration_size,
+        holdout_size=args.holdout_size))
     dataset = federation.load_data(task.dataset, task.data_dir)
     calibration, holdout = federation.calibration_inputs(task), federation.holdout_set(task)
 
@@ -106,8 +112,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             strategy.aggregate_train(2, [copy.deepcopy(reply) for reply in replies])
             seconds.append(time.perf_counter() - started)
         del grid
-        entry = {"aggregate_seconds": min(seconds), "client_seconds": float(np.median(client_seconds)),
-                 "reply_bytes": float(np.median([record_bytes(r) for r in replies]))}
+        entry: dict[str, Any] = {"aggregate_seconds": min(seconds), "client_seconds": float(np.median(client_seconds)),
+                                 "reply_bytes": float(np.median([record_bytes(r) for r in replies]))}
+        if args.profile:
+            strategy.configure_train(2, arrays, ConfigRecord(), _nodes_grid(args.clients))
+            copies = [copy.deepcopy(reply) for reply in replies]
+            entry["profile"] = profile_call(lambda s=strategy, c=copies: s.aggregate_train(2, c))
         payload["strategies"][label] = entry
         print(f"[client-alignment] {label}: {entry}", flush=True)
     base = payload["strategies"]["fedavg"]
@@ -119,6 +129,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = harness.markdown_table(["strategy", "aggregate_train s", "x FedAvg", "client share s",
                                     f"x one epoch on {args.client_examples} images", "MB per reply",
                                     "x FedAvg's bytes"], rows)
+    if args.profile:
+        for label, entry in payload["strategies"].items():
+            table += f"\n{label}: where aggregate_train's time goes (cumulative, profiler overhead included)\n\n"
+            table += harness.markdown_table(["function", "calls", "s", "share"],
+                                            [[row["function"], row["calls"], row["seconds"], row["share"]]
+                                             for row in entry.get("profile", [])]) + "\n"
     args.out.with_suffix(".md").write_text(f"{args.model} x{args.width:g}, K = {args.clients}, round 2, 2-core CPU\n\n"
                                            + table + "\n")
     print(table)

@@ -37,7 +37,7 @@ import pstats
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -304,18 +304,24 @@ class _BatchNormTimer:
 
 def profile_aggregation(strategy: FedAvg, replies: Replies, server_round: int = 2,
                         top: int = 15) -> list[dict[str, Any]]:
-    """Where one ``aggregate_train`` spends its time: the ``top`` fedcca functions by cumulative time.
+    """Where one ``aggregate_train`` spends its time: the ``top`` fedcca functions by cumulative time
+    (rows as :func:`profile_call`)."""
+    clients = _ReplayClients(replies)
+    grid = clients.grid()
+    received = grid.send_and_receive(_instructions(strategy, replies, grid, server_round))
+    return profile_call(lambda: strategy.aggregate_train(server_round, received), top)
+
+
+def profile_call(call: Callable[[], Any], top: int = 15) -> list[dict[str, Any]]:
+    """Where one ``call()`` spends its time: the ``top`` fedcca functions by cumulative time.
 
     Each row: ``function`` (module path and name), ``calls``, ``seconds`` (cumulative, profiler
     overhead included), ``share`` of the whole call.
     """
-    clients = _ReplayClients(replies)
-    grid = clients.grid()
-    received = grid.send_and_receive(_instructions(strategy, replies, grid, server_round))
     profiler = cProfile.Profile()
     started = time.perf_counter()
     profiler.enable()
-    strategy.aggregate_train(server_round, received)
+    call()
     profiler.disable()
     total = time.perf_counter() - started
     package = str(Path(__file__).resolve().parents[1] / "fedcca")

@@ -60,3 +60,21 @@ def test_profile_names_where_the_time_goes(result: tuple[dict, Path]) -> None:
             assert profile and seconds == sorted(seconds, reverse=True)
             assert all(entry["function"].startswith("fedcca.") and 0 < entry["share"] <= 1.0 for entry in profile)
     assert "spends its time" in (folder / "cost.md").read_text()
+
+
+def test_client_alignment_cost_rows_and_profile(tmp_path: Path) -> None:
+    """simulations/client_alignment_cost.py: FedAvg and the client-side `cca` row, each reply's bytes, and the
+    profile of the client-side aggregation naming its fedcca functions (slowest first)."""
+    payload, folder = run_benchmark(tmp_path, "simulations.client_alignment_cost", [
+        "--model", "cnn", "--width", "0.5", "--clients", "3", "--local-steps", "1", "--client-examples", "20",
+        "--calibration-size", "20", "--holdout-size", "10",
+        "--repeats", "1", "--strategies", "client cca", "--threads", "1", "--profile"], timeout=240)
+    assert list(payload["strategies"]) == ["fedavg", "client cca"]
+    base, client = payload["strategies"]["fedavg"], payload["strategies"]["client cca"]
+    assert base["aggregate_seconds"] > 0 and client["aggregate_seconds"] > 0 and client["client_seconds"] > 0
+    # one aligned candidate: the reply is the aligned weights plus a few targets, about FedAvg's bytes
+    assert base["reply_bytes"] <= client["reply_bytes"] < 1.1 * base["reply_bytes"]
+    seconds = [row["seconds"] for row in client["profile"]]
+    assert seconds and seconds == sorted(seconds, reverse=True)
+    assert any(row["function"].endswith("validate_reply") for row in client["profile"])
+    assert "where aggregate_train's time goes" in (folder / "client_alignment_cost.md").read_text()

@@ -33,6 +33,7 @@ from fedcca.flower.protocol import (
     CONFIG_KEY,
     WEIGHTS_KEY,
     InvalidReplyError,
+    owned_tensor,
 )
 from fedcca.flower.wire_statistics import check_declared
 from fedcca.merging.config import MergeConfig, MergeSearch
@@ -145,7 +146,7 @@ def decode_aligned(record: ArrayRecord, layout: Mapping[str, tuple[int, ...]]) -
                                     f"float32 {shape}")
         if not np.isfinite(array).all():
             raise InvalidReplyError(f"aligned entry '{name}' has non-finite values")
-        out[name] = torch.from_numpy(np.array(array))
+        out[name] = owned_tensor(array)
     return out
 
 
@@ -158,14 +159,23 @@ def aligned_layout(merger: Merger) -> dict[str, tuple[int, ...]]:
     return {name: tuple(value.shape) for name, value in aligned_entries(merger, merger.reference).items()}
 
 
-def with_reply_weights(merger: Merger, aligned: Mapping[str, torch.Tensor],
+def reply_weight_names(merger: Merger) -> dict[str, list[str]]:
+    """For each of the model's floating-point entries, the contribution entries a reply's own weights stand
+    for (``form<k>/weights/<key>`` of every form in them; whatever dtype a secure sum hands back for the
+    counters is left out). Computed once per round: :func:`with_reply_weights` uses it for every reply."""
+    numbers = _forms_in_weights(merger)
+    return {key: [f"form{number}/weights/{key}" for number in numbers]
+            for key, value in merger.template.items() if value.is_floating_point()}
+
+
+def with_reply_weights(names: Mapping[str, list[str]], aligned: Mapping[str, torch.Tensor],
                        weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A whole contribution: ``aligned`` plus the reply's ``weights`` as every form they stand for (the
-    model's floating-point entries only, whatever dtype a secure sum hands back for its counters)."""
+    """A whole contribution: ``aligned`` plus the reply's ``weights`` under every name
+    :func:`reply_weight_names` gives them."""
     whole = dict(aligned)
-    floating = [key for key, value in merger.template.items() if value.is_floating_point()]
-    for number in _forms_in_weights(merger):
-        whole.update({f"form{number}/weights/{key}": weights[key] for key in floating if key in weights})
+    for key, entries in names.items():
+        if key in weights:
+            whole.update(dict.fromkeys(entries, weights[key]))
     return whole
 
 

@@ -17,6 +17,7 @@ place that speaks the protocol (the strategy, the ClientApp, benchmarks, tests) 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -340,8 +341,17 @@ def _decode_weights(
                                     f"expected {tuple(expected.shape)}")
         if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
             raise InvalidReplyError(f"weight '{key}' has non-finite values")
-        state_dict[key] = torch.from_numpy(np.array(array))  # own, writable copy
+        state_dict[key] = owned_tensor(array)
     return state_dict
+
+
+def owned_tensor(array: np.ndarray) -> torch.Tensor:
+    """``array`` as a tensor that shares no memory with a reply's bytes: numpy's decoding already gave
+    a writable array of its own (then no second copy), a read-only view is copied."""
+    owner = array if array.base is None else array.base
+    if array.flags.writeable and isinstance(owner, np.ndarray) and owner.flags.owndata:
+        return torch.from_numpy(array)
+    return torch.from_numpy(np.array(array))
 
 
 def _check_decoded(state_dict: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor]) -> None:
@@ -367,5 +377,6 @@ def _num_examples(metrics: MetricRecord, key: str) -> float:
     return float(value)
 
 
+@functools.cache
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
     return torch.empty((), dtype=dtype).numpy().dtype

@@ -44,6 +44,7 @@ from fedcca.flower.client_alignment import (
     search_from_json,
     search_to_json,
     reply_parts,
+    reply_weight_names,
     with_reply_weights,
 )
 from fedcca.merging.config import MergeConfig, MergeSearch, resolve_search
@@ -142,7 +143,7 @@ class SecureCCAMerge(LegacyFedAvg):
                    for (name, shape), a in zip(self.layout.items(), arrays[len(self.keys):])}
         merger = Merger(self._global, self.calibration, self.search, holdout=self.holdout, device=self.device,
                         batch_size=self.batch_size)
-        absorb(merger, with_reply_weights(merger, aligned, weights), 1.0)
+        absorb(merger, with_reply_weights(reply_weight_names(merger), aligned, weights), 1.0)
         result = merger.finish()
         self.results.append(result)
         state = result.model.state_dict()

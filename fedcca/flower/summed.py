@@ -20,6 +20,7 @@ from fedcca.flower.aggregation import RoundAggregation
 from fedcca.flower.client_alignment import (
     ALIGNED_KEY,
     decode_aligned,
+    reply_weight_names,
     with_reply_weights,
 )
 from fedcca.flower.protocol import ClientUpdate, InvalidReplyError
@@ -45,10 +46,11 @@ class SummedAggregation(RoundAggregation):
         weight_sum = 0.0
         merger = Merger(global_model, self.settings.calibration, self.settings.search, holdout=self.settings.holdout,
                         spec=self.settings.spec, device=self.settings.device, batch_size=self.settings.batch_size)
+        names = reply_weight_names(merger)
         with self._merging(started):
             for update, weight in self._capped(self._updates(replies)):
                 assert update.aligned is not None
-                whole = with_reply_weights(merger, update.aligned, update.state_dict)
+                whole = with_reply_weights(names, update.aligned, update.state_dict)
                 for name, value in whole.items():
                     if name in total:
                         total[name].add_(value, alpha=weight)  # in place, float64: no tensor per reply and entry
