@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 
 import fedcca.flower.aggregation as aggregation_module
 from fedcca.flower.local_grid import InProcessGrid
-from fedcca.flower.protocol import STATISTICS_KEY, owned_tensor
+from fedcca.flower.protocol import STATISTICS_KEY, owned_tensor, train_reply
 from fedcca.flower.recording import RecordRounds
-from fedcca.flower.screen import ScreenReplies
+from fedcca.flower.screen import ScreenReplies, UpdateScreen
+from fedcca.flower.screen import _update_norm as update_norm
 from fedcca.flower.strategy import CCAMerge
 from fedcca.merging.config import MergeConfig
 from fedcca.merging.merger import MergeResult
@@ -31,6 +32,7 @@ from tests.tiny_clients import (
     fedavg_app,
     make_model,
     stats_app,
+    train_messages,
 )
 
 GLOBAL = ArrayRecord(make_model(seed=1).state_dict())
@@ -508,3 +510,18 @@ def test_decoded_weights_share_no_memory_with_the_reply() -> None:
     assert copied.data_ptr() != view.ctypes.data
     copied += 1  # writable, and the bytes are untouched
     assert raw == bytes(24)
+
+
+def test_screen_measures_updates_in_the_model_dtype_and_exactly_when_that_overflows() -> None:
+    """The update norm is taken in the model's own dtype (no float64 copy of every reply); where that
+    overflows (half precision, 60,000 away in each of 4 entries) it is measured again in float64, exactly."""
+    for dtype, step in ((torch.float32, 0.5), (torch.float16, 60000.0)):
+        template = {"w": torch.zeros(4, dtype=dtype), "steps": torch.zeros((), dtype=torch.int64)}
+        sent = train_messages(ArrayRecord(template), [5])[0]
+        weights = {"w": torch.full((4,), step, dtype=dtype), "steps": torch.ones((), dtype=torch.int64)}
+        reply = Message(train_reply(weights, 10), reply_to=sent)
+        assert math.isinf(float(torch.dist(weights["w"], template["w"]))) == (dtype == torch.float16)
+        measured = update_norm(reply, template, {"w": template["w"]}, "arrays", "num-examples")
+        assert measured == pytest.approx(2 * step, rel=1e-6)  # |(s, s, s, s)| = 2 s
+        (passed,) = UpdateScreen(max_update_norm=None, max_ratio=None).screen([reply], template)
+        assert not passed.has_error()

@@ -97,7 +97,7 @@ class UpdateScreen:
                 merges them (each reply decoded once; None: not kept).
         """
         center = _floats(template)
-        scale = float(torch.linalg.vector_norm(_flat(center)))
+        scale = float(torch.linalg.vector_norm(_flat(center).double()))
         if scale == 0 and self.max_update_norm is not None:
             log(WARNING, "[fedcca] screen: the global model's norm is 0: the bound max_update_norm x |g| is not "
                 "applied this round (the median bound still is, with three replies or more)")
@@ -220,7 +220,7 @@ class ScreenReplies(StrategyWrapper):
 
 
 def _floats(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {key: value.detach().double().cpu() for key, value in state.items() if value.is_floating_point()}
+    return {key: value.detach().cpu() for key, value in state.items() if value.is_floating_point()}
 
 
 def _flat(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -245,5 +245,9 @@ def _update_norm(reply: Message, template: Mapping[str, torch.Tensor], center: M
         decoded.put(reply, update.state_dict)
     total = 0.0
     for name, value in center.items():
-        total += float(torch.dist(update.state_dict[name].double(), value)) ** 2
+        weights = update.state_dict[name]
+        distance = float(torch.dist(weights, value))  # in the model's dtype: no float64 copy of every reply
+        if not math.isfinite(distance):  # overflowed there (a half-precision model, or a huge update): exactly
+            distance = float(torch.dist(weights.double(), value.double()))
+        total += distance ** 2
     return math.sqrt(total) if math.isfinite(total) else math.inf
