@@ -74,8 +74,8 @@ class AggregationSettings:
     weights_key: str
     weighted_by_key: str
     min_replies: int
+    max_weight_ratio: float  # no default here: CCAMerge's keyword is the one place it is declared
     distill: DistillConfig | None = None
-    max_weight_ratio: float = 2.0
     max_norm_growth: float | None = 1e4
     average: str = "mean"
     preactivation_sizes: Mapping[str, int] = field(default_factory=dict)
