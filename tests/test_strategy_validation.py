@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import fedcca.flower.aggregation as aggregation_module
 from fedcca.flower.local_grid import InProcessGrid
-from fedcca.flower.protocol import STATISTICS_KEY, owned_tensor, train_reply
+from fedcca.flower.protocol import STATISTICS_KEY, train_reply
 from fedcca.flower.recording import RecordRounds
 from fedcca.flower.screen import ScreenReplies, UpdateScreen
 from fedcca.flower.screen import _update_norm as update_norm
@@ -496,20 +496,6 @@ def test_only_the_screen_keeps_decoded_weights() -> None:
     kept = {"w": torch.zeros(1)}
     decoded.put(replies[1], kept)
     assert decoded.take(replies[0]) is None and decoded.take(replies[1]) is kept and decoded.take(replies[1]) is None
-
-
-def test_decoded_weights_share_no_memory_with_the_reply() -> None:
-    """numpy's decoding hands a writable array of its own: used as is (no second copy); a read-only view of
-    someone's bytes is copied, so that a merge writing into it cannot touch the reply."""
-    decoded = ArrayRecord({"w": torch.arange(6.0).reshape(2, 3)})["w"].numpy()
-    tensor = owned_tensor(decoded)
-    assert tensor.data_ptr() == decoded.ctypes.data and tensor.shape == (2, 3)
-    raw = bytes(24)
-    view = np.frombuffer(raw, dtype=np.float32)
-    copied = owned_tensor(view)
-    assert copied.data_ptr() != view.ctypes.data
-    copied += 1  # writable, and the bytes are untouched
-    assert raw == bytes(24)
 
 
 def test_screen_measures_updates_in_the_model_dtype_and_exactly_when_that_overflows() -> None:

@@ -33,9 +33,8 @@ from fedcca.flower.protocol import (
     CONFIG_KEY,
     WEIGHTS_KEY,
     InvalidReplyError,
-    owned_tensor,
 )
-from fedcca.flower.wire_statistics import check_declared
+from fedcca.flower.wire_statistics import decode_declared
 from fedcca.merging.config import MergeConfig, MergeSearch
 from fedcca.merging.contribution import contribution, forms
 from fedcca.merging.merger import Merger
@@ -136,17 +135,8 @@ def decode_aligned(record: ArrayRecord, layout: Mapping[str, tuple[int, ...]]) -
                                 f"unexpected {extra[:3]}")
     out = {}
     for name, shape in layout.items():
-        check_declared(record[name], name, shape, (np.dtype(np.float32),), InvalidReplyError, "aligned entry")
-        try:
-            array = record[name].numpy()
-        except Exception as err:  # corrupt bytes from a client
-            raise InvalidReplyError(f"aligned entry '{name}' cannot be decoded: {err}") from err
-        if array.dtype != np.float32 or tuple(array.shape) != shape:
-            raise InvalidReplyError(f"aligned entry '{name}' decodes to {array.dtype} {array.shape}, expected "
-                                    f"float32 {shape}")
-        if not np.isfinite(array).all():
-            raise InvalidReplyError(f"aligned entry '{name}' has non-finite values")
-        out[name] = owned_tensor(array)
+        array = decode_declared(record[name], name, shape, (np.dtype(np.float32),), InvalidReplyError, "aligned entry")
+        out[name] = torch.from_numpy(array)
     return out
 
 

@@ -39,7 +39,7 @@ from fedcca.flower.wire_statistics import (  # noqa: F401
     PREACTIVATION_PREFIX,
     READABLE_FORMATS,
     STATISTICS_FORMAT,
-    check_declared,
+    decode_declared,
     decode_statistics,
     statistics_from_record,
     statistics_to_record,
@@ -251,16 +251,15 @@ def validate_reply(
     """
     _raise_if_error(message)
     content = message.content
-    _check_record_names(content, weights_key)
-    metrics = next(iter(content.metric_records.values()))
+    arrays, metrics = _check_record_names(content, weights_key)
     state_dict = decoded.take(message) if decoded is not None else None
     if state_dict is None:
-        state_dict = _decode_weights(content.array_records[weights_key], template)
+        state_dict = _decode_weights(arrays[weights_key], template)
     else:
         _check_decoded(state_dict, template)
     statistics, preactivation, statistics_bytes = None, None, 0
-    if STATISTICS_KEY in content.array_records:
-        stats_record = content.array_records[STATISTICS_KEY]
+    if STATISTICS_KEY in arrays:
+        stats_record = arrays[STATISTICS_KEY]
         if spec is not None:
             try:
                 statistics, preactivation = decode_statistics(stats_record, spec, preactivation_sizes)
@@ -302,12 +301,22 @@ def _raise_if_error(message: Message) -> None:
         raise InvalidReplyError(f"error reply (code {message.error.code}): {message.error.reason}")
 
 
-def _check_record_names(content: RecordDict, weights_key: str) -> None:
-    arrays = set(content.array_records)
-    metrics, configs = list(content.metric_records), list(content.config_records)
+def _check_record_names(content: RecordDict, weights_key: str) -> tuple[dict[str, ArrayRecord], MetricRecord]:
+    """The reply's ArrayRecords by name and its MetricRecord, once the names are what a reply may hold
+    (read in one pass: each of Flower's per-type views of a RecordDict is a new dict)."""
+    arrays: dict[str, ArrayRecord] = {}
+    metrics: list[MetricRecord] = []
+    configs: list[str] = []
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            arrays[name] = record
+        elif isinstance(record, MetricRecord):
+            metrics.append(record)
+        elif isinstance(record, ConfigRecord):
+            configs.append(name)
     if weights_key not in arrays:
         raise InvalidReplyError(f"missing ArrayRecord '{weights_key}' (has {sorted(arrays)})")
-    extra = arrays - {weights_key, STATISTICS_KEY, ALIGNED_RECORD_KEY}
+    extra = set(arrays) - {weights_key, STATISTICS_KEY, ALIGNED_RECORD_KEY}
     if extra:
         raise InvalidReplyError(f"unexpected ArrayRecord(s) {sorted(extra)}")
     # Like FedAvg: exactly one MetricRecord, whatever its name.
@@ -315,6 +324,7 @@ def _check_record_names(content: RecordDict, weights_key: str) -> None:
         raise InvalidReplyError(f"expected exactly one MetricRecord, found {len(metrics)}")
     if configs:
         raise InvalidReplyError(f"unexpected ConfigRecord(s) {sorted(configs)}")
+    return arrays, metrics[0]
 
 
 def _decode_weights(
@@ -327,31 +337,11 @@ def _decode_weights(
                                 f"unexpected {extra[:3]}")
     state_dict: dict[str, torch.Tensor] = {}
     for key, expected in template.items():
-        expected_dtype = _numpy_dtype(expected.dtype)
         # The declared dtype/shape/size first (nothing is allocated for a lying header), then the decoded bytes.
-        check_declared(record[key], key, tuple(expected.shape), (expected_dtype,), InvalidReplyError, "weight")
-        try:
-            array = record[key].numpy()
-        except Exception as err:  # corrupt bytes or foreign serialisation from a client
-            raise InvalidReplyError(f"weight '{key}' cannot be decoded: {err}") from err
-        if array.dtype != expected_dtype:
-            raise InvalidReplyError(f"weight '{key}' has dtype {array.dtype}, expected {expected_dtype}")
-        if tuple(array.shape) != tuple(expected.shape):
-            raise InvalidReplyError(f"weight '{key}' has shape {tuple(array.shape)}, "
-                                    f"expected {tuple(expected.shape)}")
-        if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
-            raise InvalidReplyError(f"weight '{key}' has non-finite values")
-        state_dict[key] = owned_tensor(array)
+        array = decode_declared(record[key], key, tuple(expected.shape), (_numpy_dtype(expected.dtype),),
+                                InvalidReplyError, "weight")
+        state_dict[key] = torch.from_numpy(array)
     return state_dict
-
-
-def owned_tensor(array: np.ndarray) -> torch.Tensor:
-    """``array`` as a tensor that shares no memory with a reply's bytes: numpy's decoding already gave
-    a writable array of its own (then no second copy), a read-only view is copied."""
-    owner = array if array.base is None else array.base
-    if array.flags.writeable and isinstance(owner, np.ndarray) and owner.flags.owndata:
-        return torch.from_numpy(array)
-    return torch.from_numpy(np.array(array))
 
 
 def _check_decoded(state_dict: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor]) -> None:

@@ -14,11 +14,11 @@ the values seen so far, undecided until ``warmup`` values are in.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
-import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -127,18 +127,24 @@ class RunningMedian(Generic[T]):
             raise ValueError(f"RunningMedian: warmup must be >= 1, got {warmup}")
         self.warmup = warmup
         self.values: list[float] = []
+        self._sorted: list[float] = []  # the same values in order: each median is a look-up
         self._waiting: list[T] = []
 
     @property
     def median(self) -> float | None:
         """The median of the values so far (None before ``warmup`` values)."""
-        return float(np.median(self.values)) if len(self.values) >= self.warmup else None
+        n = len(self._sorted)
+        if n < self.warmup:
+            return None
+        middle = n // 2
+        return float(self._sorted[middle] if n % 2 else (self._sorted[middle - 1] + self._sorted[middle]) / 2)
 
     def push(self, item: T, value: float | None) -> list[tuple[T, float | None]]:
         """Add ``item``; return the items decided now, each with the median to decide it by."""
         if value is None:
             return [(item, self.median)]
         self.values.append(value)
+        bisect.insort(self._sorted, value)
         if len(self.values) < self.warmup:
             self._waiting.append(item)
             return []

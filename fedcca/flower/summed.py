@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 import torch
-from flwr.app import Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 
 from fedcca.flower.aggregation import RoundAggregation
 from fedcca.flower.client_alignment import (
@@ -66,9 +66,9 @@ class SummedAggregation(RoundAggregation):
         """Valid replies whose contribution fits the search's layout, decoded one at a time."""
         for msg in replies:
             for update in super()._updates([msg]):
-                record = msg.content.array_records.get(ALIGNED_KEY) if msg.has_content() else None
+                record = msg.content.get(ALIGNED_KEY)  # validated: a reply's only records of that name are arrays
                 try:
-                    if record is None:
+                    if not isinstance(record, ArrayRecord):
                         raise InvalidReplyError(f"missing ArrayRecord '{ALIGNED_KEY}' (client-side alignment was "
                                                 "asked for)")
                     update.aligned = decode_aligned(record, self.settings.aligned_layout)

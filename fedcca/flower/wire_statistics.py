@@ -5,6 +5,9 @@ checked before anything is decoded."""
 
 from __future__ import annotations
 
+import functools
+import io
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -106,15 +109,8 @@ def decode_statistics(record: ArrayRecord, spec: AlignmentSpec, preactivation_si
     for key, array in record.items():
         # Declared shape and dtype first: a 128-byte array may declare 10^12 elements.
         allowed = _INTEGER if key == FORMAT_KEY else _FLOATS
-        check_declared(array, key, shapes.get(key, pre_shapes.get(key, ())), allowed)
-        try:
-            arrays[key] = array.numpy()
-        except Exception as err:  # corrupt bytes or foreign serialisation from a client
-            raise StatisticsError(f"statistics array '{key}' cannot be decoded: {err}") from err
-        expected = shapes.get(key, pre_shapes.get(key, ()))
-        if arrays[key].dtype not in allowed or arrays[key].shape != expected:
-            raise StatisticsError(f"statistics array '{key}' decodes to {arrays[key].dtype} {arrays[key].shape}, "
-                                  f"expected {' or '.join(str(d) for d in allowed)} of shape {expected}")
+        # finiteness is checked below, per key, after the conversion to float64
+        arrays[key] = decode_declared(array, key, shapes.get(key, pre_shapes.get(key, ())), allowed, finite=False)
     version = arrays.get(FORMAT_KEY)
     if version is None or np.asarray(version).shape != () or int(version) not in READABLE_FORMATS:
         raise StatisticsError(f"statistics format {None if version is None else np.asarray(version).tolist()}, "
@@ -174,9 +170,63 @@ def check_declared(array: Array, key: str, shape: tuple[int, ...], allowed: tupl
     if declared_dtype not in allowed or declared_shape != shape:
         raise error(f"{what} '{key}' declares dtype {declared_dtype} and shape {declared_shape}, expected dtype "
                     f"{' or '.join(str(d) for d in allowed)} and shape {shape}")
-    payload = int(np.prod(shape, dtype=np.int64)) * declared_dtype.itemsize
+    payload = math.prod(shape) * declared_dtype.itemsize
     if len(array.data) > payload + _HEADER_SLACK:
         raise error(f"{what} '{key}' holds {len(array.data)} bytes for {payload} bytes of values")
+
+
+def decode_declared(array: Array, key: str, shape: tuple[int, ...], allowed: tuple[np.dtype, ...],
+                    error: type[ValueError] = StatisticsError, what: str = "statistics array",
+                    finite: bool = True) -> np.ndarray:
+    """The values of ``array`` as a writable array of its own, once its declared and its decoded dtype, shape
+    and size are what ``key`` must hold (and, with ``finite``, every value is finite); ``error`` names what
+    is wrong. Decodes the ``.npy`` bytes Flower's ``Array.numpy`` reads (never a pickle), with numpy's
+    header parser run once per distinct header: replies of one model repeat the same few headers."""
+    check_declared(array, key, shape, allowed, error, what)
+    data = array.data
+    try:
+        dtype, decoded_shape, fortran, offset = _npy_header(bytes(data[:_header_length(data)]))
+        decoded = np.frombuffer(data, dtype=dtype, count=math.prod(decoded_shape), offset=offset)
+    except Exception as err:  # pylint: disable=broad-except  # corrupt bytes or a foreign serialisation
+        raise error(f"{what} '{key}' cannot be decoded: {err}") from err
+    if decoded.dtype not in allowed or decoded_shape != shape:
+        raise error(f"{what} '{key}' decodes to {decoded.dtype} {decoded_shape}, expected "
+                    f"{' or '.join(str(d) for d in allowed)} of shape {shape}")
+    values = np.array(decoded.reshape(shape, order="F" if fortran else "C"), order="K")  # own copy, writable
+    if finite and np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
+        raise error(f"{what} '{key}' has non-finite values")
+    return values
+
+
+def _header_length(data: bytes) -> int:
+    """Length of the ``.npy`` header that starts ``data`` (magic, version, length field and the header itself)."""
+    if len(data) < 10 or data[:6] != b"\x93NUMPY":
+        raise ValueError("not .npy bytes")
+    major = data[6]
+    if major == 1:
+        return 10 + int.from_bytes(data[8:10], "little")
+    if major in (2, 3):
+        return 12 + int.from_bytes(data[8:12], "little")
+    raise ValueError(f".npy format version {major} is not readable")
+
+
+@functools.lru_cache(maxsize=1024)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """dtype, shape, Fortran order and payload offset of one ``.npy`` header, parsed by numpy (cached: the
+    parser is most of the cost of decoding a small array)."""
+    stream = io.BytesIO(header)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f".npy format version {version} is not readable")
+    if stream.tell() != len(header):
+        raise ValueError("the .npy header's length field does not match its text")
+    if dtype.hasobject:
+        raise ValueError("object arrays are never decoded")
+    return dtype, tuple(int(d) for d in shape), bool(fortran), len(header)
 
 
 _HEADER_SLACK = 1024  # numpy's .npy header
