@@ -102,12 +102,13 @@ class UpdateScreen:
             log(WARNING, "[fedcca] screen: the global model's norm is 0: the bound max_update_norm x |g| is not "
                 "applied this round (the median bound still is, with three replies or more)")
         medians: RunningMedian[tuple[Message, float | None]] = RunningMedian(warmup=3)
+        scratch: dict[str, torch.Tensor] = {}
         for reply in replies:
             if reply.has_error():
                 yield reply
                 continue
             try:
-                norm = _update_norm(reply, template, center, key, weighted_by, decoded)
+                norm = _update_norm(reply, template, center, key, weighted_by, decoded, scratch)
             except InvalidReplyError as err:
                 yield _dropped(reply, f"cannot be measured: {err}")
                 continue
@@ -234,20 +235,29 @@ def _dropped(reply: Message, reason: str) -> Message:
 
 
 def _update_norm(reply: Message, template: Mapping[str, torch.Tensor], center: Mapping[str, torch.Tensor],
-                 key: str, weighted_by: str, decoded: DecodedWeights | None = None) -> float:
+                 key: str, weighted_by: str, decoded: DecodedWeights | None = None,
+                 scratch: dict[str, torch.Tensor] | None = None) -> float:
     """``|w - g|`` over the global model's floating-point keys.
 
     The reply is validated first as a strategy would (no array decoded before its declared
-    shape, dtype and size are checked); InvalidReplyError names what is wrong.
+    shape, dtype and size are checked); InvalidReplyError names what is wrong. ``scratch`` keeps
+    one buffer per key for ``w - g`` across the replies of a round (None: allocated per call).
     """
     update = validate_reply(reply, template, None, weights_key=key, weighted_by_key=weighted_by)
     if decoded is not None:  # the merge takes them instead of decoding the reply again
         decoded.put(reply, update.state_dict)
+    scratch = {} if scratch is None else scratch
     total = 0.0
     for name, value in center.items():
         weights = update.state_dict[name]
-        distance = float(torch.dist(weights, value))  # in the model's dtype: no float64 copy of every reply
-        if not math.isfinite(distance):  # overflowed there (a half-precision model, or a huge update): exactly
-            distance = float(torch.dist(weights.double(), value.double()))
-        total += distance ** 2
+        if name not in scratch:
+            scratch[name] = torch.empty_like(value)
+        difference = torch.sub(weights, value, out=scratch[name]).reshape(-1)  # in the model's dtype: no float64 copy
+        if difference.dtype in (torch.float32, torch.float64):
+            squared = float(torch.dot(difference, difference))
+        else:
+            squared = float(torch.linalg.vector_norm(difference)) ** 2
+        if not math.isfinite(squared):  # overflowed there (a half-precision model, or a huge update): exactly
+            squared = float(torch.dist(weights.double(), value.double())) ** 2
+        total += squared
     return math.sqrt(total) if math.isfinite(total) else math.inf

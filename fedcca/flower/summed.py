@@ -53,9 +53,11 @@ class SummedAggregation(RoundAggregation):
                 whole = with_reply_weights(names, update.aligned, update.state_dict)
                 for name, value in whole.items():
                     if name in total:
-                        total[name].add_(value, alpha=weight)  # in place, float64: no tensor per reply and entry
+                        total[name].add_(value, alpha=weight)  # in place: no tensor per reply and entry
                     else:
-                        total[name] = value.double() * weight
+                        # float32 at least, as FedAvg: a relative error of about K x 2^-24, far below one
+                        # local step's change; a float64 sum costs 4-8x the time of the addition itself
+                        total[name] = value.to(torch.promote_types(value.dtype, torch.float32)) * weight
                 weight_sum += weight
                 self.metrics.append(RecordDict({"metrics": update.metrics}))
             if self.metrics:
