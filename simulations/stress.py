@@ -5,7 +5,9 @@ Every run is the product's round loop over the real ClientApp (:func:`simulation
 (#C=1, #C=2, Dirichlet(0.05), Dirichlet(0.1)), a learning rate and a number of local epochs;
 per setting and strategy the table reports the last round's test accuracy, the worst round,
 **collapses** (a round at chance, i.e. below 15%, while FedAvg's same round of the same seed is
-not), diverged clients (replies whose local training diverged), honest replies the screen
+not; beside it, how many FedAvg runs are ever at chance after round 1, the collapses counted in the
+seeds where FedAvg never is, and the count mirrored: FedAvg's rounds at chance where the strategy's are
+not, the noise floor of the count), diverged clients (replies whose local training diverged), honest replies the screen
 dropped in round 1, and the collapse guard's actions. Runs are written after each one and a
 rerun skips those done, so the benchmark can be stopped and resumed::
 
@@ -71,24 +73,40 @@ def summarise(runs: list[dict[str, Any]], baseline: str = "fedavg") -> list[dict
             paired = [(r["accuracy"][-1], base[r["seed"]]["accuracy"][-1]) for r in ours if r["seed"] in base]
             diff = [a - b for a, b in paired]
             p = float(stats.ttest_rel(*zip(*paired)).pvalue) if len(paired) >= 2 and np.std(diff) > 0 else math.nan
-            collapses = sum(1 for r in ours for i, acc in enumerate(r["accuracy"][1:], 1)
-                            if acc <= CHANCE and r["seed"] in base and base[r["seed"]]["accuracy"][i] > CHANCE)
+            collapses = _collapses(ours, base)
+            # the same count with the roles swapped: where FedAvg is itself at chance now and then, a round at
+            # chance beside a FedAvg round above it says as much about FedAvg's noise as about the strategy
+            mirrored = _collapses([base[r["seed"]] for r in ours if r["seed"] in base], {r["seed"]: r for r in ours})
+            healthy = {seed: run for seed, run in base.items() if min(run["accuracy"][1:]) > CHANCE}
             rows.append({
                 "split": split, "lr": lr, "local_epochs": epochs, "strategy": strategy, "seeds": len(ours),
                 "last": float(np.mean(last)), "worst": float(np.mean([min(r["accuracy"][1:]) for r in ours])),
                 "diff_last": float(np.mean(diff)) if diff else math.nan, "p": p, "collapses": collapses,
+                "collapses_fedavg_healthy": _collapses([r for r in ours if r["seed"] in healthy], healthy),
+                "fedavg_collapses_mirrored": mirrored if strategy != baseline else 0,
+                "fedavg_runs_at_chance": len(base) - len(healthy),
                 "diverged": sum(r["diverged"] for r in ours), "round1_screened": sum(r["round1_screened"] for r in ours),
                 "guard": sum(len(r["guard"]) for r in ours)})
     return rows
+
+
+def _collapses(runs: list[dict[str, Any]], base: dict[int, dict[str, Any]]) -> int:
+    """Rounds (after the first model) at chance in ``runs`` while the same round of ``base``'s run of the same
+    seed is not."""
+    return sum(1 for r in runs for i, acc in enumerate(r["accuracy"][1:], 1)
+               if acc <= CHANCE and r["seed"] in base and base[r["seed"]]["accuracy"][i] > CHANCE)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The summary as markdown (accuracy in %)."""
     return markdown_table(
         ["split", "lr", "E", "strategy", "seeds", "last round %", "worst round %", "last - FedAvg (pts)", "p (paired t)",
-         "collapses", "diverged clients", "round-1 screened", "guard actions"],
+         "collapses", "FedAvg runs ever at chance", "collapses where FedAvg never is", "FedAvg's collapses, mirrored",
+         "diverged clients", "round-1 screened", "guard actions"],
         [[r["split"], r["lr"], r["local_epochs"], r["strategy"], r["seeds"], 100 * r["last"], 100 * r["worst"],
-          100 * r["diff_last"], r["p"], r["collapses"], r["diverged"], r["round1_screened"], r["guard"]]
+          100 * r["diff_last"], r["p"], r["collapses"], r.get("fedavg_runs_at_chance", ""),
+          r.get("collapses_fedavg_healthy", ""), r.get("fedavg_collapses_mirrored", ""), r["diverged"],
+          r["round1_screened"], r["guard"]]
          for r in rows])
 
 

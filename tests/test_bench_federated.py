@@ -103,3 +103,22 @@ def test_strategy_spec_parsing() -> None:
     for bad in ("avg", "cca:biggest", "cca:global:gpu", "cca:global:client:x"):
         with pytest.raises(ValueError, match="strategy"):
             StrategySpec.parse(bad)
+
+
+def test_stress_summary_counts_collapses_both_ways_and_where_fedavg_is_healthy() -> None:
+    """A collapse is a round at chance beside a FedAvg round above it; the mirrored count and the seeds
+    where FedAvg never is at chance are reported beside it."""
+    from simulations.stress import summarise as stress_summary
+
+    def run(strategy: str, seed: int, accuracy: list[float]) -> dict:
+        return {"split": "C1", "lr": 0.05, "local_epochs": 2, "seed": seed, "strategy": strategy,
+                "accuracy": accuracy, "diverged": 0, "round1_screened": 0, "guard": []}
+
+    runs = [run("fedavg", 0, [0.09, 0.10, 0.20, 0.30]), run("cca", 0, [0.09, 0.20, 0.10, 0.30]),
+            run("fedavg", 1, [0.09, 0.50, 0.60, 0.70]), run("cca", 1, [0.09, 0.10, 0.60, 0.12])]
+    rows = {row["strategy"]: row for row in stress_summary(runs)}
+    cca = rows["cca"]
+    assert cca["collapses"] == 3  # seed 0 round 2, seed 1 rounds 1 and 3
+    assert cca["fedavg_runs_at_chance"] == 1  # seed 0's FedAvg is at chance in round 1
+    assert cca["collapses_fedavg_healthy"] == 2  # seed 1 only
+    assert cca["fedavg_collapses_mirrored"] == 1  # seed 0 round 1: FedAvg at chance, cca not
