@@ -136,3 +136,53 @@ def test_no_label_counts_asked_without_that_teacher() -> None:
     grid = InProcessGrid({node: stats_app for node in NODES})
     messages = strategy.configure_train(1, ArrayRecord(make_model(seed=1).state_dict()), ConfigRecord(), grid)
     assert not any(msg.content["config"][LABEL_COUNTS_FLAG] for msg in messages)
+
+
+def test_transfer_images_are_the_calibration_images_then_seeded_augmented_copies() -> None:
+    from fedcca.merging.distillation import transfer_images
+    images = CALIBRATION
+    assert transfer_images(images, 0) is images
+    made = transfer_images(images, 3, seed=5)
+    assert made.shape == (4 * len(images), *images.shape[1:])
+    assert torch.equal(made[:len(images)], images)
+    assert torch.equal(made, transfer_images(images, 3, seed=5))  # the same for the same arguments
+    assert not torch.equal(made, transfer_images(images, 3, seed=6))
+    copies = made[len(images):].reshape(3, *images.shape)
+    assert all(not torch.equal(copy, images) for copy in copies)
+    with pytest.raises(ValueError, match="copies must be an integer in"):
+        DistillConfig(copies=-1)
+
+
+def test_with_copies_every_client_labels_them_and_the_teacher_is_their_average_there() -> None:
+    """The teacher's targets on the augmented copies are the clients' own outputs there (weighted average of
+    probabilities, as on the calibration images), not the calibration images' targets carried over."""
+    from fedcca.merging.distillation import transfer_images
+    config = DistillConfig(teachers=("probabilities",), copies=2, steps=20, eval_every=10, batch_size=16)
+    strategy = CCAMerge(make_model, CALIBRATION, "direct", holdout=HOLDOUT, device="cpu", min_train_nodes=2,
+                        distill=config)
+    grid = InProcessGrid({node: stats_app for node in NODES})
+    start = ArrayRecord(make_model(seed=1).state_dict())
+    strategy.configure_train(1, start, ConfigRecord(), grid)
+    replies = list(grid.send_and_receive(train_messages(start, list(NODES), compute_stats=False)))
+    seen: dict = {}
+    real = TeacherSum.targets
+
+    def spy(self, kind, temperature):  # noqa: ANN001, ANN202
+        seen["targets"] = real(self, kind, temperature)
+        return seen["targets"]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TeacherSum, "targets", spy)
+        arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    images = transfer_images(CALIBRATION, 2, config.seed)
+    models, weights = [], []
+    for reply in replies:
+        model = make_model()
+        model.load_state_dict(reply.content["arrays"].to_torch_state_dict())
+        models.append(model.eval())
+        weights.append(float(reply.content["metrics"]["num-examples"]))
+    with torch.no_grad():
+        expected = sum(w * torch.softmax(m(images), dim=1) for m, w in zip(models, weights)) / sum(weights)
+    assert seen["targets"].shape == (3 * len(CALIBRATION), CLASSES)
+    torch.testing.assert_close(seen["targets"].float(), expected.float(), rtol=1e-4, atol=1e-5)

@@ -21,7 +21,7 @@ from fedcca.data import SCHEMES
 from fedcca.flower.screen import ScreenReplies, UpdateScreen
 from fedcca.flower.settings import ALIGNMENT_SITES, REFERENCES, STATISTICS_SOURCES
 from fedcca.merging.config import MergeConfig, MergeSearch, parse_values
-from fedcca.merging.distillation import AUGMENTATIONS, TEACHERS, DistillConfig
+from fedcca.merging.distillation import AUGMENTATIONS, MAX_COPIES, TEACHERS, DistillConfig
 from fedcca.merging.merger import AVERAGES
 from fedcca.merging.repair import REPAIRS
 from fedcca.methods.cca import DEFAULT_RIDGES, RIDGE_MODES
@@ -113,6 +113,8 @@ class TaskConfig:
         distill_augmentation: Comma-separated batch augmentations chosen among on the held-out
             set: "none", "shift" (random translations by up to 2 pixels, whole batch at once), "mixup"
             (pairs blended, targets alike).
+        distill_copies: Augmented copies of each calibration image that the clients' models label for the
+            teacher (blended with another image and shifted; 0: none; :attr:`DistillConfig.copies`).
         distill_lr: Comma-separated Adam learning rates of distillation, chosen among on the held-out set.
         distill_temperature: Comma-separated softmax temperatures of distillation, chosen among likewise.
         max_norm_ratio: Drop a reply whose update ``|w - g|`` exceeds this many median update
@@ -169,6 +171,7 @@ class TaskConfig:
     distill_teacher: str
     distill_steps: int
     distill_augmentation: str
+    distill_copies: int
     distill_lr: str
     distill_temperature: str
     max_norm_ratio: float
@@ -211,7 +214,7 @@ class TaskConfig:
         if not (self.distill or self.strategy == "feddf"):
             return None
         return DistillConfig(teachers=parse_values(self.distill_teacher, str), steps=self.distill_steps,
-                             augmentations=parse_values(self.distill_augmentation, str),
+                             augmentations=parse_values(self.distill_augmentation, str), copies=self.distill_copies,
                              lrs=parse_values(self.distill_lr), temperatures=parse_values(self.distill_temperature),
                              seed=self.seed)
 
@@ -272,6 +275,8 @@ class TaskConfig:
             _check_choice("distill-teacher", teacher.strip(), TEACHERS)
         for augmentation in self.distill_augmentation.split(","):
             _check_choice("distill-augmentation", augmentation.strip(), AUGMENTATIONS)
+        if not 0 <= self.distill_copies <= MAX_COPIES:
+            raise RunConfigError(f"run config 'distill-copies' must be in [0, {MAX_COPIES}], got {self.distill_copies!r}")
         for repair in self.repair.split(","):
             _check_choice("repair", repair.strip(), REPAIRS)
         for key, text in (("distill-lr", self.distill_lr), ("distill-temperature", self.distill_temperature)):

@@ -258,7 +258,7 @@ class RoundAggregation:
                 continue
             try:
                 taught = None if self.teacher is None else teacher_inputs(
-                    self.teacher, model, self.settings.calibration, self.settings.holdout, update.metrics,
+                    self.teacher, model, self.settings.distill_images, self.settings.holdout, update.metrics,
                     update.node_id, self.settings.device)
                 preactivation = None if is_reference else self.statistics.preactivation(merger, update)
                 merger.add(model, weight, stats, name=str(update.node_id), is_reference=is_reference,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from fedcca.merging.config import MergeSearch
-from fedcca.merging.distillation import DistillConfig
+from fedcca.merging.distillation import DistillConfig, transfer_images
 from fedcca.merging.merger import AVERAGES
 from fedcca.methods.registry import ALIGNERS
 from fedcca.spec.alignment import AlignmentSpec
@@ -134,6 +135,15 @@ class AggregationSettings:
         statistics, when some candidate repairs (the server then runs no client model)."""
         return (self.client_statistics_in(server_round) and bool(self.preactivation_sizes)
                 and any(c.repair != "none" for c in self.search.candidates()))
+
+    @functools.cached_property
+    def distill_images(self) -> torch.Tensor | None:
+        """The images the distillation teacher labels and the student learns on: the calibration images and
+        the configured augmented copies of them (:func:`fedcca.merging.distillation.transfer_images`), made
+        once; None without distillation."""
+        if self.distill is None:
+            return None
+        return transfer_images(torch.cat(self.calibration), self.distill.copies, self.distill.seed)
 
     @property
     def wants_label_counts(self) -> bool:

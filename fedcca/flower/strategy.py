@@ -328,7 +328,7 @@ class CCAMerge(FedAvg):
         settings = self._settings
         assert settings.distill is not None and settings.holdout is not None
         config = dataclasses.replace(settings.distill, seed=settings.distill.seed + record.round)
-        result = distill(merged, torch.cat(settings.calibration), teacher, settings.holdout, config,
+        result = distill(merged, settings.distill_images, teacher, settings.holdout, config,
                          device=settings.device)
         record.distillation = result.to_json()
         log(INFO, "aggregate_train: distilled toward the clients' %s: hold-out accuracy %.4f -> %.4f in %d steps "

@@ -41,15 +41,17 @@ def reported_counts(metrics: MetricRecord, num_classes: int, node_id: int) -> to
     return torch.tensor(counts, dtype=torch.float64)
 
 
-def teacher_inputs(teacher: TeacherSum, model: nn.Module, calibration: list[torch.Tensor],
+def teacher_inputs(teacher: TeacherSum, model: nn.Module, images: torch.Tensor,
                    holdout: tuple[torch.Tensor, torch.Tensor] | None, metrics: MetricRecord, node_id: int,
                    device: torch.device | str | None) -> dict:
-    """The keyword arguments of ``teacher.add`` for one client model (all but the weight).
+    """The keyword arguments of ``teacher.add`` for one client model (all but the weight): its outputs on
+    ``images`` (the strategy's ``distill_images``) and, as the teacher needs, on the hold-out set and its
+    label counts.
 
     Raises:
         ValueError: The model's outputs are not finite.
     """
-    logits = _finite(holdout_logits(model, torch.cat(calibration), device=device), "calibration")
+    logits = _finite(holdout_logits(model, images, device=device), "calibration")
     inputs: dict = {"logits": logits}
     if teacher.needs_label_counts:
         inputs["label_counts"] = reported_counts(metrics, logits.shape[1], node_id)

@@ -31,6 +31,9 @@ from fedcca.merging.teachers import TEACHERS, TeacherSum  # noqa: F401  (re-expo
 from fedcca.statistics import running_on
 
 AUGMENTATIONS: tuple[str, ...] = ("none", "shift", "mixup")
+MAX_COPIES = 32
+"""Most augmented copies per calibration image (:attr:`DistillConfig.copies`): each one costs every client's
+forward pass and the teacher's memory as much as the calibration set."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,10 @@ class DistillConfig:
             by up to 2 pixels, whole batch at once; the teacher's target is the unshifted image's);
             "mixup" (each image blended with another of the batch by a uniform weight, the
             teacher's targets blended by the same weight: many more transfer points from few images).
+        copies: Augmented copies of each calibration image the teacher labels itself (every client's
+            model runs on them as on the calibration images, so their targets are the teacher's own, not
+            an approximation): a copy is a calibration image blended with another by a uniform weight and
+            shifted by up to 2 pixels (:func:`transfer_images`); 0: the calibration images only.
         batch_size: Public images per step.
         eval_every: Steps between hold-out evaluations.
         patience: Evaluations without a hold-out improvement before a trial stops.
@@ -60,6 +67,7 @@ class DistillConfig:
     lrs: tuple[float, ...] = (1e-3,)
     temperatures: tuple[float, ...] = (1.0,)
     augmentations: tuple[str, ...] = ("none",)
+    copies: int = 0
     batch_size: int = 64
     eval_every: int = 50
     patience: int = 10
@@ -79,6 +87,8 @@ class DistillConfig:
             if not values or not all(math.isfinite(v) and v > 0 for v in values):
                 raise ValueError(f"DistillConfig: {name} must be positive finite numbers, got {getattr(self, name)!r}")
             object.__setattr__(self, name, values)
+        if isinstance(self.copies, bool) or not isinstance(self.copies, int) or not 0 <= self.copies <= MAX_COPIES:
+            raise ValueError(f"DistillConfig: copies must be an integer in [0, {MAX_COPIES}], got {self.copies!r}")
         augmentations = tuple(self.augmentations)
         if not augmentations or any(a not in AUGMENTATIONS for a in augmentations):
             raise ValueError(f"DistillConfig: augmentations must be among {AUGMENTATIONS}, got {self.augmentations!r}")
@@ -130,13 +140,35 @@ def client_logits(model: nn.Module, batches: Iterable[torch.Tensor], *,
     return holdout_logits(model, torch.cat(list(batches)), device=device)
 
 
+def transfer_images(calibration: torch.Tensor, copies: int, seed: int = 0) -> torch.Tensor:
+    """The images a teacher labels and a student is distilled on: the calibration images, then ``copies``
+    augmented copies of them (``[(1 + copies) N, ...]``; the same for the same arguments).
+
+    A copy blends each image with a random partner by a uniform weight, then (for ``[N, C, H, W]``
+    images) shifts it by up to 2 pixels, the uncovered border zero: new points between and around
+    the public images, on which the clients' models are asked, not extrapolated.
+    """
+    if copies == 0:
+        return calibration
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    extra = []
+    for _ in range(copies):
+        partner = torch.randperm(len(calibration), generator=generator)
+        weight = torch.rand(len(calibration), generator=generator, dtype=calibration.dtype)
+        weight = weight.view(-1, *([1] * (calibration.dim() - 1)))
+        blended = weight * calibration + (1 - weight) * calibration[partner]
+        extra.append(_shifted(blended, generator) if blended.dim() == 4 else blended)
+    return torch.cat([calibration, *extra])
+
+
 def distill(start: nn.Module, inputs: torch.Tensor, teacher: TeacherSum, holdout: tuple[torch.Tensor, torch.Tensor],
             config: DistillConfig | None = None, *, device: torch.device | str | None = None) -> DistillResult:
     """Train a copy of ``start`` toward the teacher on ``inputs``; keep the state best on ``holdout``.
 
     Args:
         start: The merged model (not modified).
-        inputs: The public calibration images ``[N, ...]`` the teacher's outputs were computed on.
+        inputs: The images the teacher's outputs were computed on (the calibration images, with
+            :attr:`DistillConfig.copies`: :func:`transfer_images` of them).
         teacher: The clients' summed outputs on ``inputs``.
         holdout: Labelled public ``(inputs, labels)``, disjoint from ``inputs``; read only to
             choose steps and hyper-parameters.
@@ -215,6 +247,11 @@ def _augment(batch: torch.Tensor, targets: torch.Tensor, augmentation: str,
         return w * batch + (1 - w) * batch[partner], weight[:, None] * targets + (1 - weight[:, None]) * targets[partner]
     if augmentation == "none" or batch.dim() != 4:
         return batch, targets
+    return _shifted(batch, generator), targets
+
+
+def _shifted(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``[N, C, H, W]`` images shifted together by up to 2 pixels each way, the uncovered border zero."""
     dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=generator))
     shifted = torch.roll(batch, shifts=(dy, dx), dims=(2, 3))
     if dy > 0:
@@ -225,7 +262,7 @@ def _augment(batch: torch.Tensor, targets: torch.Tensor, augmentation: str,
         shifted[:, :, :, :dx] = 0
     elif dx < 0:
         shifted[:, :, :, dx:] = 0
-    return shifted, targets
+    return shifted
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 512) -> float:
