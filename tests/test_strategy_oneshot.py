@@ -256,3 +256,28 @@ def test_mixup_blends_each_image_and_its_target_by_the_same_weight() -> None:
     torch.testing.assert_close(mixed_targets[:, 0], mixed[:, 0, 0, 0])
     torch.testing.assert_close(mixed_targets.sum(1), torch.ones(16))
     assert torch.all(mixed == mixed[:, :, :1, :1])  # whole images blended, not pixels
+
+
+def test_the_moving_average_of_the_student_is_what_is_evaluated_and_kept() -> None:
+    """With ``ema = d`` the kept weights after two steps are ``d w_1 + (1 - d) w_2`` of the plain run's steps."""
+    from fedcca.merging.distillation import _trial
+    teacher_model, student = make_model(seed=5), make_model(seed=6)
+    x = calibration(64, seed=4)
+    teacher = TeacherSum(("probabilities",), (1.0,))
+    teacher.add(client_logits(teacher_model, [x], device="cpu"), 1.0)
+    targets = teacher.targets("probabilities", 1.0).float()
+    hx, hy = HELD_OUT, teacher_labels(HELD_OUT)
+
+    def run(steps: int, ema: float) -> dict[str, torch.Tensor]:
+        config = DistillConfig(steps=steps, eval_every=steps, batch_size=16, lrs=(0.01,), ema=ema)
+        model, _, step, ran = _trial(student, x, targets, hx, hy, 0.01, 1.0, "none", ema, config, torch.device("cpu"))
+        assert step == ran == steps
+        return model.state_dict()
+
+    first, second, averaged = run(1, 0.0), run(2, 0.0), run(2, 0.75)
+    floats = [key for key, value in averaged.items() if value.is_floating_point()]  # BatchNorm's step counter aside
+    assert any(not torch.equal(first[key], second[key]) for key in floats)
+    for key in floats:  # weights and BatchNorm statistics alike
+        torch.testing.assert_close(averaged[key], 0.75 * first[key] + 0.25 * second[key], msg=key)
+    with pytest.raises(ValueError, match="ema decays must be in"):
+        DistillConfig(ema=(1.0,))

@@ -115,6 +115,8 @@ class TaskConfig:
             (pairs blended, targets alike).
         distill_copies: Augmented copies of each calibration image that the clients' models label for the
             teacher (blended with another image and shifted; 0: none; :attr:`DistillConfig.copies`).
+        distill_ema: Comma-separated decays of a moving average of the student's weights (0: none), chosen
+            among on the held-out set (:attr:`DistillConfig.ema`).
         distill_lr: Comma-separated Adam learning rates of distillation, chosen among on the held-out set.
         distill_temperature: Comma-separated softmax temperatures of distillation, chosen among likewise.
         max_norm_ratio: Drop a reply whose update ``|w - g|`` exceeds this many median update
@@ -172,6 +174,7 @@ class TaskConfig:
     distill_steps: int
     distill_augmentation: str
     distill_copies: int
+    distill_ema: str
     distill_lr: str
     distill_temperature: str
     max_norm_ratio: float
@@ -215,6 +218,7 @@ class TaskConfig:
             return None
         return DistillConfig(teachers=parse_values(self.distill_teacher, str), steps=self.distill_steps,
                              augmentations=parse_values(self.distill_augmentation, str), copies=self.distill_copies,
+                             ema=parse_values(self.distill_ema),
                              lrs=parse_values(self.distill_lr), temperatures=parse_values(self.distill_temperature),
                              seed=self.seed)
 
@@ -279,6 +283,12 @@ class TaskConfig:
             raise RunConfigError(f"run config 'distill-copies' must be in [0, {MAX_COPIES}], got {self.distill_copies!r}")
         for repair in self.repair.split(","):
             _check_choice("repair", repair.strip(), REPAIRS)
+        try:
+            decays = parse_values(self.distill_ema)
+        except ValueError as err:
+            raise RunConfigError(f"run config 'distill-ema': {err}") from None
+        if not all(0 <= v < 1 for v in decays):
+            raise RunConfigError(f"run config 'distill-ema' must be decays in [0, 1), got {self.distill_ema!r}")
         for key, text in (("distill-lr", self.distill_lr), ("distill-temperature", self.distill_temperature)):
             try:
                 values = parse_values(text)

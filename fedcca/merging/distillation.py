@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fedcca.devices import resolve_device
 from fedcca.merging.selection import holdout_logits
@@ -56,6 +57,9 @@ class DistillConfig:
             model runs on them as on the calibration images, so their targets are the teacher's own, not
             an approximation): a copy is a calibration image blended with another by a uniform weight and
             shifted by up to 2 pixels (:func:`transfer_images`); 0: the calibration images only.
+        ema: Decays of an exponential moving average of the student's weights to try (0: the student
+            itself): the average, not the last step's weights, is evaluated and kept (less noise from
+            the few public images per step).
         batch_size: Public images per step.
         eval_every: Steps between hold-out evaluations.
         patience: Evaluations without a hold-out improvement before a trial stops.
@@ -68,6 +72,7 @@ class DistillConfig:
     temperatures: tuple[float, ...] = (1.0,)
     augmentations: tuple[str, ...] = ("none",)
     copies: int = 0
+    ema: tuple[float, ...] = (0.0,)
     batch_size: int = 64
     eval_every: int = 50
     patience: int = 10
@@ -89,6 +94,10 @@ class DistillConfig:
             object.__setattr__(self, name, values)
         if isinstance(self.copies, bool) or not isinstance(self.copies, int) or not 0 <= self.copies <= MAX_COPIES:
             raise ValueError(f"DistillConfig: copies must be an integer in [0, {MAX_COPIES}], got {self.copies!r}")
+        ema = tuple(float(v) for v in ((self.ema,) if isinstance(self.ema, (int, float)) else self.ema))
+        if not ema or not all(0 <= v < 1 for v in ema):
+            raise ValueError(f"DistillConfig: ema decays must be in [0, 1), got {self.ema!r}")
+        object.__setattr__(self, "ema", ema)
         augmentations = tuple(self.augmentations)
         if not augmentations or any(a not in AUGMENTATIONS for a in augmentations):
             raise ValueError(f"DistillConfig: augmentations must be among {AUGMENTATIONS}, got {self.augmentations!r}")
@@ -186,14 +195,14 @@ def distill(start: nn.Module, inputs: torch.Tensor, teacher: TeacherSum, holdout
     before = _accuracy(start, hx, hy, device)
     best_model, best_acc, best = start, before, None
     trials = []
-    for kind, lr, temperature, augmentation in itertools.product(config.teachers, config.lrs, config.temperatures,
-                                                                 config.augmentations):
+    for kind, lr, temperature, augmentation, ema in itertools.product(
+            config.teachers, config.lrs, config.temperatures, config.augmentations, config.ema):
         targets = teacher.targets(kind, temperature).float().to(device)
         if targets.shape[0] != len(x):
             raise ValueError(f"distill: teacher targets for {targets.shape[0]} images, {len(x)} calibration images")
-        model, acc, step, ran = _trial(start, x, targets, hx, hy, lr, temperature, augmentation, config, device)
+        model, acc, step, ran = _trial(start, x, targets, hx, hy, lr, temperature, augmentation, ema, config, device)
         trials.append({"teacher": kind, "lr": lr, "temperature": temperature, "augmentation": augmentation,
-                       "best_step": step, "holdout_accuracy": acc, "steps_run": ran})
+                       "ema": ema, "best_step": step, "holdout_accuracy": acc, "steps_run": ran})
         if acc > best_acc:
             best_model, best_acc, best = model, acc, (step, kind, lr, temperature, augmentation)
     if best is None:
@@ -204,11 +213,14 @@ def distill(start: nn.Module, inputs: torch.Tensor, teacher: TeacherSum, holdout
 
 
 def _trial(start: nn.Module, x: torch.Tensor, targets: torch.Tensor, hx: torch.Tensor, hy: torch.Tensor, lr: float,
-           temperature: float, augmentation: str, config: DistillConfig,
+           temperature: float, augmentation: str, ema: float, config: DistillConfig,
            device: torch.device) -> tuple[nn.Module, float, int, int]:
-    """One (lr, temperature, augmentation): the best hold-out state, its accuracy and step, the steps run."""
+    """One (lr, temperature, augmentation, ema): the best hold-out state, its accuracy and step, the steps run."""
     student = copy.deepcopy(start).to(device)
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    # the weights evaluated and kept: the student's own, or their moving average (buffers follow the student)
+    kept = student if ema == 0 else AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(ema),
+                                                 use_buffers=True)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     best_state, best_acc, best_step, since = None, -1.0, 0, 0
     step = 0
@@ -221,11 +233,13 @@ def _trial(start: nn.Module, x: torch.Tensor, targets: torch.Tensor, hx: torch.T
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if kept is not student:
+            kept.update_parameters(student)
         if step % config.eval_every == 0 or step == config.steps:
-            acc = _accuracy(student, hx, hy, device)
+            acc = _accuracy(_module(kept), hx, hy, device)
             if acc > best_acc:
                 best_acc, best_step, since = acc, step, 0
-                best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+                best_state = {k: v.detach().clone() for k, v in _module(kept).state_dict().items()}
             else:
                 since += 1
                 if since >= config.patience:
@@ -233,6 +247,11 @@ def _trial(start: nn.Module, x: torch.Tensor, targets: torch.Tensor, hx: torch.T
     assert best_state is not None
     student.load_state_dict(best_state)
     return student, best_acc, best_step, step
+
+
+def _module(model: nn.Module) -> nn.Module:
+    """The model an AveragedModel averages into (its ``module``), or ``model`` itself."""
+    return model.module if isinstance(model, AveragedModel) else model
 
 
 def _augment(batch: torch.Tensor, targets: torch.Tensor, augmentation: str,
