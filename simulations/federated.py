@@ -222,6 +222,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="any run-config key, e.g. --set lr=0.02 (repeatable; after the preset)")
     parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="where each run's own outputs go")
+    parser.add_argument("--baseline-from", type=Path, default=None, metavar="JSON",
+                        help="reuse the FedAvg runs of this earlier results file (same setting, seeds and run "
+                             "config but CCAMerge's keys, which FedAvg does not read) instead of running FedAvg")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rewrite tables and plots from the runs already in --out")
     add_runtime_arguments(parser, Path("results/federated/federated.json"))
@@ -257,6 +260,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     previous = read_json(args.out)
     earlier = [run for setting in (previous or {}).get("settings", []) for run in setting["runs"]
                if len(run["accuracy"]) == args.rounds + 1]
+    if args.baseline_from is not None:
+        earlier += [run for run in baseline_runs(args.baseline_from, args, config)
+                    if (run["local_epochs"], run["strategy"], run["seed"]) not in
+                    {(r["local_epochs"], r["strategy"], r["seed"]) for r in earlier}]
     done = {(run["local_epochs"], run["strategy"], run["seed"]): run for run in earlier}
     payload: dict[str, Any] = {
         "command": "python -m simulations.federated " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -267,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             payload["earlier_commands"] = previous["earlier_commands"]
     elif previous is not None:
         payload["earlier_commands"] = [*previous.get("earlier_commands", []), previous["command"]]
+    if args.baseline_from is not None:
+        payload["baseline_from"] = {"file": str(args.baseline_from), "command": read_json(args.baseline_from)["command"]}
     report = []
     for epochs in parse_list(args.local_epochs, int):
         # Runs of this setting from an earlier invocation (other strategies or seeds) are kept.
@@ -305,6 +314,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.out.with_suffix(".md").write_text(text)
     print(text, flush=True)
     return payload
+
+
+# FedAvg's runs depend on these keys only (CCAMerge's own keys, e.g. the weight cap, it never reads)
+_BASELINE_KEYS = ("model", "lr", "lr_schedule", "momentum", "weight_decay", "batch_size", "max_examples_per_client",
+                  "partitioning", "alpha", "labels_per_client", "num_server_rounds", "min_nodes", "calibration_size",
+                  "holdout_size", "max_test_examples", "num_clients")
+
+
+def baseline_runs(path: Path, args: argparse.Namespace, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The FedAvg runs of the results file ``path`` that belong to this command's setting.
+
+    Raises:
+        SystemExit: The file is missing, or its run config differs from this command's in a key FedAvg reads.
+    """
+    earlier = read_json(path)
+    if earlier is None:
+        raise SystemExit(f"--baseline-from: {path} does not exist")
+    differ = [key for key in _BASELINE_KEYS if earlier["config"].get(key) != config.get(key)]
+    if differ:
+        raise SystemExit(f"--baseline-from: {path} ran another setting ({', '.join(differ)} differ)")
+    return [run for setting in earlier["settings"] for run in setting["runs"]
+            if run["strategy"] == BASELINE and len(run["accuracy"]) == args.rounds + 1
+            and all(setting[key] == getattr(args, key) for key in ("partitioning", "alpha", "labels_per_client"))]
 
 
 def _finish_setting(setting: dict[str, Any], labels: Sequence[str], args: argparse.Namespace, title: str) -> None:

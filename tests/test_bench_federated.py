@@ -15,15 +15,34 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STRATEGIES = ["fedavg", "cca", "cca:global:server", "permute:largest:server+shrinkage='1'+repair=none", "fedprox"]
 
 
+def _arguments(strategies: list[str], rounds: int = 2) -> list[str]:
+    return ["--partitioning", "dirichlet", "--alpha", "1.0",
+            "--local-epochs", "1", "--strategies", ",".join(strategies), "--rounds", str(rounds),
+            "--num-clients", "2", "--seeds", "0", "--train-subset", "0", "--calibration-size", "20",
+            "--holdout-size", "10", "--test-examples", "0", "--set", "batch-size=25", "--set", "model='cnn'",
+            "--threads", "1"]
+
+
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     """Run the CLI once on the tiny dataset; return its JSON and output folder."""
     return run_benchmark(tmp_path_factory.mktemp("federated"), "simulations.federated", [
-        "--partitioning", "dirichlet", "--alpha", "1.0",
-        "--local-epochs", "1", "--strategies", ",".join(STRATEGIES), "--rounds", "2",
-        "--num-clients", "2", "--seeds", "0", "--train-subset", "0", "--calibration-size", "20",
-        "--holdout-size", "10", "--test-examples", "0", "--set", "batch-size=25", "--set", "model='cnn'",
-        "--threads", "1", "--runs-dir", str(tmp_path_factory.mktemp("federated-runs"))], timeout=180)
+        *_arguments(STRATEGIES), "--runs-dir", str(tmp_path_factory.mktemp("federated-runs"))], timeout=180)
+
+
+def test_fedavg_runs_are_taken_from_an_earlier_file_of_the_same_setting_only(
+        result: tuple[dict, Path], tmp_path: Path) -> None:
+    """--baseline-from pairs new runs with FedAvg's earlier ones (nothing is run here); another setting is refused."""
+    payload, folder = result
+    earlier = folder / "federated.json"
+    reused, _ = run_benchmark(tmp_path / "same", "simulations.federated", [
+        *_arguments(["fedavg"]), "--baseline-from", str(earlier), "--report-only"], timeout=120)
+    (setting,) = reused["settings"]
+    assert setting["runs"] == [run for run in payload["settings"][0]["runs"] if run["strategy"] == "fedavg"]
+    assert reused["baseline_from"]["command"] == payload["command"]
+    with pytest.raises(AssertionError, match="ran another setting .num_server_rounds differ"):
+        run_benchmark(tmp_path / "other", "simulations.federated", [
+            *_arguments(["fedavg"], rounds=3), "--baseline-from", str(earlier), "--report-only"], timeout=120)
 
 
 def test_json_shape_and_plot(result: tuple[dict, Path]) -> None:
