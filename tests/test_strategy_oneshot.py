@@ -170,6 +170,7 @@ def test_distillation_reads_only_calibration_and_holdout_and_never_gets_worse_on
     assert result.holdout_after >= result.holdout_before
     assert result.holdout_after > result.holdout_before  # toward the labels' own teacher: it learns
     assert result.steps > 0 and result.lr == 1e-3
+    assert result.ema == 0.0 and result.to_json()["ema"] == 0.0  # the student's own weights, the default
 
 
 def _feddf_strategy(teacher: str) -> CCAMerge:

@@ -115,10 +115,11 @@ class DistillResult:
         lr: Its learning rate (None when the start was kept).
         temperature: Its temperature (None when the start was kept).
         augmentation: Its augmentation (None when the start was kept).
+        ema: Its moving-average decay, 0 for the student's own weights (None when the start was kept).
         holdout_before: Hold-out accuracy of the start.
         holdout_after: Hold-out accuracy of the kept state.
         seconds: Wall time.
-        trials: Per trial: teacher, lr, temperature, augmentation, best step, best hold-out accuracy, steps run.
+        trials: Per trial: teacher, lr, temperature, augmentation, ema, best step, best hold-out accuracy, steps run.
         teacher_fit: The "fitted" teacher's penalty choice (:func:`fedcca.merging.teachers.fit_class_weights`), if fitted.
     """
 
@@ -128,6 +129,7 @@ class DistillResult:
     lr: float | None
     temperature: float | None
     augmentation: str | None
+    ema: float | None
     holdout_before: float
     holdout_after: float
     seconds: float
@@ -137,7 +139,7 @@ class DistillResult:
     def to_json(self) -> dict:
         """A JSON-ready summary (without the model)."""
         return {"steps": self.steps, "teacher": self.teacher, "lr": self.lr, "temperature": self.temperature,
-                "augmentation": self.augmentation, "holdout_before": self.holdout_before,
+                "augmentation": self.augmentation, "ema": self.ema, "holdout_before": self.holdout_before,
                 "holdout_after": self.holdout_after, "seconds": self.seconds, "trials": self.trials,
                 "teacher_fit": self.teacher_fit}
 
@@ -204,11 +206,11 @@ def distill(start: nn.Module, inputs: torch.Tensor, teacher: TeacherSum, holdout
         trials.append({"teacher": kind, "lr": lr, "temperature": temperature, "augmentation": augmentation,
                        "ema": ema, "best_step": step, "holdout_accuracy": acc, "steps_run": ran})
         if acc > best_acc:
-            best_model, best_acc, best = model, acc, (step, kind, lr, temperature, augmentation)
+            best_model, best_acc, best = model, acc, (step, kind, lr, temperature, augmentation, ema)
     if best is None:
         best_model = copy.deepcopy(start)
-    step, kind, lr, temperature, augmentation = best if best is not None else (0, None, None, None, None)
-    return DistillResult(best_model.cpu(), step, kind, lr, temperature, augmentation, before, best_acc,
+    step, kind, lr, temperature, augmentation, ema = best if best is not None else (0, None, None, None, None, None)
+    return DistillResult(best_model.cpu(), step, kind, lr, temperature, augmentation, ema, before, best_acc,
                          time.perf_counter() - started, trials, teacher.fit_report)
 
 
