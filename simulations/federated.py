@@ -261,9 +261,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     earlier = [run for setting in (previous or {}).get("settings", []) for run in setting["runs"]
                if len(run["accuracy"]) == args.rounds + 1]
     if args.baseline_from is not None:
+        have = {(run["local_epochs"], run["strategy"], run["seed"]) for run in earlier}
         earlier += [run for run in baseline_runs(args.baseline_from, args, config)
-                    if (run["local_epochs"], run["strategy"], run["seed"]) not in
-                    {(r["local_epochs"], r["strategy"], r["seed"]) for r in earlier}]
+                    if (run["local_epochs"], run["strategy"], run["seed"]) not in have]
     done = {(run["local_epochs"], run["strategy"], run["seed"]): run for run in earlier}
     payload: dict[str, Any] = {
         "command": "python -m simulations.federated " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -83,7 +83,7 @@ def summarise(runs: list[dict[str, Any]], baseline: str = "fedavg") -> list[dict
                 "last": float(np.mean(last)), "worst": float(np.mean([min(r["accuracy"][1:]) for r in ours])),
                 "diff_last": float(np.mean(diff)) if diff else math.nan, "p": p, "collapses": collapses,
                 "collapses_fedavg_healthy": _collapses([r for r in ours if r["seed"] in healthy], healthy),
-                "fedavg_collapses_mirrored": mirrored if strategy != baseline else 0,
+                "fedavg_collapses_mirrored": mirrored,
                 "fedavg_runs_at_chance": len(base) - len(healthy),
                 "diverged": sum(r["diverged"] for r in ours), "round1_screened": sum(r["round1_screened"] for r in ours),
                 "guard": sum(len(r["guard"]) for r in ours)})

@@ -205,7 +205,7 @@ def _header_length(data: bytes) -> int:
     major = data[6]
     if major == 1:
         return 10 + int.from_bytes(data[8:10], "little")
-    if major in (2, 3):
+    if major == 2:
         return 12 + int.from_bytes(data[8:12], "little")
     raise ValueError(f".npy format version {major} is not readable")
 
