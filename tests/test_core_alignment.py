@@ -316,3 +316,31 @@ def test_balance_norms_keeps_the_function_and_balances(name: str) -> None:
     assert max(v for (label, _), v in imbalance.items() if label == "skewed") > 1.0
     # incoming == outgoing norm for every feature
     assert max(v for (label, _), v in imbalance.items() if label == "balanced") < 0.05
+
+
+def test_balance_norms_equals_diagonal_transforms_point_by_point() -> None:
+    """The in-place rescaling is the sweep of diagonal transforms applied one point at a time."""
+    from fedcca.models import build_model
+    from fedcca.spec.alignment import Transform, _norm_ratio, balance_norms
+
+    model = build_model("vgg11_bn", num_classes=3, in_channels=1, width=0.25)
+    spec = spec_for(model)
+    generator = torch.Generator().manual_seed(3)
+    state = apply_transforms(model.state_dict(), spec, random_symmetry(spec, generator, scale_range=(0.1, 10.0)))
+    for key, value in state.items():  # running variances away from 1, so the "var" role is exercised
+        if key.endswith("running_var"):
+            state[key] = value * (0.5 + torch.rand(value.shape, generator=generator))
+    like = build_model("vgg11_bn", num_classes=3, in_channels=1, width=0.25).state_dict()
+    expected = dict(state)
+    for _ in range(2):
+        for point in spec.points:
+            ratio, target = _norm_ratio(expected, point), _norm_ratio(like, point)
+            scale = (target / ratio).sqrt()
+            expected = apply_transforms(expected, AlignmentSpec((point,)),
+                                        {point.name: Transform(torch.diag(scale), torch.diag(1 / scale))})
+    got = balance_norms(state, spec, like=like, sweeps=2)
+    assert got.keys() == state.keys()
+    for key in state:
+        assert got[key].dtype == state[key].dtype
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
+    assert any(not torch.equal(got[key], state[key]) for key in state if key.endswith("running_var"))

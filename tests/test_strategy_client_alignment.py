@@ -105,6 +105,27 @@ def test_client_mode_equals_server_mode_through_flower() -> None:
     assert record.num_valid == len(NODES) and record.client_statistics == 0 and record.merge_choice == "cca +affine"
 
 
+def test_a_summed_round_reads_the_replies_weights_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A summed round only reads the replies' weights: screened and merged, each is decoded once, as views
+    of its bytes (no copy); a server-side round decodes copies, which its merge may write into."""
+    import fedcca.flower.protocol as protocol_module
+    decode = protocol_module._decode_weights
+    asked: list[bool] = []
+
+    def recording(record, template, views=False):  # noqa: ANN001, ANN202
+        asked.append(views)
+        return decode(record, template, views=views)
+
+    monkeypatch.setattr(protocol_module, "_decode_weights", recording)
+    expected = _round(CCAMerge(make_model, CALIBRATION, "cca", reference="global", device="cpu"), fedavg_app)
+    assert asked == [False] * len(NODES)
+    asked.clear()
+    got = _round(CCAMerge(make_model, CALIBRATION, "cca", reference="global", alignment="client", device="cpu"),
+                 _aligning_app())
+    assert asked == [True] * len(NODES)
+    assert expected is not None and got is not None and _max_difference(expected, got) < 1e-4
+
+
 def test_client_mode_asks_for_alignment_not_statistics_and_keeps_round_one_on_the_server() -> None:
     strategy = CCAMerge(make_model, CALIBRATION, holdout=HOLDOUT, alignment="client", device="cpu")
     grid = InProcessGrid(dict.fromkeys(NODES, _aligning_app()))

@@ -475,9 +475,9 @@ def test_the_screen_and_the_merge_decode_each_reply_once(monkeypatch: pytest.Mon
     calls: list[int] = []
     decode = protocol_module._decode_weights
 
-    def counting(record, template):  # noqa: ANN001, ANN202
+    def counting(record, template, **options):  # noqa: ANN001, ANN202
         calls.append(1)
-        return decode(record, template)
+        return decode(record, template, **options)
 
     monkeypatch.setattr(protocol_module, "_decode_weights", counting)
     strategy = _strategy()

@@ -44,6 +44,47 @@ def test_decoded_values_are_a_writable_copy_of_their_own() -> None:
     assert bytes(array.data) == before and decoded.flags.owndata
 
 
+@pytest.mark.parametrize("values", [np.arange(6, dtype=np.float32).reshape(2, 3),
+                                    np.asfortranarray(np.arange(24, dtype=np.float32).reshape(2, 3, 4))])
+def test_views_are_read_only_views_of_the_bytes(values: np.ndarray) -> None:
+    """Without ``copy``: the same values, in the array's own bytes, which numpy refuses to write."""
+    array = Array(values)
+    decoded = _decode(array, values.shape, copy=False)
+    np.testing.assert_array_equal(decoded, values)
+    assert not decoded.flags.writeable and np.shares_memory(decoded, np.frombuffer(array.data, dtype=np.uint8))
+    with pytest.raises(ValueError, match="read-only"):
+        decoded += 1
+
+
+def test_a_reader_gets_views_of_a_reply_without_a_warning() -> None:
+    """``DecodedWeights(views=True)``: a reply's weights as tensors over its bytes, equal to the copies,
+    and torch's warning about non-writable arrays kept from the user."""
+    import warnings
+
+    import torch
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+    from fedcca.flower.protocol import DecodedWeights, validate_reply
+    from fedcca.models import build_model
+    from tests.tiny_clients import train_messages
+
+    template = build_model("cnn", num_classes=3, in_channels=1, width=0.25).state_dict()
+    arrays = ArrayRecord(template)
+    instruction = train_messages(arrays, [1])[0]
+    reply = Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 5})}),
+                    reply_to=instruction)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        viewed = validate_reply(reply, template, None, decoded=DecodedWeights(views=True)).state_dict
+    copied = validate_reply(reply, template, None).state_dict
+    assert not caught, [str(w.message) for w in caught]
+    for key, value in template.items():
+        torch.testing.assert_close(viewed[key], value, rtol=0, atol=0)
+        torch.testing.assert_close(copied[key], value, rtol=0, atol=0)
+        data = np.frombuffer(arrays[key].data, dtype=np.uint8)
+        assert np.shares_memory(viewed[key].numpy(), data) and not np.shares_memory(copied[key].numpy(), data)
+
+
 def test_each_distinct_header_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Replies of one model repeat their headers: numpy's header parser runs once per distinct header."""
     calls = []

@@ -17,6 +17,8 @@ place that speaks the protocol (the strategy, the ClientApp, benchmarks, tests) 
 
 from __future__ import annotations
 
+import warnings
+
 import functools
 import math
 from collections.abc import Mapping
@@ -190,9 +192,16 @@ class DecodedWeights:
     A reply screen decodes a reply's weights to measure its update; the strategy that merges the
     same reply next takes them from here instead of decoding its bytes again. Entries are keyed
     by the message object itself and taken once.
+
+    Args:
+        views: Weights decoded for this round are read-only views of the replies' bytes, not copies
+            (:func:`validate_reply`): for a merge that only reads them (a summed round), which saves a
+            copy of every reply. Torch does not mark such tensors read-only; writing into one is an error
+            numpy would have refused, so only a reader may ask for them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, views: bool = False) -> None:
+        self.views = views
         self._entries: dict[int, tuple[Message, dict[str, torch.Tensor]]] = {}
 
     def put(self, message: Message, state_dict: dict[str, torch.Tensor]) -> None:
@@ -244,7 +253,7 @@ def validate_reply(
             (:func:`decode_statistics`).
         decoded: Where this message's weights may have been decoded already (by a reply screen);
             those are taken from there and checked against ``template`` again (names, shapes,
-            dtypes), not re-decoded.
+            dtypes), not re-decoded. Weights decoded here are views when its ``views`` is set.
 
     Raises:
         InvalidReplyError: With the reason, when the reply cannot be merged.
@@ -254,7 +263,7 @@ def validate_reply(
     arrays, metrics = _check_record_names(content, weights_key)
     state_dict = decoded.take(message) if decoded is not None else None
     if state_dict is None:
-        state_dict = _decode_weights(arrays[weights_key], template)
+        state_dict = _decode_weights(arrays[weights_key], template, views=decoded is not None and decoded.views)
     else:
         _check_decoded(state_dict, template)
     statistics, preactivation, statistics_bytes = None, None, 0
@@ -328,7 +337,7 @@ def _check_record_names(content: RecordDict, weights_key: str) -> tuple[dict[str
 
 
 def _decode_weights(
-    record: ArrayRecord, template: Mapping[str, torch.Tensor]
+    record: ArrayRecord, template: Mapping[str, torch.Tensor], views: bool = False
 ) -> dict[str, torch.Tensor]:
     missing = [key for key in template if key not in record]
     extra = [key for key in record if key not in template]
@@ -336,11 +345,15 @@ def _decode_weights(
         raise InvalidReplyError(f"weight keys differ from the model: missing {missing[:3]}, "
                                 f"unexpected {extra[:3]}")
     state_dict: dict[str, torch.Tensor] = {}
-    for key, expected in template.items():
-        # The declared dtype/shape/size first (nothing is allocated for a lying header), then the decoded bytes.
-        array = decode_declared(record[key], key, tuple(expected.shape), (_numpy_dtype(expected.dtype),),
-                                InvalidReplyError, "weight")
-        state_dict[key] = torch.from_numpy(array)
+    with warnings.catch_warnings():
+        # Views are asked for by readers only (DecodedWeights.views): torch's warning that it cannot mark
+        # a tensor of read-only memory read-only says nothing to them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        for key, expected in template.items():
+            # The declared dtype/shape/size first (nothing is allocated for a lying header), then the decoded bytes.
+            array = decode_declared(record[key], key, tuple(expected.shape), (_numpy_dtype(expected.dtype),),
+                                    InvalidReplyError, "weight", copy=not views)
+            state_dict[key] = torch.from_numpy(array)
     return state_dict
 
 

@@ -243,7 +243,7 @@ def _update_norm(reply: Message, template: Mapping[str, torch.Tensor], center: M
     shape, dtype and size are checked); InvalidReplyError names what is wrong. ``scratch`` keeps
     one buffer per key for ``w - g`` across the replies of a round (None: allocated per call).
     """
-    update = validate_reply(reply, template, None, weights_key=key, weighted_by_key=weighted_by)
+    update = validate_reply(reply, template, None, weights_key=key, weighted_by_key=weighted_by, decoded=decoded)
     if decoded is not None:  # the merge takes them instead of decoding the reply again
         decoded.put(reply, update.state_dict)
     scratch = {} if scratch is None else scratch

@@ -271,7 +271,9 @@ class CCAMerge(FedAvg):
         tally = ReplyTally(replies)
         sent = self._sent if self._sent is not None and self._sent.server_round == server_round else None
         screened: Iterable[Message] = tally
-        decoded = DecodedWeights()  # the screen's decoding of a reply's weights is the merge's
+        kind = SummedAggregation if self._settings.client_alignment_in(server_round) else RoundAggregation
+        # The screen's decoding of a reply's weights is the merge's; a summed round only reads them: views.
+        decoded = DecodedWeights(views=kind is SummedAggregation)
         if self._screen is not None and sent is not None:  # a dropped reply arrives as an error reply (code 4000)
             screened = self._screen.screen(tally, sent.arrays.to_torch_state_dict(), self.arrayrecord_key,
                                            self.weighted_by_key, decoded)
@@ -279,7 +281,6 @@ class CCAMerge(FedAvg):
             record.num_sent = len(sent.node_ids)
         self.rounds.append(record)
         started = time.perf_counter()
-        kind = SummedAggregation if self._settings.client_alignment_in(server_round) else RoundAggregation
         aggregation = kind(self._settings, record, sent and sent.arrays, sent and sent.node_ids, decoded)
         try:
             result = aggregation.run(screened)

@@ -177,11 +177,12 @@ def check_declared(array: Array, key: str, shape: tuple[int, ...], allowed: tupl
 
 def decode_declared(array: Array, key: str, shape: tuple[int, ...], allowed: tuple[np.dtype, ...],
                     error: type[ValueError] = StatisticsError, what: str = "statistics array",
-                    finite: bool = True) -> np.ndarray:
+                    finite: bool = True, copy: bool = True) -> np.ndarray:
     """The values of ``array`` as a writable array of its own, once its declared and its decoded dtype, shape
     and size are what ``key`` must hold (and, with ``finite``, every value is finite); ``error`` names what
     is wrong. Decodes the ``.npy`` bytes Flower's ``Array.numpy`` reads (never a pickle), with numpy's
-    header parser run once per distinct header: replies of one model repeat the same few headers."""
+    header parser run once per distinct header: replies of one model repeat the same few headers. Without
+    ``copy``, a read-only view of the array's bytes (nothing allocated) for a reader that only reads."""
     check_declared(array, key, shape, allowed, error, what)
     data = array.data
     try:
@@ -192,7 +193,9 @@ def decode_declared(array: Array, key: str, shape: tuple[int, ...], allowed: tup
     if decoded.dtype not in allowed or decoded_shape != shape:
         raise error(f"{what} '{key}' decodes to {decoded.dtype} {decoded_shape}, expected "
                     f"{' or '.join(str(d) for d in allowed)} of shape {shape}")
-    values = np.array(decoded.reshape(shape, order="F" if fortran else "C"), order="K")  # own copy, writable
+    values = decoded.reshape(shape, order="F" if fortran else "C")
+    if copy:
+        values = np.array(values, order="K")  # own copy, writable
     if finite and np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
         raise error(f"{what} '{key}' has non-finite values")
     return values

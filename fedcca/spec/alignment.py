@@ -492,16 +492,25 @@ def balance_norms(
     """
     targets = {point.name: torch.ones(point.size, dtype=torch.float64) if like is None else _norm_ratio(like, point)
                for point in spec.points}
-    state = dict(state_dict)
+    work: dict[str, torch.Tensor] = {}  # float64 copies of the tensors the points touch, rescaled in place
+    for point in spec.points:
+        for ax in point.axes:
+            if ax.key not in state_dict:
+                raise UnsupportedModelError(f"point {point.name!r}: key {ax.key!r} is not in the state dict")
+            work.setdefault(ax.key, state_dict[ax.key].detach().to(torch.float64, copy=True))
     for _ in range(sweeps):
         for point in spec.points:
-            ratio, target = _norm_ratio(state, point), targets[point.name]
+            ratio, target = _norm_ratio(work, point), targets[point.name]
             # A zeroed (dead) feature, here or in the target, keeps its scale.
             usable = torch.isfinite(ratio) & (ratio > 0) & torch.isfinite(target) & (target > 0)
             scale = torch.where(usable, (target / torch.where(usable, ratio, 1.0)).sqrt(), 1.0)
-            transform = Transform(matrix=torch.diag(scale), inverse=torch.diag(1.0 / scale))
-            state = apply_transforms(state, AlignmentSpec((point,)), {point.name: transform})
-    return state
+            # diag(scale) as a transform: producers x c, consumers / c, running variances x c^2.
+            factors = {"out": scale, "in": 1.0 / scale, "var": scale.square()}
+            for ax in point.axes:
+                view = ax.features(work[ax.key])
+                shape = [-1 if d == ax.axis else 1 for d in range(view.dim())]
+                view.mul_(factors[ax.role].to(view.device).reshape(shape))
+    return {k: work[k].to(v.dtype) if k in work else v.detach().clone() for k, v in state_dict.items()}
 
 
 _RUNNING_STATISTICS = (".running_mean", ".running_var")  # torch's BatchNorm buffer names
