@@ -93,10 +93,10 @@ def test_distillation_keys_reach_the_distillation_config(run_config: dict[str, A
     config = TaskConfig.from_run_config({**run_config, "distill": True, "distill-teacher": "fitted,logits",
                                          "distill-augmentation": "none,shift", "distill-lr": "0.001, 0.0003",
                                          "distill-temperature": "1,4", "distill-copies": 3,
-                                         "distill-ema": "0, 0.99"}).distill_config()
+                                         "distill-ema": "0, 0.99", "distill-select": "loss"}).distill_config()
     assert config is not None and config.teachers == ("fitted", "logits") and config.augmentations == ("none", "shift")
     assert config.lrs == (0.001, 0.0003) and config.temperatures == (1.0, 4.0)
-    assert config.copies == 3 and config.ema == (0.0, 0.99)
+    assert config.copies == 3 and config.ema == (0.0, 0.99) and config.select == "loss"
 
 
 def test_label_counts_only_when_asked_and_equal_to_the_shard(run_config: dict[str, Any]) -> None:
@@ -186,6 +186,7 @@ def test_fedprox_instruction_adds_the_proximal_term(run_config: dict[str, Any],
     ("distill-temperature", "warm", "run config 'distill-temperature'"),
     ("distill-copies", 33, "'distill-copies' must be in [0, 32]"),
     ("distill-ema", "0.99,1", "'distill-ema' must be decays in [0, 1)"),
+    ("distill-select", "f1", "'distill-select' must be one of"),
 ])
 def test_bad_run_config_names_the_key(run_config: dict[str, Any], key: str, value: Any, words: str) -> None:
     with pytest.raises(RunConfigError, match=re.escape(words)):

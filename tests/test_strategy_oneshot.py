@@ -156,13 +156,13 @@ def test_distillation_reads_only_calibration_and_holdout_and_never_gets_worse_on
     teacher = TeacherSum(("probabilities",), (1.0,))
     teacher.add(client_logits(teacher_model, [x], device="cpu"), 1.0)
     seen: list[torch.Tensor] = []
-    accuracy = fedcca.merging.distillation._accuracy
+    holdout = fedcca.merging.distillation._holdout
 
     def spy(model, inputs, labels, device, batch_size=512):  # noqa: ANN001, ANN202
         seen.append(inputs)
-        return accuracy(model, inputs, labels, device, batch_size)
+        return holdout(model, inputs, labels, device, batch_size)
 
-    monkeypatch.setattr(fedcca.merging.distillation, "_accuracy", spy)
+    monkeypatch.setattr(fedcca.merging.distillation, "_holdout", spy)
     labels = teacher_labels(HELD_OUT)
     result = distill(student, x, teacher, (HELD_OUT, labels),
                      DistillConfig(teachers=("probabilities",), steps=60, eval_every=20, batch_size=16), device="cpu")
@@ -171,6 +171,38 @@ def test_distillation_reads_only_calibration_and_holdout_and_never_gets_worse_on
     assert result.holdout_after > result.holdout_before  # toward the labels' own teacher: it learns
     assert result.steps > 0 and result.lr == 1e-3
     assert result.ema == 0.0 and result.to_json()["ema"] == 0.0  # the student's own weights, the default
+
+
+@pytest.mark.parametrize("select", ["accuracy", "loss"])
+def test_distillation_keeps_the_state_best_by_the_chosen_measure(select: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every state evaluated on the hold-out set (the start, each trial's checkpoints) competes; the one kept
+    has the highest accuracy, or the lowest cross-entropy, of them all."""
+    teacher_model, student = make_model(seed=5), make_model(seed=6)
+    x = calibration(64, seed=4)
+    teacher = TeacherSum(("probabilities", "logits"), (1.0, 1.0))
+    teacher.add(client_logits(teacher_model, [x], device="cpu"), 1.0)
+    measured: list[tuple[float, float]] = []
+    holdout = fedcca.merging.distillation._holdout
+
+    def spy(model, inputs, labels, device, batch_size=512):  # noqa: ANN001, ANN202
+        measured.append(holdout(model, inputs, labels, device, batch_size))
+        return measured[-1]
+
+    monkeypatch.setattr(fedcca.merging.distillation, "_holdout", spy)
+    labels = teacher_labels(HELD_OUT)
+    result = distill(student, x, teacher, (HELD_OUT, labels),
+                     DistillConfig(teachers=("probabilities", "logits"), lrs=(1e-3, 3e-3), steps=80, eval_every=20,
+                                   batch_size=16, select=select), device="cpu")
+    monkeypatch.setattr(fedcca.merging.distillation, "_holdout", holdout)
+    kept = holdout(result.model, HELD_OUT, labels, torch.device("cpu"))
+    assert len(measured) > 5 and result.holdout_after == kept[0]
+    if select == "accuracy":
+        assert kept[0] == max(a for a, _ in measured)
+    else:
+        assert kept[1] == pytest.approx(min(loss for _, loss in measured), rel=1e-6)
+    assert all("holdout_loss" in trial for trial in result.trials)
+    with pytest.raises(ValueError, match="select"):
+        DistillConfig(select="f1")
 
 
 def _feddf_strategy(teacher: str) -> CCAMerge:

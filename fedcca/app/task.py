@@ -21,7 +21,7 @@ from fedcca.data import SCHEMES
 from fedcca.flower.screen import ScreenReplies, UpdateScreen
 from fedcca.flower.settings import ALIGNMENT_SITES, REFERENCES, STATISTICS_SOURCES
 from fedcca.merging.config import MergeConfig, MergeSearch, parse_values
-from fedcca.merging.distillation import AUGMENTATIONS, MAX_COPIES, TEACHERS, DistillConfig
+from fedcca.merging.distillation import AUGMENTATIONS, MAX_COPIES, SELECTIONS, TEACHERS, DistillConfig
 from fedcca.merging.merger import AVERAGES
 from fedcca.merging.repair import REPAIRS
 from fedcca.methods.cca import DEFAULT_RIDGES, RIDGE_MODES
@@ -117,6 +117,8 @@ class TaskConfig:
             teacher (blended with another image and shifted; 0: none; :attr:`DistillConfig.copies`).
         distill_ema: Comma-separated decays of a moving average of the student's weights (0: none), chosen
             among on the held-out set (:attr:`DistillConfig.ema`).
+        distill_select: What the held-out set chooses the distilled state by: "accuracy" or "loss"
+            (cross-entropy; :attr:`DistillConfig.select`).
         distill_lr: Comma-separated Adam learning rates of distillation, chosen among on the held-out set.
         distill_temperature: Comma-separated softmax temperatures of distillation, chosen among likewise.
         max_norm_ratio: Drop a reply whose update ``|w - g|`` exceeds this many median update
@@ -175,6 +177,7 @@ class TaskConfig:
     distill_augmentation: str
     distill_copies: int
     distill_ema: str
+    distill_select: str
     distill_lr: str
     distill_temperature: str
     max_norm_ratio: float
@@ -218,7 +221,7 @@ class TaskConfig:
             return None
         return DistillConfig(teachers=parse_values(self.distill_teacher, str), steps=self.distill_steps,
                              augmentations=parse_values(self.distill_augmentation, str), copies=self.distill_copies,
-                             ema=parse_values(self.distill_ema),
+                             ema=parse_values(self.distill_ema), select=self.distill_select,
                              lrs=parse_values(self.distill_lr), temperatures=parse_values(self.distill_temperature),
                              seed=self.seed)
 
@@ -281,6 +284,7 @@ class TaskConfig:
             _check_choice("distill-augmentation", augmentation.strip(), AUGMENTATIONS)
         if not 0 <= self.distill_copies <= MAX_COPIES:
             raise RunConfigError(f"run config 'distill-copies' must be in [0, {MAX_COPIES}], got {self.distill_copies!r}")
+        _check_choice("distill-select", self.distill_select, SELECTIONS)
         for repair in self.repair.split(","):
             _check_choice("repair", repair.strip(), REPAIRS)
         try:

@@ -33,6 +33,8 @@ from fedcca.statistics import running_on
 
 AUGMENTATIONS: tuple[str, ...] = ("none", "shift", "mixup")
 MAX_COPIES = 32
+SELECTIONS: tuple[str, ...] = ("accuracy", "loss")
+"""What the hold-out set chooses a distilled state by (:attr:`DistillConfig.select`)."""
 """Most augmented copies per calibration image (:attr:`DistillConfig.copies`): each one costs every client's
 forward pass and the teacher's memory as much as the calibration set."""
 
@@ -60,6 +62,9 @@ class DistillConfig:
         ema: Decays of an exponential moving average of the student's weights to try (0: the student
             itself): the average, not the last step's weights, is evaluated and kept (less noise from
             the few public images per step).
+        select: What the hold-out set chooses the kept state by, among every trial's evaluated states
+            and the start: "accuracy" (the most labels right) or "loss" (the lowest cross-entropy, a
+            smoother measure on a few hundred images: fewer states kept for being lucky on a few of them).
         batch_size: Public images per step.
         eval_every: Steps between hold-out evaluations.
         patience: Evaluations without a hold-out improvement before a trial stops.
@@ -73,6 +78,7 @@ class DistillConfig:
     augmentations: tuple[str, ...] = ("none",)
     copies: int = 0
     ema: tuple[float, ...] = (0.0,)
+    select: str = "accuracy"
     batch_size: int = 64
     eval_every: int = 50
     patience: int = 10
@@ -98,6 +104,8 @@ class DistillConfig:
         if not ema or not all(0 <= v < 1 for v in ema):
             raise ValueError(f"DistillConfig: ema decays must be in [0, 1), got {self.ema!r}")
         object.__setattr__(self, "ema", ema)
+        if self.select not in SELECTIONS:
+            raise ValueError(f"DistillConfig: select must be one of {SELECTIONS}, got {self.select!r}")
         augmentations = tuple(self.augmentations)
         if not augmentations or any(a not in AUGMENTATIONS for a in augmentations):
             raise ValueError(f"DistillConfig: augmentations must be among {AUGMENTATIONS}, got {self.augmentations!r}")
@@ -119,7 +127,8 @@ class DistillResult:
         holdout_before: Hold-out accuracy of the start.
         holdout_after: Hold-out accuracy of the kept state.
         seconds: Wall time.
-        trials: Per trial: teacher, lr, temperature, augmentation, ema, best step, best hold-out accuracy, steps run.
+        trials: Per trial: teacher, lr, temperature, augmentation, ema, the kept step with its hold-out accuracy
+            and loss, steps run.
         teacher_fit: The "fitted" teacher's penalty choice (:func:`fedcca.merging.teachers.fit_class_weights`), if fitted.
     """
 
@@ -194,37 +203,40 @@ def distill(start: nn.Module, inputs: torch.Tensor, teacher: TeacherSum, holdout
     started = time.perf_counter()
     x = inputs.to(device)
     hx, hy = holdout[0].to(device), torch.as_tensor(holdout[1]).long().to(device)
-    before = _accuracy(start, hx, hy, device)
-    best_model, best_acc, best = start, before, None
+    before = _holdout(start, hx, hy, device)
+    best_model, best_holdout, best = start, before, None
     trials = []
     for kind, lr, temperature, augmentation, ema in itertools.product(
             config.teachers, config.lrs, config.temperatures, config.augmentations, config.ema):
         targets = teacher.targets(kind, temperature).float().to(device)
         if targets.shape[0] != len(x):
             raise ValueError(f"distill: teacher targets for {targets.shape[0]} images, {len(x)} calibration images")
-        model, acc, step, ran = _trial(start, x, targets, hx, hy, lr, temperature, augmentation, ema, config, device)
+        model, holdout, step, ran = _trial(start, x, targets, hx, hy, lr, temperature, augmentation, ema, config,
+                                           device)
         trials.append({"teacher": kind, "lr": lr, "temperature": temperature, "augmentation": augmentation,
-                       "ema": ema, "best_step": step, "holdout_accuracy": acc, "steps_run": ran})
-        if acc > best_acc:
-            best_model, best_acc, best = model, acc, (step, kind, lr, temperature, augmentation, ema)
+                       "ema": ema, "best_step": step, "holdout_accuracy": holdout[0], "holdout_loss": holdout[1],
+                       "steps_run": ran})
+        if _score(holdout, config.select) > _score(best_holdout, config.select):
+            best_model, best_holdout, best = model, holdout, (step, kind, lr, temperature, augmentation, ema)
     if best is None:
         best_model = copy.deepcopy(start)
     step, kind, lr, temperature, augmentation, ema = best if best is not None else (0, None, None, None, None, None)
-    return DistillResult(best_model.cpu(), step, kind, lr, temperature, augmentation, ema, before, best_acc,
+    return DistillResult(best_model.cpu(), step, kind, lr, temperature, augmentation, ema, before[0], best_holdout[0],
                          time.perf_counter() - started, trials, teacher.fit_report)
 
 
 def _trial(start: nn.Module, x: torch.Tensor, targets: torch.Tensor, hx: torch.Tensor, hy: torch.Tensor, lr: float,
            temperature: float, augmentation: str, ema: float, config: DistillConfig,
-           device: torch.device) -> tuple[nn.Module, float, int, int]:
-    """One (lr, temperature, augmentation, ema): the best hold-out state, its accuracy and step, the steps run."""
+           device: torch.device) -> tuple[nn.Module, tuple[float, float], int, int]:
+    """One (lr, temperature, augmentation, ema): the best hold-out state, its hold-out (accuracy, loss) and step,
+    the steps run."""
     student = copy.deepcopy(start).to(device)
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     # the weights evaluated and kept: the student's own, or their moving average (buffers follow the student)
     kept = student if ema == 0 else AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(ema),
                                                  use_buffers=True)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    best_state, best_acc, best_step, since = None, -1.0, 0, 0
+    best_state, best_holdout, best_step, since = None, (-1.0, math.inf), 0, 0
     step = 0
     for step in range(1, config.steps + 1):
         index = torch.randint(0, len(x), (min(config.batch_size, len(x)),), generator=generator).to(device)
@@ -238,9 +250,9 @@ def _trial(start: nn.Module, x: torch.Tensor, targets: torch.Tensor, hx: torch.T
         if kept is not student:
             kept.update_parameters(student)
         if step % config.eval_every == 0 or step == config.steps:
-            acc = _accuracy(_module(kept), hx, hy, device)
-            if acc > best_acc:
-                best_acc, best_step, since = acc, step, 0
+            holdout = _holdout(_module(kept), hx, hy, device)
+            if best_state is None or _score(holdout, config.select) > _score(best_holdout, config.select):
+                best_holdout, best_step, since = holdout, step, 0
                 best_state = {k: v.detach().clone() for k, v in _module(kept).state_dict().items()}
             else:
                 since += 1
@@ -248,7 +260,7 @@ def _trial(start: nn.Module, x: torch.Tensor, targets: torch.Tensor, hx: torch.T
                     break
     assert best_state is not None
     student.load_state_dict(best_state)
-    return student, best_acc, best_step, step
+    return student, best_holdout, best_step, step
 
 
 def _module(model: nn.Module) -> nn.Module:
@@ -286,10 +298,19 @@ def _shifted(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return shifted
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 512) -> float:
-    """Hold-out accuracy; the model's device and mode are restored."""
-    correct = 0
+def _holdout(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+             batch_size: int = 512) -> tuple[float, float]:
+    """Hold-out accuracy and mean cross-entropy; the model's device and mode are restored."""
+    correct, loss = 0, 0.0
     with running_on(model, device, training=False), torch.no_grad():
         for start in range(0, len(x), batch_size):
-            correct += (model(x[start:start + batch_size]).argmax(1) == y[start:start + batch_size]).sum().item()
-    return correct / len(x)
+            logits = model(x[start:start + batch_size])
+            labels = y[start:start + batch_size]
+            correct += (logits.argmax(1) == labels).sum().item()
+            loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+    return correct / len(x), loss / len(x)
+
+
+def _score(holdout: tuple[float, float], select: str) -> float:
+    """Higher is better: the hold-out accuracy, or the negated hold-out loss."""
+    return holdout[0] if select == "accuracy" else -holdout[1]
