@@ -138,7 +138,7 @@ def _client(name: str) -> ClientApp:
             loss.backward()
             optimiser.step()
         content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                              "metrics": MetricRecord({"num-examples": 32, "train-loss": float(loss)})})
+                              "metrics": MetricRecord({"num-examples": 32, "train-loss": loss.item()})})
         return Message(content, reply_to=message)
 
     return app
