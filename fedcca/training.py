@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Sized
 from dataclasses import dataclass
@@ -46,6 +47,12 @@ class TrainingConfig:
         max_grad_norm: Clip each step's gradient to this global L2 norm (None: no clipping).
             On label-skewed shards the first steps from a model trained elsewhere can have
             gradients orders of magnitude above typical and diverge (docs/robustness.md).
+        outlier_exposure: Weight of an outlier-exposure term (Hendrycks et al., ICLR 2019, with
+            outliers made from the client's own images as FedOV, Diao et al., ICLR 2023, does):
+            each batch's images with their patches shuffled (:func:`shuffled_patches`) are trained
+            toward the uniform output, so the model answers "not mine" with a flat distribution
+            where its own classes' shapes are absent. 0: off. Costs a second forward-backward pass
+            of the batch per step.
     """
 
     epochs: int = 1
@@ -56,13 +63,14 @@ class TrainingConfig:
     weight_decay: float = 5e-4
     proximal_mu: float = 0.0
     max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM
+    outlier_exposure: float = 0.0
 
     def __post_init__(self) -> None:
         if self.schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown lr schedule {self.schedule!r}; choose one of {LR_SCHEDULES}")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
-        for name in ("momentum", "weight_decay", "proximal_mu"):
+        for name in ("momentum", "weight_decay", "proximal_mu", "outlier_exposure"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
@@ -134,6 +142,8 @@ def train(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = F.cross_entropy(model(x), y)
             objective = loss if anchor is None else loss + _proximal(model, anchor, config.proximal_mu)
+            if config.outlier_exposure > 0:
+                objective = objective + config.outlier_exposure * uniform_loss(model(shuffled_patches(x)))
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
             if config.max_grad_norm is not None:
@@ -155,6 +165,37 @@ def train(
         "examples": float(examples),
         "steps": float(step),
     }
+
+
+OUTLIER_GRID = 4
+"""Patches per image side of :func:`shuffled_patches` (7x7-pixel patches on 28x28 images)."""
+
+
+def shuffled_patches(x: torch.Tensor, grid: int = OUTLIER_GRID) -> torch.Tensor:
+    """The images ``x [N, C, H, W]`` cut into ``grid x grid`` patches, each image's patches in a random order.
+
+    Local texture and the pixel statistics stay those of the client's data; the global shape of
+    every class is destroyed. The whole batch is shuffled at once (one ``argsort`` and one ``gather``).
+
+    Raises:
+        ValueError: Not a batch of images, or ``H`` or ``W`` not a multiple of ``grid``.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"shuffled_patches: outlier exposure needs images [N, C, H, W], got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if h % grid or w % grid:
+        raise ValueError(f"shuffled_patches: images of {h}x{w} pixels cannot be cut into {grid}x{grid} patches")
+    ph, pw = h // grid, w // grid
+    patches = x.reshape(n, c, grid, ph, grid, pw).permute(0, 2, 4, 1, 3, 5).reshape(n, grid * grid, c * ph * pw)
+    order = torch.rand(n, grid * grid, device=x.device).argsort(dim=1)
+    patches = patches.gather(1, order[:, :, None].expand_as(patches))
+    return patches.reshape(n, grid, grid, c, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+
+
+def uniform_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean KL divergence from the uniform distribution over the ``C`` classes to ``softmax(logits [N, C])``
+    (its cross-entropy to the uniform, less ``log C``: 0 for a flat output)."""
+    return (torch.logsumexp(logits, dim=1) - logits.mean(dim=1)).mean() - math.log(logits.shape[1])
 
 
 def _proximal(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:

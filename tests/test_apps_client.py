@@ -169,6 +169,15 @@ def test_fedprox_instruction_adds_the_proximal_term(run_config: dict[str, Any],
     assert distance(held) < 0.9 * distance(plain)  # two SGD steps only: a clear, not a large, pull
 
 
+def test_outlier_exposure_reaches_local_training(run_config: dict[str, Any],
+                                                 first_reply: tuple[torch.nn.Module, Message]) -> None:
+    """Run config 'outlier-exposure' is the client's TrainingConfig.outlier_exposure, and changes what it trains."""
+    assert TaskConfig.from_run_config({**run_config, "outlier-exposure": 0.7}).training().outlier_exposure == 0.7
+    plain = first_reply[1].content["arrays"].to_torch_state_dict()
+    exposed = _reply({**run_config, "outlier-exposure": 1.0})[1].content["arrays"].to_torch_state_dict()
+    assert any(not torch.equal(plain[k], exposed[k]) for k in plain)
+
+
 @pytest.mark.parametrize(("key", "value", "words"), [
     ("strategy", "fedma", "'strategy' must be one of"),
     ("num-server-rounds", "3", "'num-server-rounds' must be a int"),
@@ -187,6 +196,7 @@ def test_fedprox_instruction_adds_the_proximal_term(run_config: dict[str, Any],
     ("distill-copies", 33, "'distill-copies' must be in [0, 32]"),
     ("distill-ema", "0.99,1", "'distill-ema' must be decays in [0, 1)"),
     ("distill-select", "f1", "'distill-select' must be one of"),
+    ("outlier-exposure", -0.5, "'outlier-exposure' must be >= 0"),
 ])
 def test_bad_run_config_names_the_key(run_config: dict[str, Any], key: str, value: Any, words: str) -> None:
     with pytest.raises(RunConfigError, match=re.escape(words)):

@@ -142,3 +142,65 @@ def test_gradient_clipping_bounds_every_step() -> None:
         torch.testing.assert_close(p.detach(), q - 0.5 * g * (1e-3 / (norm + 1e-6)))
     with pytest.raises(ValueError, match="max_grad_norm must be positive"):
         TrainingConfig(max_grad_norm=0.0)
+
+
+def test_shuffled_patches_reorders_whole_patches_per_image() -> None:
+    """Every image keeps its own patches, each intact, in a new order; odd sizes are refused."""
+    from fedcca.training import shuffled_patches
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, 8, 8)
+    y = shuffled_patches(x, grid=4)
+
+    def patches(images: torch.Tensor) -> torch.Tensor:  # [N, 16, C*2*2]
+        return images.reshape(6, 2, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(6, 16, 8)
+
+    px, py = patches(x), patches(y)
+    moved = 0
+    for i in range(6):
+        match = (py[i][:, None, :] == px[i][None, :, :]).all(-1)  # [16 out, 16 in]
+        assert (match.sum(1) == 1).all() and (match.sum(0) == 1).all()  # a permutation of its own patches
+        moved += int((match.float().argmax(1) != torch.arange(16)).any())
+    assert moved == 6
+    with pytest.raises(ValueError, match="10x8 pixels"):
+        shuffled_patches(torch.zeros(1, 1, 10, 8), grid=4)
+
+
+def test_uniform_loss_is_zero_for_a_flat_output_only() -> None:
+    from fedcca.training import uniform_loss
+
+    assert abs(uniform_loss(torch.full((3, 10), 2.5)).item()) < 1e-6
+    peaked = torch.zeros(3, 10)
+    peaked[:, 0] = 4.0
+    expected = (torch.log_softmax(peaked, 1).mean(1).neg() - torch.log(torch.tensor(10.0))).mean()
+    torch.testing.assert_close(uniform_loss(peaked), expected)
+    assert uniform_loss(peaked).item() > 0.5
+
+
+def test_outlier_exposure_flattens_the_answer_on_shuffled_images_and_keeps_accuracy() -> None:
+    """Trained with the "not mine" term, the model is less certain on patch-shuffled copies of its own
+    images than trained without it, and still separates its two classes."""
+    from fedcca.training import shuffled_patches, uniform_loss
+
+    def structured_loader(seed: int) -> DeviceLoader:  # class 1: bright top half; class 0: bright bottom half
+        gen = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, 2, (256,), generator=gen)
+        images = torch.full((256, 1, 4, 4), 40)
+        top = labels == 1
+        images[top, :, :2] = 200
+        images[~top, :, 2:] = 200
+        images = images + torch.randint(-20, 21, images.shape, generator=gen)
+        return DeviceLoader(images.clamp(0, 255).to(torch.uint8), labels, 32, shuffle=True, mean=(0.5,),
+                            std=(0.25,), device="cpu")
+
+    plain, exposed = tiny_model(), tiny_model()
+    train(plain, structured_loader(0), TrainingConfig(epochs=4, lr=0.1), device="cpu")
+    train(exposed, structured_loader(0), TrainingConfig(epochs=4, lr=0.1, outlier_exposure=1.0), device="cpu")
+    x = torch.cat([b for b, _ in structured_loader(1)])
+    torch.manual_seed(1)
+    outliers = shuffled_patches(x, grid=2)
+    with torch.no_grad():
+        assert uniform_loss(exposed(outliers)) < 0.5 * uniform_loss(plain(outliers))
+    assert evaluate(exposed, structured_loader(1), device="cpu")[1] > 0.9
+    with pytest.raises(ValueError, match="outlier_exposure"):
+        TrainingConfig(outlier_exposure=-1.0)

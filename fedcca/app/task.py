@@ -66,6 +66,8 @@ class TaskConfig:
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
         max_grad_norm: Clip each local step's gradient to this L2 norm (0: off).
+        outlier_exposure: Weight of local training's "not mine" term: the client's own images with
+            shuffled patches trained toward the uniform output (0: off; :attr:`TrainingConfig.outlier_exposure`).
         proximal_mu: FedProx's ``mu`` (used when ``strategy`` is "fedprox").
         batch_size: Client training batch size.
         max_examples_per_client: Train on a fixed random subset of at most this many examples
@@ -107,7 +109,8 @@ class TaskConfig:
         distill_teacher: Comma-separated teachers chosen among on the held-out set:
             "probabilities" (average of the clients' probabilities), "logits" (average of
             their logits, as FedDF publishes it), "label-counts" (votes weighted by each client's
-            examples of the class; clients then report their label counts), "fitted" (per-client,
+            examples of the class; clients then report their label counts), "confidence" (each
+            client's vote weighted by its certainty on the image), "fitted" (per-client,
             per-class weights fitted on the held-out set).
         distill_steps: Most distillation steps per round.
         distill_augmentation: Comma-separated batch augmentations chosen among on the held-out
@@ -146,6 +149,7 @@ class TaskConfig:
     momentum: float
     weight_decay: float
     max_grad_norm: float
+    outlier_exposure: float
     proximal_mu: float
     batch_size: int
     max_examples_per_client: int
@@ -257,7 +261,7 @@ class TaskConfig:
         return TrainingConfig(epochs=self.local_epochs, lr=self.lr, schedule=self.lr_schedule,
                               momentum=self.momentum, nesterov=self.lr_schedule == "one-cycle",
                               weight_decay=self.weight_decay, proximal_mu=proximal_mu,
-                              max_grad_norm=self.max_grad_norm or None)
+                              max_grad_norm=self.max_grad_norm or None, outlier_exposure=self.outlier_exposure)
 
     def output_dir(self, run_config: Mapping[str, Any]) -> Path:
         """``out_dir`` with ``{key}`` placeholders filled from ``run_config``, made absolute."""
@@ -313,7 +317,7 @@ class TaskConfig:
         for key, value in {"max-examples-per-client": self.max_examples_per_client,
                            "max-test-examples": self.max_test_examples, "holdout-size": self.holdout_size,
                            "momentum": self.momentum, "weight-decay": self.weight_decay,
-                           "max-grad-norm": self.max_grad_norm,
+                           "max-grad-norm": self.max_grad_norm, "outlier-exposure": self.outlier_exposure,
                            "proximal-mu": self.proximal_mu, "ridge": self.ridge,
                            "selection-margin": self.selection_margin, "max-norm-ratio": self.max_norm_ratio,
                            "max-update-norm": self.max_update_norm}.items():
