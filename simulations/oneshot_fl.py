@@ -81,7 +81,6 @@ SETTING = {"model": "lenet", "local_epochs": 10, "lr": 0.05, "lr_schedule": "one
 
 ENSEMBLES = (("ensemble", "ensemble (probabilities)"), ("ensemble_logits", "ensemble (logits)"),
              ("ensemble_label_counts", "ensemble (label-counts teacher)"),
-             ("ensemble_confidence", "ensemble (confidence teacher)"),
              ("ensemble_fitted", "ensemble (fitted teacher)"))
 """The clients' ensembles evaluated on the test set (keys of a run; nan where a run predates one)."""
 
@@ -190,17 +189,17 @@ def _ensemble_accuracy(models: list, weights: list[float], loader: Any, device: 
 
 def _teacher_accuracies(models: list, weights: list[float], replies: list, task: TaskConfig, loader: Any,
                         device: torch.device) -> dict[str, float]:
-    """Test accuracy of the "label-counts", "confidence" and "fitted" teachers (:mod:`fedcca.merging.teachers`) used as
+    """Test accuracy of the "label-counts" and "fitted" teachers (:mod:`fedcca.merging.teachers`) used as
     ensembles on the test images: what a student distilled toward them could at best reach."""
     x, y = (torch.cat(parts) for parts in zip(*loader))
     holdout = federation.holdout_set(task)
-    teacher = TeacherSum(("label-counts", "confidence", "fitted"), (1.0,), holdout_labels=holdout[1])
+    teacher = TeacherSum(("label-counts", "fitted"), (1.0,), holdout_labels=holdout[1])
     for model, weight, reply in zip(models, weights, replies):
         counts = torch.tensor(list(reply.content[METRICS_KEY][LABEL_COUNTS_KEY]), dtype=torch.float64)
         teacher.add(holdout_logits(model, x, device=device), weight, label_counts=counts,
                     holdout_logits=holdout_logits(model, holdout[0], device=device))
     return {f"ensemble_{name.replace('-', '_')}": float((teacher.targets(name, 1.0).argmax(1) == y.cpu()).double().mean())
-            for name in ("label-counts", "confidence", "fitted")}
+            for name in ("label-counts", "fitted")}
 
 
 def summarise(runs: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:

@@ -186,30 +186,3 @@ def test_with_copies_every_client_labels_them_and_the_teacher_is_their_average_t
         expected = sum(w * torch.softmax(m(images), dim=1) for m, w in zip(models, weights)) / sum(weights)
     assert seen["targets"].shape == (3 * len(CALIBRATION), CLASSES)
     torch.testing.assert_close(seen["targets"].float(), expected.float(), rtol=1e-4, atol=1e-5)
-
-
-def test_confidence_teacher_is_its_definition_and_ignores_a_flat_client() -> None:
-    """score(y | x) = sum_k w_k c_k(x) p_k(y | x), normalised, c = 1 - H(p) / log C floored at 1e-3: a client
-    that answers flat on an image is not heard there; where every client is flat the average is kept."""
-    from fedcca.merging.teachers import CERTAINTY_FLOOR, certainty
-
-    gen = torch.Generator().manual_seed(2)
-    logits = [torch.randn(12, CLASSES, generator=gen, dtype=torch.float64) * 3 for _ in range(3)]
-    logits[1][:6] = 0.0  # client 1 is flat ("not mine") on the first six images
-    weights = [2.0, 1.0, 5.0]
-    teacher = TeacherSum(("confidence",), (1.0,))
-    for z, w in zip(logits, weights):
-        teacher.add(z, w)
-    probs = [torch.softmax(z, 1) for z in logits]
-    entropy = [-(p * p.log()).sum(1) for p in probs]
-    certain = [(1 - h / torch.log(torch.tensor(float(CLASSES), dtype=torch.float64))).clamp_min(CERTAINTY_FLOOR)
-               for h in entropy]
-    score = sum(w * c[:, None] * p for w, c, p in zip(weights, certain, probs))
-    torch.testing.assert_close(teacher.targets("confidence", 1.0), score / score.sum(1, keepdim=True))
-    without_1 = sum(w * certainty(p)[:, None] * p for k, (w, p) in enumerate(zip(weights, probs)) if k != 1)
-    torch.testing.assert_close(teacher.targets("confidence", 1.0)[:6],
-                               (without_1 / without_1.sum(1, keepdim=True))[:6], atol=1e-3, rtol=0)
-    flat = TeacherSum(("confidence",), (1.0,))
-    flat.add(torch.zeros(4, CLASSES), 1.0)
-    flat.add(torch.zeros(4, CLASSES), 3.0)
-    torch.testing.assert_close(flat.targets("confidence", 1.0).float(), torch.full((4, CLASSES), 1.0 / CLASSES))

@@ -109,8 +109,7 @@ class TaskConfig:
         distill_teacher: Comma-separated teachers chosen among on the held-out set:
             "probabilities" (average of the clients' probabilities), "logits" (average of
             their logits, as FedDF publishes it), "label-counts" (votes weighted by each client's
-            examples of the class; clients then report their label counts), "confidence" (each
-            client's vote weighted by its certainty on the image), "fitted" (per-client,
+            examples of the class; clients then report their label counts), "fitted" (per-client,
             per-class weights fitted on the held-out set).
         distill_steps: Most distillation steps per round.
         distill_augmentation: Comma-separated batch augmentations chosen among on the held-out

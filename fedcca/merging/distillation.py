@@ -46,9 +46,8 @@ class DistillConfig:
     Args:
         teachers: Teachers to try, among :data:`fedcca.merging.teachers.TEACHERS`: "probabilities"
             (average of the clients' softmax outputs), "logits" (average of their logits: FedDF),
-            "label-counts" (votes weighted by the clients' examples per class), "confidence" (votes
-            weighted by each client's certainty on the image), "fitted" (per-client, per-class
-            weights fitted on the hold-out set).
+            "label-counts" (votes weighted by the clients' examples per class), "fitted"
+            (per-client, per-class weights fitted on the hold-out set).
         steps: Most optimiser steps per trial.
         lrs: Adam learning rates to try.
         temperatures: Softmax temperatures to try (the loss is ``T^2 KL(teacher_T || student_T)``).

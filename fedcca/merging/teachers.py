@@ -1,6 +1,6 @@
 """Distillation teachers: what the clients' models say together about the public images.
 
-Five teachers, all built from the clients' outputs on the calibration images:
+Four teachers, all built from the clients' outputs on the calibration images:
 
 - ``"probabilities"``: the average of the clients' softmax outputs, weighted like the merge.
   Under label skew a client's logits for labels it never saw carry no meaning, but its
@@ -14,17 +14,11 @@ Five teachers, all built from the clients' outputs on the calibration images:
   clients hold does not outvote a rare one (the public images are class-balanced). Needs the clients' label counts (a privacy cost:
   the server learns every client's label histogram); a client that reports none is counted
   as holding its examples evenly over the classes (the aggregation logs it).
-- ``"confidence"``: per image, the clients' probabilities averaged with weights their merge
-  weights times their certainty on that image, ``1 - H(p) / log C`` (1 for a one-hot answer, 0 for
-  a flat one): a client that answers "not mine" with a flat distribution (trained so with
-  ``outlier-exposure``, :attr:`fedcca.training.TrainingConfig.outlier_exposure`) is not heard on
-  that image (a floor of 1e-3 on the certainty keeps an image that every client calls not theirs
-  at their plain average). Needs nothing beyond the clients' outputs.
 - ``"fitted"``: one non-negative weight per (client, class), fitted on the labelled public
   hold-out set to the clients' hold-out probabilities (penalised log-likelihood, the penalty
   chosen by cross-validation on the hold-out set only), applied like ``"label-counts"``.
 
-The first four are running sums (memory ``N x C`` per teacher and temperature, whatever the
+The first three are running sums (memory ``N x C`` per teacher and temperature, whatever the
 number of clients); ``"fitted"`` keeps every client's outputs until it is fitted (memory
 ``K x (N + H) x C``). Adding clients in any order gives the same teacher up to float rounding.
 """
@@ -37,9 +31,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-TEACHERS: tuple[str, ...] = ("probabilities", "logits", "label-counts", "confidence", "fitted")
-CERTAINTY_FLOOR = 1e-3
-"""Least certainty a client's vote counts with in the ``"confidence"`` teacher."""
+TEACHERS: tuple[str, ...] = ("probabilities", "logits", "label-counts", "fitted")
 FIT_PENALTIES: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
 """Penalties on the squared log-weights tried by the ``"fitted"`` teacher's cross-validation."""
 
@@ -113,9 +105,6 @@ class TeacherSum:
                 terms[("probabilities", t)] = weight * probabilities
             if votes is not None:
                 terms[("label-counts", t)] = probabilities * votes
-            if "confidence" in self.teachers:
-                terms[("confidence", t)] = (weight * certainty(probabilities).clamp_min(CERTAINTY_FLOOR))[:, None] \
-                    * probabilities
         if self.needs_holdout_logits:
             if holdout_logits is None:
                 raise ValueError("teacher: the 'fitted' teacher needs the client's hold-out logits")
@@ -162,8 +151,6 @@ class TeacherSum:
             assert self._class_totals is not None
             totals = self._class_totals.clamp_min(1e-300)[None, :]
             return _normalised(self._sums[("label-counts", float(temperature))] / totals)
-        if teacher == "confidence":  # rows sum to the clients' summed weighted certainties
-            return _normalised(self._sums[("confidence", float(temperature))])
         if teacher == "fitted":
             weights = self.fitted_weights()
             return combine([F.softmax(z / temperature, dim=1) for z, _ in self._clients], weights)
@@ -178,12 +165,6 @@ class TeacherSum:
             probabilities = torch.stack([F.softmax(h, dim=1) for _, h in self._clients])
             self._fitted, self.fit_report = fit_class_weights(probabilities, self.holdout_labels, folds=self.folds)
         return self._fitted
-
-
-def certainty(probabilities: torch.Tensor) -> torch.Tensor:
-    """``1 - H(p) / log C`` per row of ``probabilities [N, C]``: 1 for a one-hot row, 0 for a flat one."""
-    entropy = -(probabilities * probabilities.clamp_min(1e-30).log()).sum(dim=1)
-    return (1 - entropy / math.log(probabilities.shape[1])).clamp_min(0)
 
 
 def combine(probabilities: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
